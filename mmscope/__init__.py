@@ -1,0 +1,8 @@
+"""mmscope: mechanistic interventions for vision-language models, built on nnsight."""
+
+from mmscope.inputs import Example
+from mmscope.model import DEFAULT_MODEL, AnswerScore, Model, load
+from mmscope.prompts import LLAVA_15, PromptTemplate
+
+__all__ = ["DEFAULT_MODEL", "LLAVA_15", "AnswerScore", "Example", "Model", "PromptTemplate", "load"]
+__version__ = "0.1.0"

@@ -1,0 +1,35 @@
+"""Exceptions raised by mmscope. Each names the bad input and, where it can, what would be valid."""
+
+from __future__ import annotations
+
+
+class MMScopeError(Exception):
+    """Base class of every error mmscope raises on purpose."""
+
+
+class ModelLoadError(MMScopeError, ValueError):
+    """A model could not be loaded, or loaded in a form mmscope cannot intervene on."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """No adapter knows this architecture family."""
+
+
+class InputError(MMScopeError, ValueError):
+    """A question, image, box or prompt that cannot be turned into model inputs."""
+
+
+class LayoutError(MMScopeError, KeyError):
+    """An unknown token-group name or a position outside the sequence."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0])
+
+
+class InterventionError(MMScopeError, ValueError):
+    """An intervention that does not fit the model (layer out of range, unknown site, bad dict)."""
+
+
+def known(options) -> str:
+    """`a, b, c` — the valid choices, for error messages."""
+    return ", ".join(str(option) for option in options)

@@ -1,0 +1,17 @@
+"""Interventions: frozen dataclasses applied inside an nnsight trace. One file per intervention."""
+
+from mmscope.interventions.base import SITES, Context, Intervention
+from mmscope.interventions.knockout import Knockout, knockout_window
+from mmscope.interventions.patch import ActivationPatch
+from mmscope.interventions.truncate import SkipLayers, Truncate
+
+__all__ = [
+    "SITES",
+    "ActivationPatch",
+    "Context",
+    "Intervention",
+    "Knockout",
+    "SkipLayers",
+    "Truncate",
+    "knockout_window",
+]

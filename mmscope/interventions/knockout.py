@@ -1,0 +1,63 @@
+"""Attention knockout: stop information from moving between two token groups in chosen layers.
+
+Knockout(source, target, layers) sets the additive attention mask of every chosen layer to the dtype's minimum
+at each (target query, source key) pair, so no target position can read from any source position there — the
+technique of Geva et al. (2023) that the cross-modal information-flow study (Zhang et al., CVPR 2025) applies
+to image → question → last-position flows. The edit is made on the mask each layer's self-attention receives,
+on top of the model's own mask (causal, padding, or a family's bidirectional image block), which is cloned,
+never edited in place. A position always keeps attending to itself, so no attention row is fully masked.
+
+What to watch for: a knockout only removes *direct* attention edges in its window; information can still
+arrive through intermediate positions, or through the same edge in layers outside the window. The study
+therefore sweeps a centred window of k layers (`knockout_window`) over the whole depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmscope.errors import InterventionError
+from mmscope.interventions.base import Context, Group, Intervention, as_group, as_layers
+from mmscope.interventions.masks import block, pair_mask
+
+
+def knockout_window(center: int, k: int, n_layers: int) -> tuple[int, ...]:
+    """Layers blocked for centre layer `center` with window `k`: `max(0, c - k//2) … min(L, c + k - k//2) - 1`.
+
+    This is the study's convention: e.g. k=9, c=0 gives layers 0..4; c=L-1 gives L-5..L-1.
+    """
+    if k < 1:
+        raise InterventionError(f"window k={k} must be at least 1")
+    if not 0 <= center < n_layers:
+        raise InterventionError(f"centre layer {center} out of range; the model has layers 0..{n_layers - 1}")
+    return tuple(range(max(0, center - k // 2), min(n_layers, center + k - k // 2)))
+
+
+@dataclass(frozen=True)
+class Knockout(Intervention):
+    """Block attention from every `target` position to every `source` position in `layers` (all or some `heads`).
+
+    `source` and `target` are layout group names ("image", "question", "last", "object" …) or explicit
+    positions of the (unpadded) prompt.
+    """
+
+    source: Group
+    target: Group
+    layers: tuple[int, ...]
+    heads: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", as_group(self.source))
+        object.__setattr__(self, "target", as_group(self.target))
+        object.__setattr__(self, "layers", as_layers(self.layers))
+        if self.heads is not None:
+            object.__setattr__(self, "heads", as_layers(self.heads))
+
+    def apply(self, ctx: Context) -> None:
+        if self.heads is not None:
+            bad = [h for h in self.heads if not 0 <= h < ctx.n_heads]
+            if bad:
+                raise InterventionError(f"heads {bad} out of range; the model has heads 0..{ctx.n_heads - 1}")
+        blocked = pair_mask(ctx.example, self.target, self.source)
+        for layer in sorted(self.layers):
+            ctx.edit_attention_mask(layer, lambda mask: block(mask, blocked, self.heads, ctx.n_heads))

@@ -1,0 +1,55 @@
+"""Additive attention masks: build, convert, and block (target → source) edges on top of the model's own.
+
+Convention (as in transformers' eager attention): the mask is added to the attention scores, 0 where a query
+may attend and the dtype's minimum where it may not. Knockout *sets* blocked entries to the minimum (never adds,
+which would overflow to -inf), and never blocks a position from itself, so no row is fully masked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """The mask a self-attention receives, as an additive `[B, 1 or H, Q, K]` tensor in `hidden`'s dtype.
+
+    `None` (an SDPA model that relies on `is_causal`) becomes the causal mask for `Q = K = hidden.shape[1]`;
+    a boolean mask (True = attend) becomes 0 / minimum.
+    """
+    dtype = hidden.dtype
+    minimum = torch.finfo(dtype).min
+    if mask is None:
+        length = hidden.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        mask = causal[None, None].expand(hidden.shape[0], 1, length, length)
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.tensor(minimum, dtype=dtype, device=mask.device))
+    return mask.to(dtype)
+
+
+def pair_mask(example, target, source) -> torch.Tensor:
+    """Boolean `[B, T, T]`: True at (target query, source key) pairs to block, never on the diagonal."""
+    size = example.seq_len
+    blocked = torch.zeros(len(example), size, size, dtype=torch.bool)
+    for row in range(len(example)):
+        targets, sources = example.positions(target, row), example.positions(source, row)
+        blocked[row, targets.unsqueeze(1), sources.unsqueeze(0)] = True
+    blocked &= ~torch.eye(size, dtype=torch.bool)
+    return blocked
+
+
+def block(mask: torch.Tensor, blocked: torch.Tensor, heads: tuple[int, ...] | None, n_heads: int) -> torch.Tensor:
+    """A copy of additive `mask [B, h, Q, K]` with the dtype minimum where `blocked [B, T, T]` is True.
+
+    Queries of `mask` are the last Q of the T positions (Q < T when keys come from a cache); `heads` restricts
+    the block to some heads, expanding the mask to `[B, n_heads, Q, K]`.
+    """
+    queries, keys = mask.shape[-2], mask.shape[-1]
+    edges = blocked[:, keys - queries : keys, :keys].to(mask.device).unsqueeze(1)  # [B, 1, Q, K]
+    if heads is not None:
+        chosen = torch.zeros(n_heads, dtype=torch.bool, device=mask.device)
+        chosen[list(heads)] = True
+        edges = edges & chosen[None, :, None, None]
+        mask = mask.expand(mask.shape[0], n_heads, queries, keys)
+    return mask.masked_fill(edges, torch.finfo(mask.dtype).min)

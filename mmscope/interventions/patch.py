@@ -1,0 +1,55 @@
+"""Activation patching: copy a site's activation at chosen positions from one run into another.
+
+Clean and corrupted prompts run side by side in one batch (`model.batch([clean, corrupted])`); the patch reads
+the source row's activation and writes it into the other rows at the same site, layer and token group. If the
+metric moves back toward the clean value, the patched activation carries the information the corruption took
+away (Meng et al. 2022; Heimersheim & Nanda 2024 discuss pitfalls such as choosing the metric and the
+direction — clean→corrupted "denoising" vs corrupted→clean "noising").
+
+Sites: "residual" (the stream after the layer), "attention" and "mlp" (each block's output before it is added
+to the stream). The group must have as many positions in the source row as in each target row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmscope.errors import InterventionError
+from mmscope.interventions.base import SITES, Context, Group, Intervention, as_group, as_layers
+
+
+@dataclass(frozen=True)
+class ActivationPatch(Intervention):
+    """Overwrite `site` at `positions` in `target_rows` (default: every other row) with `source_row`'s value."""
+
+    site: str
+    layers: tuple[int, ...]
+    positions: Group
+    source_row: int = 0
+    target_rows: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise InterventionError(f"unknown site {self.site!r}; known: {', '.join(SITES)}")
+        object.__setattr__(self, "layers", as_layers(self.layers))
+        object.__setattr__(self, "positions", as_group(self.positions))
+        if self.target_rows is not None:
+            object.__setattr__(self, "target_rows", as_layers(self.target_rows))
+
+    def apply(self, ctx: Context) -> None:
+        rows = range(ctx.batch_size)
+        if self.source_row not in rows:
+            raise InterventionError(f"source_row {self.source_row} not in a batch of {ctx.batch_size}")
+        targets = self.target_rows if self.target_rows is not None else [r for r in rows if r != self.source_row]
+        source = ctx.row_positions(self.positions, self.source_row)
+        for layer in sorted(self.layers):
+            activation = ctx.site(self.site, layer)
+            value = activation[self.source_row, source].clone()
+            for row in targets:
+                destination = ctx.row_positions(self.positions, row)
+                if len(destination) != len(source):
+                    raise InterventionError(
+                        f"group {self.positions!r} has {len(source)} positions in row {self.source_row} "
+                        f"but {len(destination)} in row {row}"
+                    )
+                activation[row, destination] = value

@@ -1,0 +1,39 @@
+"""Layer truncation and skipping: run some decoder layers as the identity.
+
+`Truncate(layer)` stops the language model after decoder layer `layer` and reads the answer through the final
+norm and lm_head — an early exit (the layers after it are skipped, not computed). `SkipLayers(layers)` removes a
+set of layers and keeps the rest. Both ask how much of the answer is already decided at a given depth and which
+layers the computation cannot do without.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmscope.interventions.base import Context, Intervention, as_layers
+
+
+@dataclass(frozen=True)
+class SkipLayers(Intervention):
+    """Skip the decoder layers in `layers`: each passes its input on unchanged."""
+
+    layers: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", as_layers(self.layers))
+
+    def apply(self, ctx: Context) -> None:
+        for layer in sorted(set(self.layers)):
+            ctx.skip_layer(layer)
+
+
+@dataclass(frozen=True)
+class Truncate(Intervention):
+    """Exit after decoder layer `layer`: every later layer is skipped; final norm and lm_head still apply."""
+
+    layer: int
+
+    def apply(self, ctx: Context) -> None:
+        ctx.check_layer(self.layer)
+        for later in range(self.layer + 1, ctx.n_layers):
+            ctx.skip_layer(later)

@@ -1,0 +1,356 @@
+"""`mmscope.load` and `Model`: a Hugging Face VLM wrapped with nnsight, plus its adapter and token layout.
+
+    model = mmscope.load("shapes-llava")              # or a hub id, or a save_pretrained folder
+    example = model.prepare(image, "Is the cube red or blue?", boxes=[(x, y, w, h)])
+    probs = model.next_token_probs(example, [Knockout("image", "last", layers=range(3, 8))])
+
+Every readout runs one nnsight trace: the inputs in a first invoke, then one invoke per intervention (so
+each edits the forward pass in its own layer order, and edits to one site chain in list order), then the
+readout. Nothing is monkey-patched; the HF model stays untouched between calls.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nnsight
+import torch
+from nnsight import NNsight
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from mmscope.errors import InputError, ModelLoadError
+from mmscope.inputs import Example, collate, text_layout
+from mmscope.interventions.base import Context, Intervention
+from mmscope.models import Adapter, adapter_for
+from mmscope.models.adapter import attribute_path, check_image
+from mmscope.models.geometry import check_box, overlapping
+from mmscope.prompts import PromptTemplate
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+EMBEDDED_MODELS = {"shapes-llava": CHECKPOINTS / "shapes-llava"}
+DEFAULT_MODEL = "shapes-llava"
+
+
+def resolve(name_or_path: str | Path) -> str:
+    """An embedded model's folder, a local folder, or a hub id — with a clear error for a missing folder."""
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        folder = EMBEDDED_MODELS[name]
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(f"embedded model {name!r} is missing its checkpoint at {folder}")
+        return str(folder)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model folder {name!r} has no config.json (save it with save_pretrained)")
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local:
+        raise ModelLoadError(f"model folder {name!r} does not exist")
+    return name
+
+
+def load(
+    name_or_path: str | Path = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str = "eager",
+    adapter: Adapter | None = None,
+) -> Model:
+    """Load a VLM (`AutoModelForImageTextToText` + `AutoProcessor`) and wrap it with nnsight.
+
+    Args:
+        name_or_path: an embedded model name ("shapes-llava"), a `save_pretrained` folder, or a hub id.
+        device: "cpu", "cuda", … (default: CUDA when available).
+        dtype: torch dtype or its name (default: float32 on CPU, the checkpoint's dtype on GPU).
+        attn_implementation: "eager" or "sdpa" — both honour an additive mask, which knockout edits.
+            Flash attention ignores such masks and is refused.
+        adapter: an `Adapter` for a model family mmscope does not know (default: looked up by model type).
+    """
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ModelLoadError(
+            f"attn_implementation {attn_implementation!r} is not supported: knockout edits an additive attention "
+            f"mask, which {attn_implementation} does not take; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    source = resolve(name_or_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32
+    try:
+        hf_model = AutoModelForImageTextToText.from_pretrained(
+            source, attn_implementation=attn_implementation, dtype=dtype or "auto"
+        )
+        processor = AutoProcessor.from_pretrained(source)
+    except OSError as error:
+        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {error}") from error
+    return Model(hf_model.to(device).eval(), processor, adapter or adapter_for(hf_model), name=str(name_or_path))
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """Scores of an answer per batch row: first-token id and probability, teacher-forced log-probability."""
+
+    first_token: torch.Tensor  # [B] ids
+    first_token_prob: torch.Tensor  # [B]
+    logprob: torch.Tensor  # [B] sum over the answer's tokens
+    n_tokens: torch.Tensor  # [B]
+
+
+class Model:
+    """A VLM under nnsight with its family adapter. Build with `mmscope.load`."""
+
+    def __init__(self, hf_model, processor, adapter: Adapter, name: str = "") -> None:
+        implementation = adapter.text_config(hf_model.config)._attn_implementation
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ModelLoadError(
+                f"model {name!r} runs its language model with {implementation!r} attention, which ignores the "
+                f"additive mask knockout edits; load it with attn_implementation in {ATTENTION_IMPLEMENTATIONS}"
+            )
+        self.hf = hf_model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.adapter = adapter
+        self.name = name
+        self.envoy = NNsight(hf_model)
+        self.layer_envoys = attribute_path(self.envoy, adapter.layers)
+        self.n_layers = len(attribute_path(hf_model, adapter.layers))
+        text_config = adapter.text_config(hf_model.config)
+        self.n_heads = text_config.num_attention_heads
+        self.image_token_id = adapter.image_token_id(hf_model, processor)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, family={self.adapter.family}, layers={self.n_layers}, heads={self.n_heads})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @staticmethod
+    def adapter_path(root, path: str):
+        return attribute_path(root, path)
+
+    @functools.cached_property
+    def final_norm(self) -> torch.nn.Module:
+        return attribute_path(self.hf, self.adapter.final_norm)
+
+    @functools.cached_property
+    def lm_head(self) -> torch.nn.Module:
+        return attribute_path(self.hf, self.adapter.lm_head)
+
+    # --- inputs -----------------------------------------------------------------------------------------------
+    def prepare(
+        self,
+        image,
+        question: str,
+        *,
+        boxes: Sequence[Sequence[float]] | None = None,
+        template: PromptTemplate | str | None = None,
+        meta: dict | None = None,
+    ) -> Example:
+        """Prompt, processor inputs and token layout for one image and question.
+
+        `boxes` are `(x, y, w, h)` in original pixels; they add the groups `object` (image tokens whose patch
+        overlaps a box) and `other_patches` (the remaining image tokens).
+        """
+        image = check_image(image)
+        if not isinstance(question, str) or not question.strip():
+            raise InputError(f"question must be a non-empty string; got {question!r}")
+        if isinstance(template, str):
+            template = PromptTemplate.from_string(template)
+        template = template or self.adapter.template
+        prompt, spans = template.render(question.strip(), self.adapter.placeholder(self.processor))
+        inputs = self.adapter.encode(self.processor, image, prompt)
+        ids = inputs["input_ids"][0]
+        image_positions = self.adapter.image_positions(ids, self.hf, self.processor)
+        layout = self._text_layout(prompt, spans, ids, image_positions)
+        layout["image"] = image_positions.tolist()
+        layout["last"] = [len(ids) - 1]
+        if boxes is not None:
+            checked = [check_box(box, image.width, image.height) for box in boxes]
+            rectangles = self.adapter.patch_rectangles(self.processor, self.hf, image, inputs)
+            if len(rectangles) != len(image_positions):
+                raise InputError(
+                    f"{len(rectangles)} patch rectangles for {len(image_positions)} image tokens; "
+                    f"the {self.adapter.family} adapter's geometry does not match its processor"
+                )
+            hit = overlapping(rectangles, checked)
+            layout["object"] = image_positions[hit].tolist()
+            layout["other_patches"] = image_positions[~hit].tolist()
+        info = {"question": question, "image_size": (image.width, image.height), "boxes": boxes, **(meta or {})}
+        return Example(inputs=inputs, layouts=[layout], prompts=[prompt], meta=[info])
+
+    def _text_layout(self, prompt, spans, ids, image_positions) -> dict[str, list[int]]:
+        """Text groups from the tokenizer's character offsets on the unexpanded prompt, mapped onto `ids`."""
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
+        image_span = spans.pop("image", [])
+        plain = [
+            (token, offset)
+            for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+            if not any(offset[0] < end and offset[1] > start for start, end in image_span)
+            and token != self.image_token_id
+        ]
+        is_image = torch.zeros(len(ids), dtype=torch.bool)
+        is_image[image_positions] = True
+        text_positions = torch.nonzero(~is_image).flatten()
+        plain_ids = [token for token, _ in plain]
+        if plain_ids != ids[text_positions].tolist():
+            raise InputError(
+                "the processor's text tokens differ from the tokenizer's on the same prompt; "
+                f"cannot place token groups for prompt {prompt[:80]!r}…"
+            )
+        groups = text_layout([offset for _, offset in plain], spans)
+        return {group: text_positions[indices].tolist() for group, indices in groups.items()}
+
+    def batch(self, examples: Sequence[Example]) -> Example:
+        """Left-pad several prepared examples into one batch."""
+        return collate(list(examples), self.tokenizer.pad_token_id, self.adapter.sequence_keys)
+
+    def model_inputs(self, example: Example) -> dict[str, torch.Tensor]:
+        """The tensors for a forward pass on the model's device, with padding-aware position ids."""
+        inputs = {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in example.inputs.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.hf.dtype)
+        position_ids = self.adapter.position_ids(inputs["attention_mask"])
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        return inputs
+
+    def extend(self, example: Example, tokens: torch.Tensor) -> Example:
+        """`example` with `tokens [B, n]` appended to every row (layout, and so "last", unchanged)."""
+        inputs = dict(example.inputs)
+        for key in self.adapter.sequence_keys:
+            fill = tokens if key == "input_ids" else torch.ones_like(tokens, dtype=inputs[key].dtype)
+            inputs[key] = torch.cat([inputs[key], fill.to(inputs[key].dtype)], dim=1)
+        return Example(inputs, example.layouts, example.prompts, example.padding, example.meta)
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def run(
+        self,
+        example: Example,
+        interventions: Sequence[Intervention] = (),
+        readout: Callable[[Context], object] | None = None,
+    ):
+        """One forward pass with `interventions` applied in order; returns `readout(ctx)` (default: logits
+        at each row's last prompt position, `[B, V]`, float32)."""
+        ctx = Context(self, example)
+        readout = readout or self._last_logits
+        inputs = self.model_inputs(example)
+        with torch.no_grad(), self.envoy.trace() as tracer:
+            with tracer.invoke(**inputs):
+                pass
+            for intervention in interventions:
+                with tracer.invoke():
+                    intervention.apply(ctx)
+            with tracer.invoke():
+                result = nnsight.save(readout(ctx))
+        return result
+
+    def _last_logits(self, ctx: Context) -> torch.Tensor:
+        logits = attribute_path(self.envoy, self.adapter.lm_head).output
+        rows, cols = ctx.positions("last")
+        return logits[rows.to(logits.device), cols.to(logits.device)].float()
+
+    def next_token_probs(self, example: Example, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
+        """Softmax over the vocabulary at the last prompt position: `[V]` for one example, `[B, V]` for a batch."""
+        probs = self.run(example, interventions).softmax(-1)
+        return probs[0] if len(example) == 1 else probs
+
+    def answer_tokens(self, example: Example, answers: str | Sequence[str]) -> list[list[int]]:
+        """Token ids of each row's answer as the model would write it after the prompt."""
+        answers = [answers] * len(example) if isinstance(answers, str) else list(answers)
+        if len(answers) != len(example):
+            raise InputError(f"{len(answers)} answers for a batch of {len(example)}")
+        tokens = []
+        for prompt, answer in zip(example.prompts, answers, strict=True):
+            if not answer.strip():
+                raise InputError(f"answer must be a non-empty string; got {answer!r}")
+            with_answer = self.tokenizer(f"{prompt} {answer.strip()}")["input_ids"]
+            alone = self.tokenizer(prompt)["input_ids"]
+            if with_answer[: len(alone)] == alone:
+                tokens.append(with_answer[len(alone) :])
+            else:
+                tokens.append(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+        return tokens
+
+    def answer_prob(
+        self, example: Example, answer: str | Sequence[str], interventions: Sequence[Intervention] = ()
+    ) -> AnswerScore:
+        """Probability of the answer's first token at the last position and the teacher-forced log-probability
+        of the whole answer (both under `interventions`), per row."""
+        tokens = self.answer_tokens(example, answer)
+        width = max(len(t) for t in tokens)
+        pad = self.tokenizer.pad_token_id
+        appended = torch.tensor([t + [pad] * (width - len(t)) for t in tokens])
+        extended = self.extend(example, appended)
+        last = torch.tensor([layout["last"][0] for layout in example.layouts])
+
+        def readout(ctx: Context) -> torch.Tensor:
+            logits = attribute_path(self.envoy, self.adapter.lm_head).output
+            columns = last[:, None] + torch.arange(width)[None, :]
+            return logits[torch.arange(len(last))[:, None], columns.to(logits.device)].float().log_softmax(-1)
+
+        logprobs = self.run(extended, interventions, readout)  # [B, width, V]
+        picked = logprobs.gather(-1, appended[..., None].to(logprobs.device))[..., 0]
+        lengths = torch.tensor([len(t) for t in tokens])
+        valid = torch.arange(width)[None, :] < lengths[:, None]
+        return AnswerScore(
+            first_token=appended[:, 0],
+            first_token_prob=picked[:, 0].exp().cpu(),
+            logprob=(picked.cpu() * valid).sum(-1),
+            n_tokens=lengths,
+        )
+
+    def generate_answer(
+        self, example: Example, interventions: Sequence[Intervention] = (), max_new_tokens: int = 8
+    ) -> str | list[str]:
+        """Greedy answer(s), stripped; interventions apply at every step (their positions stay the prompt's)."""
+        stop = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        last = torch.tensor([layout["last"][0] for layout in example.layouts])
+        generated = torch.empty(len(example), 0, dtype=torch.long)
+        done = torch.zeros(len(example), dtype=torch.bool)
+        current = example
+        for step in range(max_new_tokens):
+
+            def readout(ctx: Context, step=step) -> torch.Tensor:
+                logits = attribute_path(self.envoy, self.adapter.lm_head).output
+                return logits[torch.arange(len(last)), (last + step).to(logits.device)].argmax(-1)
+
+            token = self.run(current, interventions, readout).cpu()
+            token = torch.where(done, torch.tensor(self.tokenizer.pad_token_id), token)
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            done |= torch.tensor([t in stop for t in token.tolist()])
+            if done.all():
+                break
+            current = self.extend(current, token[:, None])
+        texts = [
+            self.tokenizer.decode([t for t in row if t not in stop], skip_special_tokens=True).strip()
+            for row in generated.tolist()
+        ]
+        return texts[0] if len(example) == 1 else texts
+
+    def hidden_states(self, example: Example, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
+        """Residual stream `[n_layers + 1, B, T, D]`: the decoder's input embeddings, then after each layer."""
+
+        def readout(ctx: Context) -> torch.Tensor:
+            states = [_first(ctx.layer(0).input)]
+            states += [ctx.residual(layer) for layer in range(self.n_layers)]
+            return torch.stack(states).float()
+
+        return self.run(example, interventions, readout)
+
+    def unembed(self, hidden: torch.Tensor, normed: bool = True) -> torch.Tensor:
+        """Logits `[..., V]` of residual-stream vectors `[..., D]`, through the final norm (or not: a raw lens)."""
+        with torch.no_grad():
+            hidden = hidden.to(self.device, self.hf.dtype)
+            return self.lm_head(self.final_norm(hidden) if normed else hidden).float()
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
