@@ -1,0 +1,129 @@
+"""Token layouts (groups from offsets, image tokens, object patches from boxes) and input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import scene
+from PIL import Image
+
+import mmscope
+from mmscope.errors import InputError, InterventionError, LayoutError, ModelLoadError
+from mmscope.interventions import ActivationPatch, Knockout, Truncate
+
+
+def tokens(model, example, row, group):
+    ids = example.inputs["input_ids"][row, example.layouts[row][group]]
+    return model.tokenizer.convert_ids_to_tokens(ids.tolist())
+
+
+def test_groups_of_a_padded_batch_of_different_lengths(tiny, examples):
+    first, second, batch = examples
+    assert batch.padding[0] > 0 and batch.padding[1] == 0
+    assert tokens(tiny, batch, 0, "question") == ["is", "the", "cube", "red", "or", "blue", "?"]
+    assert tokens(tiny, batch, 1, "question")[:4] == ["what", "color", "is", "this"]
+    assert tokens(tiny, batch, 0, "instruction") == "answer the question using a single word or phrase .".split()
+    assert tokens(tiny, batch, 1, "roles") == ["user", ":", "assistant", ":"]
+    assert tokens(tiny, batch, 0, "system")[:3] == ["a", "chat", "between"]
+    for row, single in enumerate((first, second)):
+        layout = batch.layouts[row]
+        assert layout["last"] == [batch.seq_len - 1]
+        assert len(layout["image"]) == 16 == int((batch.inputs["input_ids"][row] == tiny.image_token_id).sum())
+        shift = batch.padding[row]
+        assert layout["image"] == [p + shift for p in single.layout["image"]]
+        positions = sorted(p for group in ("system", "roles", "image", "question", "instruction") for p in layout[group])
+        assert positions == list(range(shift + 1, batch.seq_len)), "every token but BOS has exactly one group"
+        assert layout["question"] == sorted(layout["question"])
+
+
+def test_question_group_excludes_words_the_template_shares_with_it(tiny):
+    example = tiny.prepare(scene(), "Answer the question: is the cube red?")
+    assert tokens(tiny, example, 0, "question") == ["answer", "the", "question", ":", "is", "the", "cube", "red", "?"]
+    assert len(example.layout["instruction"]) == 10
+
+
+def test_custom_template_string(tiny):
+    example = tiny.prepare(scene(), "Is the cube red?", template="USER: <image> {question} ASSISTANT:")
+    assert tokens(tiny, example, 0, "question") == ["is", "the", "cube", "red", "?"]
+    assert example.layout["image"][0] == 3
+    assert "system" not in example.layout
+
+
+def expected_object_patches(model, image, box):
+    """Oracle: draw the box, run the real processor, and see which patches changed."""
+    blank = Image.new("RGB", image.size, (0, 0, 0))
+    drawn = blank.copy()
+    x, y, w, h = box
+    drawn.paste((255, 255, 255), (int(x), int(y), int(x + w), int(y + h)))
+    processor = model.processor.image_processor
+    before = processor(blank, return_tensors="pt")["pixel_values"][0]
+    after = processor(drawn, return_tensors="pt")["pixel_values"][0]
+    patch = model.hf.config.vision_config.patch_size
+    change = (after - before).abs().amax(0)
+    grid = change.unfold(0, patch, patch).unfold(1, patch, patch).amax((-1, -2))
+    return set(np.flatnonzero(grid.flatten().numpy() > 0.5).tolist())
+
+
+@pytest.mark.parametrize("size", [(64, 40), (40, 64)])
+@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+@pytest.mark.parametrize("fixture", ["tiny", "padded"])
+def test_object_patches_for_corner_and_centre_boxes_match_the_processed_pixels(request, size, where, fixture):
+    model = request.getfixturevalue("tiny") if fixture == "tiny" else mmscope.load(request.getfixturevalue("padded_folder"))
+    width, height = size
+    box = {
+        "top-left": (0, 0, 14, 14),
+        "bottom-right": (width - 14, height - 14, 14, 14),
+        "centre": (width / 2 - 9, height / 2 - 9, 18, 18),
+    }[where]
+    image = scene(width, height)
+    example = model.prepare(image, "Is the cube red?", boxes=[box])
+    first_image = example.layout["image"][0]
+    got = {p - first_image for p in example.layout["object"]}
+    assert got == expected_object_patches(model, image, box)
+    assert sorted(example.layout["object"] + example.layout["other_patches"]) == example.layout["image"]
+
+
+def test_bad_inputs_get_one_clear_error_naming_the_input(tiny, tiny_folder, examples, tmp_path):
+    first = examples[0]
+    with pytest.raises(LayoutError, match=r"unknown token group 'objct'; known: .*image.*question"):
+        tiny.next_token_probs(first, [Knockout("objct", "last", (0,))])
+    with pytest.raises(InterventionError, match=r"layer 9 out of range; the model has layers 0\.\.3"):
+        tiny.next_token_probs(first, [Knockout("image", "last", (1, 9))])
+    with pytest.raises(InterventionError, match="layer 4 out of range"):
+        tiny.next_token_probs(first, [Truncate(4)])
+    with pytest.raises(InterventionError, match="heads \\[7\\] out of range"):
+        tiny.next_token_probs(first, [Knockout("image", "last", (1,), heads=(7,))])
+    with pytest.raises(InterventionError, match="unknown site 'mlpp'"):
+        ActivationPatch("mlpp", (0,), "image")
+    with pytest.raises(InputError, match="question must be a non-empty string"):
+        tiny.prepare(scene(), "   ")
+    with pytest.raises(InputError, match="image must be a PIL.Image.Image; got str"):
+        tiny.prepare("photo.jpg", "Is it red?")
+    with pytest.raises(InputError, match=r"box \(30, 20, 20, 20\) .* outside the 40x30 image"):
+        tiny.prepare(scene(), "Is it red?", boxes=[(30, 20, 20, 20)])
+    with pytest.raises(ModelLoadError, match="flash_attention_2.*not supported.*eager, sdpa"):
+        mmscope.load(tiny_folder, attn_implementation="flash_attention_2")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        mmscope.load(tmp_path / "no-such-model")
+
+
+def test_a_model_running_flash_attention_is_refused(tiny_folder):
+    from oracle import plain_model
+
+    hf = plain_model(tiny_folder)
+    processor = mmscope.load(tiny_folder).processor
+    hf.config.text_config._attn_implementation_internal = "flash_attention_2"
+    try:
+        with pytest.raises(ModelLoadError, match="flash_attention_2"):
+            mmscope.Model(hf, processor, mmscope.models.adapter_for(hf))
+    finally:
+        hf.config.text_config._attn_implementation_internal = "eager"
+
+
+def test_hidden_states_and_lens_read_the_same_output(tiny, examples):
+    first = examples[0]
+    states = tiny.hidden_states(first)
+    assert states.shape[:2] == (tiny.n_layers + 1, 1)
+    logits = tiny.unembed(states[-1, 0, -1])
+    assert torch.allclose(logits.softmax(-1), tiny.next_token_probs(first), atol=1e-6)
