@@ -103,6 +103,31 @@ def test_knockout_of_everything_from_everything_has_no_nan(tiny, examples):
     assert torch.allclose(probs.sum(-1), torch.ones(2), atol=1e-5)
 
 
+def test_last_to_last_without_self_blocks_the_diagonal_and_never_empties_a_row(tiny, tiny_folder, examples):
+    batch = examples[2]
+    last = pairs(batch, "last", "last")
+    model = plain_model(tiny_folder)
+    got = tiny.next_token_probs(batch, [Knockout("last", "last", (0, 1, 2, 3), keep_self=False)])
+    n_heads = model.config.text_config.num_attention_heads
+
+    def edit(module, args, kwargs):
+        mask = kwargs["attention_mask"].clone()
+        for row, row_pairs in enumerate(last):
+            for target, source in row_pairs:
+                mask[row, :, target, source] = torch.finfo(mask.dtype).min
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    layers = model.model.language_model.layers
+    expected = last_probs(forward_with_hooks(model, batch.inputs, pre_hooks=[(layers[i].self_attn, edit) for i in range(4)]))
+    assert torch.allclose(got, expected, atol=TOLERANCE) and n_heads == 4
+    assert not torch.allclose(got, tiny.next_token_probs(batch), atol=1e-5)
+    everything = tuple(range(batch.seq_len - batch.padding[0]))
+    emptied = tiny.next_token_probs(batch, [Knockout(everything, everything, range(4), keep_self=False)])
+    assert torch.isfinite(emptied).all()
+    assert torch.allclose(emptied, tiny.next_token_probs(batch, [Knockout(everything, everything, range(4))]), atol=TOLERANCE)
+
+
 def test_composed_knockouts_chain_and_equal_their_union(tiny, tiny_folder, examples):
     batch = examples[2]
     both = pairs(batch, "last", "image")

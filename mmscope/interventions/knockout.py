@@ -38,13 +38,15 @@ class Knockout(Intervention):
     """Block attention from every `target` position to every `source` position in `layers` (all or some `heads`).
 
     `source` and `target` are layout group names ("image", "question", "last", "object" …) or explicit
-    positions of the (unpadded) prompt.
+    positions of the (unpadded) prompt. A position keeps attending to itself unless `keep_self` is False
+    (as for a last → last knockout); even then no attention row is left fully masked.
     """
 
     source: Group
     target: Group
     layers: tuple[int, ...]
     heads: tuple[int, ...] | None = None
+    keep_self: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", as_group(self.source))
@@ -58,6 +60,6 @@ class Knockout(Intervention):
             bad = [h for h in self.heads if not 0 <= h < ctx.n_heads]
             if bad:
                 raise InterventionError(f"heads {bad} out of range; the model has heads 0..{ctx.n_heads - 1}")
-        blocked = pair_mask(ctx.example, self.target, self.source)
+        blocked = pair_mask(ctx.example, self.target, self.source, self.keep_self)
         for layer in sorted(self.layers):
             ctx.edit_attention_mask(layer, lambda mask: block(mask, blocked, self.heads, ctx.n_heads))

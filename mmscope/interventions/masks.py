@@ -28,14 +28,19 @@ def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tens
     return mask.to(dtype)
 
 
-def pair_mask(example, target, source) -> torch.Tensor:
-    """Boolean `[B, T, T]`: True at (target query, source key) pairs to block, never on the diagonal."""
+def pair_mask(example, target, source, keep_self: bool = True) -> torch.Tensor:
+    """Boolean `[B, T, T]`: True at (target query, source key) pairs to block.
+
+    With `keep_self` the diagonal is never blocked; without it (e.g. a last → last knockout) `block` still
+    keeps the diagonal of any row that the edit would otherwise mask completely.
+    """
     size = example.seq_len
     blocked = torch.zeros(len(example), size, size, dtype=torch.bool)
     for row in range(len(example)):
         targets, sources = example.positions(target, row), example.positions(source, row)
         blocked[row, targets.unsqueeze(1), sources.unsqueeze(0)] = True
-    blocked &= ~torch.eye(size, dtype=torch.bool)
+    if keep_self:
+        blocked &= ~torch.eye(size, dtype=torch.bool)
     return blocked
 
 
@@ -52,4 +57,10 @@ def block(mask: torch.Tensor, blocked: torch.Tensor, heads: tuple[int, ...] | No
         chosen[list(heads)] = True
         edges = edges & chosen[None, :, None, None]
         mask = mask.expand(mask.shape[0], n_heads, queries, keys)
-    return mask.masked_fill(edges, torch.finfo(mask.dtype).min)
+    minimum = torch.finfo(mask.dtype).min
+    edited = mask.masked_fill(edges, minimum)
+    emptied = (edited == minimum).all(-1) & ~(mask == minimum).all(-1)  # [B, h, Q]: rows the edit emptied
+    if emptied.any():
+        diagonal = torch.eye(keys, dtype=torch.bool, device=mask.device)[keys - queries :]
+        edited = torch.where(emptied.unsqueeze(-1) & diagonal, mask, edited)
+    return edited
