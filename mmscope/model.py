@@ -19,7 +19,7 @@ from pathlib import Path
 import nnsight
 import torch
 from nnsight import NNsight
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from mmscope.errors import InputError, ModelLoadError
 from mmscope.inputs import Example, collate, text_layout
@@ -87,10 +87,11 @@ def load(
         hf_model = AutoModelForImageTextToText.from_pretrained(
             source, attn_implementation=attn_implementation, dtype=dtype or "auto"
         )
-        processor = AutoProcessor.from_pretrained(source)
+        adapter = adapter or adapter_for(hf_model)
+        processor = adapter.load_processor(source)
     except OSError as error:
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {error}") from error
-    return Model(hf_model.to(device).eval(), processor, adapter or adapter_for(hf_model), name=str(name_or_path))
+    return Model(hf_model.to(device).eval(), processor, adapter, name=str(name_or_path))
 
 
 @dataclass(frozen=True)
@@ -166,12 +167,18 @@ class Model:
             template = PromptTemplate.from_string(template)
         template = template or self.adapter.template
         prompt, spans = template.render(question.strip(), self.adapter.placeholder(self.processor))
-        inputs = self.adapter.encode(self.processor, image, prompt)
+        encoding = self.adapter.encode(self.processor, image, prompt)
+        inputs = encoding.inputs
         ids = inputs["input_ids"][0]
         image_positions = self.adapter.image_positions(ids, self.hf, self.processor)
-        layout = self._text_layout(prompt, spans, ids, image_positions)
+        if encoding.spans is None:
+            layout = self._aligned_text_layout(prompt, spans, ids, image_positions)
+        else:
+            layout = self._text_layout(encoding, spans, image_positions)
         layout["image"] = image_positions.tolist()
         layout["last"] = [len(ids) - 1]
+        groups = self.adapter.image_groups(ids, inputs, self.hf, self.processor)
+        layout.update({name: positions.tolist() for name, positions in groups.items()})
         if boxes is not None:
             checked = [check_box(box, image.width, image.height) for box in boxes]
             rectangles = self.adapter.patch_rectangles(self.processor, self.hf, image, inputs)
@@ -180,14 +187,26 @@ class Model:
                     f"{len(rectangles)} patch rectangles for {len(image_positions)} image tokens; "
                     f"the {self.adapter.family} adapter's geometry does not match its processor"
                 )
-            hit = overlapping(rectangles, checked)
+            is_patch = rectangles.isfinite().all(-1)
+            hit = overlapping(rectangles, checked) & is_patch
             layout["object"] = image_positions[hit].tolist()
-            layout["other_patches"] = image_positions[~hit].tolist()
+            layout["other_patches"] = image_positions[~hit & is_patch].tolist()
         info = {"question": question, "image_size": (image.width, image.height), "boxes": boxes, **(meta or {})}
         return Example(inputs=inputs, layouts=[layout], prompts=[prompt], meta=[info])
 
-    def _text_layout(self, prompt, spans, ids, image_positions) -> dict[str, list[int]]:
-        """Text groups from the tokenizer's character offsets on the unexpanded prompt, mapped onto `ids`."""
+    @staticmethod
+    def _text_layout(encoding, spans, image_positions) -> dict[str, list[int]]:
+        """Groups from each token's span in the prompt; `image_markers` for the placeholder's non-image tokens."""
+        groups = text_layout([tuple(span) for span in encoding.spans.tolist()], spans)
+        placeholder = set(groups.pop("image", [])) | set(torch.nonzero(encoding.expanded).flatten().tolist())
+        markers = sorted(placeholder - set(image_positions.tolist()))
+        if markers:
+            groups["image_markers"] = markers
+        return groups
+
+    def _aligned_text_layout(self, prompt, spans, ids, image_positions) -> dict[str, list[int]]:
+        """Text groups from the tokenizer's character offsets on the unexpanded prompt, mapped onto `ids`
+        (for processors that do not report offsets)."""
         encoded = self.tokenizer(prompt, return_offsets_mapping=True)
         image_span = spans.pop("image", [])
         plain = [
@@ -226,7 +245,8 @@ class Model:
         """`example` with `tokens [B, n]` appended to every row (layout, and so "last", unchanged)."""
         inputs = dict(example.inputs)
         for key in self.adapter.sequence_keys:
-            fill = tokens if key == "input_ids" else torch.ones_like(tokens, dtype=inputs[key].dtype)
+            # appended tokens are attended text: mask 1, token types and image-position masks 0
+            fill = tokens if key == "input_ids" else torch.full_like(tokens, int(key == "attention_mask"))
             inputs[key] = torch.cat([inputs[key], fill.to(inputs[key].dtype)], dim=1)
         return Example(inputs, example.layouts, example.prompts, example.padding, example.meta)
 

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from transformers import AutoProcessor
+
 from mmscope.errors import InputError, UnsupportedModelError, known
+from mmscope.models.encoding import Encoding, encode_with_origins
 from mmscope.models.geometry import patch_rectangles
 from mmscope.prompts import LLAVA_15, PromptTemplate
 
@@ -63,16 +66,28 @@ class Adapter:
         """Positions `[n]` of image-feature tokens in one unpadded `input_ids [T]`."""
         return torch.nonzero(input_ids == self.image_token_id(model, processor)).flatten()
 
-    def encode(self, processor, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
-        """Run the family's processor on one image and one prompt; a dict of batch-1 tensors."""
-        return dict(processor(images=[image], text=[text], return_tensors="pt"))
+    def load_processor(self, source: str):
+        """The family's processor from a hub id or a `save_pretrained` folder."""
+        return AutoProcessor.from_pretrained(source)
+
+    def encode(self, processor, image: Image.Image, text: str) -> Encoding:
+        """Run the family's processor on one image and one prompt: batch-1 model inputs and token origins."""
+        return encode_with_origins(processor, image, text)
+
+    def image_groups(self, input_ids: torch.Tensor, inputs: dict, model, processor) -> dict[str, torch.Tensor]:
+        """Extra named groups `name -> positions [n]` within the image tokens (e.g. tiles, row newlines)."""
+        return {}
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Position ids for a left-padded batch, so padding does not shift positions (None: the model's own)."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def patch_rectangles(self, processor, model, image: Image.Image, inputs: dict) -> torch.Tensor:
-        """`[n_image_tokens, 4]` rectangles `(x0, y0, x1, y1)` in original pixels, in image-token order."""
+        """`[n_image_tokens, 4]` rectangles `(x0, y0, x1, y1)` in original pixels, in image-token order.
+
+        A row of NaN marks an image token that shows no patch (e.g. a row-end newline feature); it belongs to
+        neither `object` nor `other_patches`.
+        """
         patch_size = model.config.vision_config.patch_size
         return patch_rectangles(image.width, image.height, processor.image_processor, patch_size)
 

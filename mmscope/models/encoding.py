@@ -1,0 +1,111 @@
+"""Where each token of a processed prompt came from: a character span of the prompt, or the image placeholder.
+
+A VLM processor rewrites the prompt before tokenizing it: it may insert text (PaliGemma's BOS after the image,
+Emu3's leading BOS), and it expands each image placeholder into the image-feature tokens plus the family's
+markers (Qwen's vision start/end, Idefics3's tile tags and newlines, Gemma3's start/end of image …). Rather
+than re-deriving each family's rules, we ask the processor itself: transformers processors report every
+token's character offsets in the expanded text (`return_offsets_mapping`) and every placeholder's span
+before and after expansion (`return_text_replacement_offsets`). Carrying those offsets back through the
+replacements, then through the processor's own insertions (a character alignment of the prompt with the
+text the processor prepared from it), gives each token its span in the prompt the template rendered.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+
+from mmscope.errors import InputError
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A processor's output for one prompt, and the origin of each of its `T` tokens.
+
+    Attributes:
+        inputs: the model's batch-1 inputs (input_ids `[1, T]`, attention_mask, pixel_values …).
+        spans: `[T, 2]` character span `[start, end)` of each token in the prompt; `(0, 0)` for tokens the
+            processor added (BOS, placeholder expansion …). None when the processor cannot report offsets;
+            the layout is then found by aligning the tokenizer's tokens of the prompt with the text tokens.
+        expanded: `[T]` True for tokens the image placeholder expanded into (image tokens and their markers).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    spans: torch.Tensor | None = None
+    expanded: torch.Tensor | None = None
+
+
+def prompt_positions(prompt: str, prepared: str) -> list[int]:
+    """For each character of `prepared` (the processor's rewrite of `prompt`), its index in `prompt` or -1.
+
+    The processor may only insert text; any other change would make the prompt's spans meaningless.
+    """
+    positions = [-1] * len(prepared)
+    matcher = difflib.SequenceMatcher(None, prompt, prepared, autojunk=False)
+    for operation, start, end, prepared_start, prepared_end in matcher.get_opcodes():
+        if operation == "equal":
+            positions[prepared_start:prepared_end] = range(start, end)
+        elif operation != "insert":
+            raise InputError(
+                f"the processor rewrote the prompt {prompt[:60]!r}… as {prepared[:60]!r}… (not only inserting "
+                "text), so token groups cannot be placed; override the adapter's `encode`"
+            )
+    return positions
+
+
+def token_origins(
+    prompt: str, prepared: str, offsets: torch.Tensor, replacements: list[dict]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spans `[T, 2]` in `prompt` and expanded flags `[T]` from the processor's offsets.
+
+    Args:
+        prompt: the text given to the processor.
+        prepared: the processor's rewrite of it before placeholder expansion (e.g. with a BOS inserted).
+        offsets: `[T, 2]` each token's `[start, end)` in the expanded text.
+        replacements: the processor's placeholder replacements, each with `span` (in `prepared`) and
+            `new_span` (in the expanded text).
+    """
+    to_prompt = prompt_positions(prompt, prepared)
+    replacements = sorted(replacements, key=lambda r: r["new_span"][0])
+    spans = torch.zeros(len(offsets), 2, dtype=torch.long)
+    expanded = torch.zeros(len(offsets), dtype=torch.bool)
+    for index, (start, end) in enumerate(offsets.tolist()):
+        if end <= start:
+            continue
+        if any(start < r["new_span"][1] and end > r["new_span"][0] for r in replacements):
+            expanded[index] = True
+            continue
+        shift = sum(
+            (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0])
+            for r in replacements
+            if r["new_span"][1] <= start
+        )
+        mapped = [p for p in to_prompt[start - shift : end - shift] if p >= 0]
+        if mapped:
+            spans[index] = torch.tensor([min(mapped), max(mapped) + 1])
+    return spans, expanded
+
+
+def encode_with_origins(processor, image, prompt: str) -> Encoding:
+    """Run a transformers processor on one image and prompt, asking it where each token came from."""
+    try:
+        output = dict(
+            processor(
+                images=[image],
+                text=[prompt],
+                return_tensors="pt",
+                return_offsets_mapping=True,
+                return_text_replacement_offsets=True,
+            )
+        )
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets
+        return Encoding(dict(processor(images=[image], text=[prompt], return_tensors="pt")))
+    offsets = output.pop("offset_mapping", None)
+    replacements = output.pop("text_replacement_offsets", None)
+    if offsets is None or replacements is None:
+        return Encoding(output)
+    prepared = processor.prepare_inputs_layout(images=[image], text=[prompt])[1][0]
+    spans, expanded = token_origins(prompt, prepared, offsets[0], replacements[0])
+    return Encoding(output, spans, expanded)
