@@ -1,0 +1,202 @@
+"""Tiny random checkpoints of every supported family, and a family-agnostic knockout oracle.
+
+Each builder makes the family's real model class from a small config, its real processor class (PIL image
+processor + a word-level `tokenizers` tokenizer carrying the family's special tokens), and writes both with
+`save_pretrained`, so `mmscope.load` reads them exactly like a hub checkpoint.
+
+The oracle is plain PyTorch: forward pre-hooks on the chosen layers' attention modules that edit the
+`attention_mask` keyword on top of whatever mask the model itself built (causal, padding, bidirectional image
+blocks, sliding windows).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    AutoModelForImageTextToText,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from mmscope.models.build import build_word_tokenizer
+
+WORDS = "is the cube sphere cylinder red blue green yes no left right what color of object this".split()
+QUESTIONS = ("Is the cube red or blue?", "What color is this object of the cube left of the sphere?")
+_WORD_PATTERN = r"[A-Za-z0-9]+|[^\sA-Za-z0-9]"
+
+
+def word_tokenizer(
+    texts: Iterable[str],
+    special_tokens: Iterable[str],
+    *,
+    bos: str | None = None,
+    add_bos: bool = False,
+    eos: str = "</s>",
+    pad: str = "<pad>",
+    unk: str = "<unk>",
+    extra_special_tokens: dict[str, str] | None = None,
+    lowercase: bool = True,
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over the words of `texts` (special tokens removed first), plus `WORDS`.
+
+    `special_tokens` are matched whole in text (as a family's added tokens are); `add_bos` prepends `bos`.
+    """
+    specials = list(dict.fromkeys([unk, pad, eos, *([bos] if bos else []), *special_tokens]))
+    pattern = "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True))
+    words = set(WORDS)
+    for text in texts:
+        plain = re.sub(pattern, " ", text)
+        words.update(re.findall(_WORD_PATTERN, plain.lower() if lowercase else plain))
+    vocab = {token: i for i, token in enumerate(specials)}
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    if lowercase:
+        tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")]
+    )
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token=unk,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        extra_special_tokens=extra_special_tokens or {},
+        padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in (unk, pad, eos, bos)]})
+    return fast
+
+
+def save(model, processor, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def llama_config(tokenizer, **overrides) -> LlamaConfig:
+    settings = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**settings, **overrides})
+
+
+# --- LLaVA-NeXT ------------------------------------------------------------------------------------------------
+LLAVA_NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32], [48, 16], [16, 48]]
+
+
+def build_llava_next(folder: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT: 16-px tiles of 4-px patches (4x4 per tile), pinpoints up to 3 tiles, CLIP + Llama."""
+    tokenizer = build_word_tokenizer(QUESTIONS, WORDS)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        patch_size=4, projection_dim=32,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=llama_config(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return save(model, processor, folder)
+
+
+# --- the oracle -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """How a test reaches a family's parts on the plain HF model."""
+
+    name: str
+    build: Callable[[Path], Path]
+    layers: Callable  # plain HF model -> its decoder layers
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    rope_from_model: bool = False  # Qwen's 3D rope: the model computes position ids itself
+
+
+_plain: dict = {}
+
+
+def plain_model(folder, attn_implementation="eager"):
+    key = (str(folder), attn_implementation)
+    if key not in _plain:
+        _plain[key] = AutoModelForImageTextToText.from_pretrained(
+            folder, attn_implementation=attn_implementation, dtype=torch.float32
+        ).eval()
+    return _plain[key]
+
+
+def plain_inputs(family: Family, inputs: dict) -> dict:
+    """The model's inputs, with padding-aware position ids unless the family's model computes its own."""
+    inputs = dict(inputs)
+    if not family.rope_from_model:
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return inputs
+
+
+def forward_with_hooks(family: Family, model, inputs, pre_hooks=(), hooks=()):
+    """Logits `[B, T, V]` with forward pre-hooks (with kwargs) and forward hooks registered for one pass."""
+    handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in pre_hooks]
+    handles += [module.register_forward_hook(fn) for module, fn in hooks]
+    try:
+        with torch.no_grad():
+            return model(**plain_inputs(family, inputs)).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def pairs(example, target, source):
+    """Per row, every (target, source) position pair of two groups."""
+    return [
+        list(itertools.product(example.positions(target, row).tolist(), example.positions(source, row).tolist()))
+        for row in range(len(example))
+    ]
+
+
+def knockout_logits(family: Family, model, inputs, pairs_per_row, layers):
+    """Logits with attention from targets to sources blocked in `layers`, on top of the model's own mask."""
+
+    def edit(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        assert mask is not None and mask.dtype.is_floating_point, "the oracle runs eager attention"
+        mask = mask.clone()
+        minimum = torch.finfo(mask.dtype).min
+        for row, row_pairs in enumerate(pairs_per_row):
+            for target, source in row_pairs:
+                if target != source:
+                    mask[row, :, target, source] = minimum
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    layer_list = family.layers(model)
+    hooks = [(getattr(layer_list[i], family.attention), edit) for i in layers]
+    return forward_with_hooks(family, model, inputs, pre_hooks=hooks)

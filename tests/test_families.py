@@ -1,0 +1,205 @@
+"""Every supported family, end to end on a tiny random checkpoint with its real processor class.
+
+For each family: `mmscope.load` reads a `save_pretrained` folder; the token layout agrees with the processor's
+own image-token count; a knockout over a window equals the plain-PyTorch masked forward (pre-hooks editing the
+mask the model itself built); patching clean into clean changes nothing; truncation at the last layer is the
+normal output. Family-specific tests check what is particular to each layout (tiles, newlines, boxes …).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import scene
+from families import (
+    QUESTIONS,
+    Family,
+    build_llava_next,
+    forward_with_hooks,
+    knockout_logits,
+    pairs,
+    plain_inputs,
+    plain_model,
+)
+from PIL import Image
+
+import mmscope
+from mmscope.interventions import ActivationPatch, Knockout, Truncate
+
+TOLERANCE = 1e-6
+FAMILIES = {
+    "llava_next": Family("llava_next", build_llava_next, layers=lambda m: m.model.language_model.layers),
+}
+IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
+
+
+@dataclass
+class Loaded:
+    family: Family
+    folder: object
+    model: mmscope.Model
+    examples: tuple  # first, second, left-padded batch of both
+
+    @property
+    def plain(self):
+        return plain_model(self.folder)
+
+
+_loaded: dict[str, Loaded] = {}
+
+
+def load_family(name: str, tmp_path_factory) -> Loaded:
+    if name not in _loaded:
+        family = FAMILIES[name]
+        folder = family.build(tmp_path_factory.mktemp(name))
+        model = mmscope.load(folder)
+        first = model.prepare(scene(*IMAGES[0], seed=1), QUESTIONS[0])
+        second = model.prepare(scene(*IMAGES[1], seed=2), QUESTIONS[1])
+        _loaded[name] = Loaded(family, folder, model, (first, second, model.batch([first, second])))
+    return _loaded[name]
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def loaded(request, tmp_path_factory) -> Loaded:
+    return load_family(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llava_next(tmp_path_factory) -> Loaded:
+    return load_family("llava_next", tmp_path_factory)
+
+
+def last_probs(logits):
+    return logits[:, -1].softmax(-1)
+
+
+def words(model, example, row, group):
+    ids = example.inputs["input_ids"][row, example.layouts[row][group]]
+    return model.tokenizer.convert_ids_to_tokens(ids.tolist())
+
+
+# --- every family ------------------------------------------------------------------------------------------------
+def test_loaded_through_mmscope_with_the_family_adapter(loaded):
+    assert loaded.model.adapter.family == loaded.family.name
+    assert loaded.model.n_layers == len(loaded.family.layers(loaded.plain))
+
+
+def test_image_group_matches_the_processors_own_image_token_count(loaded):
+    model, (first, second, batch) = loaded.model, loaded.examples
+    for row, (width, height) in enumerate(IMAGES):
+        expected = model.processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
+        assert len(batch.layouts[row]["image"]) == expected
+    assert words(model, batch, 0, "question") == ["is", "the", "cube", "red", "or", "blue", "?"]
+    assert words(model, batch, 1, "question")[:4] == ["what", "color", "is", "this"]
+    assert batch.layouts[0]["last"] == [batch.seq_len - 1]
+
+
+def test_no_intervention_equals_the_plain_forward(loaded):
+    batch = loaded.examples[2]
+    with torch.no_grad():
+        expected = last_probs(loaded.plain(**plain_inputs(loaded.family, batch.inputs)).logits)
+    assert torch.allclose(loaded.model.next_token_probs(batch), expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "layers"),
+    [("image", "last", (1, 2)), ("image", "question", (0, 1, 2, 3)), ("question", "last", (2,))],
+)
+def test_knockout_over_a_window_equals_the_plain_masked_forward(loaded, source, target, layers):
+    batch = loaded.examples[2]
+    expected = last_probs(knockout_logits(loaded.family, loaded.plain, batch.inputs, pairs(batch, target, source), layers))
+    got = loaded.model.next_token_probs(batch, [Knockout(source, target, layers)])
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0)
+    assert (got - loaded.model.next_token_probs(batch)).abs().max() > 1e-5, "the knockout must change the output"
+
+
+def test_patching_clean_into_clean_is_a_no_op(loaded):
+    first = loaded.examples[0]
+    pair = loaded.model.batch([first, first])
+    clean = loaded.model.next_token_probs(pair)
+    for site in ("residual", "attention", "mlp"):
+        assert torch.equal(loaded.model.next_token_probs(pair, [ActivationPatch(site, (0, 2), "image")]), clean)
+
+
+def test_patching_image_tokens_matches_an_independent_hook(loaded):
+    model = loaded.model
+    clean = model.prepare(scene(*IMAGES[0], seed=3), QUESTIONS[0])
+    corrupted = model.prepare(scene(*IMAGES[0], seed=4), QUESTIONS[0])
+    pair = model.batch([clean, corrupted])
+    image = clean.layout["image"]
+
+    def copy_row0_to_row1(module, args, output):
+        output = output.clone()
+        output[1, image] = output[0, image]
+        return output
+
+    mlp = getattr(loaded.family.layers(loaded.plain)[1], loaded.family.mlp)
+    expected = last_probs(forward_with_hooks(loaded.family, loaded.plain, pair.inputs, hooks=[(mlp, copy_row0_to_row1)]))
+    assert torch.allclose(model.next_token_probs(pair, [ActivationPatch("mlp", (1,), "image")]), expected, atol=TOLERANCE)
+
+
+def test_truncation_at_the_last_layer_equals_the_normal_output(loaded):
+    batch = loaded.examples[2]
+    model = loaded.model
+    assert torch.equal(model.next_token_probs(batch, [Truncate(model.n_layers - 1)]), model.next_token_probs(batch))
+
+
+# --- LLaVA-NeXT ---------------------------------------------------------------------------------------------------
+def changed_features(model, image, box):
+    """Oracle: per image token, how much its patch's processed pixels change when `box` is drawn white on black
+    (the model's own `pack_image_features` orders them, newline tokens marked -1)."""
+    blank = Image.new("RGB", image.size, (0, 0, 0))
+    drawn = blank.copy()
+    x, y, w, h = box
+    drawn.paste((255, 255, 255), (int(x), int(y), int(x + w), int(y + h)))
+    processor = model.processor.image_processor
+    before = processor(blank, return_tensors="pt")["pixel_values"][0]
+    after = processor(drawn, return_tensors="pt")["pixel_values"][0]
+    patch = model.hf.config.vision_config.patch_size
+    change = (after - before).abs().amax(1)  # [tiles, H, W]
+    per_patch = change.unfold(1, patch, patch).unfold(2, patch, patch).amax((-1, -2))  # [tiles, g, g]
+    features = per_patch.flatten(1)[..., None]
+    packed, _ = model.hf.model.pack_image_features(
+        [features], torch.tensor([[image.height, image.width]]), "default", image_newline=torch.tensor([-1.0])
+    )
+    return packed[0][:, 0]
+
+
+@pytest.mark.parametrize("size", [(40, 30), (30, 50), (60, 20)])
+def test_llava_next_groups_follow_the_models_own_packing(llava_next, size):
+    model = llava_next.model
+    image = scene(*size)
+    example = model.prepare(image, QUESTIONS[0])
+    layout = example.layout
+    packed = changed_features(model, image, (0, 0, 1, 1))
+    image_positions = torch.tensor(layout["image"])
+    assert len(packed) == len(image_positions)
+    assert layout["image_newline"] == image_positions[packed == -1].tolist()
+    assert len(layout["image_base"]) == 16
+    assert sorted(layout["image_base"] + layout["image_grid"] + layout["image_newline"]) == layout["image"]
+    assert "image_markers" not in layout, "LLaVA-NeXT's placeholder expands to image tokens only"
+
+
+@pytest.mark.parametrize("size", [(40, 30), (30, 50), (60, 20)])
+@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+def test_llava_next_boxes_select_patches_in_the_base_and_high_resolution_grids(llava_next, size, where):
+    model = llava_next.model
+    width, height = size
+    box = {
+        "top-left": (0, 0, 12, 9),
+        "bottom-right": (width - 12, height - 9, 12, 9),
+        "centre": (width / 2 - 7, height / 2 - 6, 14, 12),
+    }[where]
+    image = scene(width, height)
+    layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
+    change = changed_features(model, image, box)
+    image_positions = torch.tensor(layout["image"])
+    strongly, at_all = image_positions[change > 0.5].tolist(), image_positions[change > 1e-3].tolist()
+    got = set(layout["object"])
+    assert set(strongly) <= got <= set(at_all)
+    assert got & set(layout["image_base"]) and got & set(layout["image_grid"])
+    assert not got & set(layout["image_newline"])
+    assert sorted(layout["object"] + layout["other_patches"] + layout["image_newline"]) == layout["image"]
