@@ -1,0 +1,163 @@
+"""The row schema every question loader returns, and the plumbing they share.
+
+One schema for the real GQA files, the study's CSVs and the synthetic world, so that experiments never care
+where a question came from:
+
+| column | type | meaning |
+| --- | --- | --- |
+| `question_id` | str | GQA question id, kept as a string (about half start with 0) |
+| `image_id` | str | GQA image id |
+| `question`, `answer`, `full_answer` | str | answer lower-cased as in GQA; `full_answer` may be "" |
+| `category` | str or None | one of `CATEGORIES`, None when `detailed_type` is outside the study's six |
+| `detailed_type` | str | GQA `types.detailed` |
+| `true_option`, `false_option` | str or None | the two options of a choose question, in answer form |
+| `object_names` | list[str] | the question's central object(s) as the question names them, in question order |
+| `object_ids` | list[str] | their scene-graph ids, same order; "" for an object the image does not contain |
+| `object_boxes` | list[list[float]] | `[x, y, w, h]` in original image pixels, same order; `[]` where unknown |
+| `image_width`, `image_height` | int | original image size, 0 when unknown |
+| `image_path` | str | see below |
+| `image` | `datasets.Image` | only when an images folder is given; decodes lazily to a PIL image |
+
+The image rule: without an images folder a row carries only `image_path`, the bare file name GQA's images
+folder would hold (`{image_id}.jpg`); with one, `image_path` is the absolute path and the extra `image` column
+opens that file on access. Every image must then exist: a missing one is an error naming the question and the
+path, or, with `on_missing_image="skip"`, its questions are dropped with a warning that counts them.
+
+Large files go through `Dataset.from_generator`, which writes rows to an Arrow file in batches instead of
+holding them in Python lists. The Arrow cache is keyed by the input files' path, size and modification time and
+by this package's source, so an edited file or a changed loader never returns stale rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, Features, Value
+
+from mmscope.data.errors import DataError, DataFileNotFoundError, MissingImageError
+from mmscope.errors import known
+
+ON_MISSING_IMAGE = ("error", "skip")
+
+QUESTION_FEATURES = Features(
+    {
+        "question_id": Value("string"),
+        "image_id": Value("string"),
+        "question": Value("string"),
+        "answer": Value("string"),
+        "full_answer": Value("string"),
+        "category": Value("string"),
+        "detailed_type": Value("string"),
+        "true_option": Value("string"),
+        "false_option": Value("string"),
+        "object_names": datasets.List(Value("string")),
+        "object_ids": datasets.List(Value("string")),
+        "object_boxes": datasets.List(datasets.List(Value("float32"))),
+        "image_width": Value("int32"),
+        "image_height": Value("int32"),
+        "image_path": Value("string"),
+    }
+)
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    """`path` as a Path if it is a file; otherwise an error saying which `what` (e.g. "questions file") is missing."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataFileNotFoundError(f"{what} {path} is a folder; pass the file itself")
+    if not path.is_file():
+        raise DataFileNotFoundError(f"{what} {path} does not exist")
+    return path
+
+
+def existing_folder(path: str | Path, what: str) -> Path:
+    """`path` as an absolute Path if it is a folder; otherwise an error naming it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataFileNotFoundError(f"{what} {path} does not exist or is not a folder")
+    return path.resolve()
+
+
+def image_path(images: Path | None, file_name: str) -> str:
+    """The `image_path` value of a row: absolute under `images`, or the bare file name when there is no folder."""
+    return str(images / file_name) if images is not None else file_name
+
+
+@functools.cache
+def _source_digest() -> str:
+    """A digest of this package's source, so that cached Arrow files die with the code that wrote them."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def file_stamp(path: Path | None) -> list | None:
+    """What identifies a file's version for caching: its absolute path, size and modification time."""
+    if path is None:
+        return None
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def generate_dataset(
+    generator: Callable[..., Iterator[dict]], gen_kwargs: dict, features: Features, cache_key: list
+) -> Dataset:
+    """Build a Dataset from `generator(**gen_kwargs)` rows, cached under `cache_key` (+ the package source).
+
+    Our own errors raised inside the generator come out as themselves, not wrapped in datasets' generic
+    `DatasetGenerationError`.
+    """
+    key = json.dumps([_source_digest(), generator.__name__, cache_key], sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
+    try:
+        return Dataset.from_generator(generator, features=features, gen_kwargs=gen_kwargs, fingerprint=fingerprint)
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__
+        if isinstance(cause, (DataError, DataFileNotFoundError)):
+            raise cause from None
+        raise
+
+
+def check_on_missing_image(on_missing_image: str) -> None:
+    if on_missing_image not in ON_MISSING_IMAGE:
+        raise DataError(f"unknown on_missing_image {on_missing_image!r}; known: {known(ON_MISSING_IMAGE)}")
+
+
+def attach_images(
+    dataset: Dataset, images: Path | None, on_missing_image: str, id_column: str, what: str = "question"
+) -> Dataset:
+    """Check that every row's `image_path` exists and add the lazily decoded `image` column.
+
+    Without an images folder the dataset is returned unchanged. A missing file raises `MissingImageError` naming
+    the first affected row (its `id_column` value) and the path; with `on_missing_image="skip"` the affected
+    rows are dropped and a warning counts them.
+    """
+    check_on_missing_image(on_missing_image)
+    if images is None:
+        return dataset
+    missing = {path for path in dataset.unique("image_path") if not Path(path).is_file()}
+    if missing:
+        if on_missing_image == "error":
+            row = next(r for r in dataset.select_columns([id_column, "image_path"]) if r["image_path"] in missing)
+            raise MissingImageError(
+                f"{what} {row[id_column]!r}: image file {row['image_path']} is missing from {images} "
+                f"({len(missing)} image file(s) missing in all); pass on_missing_image='skip' to drop those "
+                f"{what}s with a warning"
+            )
+        before = len(dataset)
+        dataset = dataset.filter(lambda path: path not in missing, input_columns="image_path")
+        warnings.warn(
+            f"skipped {before - len(dataset)} of {before} {what}s whose image file is missing from {images} "
+            f"({len(missing)} distinct image file(s))",
+            stacklevel=3,
+        )
+    features = dataset.features.copy()
+    features["image"] = datasets.Image()
+    return dataset.map(lambda batch: {"image": batch["image_path"]}, batched=True, features=features)
