@@ -1,0 +1,56 @@
+"""Figures in the studies' style: one panel per category, a mean line with its 95% CI band per curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def curves(summary: pd.DataFrame, path: Path, *, x: str, hue: str, panel: str | None, ylabel: str,
+           title: str, zero_line: bool = False) -> Path:
+    """Plot `mean` against `x` with a `ci_low`–`ci_high` band, one line per `hue`, one panel per `panel`."""
+    panels = sorted(summary[panel].unique()) if panel else [None]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False, sharey=True)
+    for axis, name in zip(axes.flat, panels, strict=False):
+        part = summary if name is None else summary[summary[panel] == name]
+        for label, curve in part.groupby(hue, sort=True):
+            curve = curve.sort_values(x)
+            axis.plot(curve[x], curve["mean"], label=str(label), linewidth=1.6)
+            axis.fill_between(curve[x], curve["ci_low"], curve["ci_high"], alpha=0.2)
+        if zero_line:
+            axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set_title(str(name) if name is not None else title, fontsize=10)
+        axis.set_xlabel(x.replace("_", " "))
+        axis.grid(alpha=0.3)
+    for axis in axes[:, 0]:
+        axis.set_ylabel(ylabel)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def heatmap(matrix: pd.DataFrame, path: Path, *, title: str, colorbar: str) -> Path:
+    """A (rows × columns) heatmap, e.g. token group × layer."""
+    figure, axis = plt.subplots(figsize=(max(5, 0.45 * matrix.shape[1] + 2), 0.6 * matrix.shape[0] + 1.8))
+    image = axis.imshow(matrix.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
+    axis.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns])
+    axis.set_yticks(range(matrix.shape[0]), [str(r) for r in matrix.index])
+    axis.set_xlabel(str(matrix.columns.name or "layer"))
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, label=colorbar)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,205 @@
+"""Train the embedded LLaVA from scratch on the synthetic GQA-format world.
+
+The recipe is LLaVA's, shrunk: a CLIP-style vision tower, a two-layer projector and a Llama decoder, trained
+end to end on (image, prompt, answer) with the study's prompt template and cross-entropy on the answer tokens
+(and the end-of-sequence token) only. Everything is seeded; the same command on the same machine type gives
+the same checkpoint. The result is an ordinary `save_pretrained` folder with a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mmscope.models.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava
+from mmscope.prompts import LLAVA_15
+
+
+def embedded_spec() -> TinyLlavaSpec:
+    """Geometry of the shipped model: 64x64 images in 8-px patches (64 image tokens), 8 decoder layers."""
+    return TinyLlavaSpec(
+        image_size=64,
+        patch_size=8,
+        vision_hidden=128,
+        vision_layers=3,
+        vision_heads=4,
+        text_hidden=128,
+        text_layers=8,
+        text_heads=4,
+        intermediate=384,
+        max_positions=512,
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    out: str
+    data: str | None = None  # a synthetic-world folder; generated into `out/world` when None
+    n_scenes: int = 16000
+    steps: int = 1800
+    batch_size: int = 64
+    lr: float = 1.5e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    seed: int = 0
+    eval_every: int = 200
+    eval_questions: int = 600
+    spec: TinyLlavaSpec = field(default_factory=embedded_spec)
+    wandb: bool = False
+
+
+def prompt_of(question: str) -> str:
+    return LLAVA_15.render(question)[0]
+
+
+class Batcher:
+    """Turns rows of a GQA-format `datasets.Dataset` into training batches with the real processor."""
+
+    def __init__(self, processor, dataset) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.dataset = dataset
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.dataset.select(indices)
+        images = [image.convert("RGB") for image in rows["image"]]
+        encoded = self.processor(
+            images=images, text=[prompt_of(q) for q in rows["question"]], return_tensors="pt", padding=True
+        )
+        answers = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                   for a in rows["answer"]]
+        width = max(len(a) for a in answers)
+        pad = self.tokenizer.pad_token_id
+        answer_ids = torch.tensor([a + [pad] * (width - len(a)) for a in answers])
+        answer_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers])
+        input_ids = torch.cat([encoded["input_ids"], answer_ids], dim=1)
+        attention_mask = torch.cat([encoded["attention_mask"], answer_mask], dim=1)
+        prompt_len = encoded["input_ids"].shape[1]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+            "pixel_values": encoded["pixel_values"],
+            "answer_ids": answer_ids,
+            "answer_mask": answer_mask.bool(),
+            "answer_start": torch.tensor(prompt_len - 1),
+        }
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits `[B, A, V]` predicting each answer token (from the position before it)."""
+    hidden = model.model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        pixel_values=batch["pixel_values"],
+    ).last_hidden_state
+    start = int(batch["answer_start"])
+    width = batch["answer_ids"].shape[1]
+    return model.lm_head(hidden[:, start : start + width])
+
+
+def first_token_accuracy(model, batcher: Batcher, indices: list[int], batch_size: int = 128) -> float:
+    """Share of questions whose whole answer is predicted greedily under teacher forcing (fast proxy)."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            batch = batcher(indices[start : start + batch_size])
+            predicted = answer_logits(model, batch).argmax(-1)
+            right = (predicted == batch["answer_ids"]) | ~batch["answer_mask"]
+            correct += int(right.all(-1).sum())
+    model.train()
+    return correct / max(1, len(indices))
+
+
+def train(config: TrainConfig) -> Path:
+    """Train and save the model to `config.out`; returns the folder."""
+    from mmscope.data.synthetic import load_synthetic, synthesize
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    started = time.time()
+    world = Path(config.data) if config.data else out.parent / f"{out.name}-world"
+    if not config.data:
+        synthesize(world, config.n_scenes, seed=config.seed, image_size=config.spec.image_size)
+    train_rows = load_synthetic(world, "train")
+    val_rows = load_synthetic(world, "val")
+    corpus = list(train_rows["question"]) + list(train_rows["answer"])
+    tokenizer = build_word_tokenizer(corpus)
+    model, processor = build_llava(tokenizer, config.spec, seed=config.seed)
+    model.train()
+    batcher, val_batcher = Batcher(processor, train_rows), Batcher(processor, val_rows)
+    val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / config.warmup)
+        * 0.5 * (1 + math.cos(math.pi * min(1.0, step / config.steps))),
+    )
+    run = _wandb_run(config) if config.wandb else None
+    order: list[int] = []
+    history = []
+    progress = tqdm(range(config.steps), desc="training", unit="step")
+    for step in progress:
+        if len(order) < config.batch_size:
+            order += random.sample(range(len(train_rows)), len(train_rows))
+        indices, order = order[: config.batch_size], order[config.batch_size :]
+        batch = batcher(indices)
+        logits = answer_logits(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]], batch["answer_ids"][batch["answer_mask"]])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+        record = {"step": step + 1, "loss": loss.item(), "lr": schedule.get_last_lr()[0]}
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            record["val_accuracy"] = first_token_accuracy(model, val_batcher, val_indices)
+            progress.write(f"step {step + 1}: loss {loss.item():.4f}  val accuracy {record['val_accuracy']:.3f}")
+        history.append(record)
+        if run is not None:
+            run.log(record, step=step + 1)
+    model.eval()
+    save_llava(model, processor, out)
+    shutil.copy(world / "world.json", out / "world.json")  # how to regenerate the data, held-out split included
+    summary = {
+        "config": {**asdict(config), "spec": asdict(config.spec)},
+        "minutes": (time.time() - started) / 60,
+        "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_val_accuracy": history[-1].get("val_accuracy"),
+        "world": str(world),
+    }
+    (out / "training.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
+    if run is not None:
+        run.summary.update({k: v for k, v in summary.items() if k != "config"})
+        run.finish()
+    return out
+
+
+def _wandb_run(config: TrainConfig):
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+    return wandb.init(project="mmscope", job_type="train", config={**asdict(config), "spec": asdict(config.spec)},
+                      dir=config.out)
