@@ -28,9 +28,20 @@ from transformers import (
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 
 from mmscope.models.build import build_word_tokenizer
+from mmscope.models.qwen2_vl import QWEN_CHAT
 
 WORDS = "is the cube sphere cylinder red blue green yes no left right what color of object this".split()
 QUESTIONS = ("Is the cube red or blue?", "What color is this object of the cube left of the sphere?")
@@ -127,6 +138,58 @@ def build_llava_next(folder: Path, seed: int = 0) -> Path:
         num_additional_image_tokens=1,
     )
     return save(model, processor, folder)
+
+
+# --- Qwen2-VL, Qwen2.5-VL, Qwen3-VL -------------------------------------------------------------------------------
+QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_MODELS = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor),
+}
+
+
+def qwen_vision_config(kind: str) -> dict:
+    """4-px patches merged 2x2; 32-wide, 2-block vision towers (windowed / deepstack variants kept)."""
+    common = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if kind == "qwen2_vl":
+        return dict(common, embed_dim=32, hidden_size=32, mlp_ratio=2)
+    if kind == "qwen2_5_vl":
+        return dict(common, hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16,
+                    fullatt_block_indexes=[1])
+    return dict(common, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=64,
+                deepstack_visual_indexes=[0])
+
+
+def build_qwen(kind: str, folder: Path, seed: int = 0) -> Path:
+    """A Qwen-VL model of `kind`, its PIL image processor and tokenizer (the processor class is built from them
+    when loaded; without torchvision it is built without its video processor)."""
+    config_class, model_class, _ = QWEN_MODELS[kind]
+    template = "".join(text for _, text in QWEN_CHAT.parts)
+    tokenizer = word_tokenizer([template, *QUESTIONS], QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    )
+    if kind == "qwen3_vl":
+        text["head_dim"] = 8
+    config = config_class(
+        text_config=text, vision_config=qwen_vision_config(kind), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, patch_size=4, merge_size=2, temporal_patch_size=2
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 # --- the oracle -------------------------------------------------------------------------------------------------

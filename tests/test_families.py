@@ -8,6 +8,7 @@ normal output. Family-specific tests check what is particular to each layout (ti
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +18,7 @@ from families import (
     QUESTIONS,
     Family,
     build_llava_next,
+    build_qwen,
     forward_with_hooks,
     knockout_logits,
     pairs,
@@ -29,8 +31,16 @@ import mmscope
 from mmscope.interventions import ActivationPatch, Knockout, Truncate
 
 TOLERANCE = 1e-6
+def language_layers(model):
+    return model.model.language_model.layers
+
+
 FAMILIES = {
-    "llava_next": Family("llava_next", build_llava_next, layers=lambda m: m.model.language_model.layers),
+    "llava_next": Family("llava_next", build_llava_next, layers=language_layers),
+    **{
+        kind: Family("qwen_vl", functools.partial(build_qwen, kind), layers=language_layers, rope_from_model=True)
+        for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    },
 }
 IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
 
@@ -69,6 +79,11 @@ def loaded(request, tmp_path_factory) -> Loaded:
 @pytest.fixture(scope="session")
 def llava_next(tmp_path_factory) -> Loaded:
     return load_family("llava_next", tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def qwen(request, tmp_path_factory) -> Loaded:
+    return load_family(request.param, tmp_path_factory)
 
 
 def last_probs(logits):
@@ -147,6 +162,14 @@ def test_truncation_at_the_last_layer_equals_the_normal_output(loaded):
     assert torch.equal(model.next_token_probs(batch, [Truncate(model.n_layers - 1)]), model.next_token_probs(batch))
 
 
+def test_greedy_answer_equals_hf_generate(loaded):
+    first, model = loaded.examples[0], loaded.model
+    with torch.no_grad():
+        ids = loaded.plain.generate(**first.inputs, max_new_tokens=3, do_sample=False)
+    expected = model.tokenizer.decode(ids[0, first.seq_len :], skip_special_tokens=True).strip()
+    assert model.generate_answer(first, max_new_tokens=3) == expected
+
+
 # --- LLaVA-NeXT ---------------------------------------------------------------------------------------------------
 def changed_features(model, image, box):
     """Oracle: per image token, how much its patch's processed pixels change when `box` is drawn white on black
@@ -203,3 +226,50 @@ def test_llava_next_boxes_select_patches_in_the_base_and_high_resolution_grids(l
     assert got & set(layout["image_base"]) and got & set(layout["image_grid"])
     assert not got & set(layout["image_newline"])
     assert sorted(layout["object"] + layout["other_patches"] + layout["image_newline"]) == layout["image"]
+
+
+# --- Qwen2-VL, Qwen2.5-VL, Qwen3-VL ----------------------------------------------------------------------------
+def test_qwen_placeholder_markers_and_model_computed_positions(qwen):
+    model, batch = qwen.model, qwen.examples[2]
+    for row in range(len(batch)):
+        layout = batch.layouts[row]
+        assert words(model, batch, row, "image_markers") == ["<|vision_start|>", "<|vision_end|>"]
+        assert layout["image_markers"] == [layout["image"][0] - 1, layout["image"][-1] + 1]
+        assert layout["image"] == list(range(layout["image"][0], layout["image"][-1] + 1))
+    assert "position_ids" not in model.model_inputs(batch), "the model computes its 3D rotary positions itself"
+    assert torch.equal(batch.inputs["mm_token_type_ids"][0, batch.layouts[0]["image"]], torch.ones(20, dtype=torch.long))
+    assert (batch.inputs["mm_token_type_ids"][0, : batch.padding[0]] == 0).all()
+
+
+def merged_block_change(model, image, box):
+    """Oracle: per merged block (= image token), the largest change of its processed pixels when `box` is drawn
+    white on black; the processor emits patches block by block, `merge**2` consecutive patches per token."""
+    blank = Image.new("RGB", image.size, (0, 0, 0))
+    drawn = blank.copy()
+    x, y, w, h = box
+    drawn.paste((255, 255, 255), (int(x), int(y), int(x + w), int(y + h)))
+    processor = model.processor.image_processor
+    before = processor(blank, return_tensors="pt")["pixel_values"]
+    after = processor(drawn, return_tensors="pt")["pixel_values"]
+    per_patch = (after - before).abs().amax(-1)
+    return per_patch.view(-1, processor.merge_size**2).amax(-1)
+
+
+@pytest.mark.parametrize("size", [(40, 30), (30, 50)])
+@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+def test_qwen_boxes_select_the_merged_blocks_they_cover(qwen, size, where):
+    model = qwen.model
+    width, height = size
+    box = {
+        "top-left": (0, 0, 12, 9),
+        "bottom-right": (width - 12, height - 9, 12, 9),
+        "centre": (width / 2 - 7, height / 2 - 6, 14, 12),
+    }[where]
+    image = scene(width, height)
+    layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
+    change = merged_block_change(model, image, box)
+    image_positions = torch.tensor(layout["image"])
+    assert len(change) == len(image_positions)
+    strongly, at_all = image_positions[change > 0.5].tolist(), image_positions[change > 1e-3].tolist()
+    assert set(strongly) <= set(layout["object"]) <= set(at_all)
+    assert sorted(layout["object"] + layout["other_patches"]) == layout["image"]

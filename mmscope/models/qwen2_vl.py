@@ -1,0 +1,89 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic resolution, merged patches, multimodal rotary positions.
+
+The image is resized (aspect kept) so both sides are multiples of `patch_size * merge_size` within a pixel
+budget, cut into `patch_size` patches, and every `merge_size x merge_size` block of patches becomes one
+language-model token. The prompt carries `<|vision_start|><|image_pad|><|vision_end|>`; the processor repeats
+`<|image_pad|>` once per merged block, in row-major order of the merged grid (`image_grid_thw / merge`).
+
+Position ids are three-dimensional (time, row, column for image tokens; equal for text) and computed by the
+model from `input_ids`, `mm_token_type_ids` and `image_grid_thw` — with left padding handled through the
+attention mask — so the adapter passes none. Qwen3-VL also adds "deepstack" visual features to the image
+positions after its first decoder layers; `ctx.residual(layer)` is the layer's output before that addition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+from mmscope.models.adapter import Adapter, register
+from mmscope.prompts import IMAGE, QUESTION, PromptTemplate
+
+QWEN_CHAT = PromptTemplate(
+    (
+        ("roles", "<|im_start|>system\n"),
+        ("system", "You are a helpful assistant."),
+        (None, "<|im_end|>\n"),
+        ("roles", "<|im_start|>user\n"),
+        ("image", IMAGE),
+        ("question", QUESTION),
+        (None, "<|im_end|>\n"),
+        ("roles", "<|im_start|>assistant\n"),
+    )
+)
+
+
+def image_only(processor_class: type) -> type:
+    """`processor_class` that accepts `video_processor=None`.
+
+    The Qwen-VL processors take a video processor, which transformers can only build with torchvision. The
+    image path never touches it, so without torchvision we run the real processor class — its own placeholder
+    expansion, token-type ids and offsets — with no video processor rather than re-implementing it.
+    """
+
+    class ImageOnly(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
+    return ImageOnly
+
+
+@register("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+@dataclass(frozen=True)
+class QwenVLAdapter(Adapter):
+    family: str = "qwen_vl"
+    template: PromptTemplate = QWEN_CHAT
+    sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+    def placeholder(self, processor) -> str:
+        return f"<|vision_start|>{processor.image_token}<|vision_end|>"
+
+    def load_processor(self, source: str):
+        try:
+            return AutoProcessor.from_pretrained(source)
+        except ImportError:  # no torchvision: the video processor cannot be built
+            processor_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(source))]
+            return image_only(processor_class)(
+                image_processor=AutoImageProcessor.from_pretrained(source),
+                tokenizer=AutoTokenizer.from_pretrained(source),
+                video_processor=None,
+            )
+
+    def position_ids(self, attention_mask: torch.Tensor) -> None:
+        return None
+
+    def patch_rectangles(self, processor, model, image, inputs) -> torch.Tensor:
+        """Rectangles of the merged blocks: the image is resized (no crop, no pad) to the patch grid."""
+        _, rows, cols = inputs["image_grid_thw"][0].tolist()
+        patch, merge = processor.image_processor.patch_size, processor.image_processor.merge_size
+        block_x, block_y = image.width / (cols * patch) * patch * merge, image.height / (rows * patch) * patch * merge
+        r, c = torch.meshgrid(torch.arange(rows // merge), torch.arange(cols // merge), indexing="ij")
+        corners = torch.stack([c * block_x, r * block_y, (c + 1) * block_x, (r + 1) * block_y]).double()
+        return rearrange(corners, "xy rows cols -> (rows cols) xy")
