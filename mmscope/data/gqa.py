@@ -19,6 +19,7 @@ central objects and the options of choose questions come from the semantic progr
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -211,3 +212,19 @@ def warn_unknown_boxes(dataset: Dataset, scene_graphs: Path) -> None:
             f"scene graph of their image in {scene_graphs}; those boxes are unknown ([])",
             stacklevel=3,
         )
+
+
+def count_answers(questions: str | Path) -> dict[str, Counter]:
+    """Answer counts per category of a GQA questions file, streamed (no Dataset is built).
+
+    Questions outside the six categories are counted under "(other)".
+    """
+    path = existing_file(questions, "questions file")
+    counts: dict[str, Counter] = {}
+    for question_id, record in iter_json_object(path, "questions file"):
+        if not isinstance(record, dict):
+            raise MalformedFileError(f"questions file {path}, question {question_id!r}: expected a record, "
+                                     f"found {type(record).__name__}")
+        category = category_of(str((record.get("types") or {}).get("detailed") or "")) or "(other)"
+        counts.setdefault(category, Counter())[str(record.get("answer") or "").strip().lower()] += 1
+    return counts

@@ -1,0 +1,327 @@
+"""The synthetic world: GQA layout, answers re-derived from the scene graphs, balance, splits, images, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from data_fixtures import synthetic_world
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmscope.data import CATEGORIES, load_synthetic, synthesize
+from mmscope.data.errors import DataError, DataFileNotFoundError
+
+STUDY_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gqa_cmif"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthetic_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def vocabulary(world):
+    return json.loads(world.world.read_text())["vocabulary"]
+
+
+@pytest.fixture(scope="module")
+def graphs(world):
+    return {split: json.loads(path.read_text()) for split, path in world.scene_graphs.items()}
+
+
+@pytest.fixture(scope="module")
+def rows(world):
+    return {split: list(load_synthetic(world.root, split)) for split in world.questions}
+
+
+# ----------------------------------------------------------------- an independent answer oracle
+#
+# Each template is parsed from the question text and answered from the scene-graph JSON alone.
+
+
+def kind_of(value, vocabulary):
+    return next(kind for kind, plural in (("color", "colors"), ("size", "sizes"), ("material", "materials"))
+                if value in vocabulary[plural])
+
+
+def centre(obj):
+    return obj["x"] + obj["w"] / 2, obj["y"] + obj["h"] / 2
+
+
+def the(objects, name):
+    (obj,) = [o for o in objects if o["name"] == name]
+    return obj
+
+
+def described(objects, words):
+    (obj,) = [o for o in objects if set(words.split()) <= set(o["attributes"])]
+    return obj
+
+
+def pick(options, truth):
+    assert sum(o == truth for o in options) == 1, (options, truth)
+    return truth
+
+
+def oracle(question, graph, vocabulary):
+    """(answer, names of the objects the question is about) computed from the scene graph."""
+    objects = list(graph["objects"].values())
+    size = graph["width"]
+    patterns = [
+        (r"Is the (\w+) (?:made of )?(\w+) or (\w+)\?",
+         lambda o, a, b: (pick([a, b], next(x for x in the(objects, o)["attributes"] if x in (a, b))), [o])),
+        (r"What (?:color|size|material) is the (\w+), (\w+) or (\w+)\?",
+         lambda o, a, b: (pick([a, b], next(x for x in the(objects, o)["attributes"] if x in (a, b))), [o])),
+        (r"(?:What is this, a|Is this a) (\w+) or a (\w+)\?",
+         lambda a, b: (len(objects) == 1 and pick([a, b], objects[0]["name"]), ["this"])),
+        (r"(?:What is|Which shape is) the ([\w ]+) object, a (\w+) or a (\w+)\?",
+         lambda d, a, b: (pick([a, b], described(objects, d)["name"]), ["object"])),
+        (r"Is the (\w+) to the (left|right) or to the (left|right) of the (\w+)\?",
+         lambda s, a, b, r: (horizontal(the(objects, s), the(objects, r), size), [s, r])),
+        (r"Is the (\w+) (above|below) or (above|below) the (\w+)\?",
+         lambda s, a, b, r: (vertical(the(objects, s), the(objects, r), size), [s, r])),
+        (r"What do (?:both )?the (\w+) and the (\w+) have in common\?",
+         lambda a, b: (common(the(objects, a), the(objects, b), vocabulary), [a, b])),
+        (r"Is there a (\w+) or a (\w+) that is (?:made of )?(\w+)\?",
+         lambda a, b, v: (exists(objects, a, b, v), [a, b])),
+        (r"Are there any (\w+)s or (\w+)s that are (?:made of )?(\w+)\?",
+         lambda a, b, v: (exists(objects, a, b, v), [a, b])),
+        (r"(?:On which side (?:of the (?:photo|image) )?is the (\w+)|Which side of the image is the (\w+) on)\?",
+         lambda o1, o2: (image_side(the(objects, o1 or o2), size), [o1 or o2])),
+        (r"(?:What (color|size) is the (\w+)|What is the (color|size) of the (\w+))\?",
+         lambda k1, o1, k2, o2: (next(x for x in the(objects, o1 or o2)["attributes"]
+                                      if kind_of(x, vocabulary) == (k1 or k2)), [o1 or o2])),
+        (r"(?:What is the (\w+) made of|What material is the (\w+))\?",
+         lambda o1, o2: (next(x for x in the(objects, o1 or o2)["attributes"] if x in vocabulary["materials"]),
+                         [o1 or o2])),
+        (r"(?:What shape is|What is the shape of) the ([\w ]+) object\?",
+         lambda d: (described(objects, d)["name"], ["object"])),
+    ]
+    for pattern, answer in patterns:
+        match = re.fullmatch(pattern, question)
+        if match:
+            return answer(*match.groups())
+    raise AssertionError(f"no template matches {question!r}")
+
+
+def horizontal(subject, reference, size):
+    dx = centre(subject)[0] - centre(reference)[0]
+    assert abs(dx) >= 0.1 * size, "left/right asked about a near tie"
+    return "left" if dx < 0 else "right"
+
+
+def vertical(subject, reference, size):
+    dy = centre(subject)[1] - centre(reference)[1]
+    assert abs(dy) >= 0.1 * size, "above/below asked about a near tie"
+    return "above" if dy < 0 else "below"
+
+
+def common(first, second, vocabulary):
+    (shared,) = set(first["attributes"]) & set(second["attributes"])
+    return kind_of(shared, vocabulary)
+
+
+def exists(objects, first, second, value):
+    return "yes" if any(o["name"] in (first, second) and value in o["attributes"] for o in objects) else "no"
+
+
+def image_side(obj, size):
+    offset = centre(obj)[0] - size / 2
+    assert abs(offset) >= 0.1 * size, "side of the image asked about an object near the middle"
+    return "left" if offset < 0 else "right"
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_files_are_written_in_the_official_gqa_layout(world):
+    root = world.root
+    for split in ("train", "val", "test"):
+        assert world.questions[split] == root / "questions" / f"{split}_balanced_questions.json"
+        assert world.scene_graphs[split] == root / "sceneGraphs" / f"{split}_sceneGraphs.json"
+    assert len(list((root / "images").glob("*.jpg"))) == 240
+    meta = json.loads(world.world.read_text())
+    assert meta["vocabulary"] == {"shapes": ["cube", "sphere", "cylinder", "cone"],
+                                  "colors": ["red", "green", "blue", "yellow", "purple", "gray"],
+                                  "sizes": ["small", "large"], "materials": ["metal", "rubber"]}
+    record = next(iter(json.loads(world.questions["train"].read_text()).values()))
+    assert {"imageId", "question", "answer", "fullAnswer", "types", "annotations", "semantic",
+            "semanticStr"} <= set(record)
+    assert set(record["types"]) == {"structural", "semantic", "detailed"}
+
+
+def test_every_answer_rederived_from_the_scene_graph_matches(rows, graphs, vocabulary):
+    checked = 0
+    for split, split_rows in rows.items():
+        for row in split_rows:
+            answer, names = oracle(row["question"], graphs[split][row["image_id"]], vocabulary)
+            assert row["answer"] == answer, row["question"]
+            assert row["object_names"] == names, row["question"]
+            checked += 1
+    assert checked > 1500
+
+
+def test_object_boxes_are_the_scene_graph_boxes_of_the_named_objects(rows, graphs):
+    for split, split_rows in rows.items():
+        for row in split_rows:
+            objects = graphs[split][row["image_id"]]["objects"]
+            for object_id, box in zip(row["object_ids"], row["object_boxes"], strict=True):
+                if object_id:
+                    obj = objects[object_id]
+                    assert box == [obj["x"], obj["y"], obj["w"], obj["h"]]
+                else:  # LogicalObj may name a shape the scene lacks
+                    assert box == [] and row["category"] == "LogicalObj"
+            assert (row["image_width"], row["image_height"]) == (96, 96)
+
+
+def test_all_six_categories_appear_in_every_split_and_extras_have_no_category(rows):
+    for split_rows in rows.values():
+        counts = Counter(row["category"] for row in split_rows)
+        assert set(counts) == {*CATEGORIES, None}
+        assert max(counts.values()) - min(counts.values()) <= 0.1 * max(counts.values())
+    extras = {row["detailed_type"] for split_rows in rows.values() for row in split_rows if row["category"] is None}
+    assert extras == {"directOf", "material"}
+
+
+def test_binary_answers_are_balanced_in_every_split(rows):
+    for split_rows in rows.values():
+        groups = defaultdict(Counter)
+        for row in split_rows:
+            if row["category"] in ("LogicalObj", "QueryAttr"):
+                groups[row["category"]][row["answer"]] += 1
+            if row["category"] == "ChooseRel":
+                groups["ChooseRel " + ("horizontal" if "left" in row["question"] else "vertical")][row["answer"]] += 1
+        assert len(groups) == 4
+        for name, answers in groups.items():
+            assert len(answers) == 2 and max(answers.values()) / answers.total() <= 0.55, (name, answers)
+
+
+def test_multi_valued_answers_are_even(rows):
+    answers = defaultdict(Counter)
+    for row in rows["train"]:
+        answers[row["category"]][row["answer"]] += 1
+    assert set(answers["ChooseCat"]) == {"cube", "sphere", "cylinder", "cone"}
+    assert max(answers["ChooseCat"].values()) / answers["ChooseCat"].total() <= 0.3
+    assert set(answers["CompareAttr"]) == {"color", "size", "material"}
+    assert max(answers["CompareAttr"].values()) / answers["CompareAttr"].total() <= 0.38
+
+
+def test_choose_questions_answer_the_true_option_and_its_position_is_balanced(rows):
+    first = Counter()
+    for row in rows["train"]:
+        if row["category"] in ("ChooseAttr", "ChooseCat", "ChooseRel"):
+            assert row["answer"] == row["true_option"] != row["false_option"]
+            words = re.findall(r"\w+", row["question"])
+            true_at, false_at = words.index(row["true_option"]), words.index(row["false_option"])
+            first[row["category"], true_at < false_at] += 1
+    for category in ("ChooseAttr", "ChooseCat", "ChooseRel"):
+        share = first[category, True] / (first[category, True] + first[category, False])
+        assert 0.45 <= share <= 0.55, (category, share)
+
+
+def test_the_question_text_never_contains_the_answer_of_an_open_question(rows):
+    for split_rows in rows.values():
+        for row in split_rows:
+            if row["true_option"] is None:
+                assert row["answer"] not in re.findall(r"\w+", row["question"].lower()), row["question"]
+
+
+def test_the_wording_of_a_binary_question_does_not_predict_its_answer(rows):
+    """Group questions by their wording with the vocabulary masked: no template leans to one answer."""
+    mask = re.compile(r"\b(cubes?|spheres?|cylinders?|cones?|red|green|blue|yellow|purple|gray|small|large|metal|"
+                      r"rubber)\b")
+    by_template = defaultdict(Counter)
+    for split_rows in rows.values():
+        for row in split_rows:
+            if row["category"] in ("LogicalObj", "QueryAttr"):
+                by_template[mask.sub("_", row["question"])][row["answer"]] += 1
+    assert len(by_template) >= 6
+    for template, answers in by_template.items():
+        if answers.total() >= 40:
+            assert max(answers.values()) / answers.total() <= 0.65, (template, answers)
+
+
+def test_splits_share_no_scene_and_no_question(world, rows, graphs):
+    images = {split: set(graph) for split, graph in graphs.items()}
+    assert sorted(len(ids) for ids in images.values()) == [24, 24, 192]
+    assert not (images["train"] & images["val"] or images["train"] & images["test"] or images["val"] & images["test"])
+    for split, split_rows in rows.items():
+        assert {row["image_id"] for row in split_rows} <= images[split]
+    question_ids = [row["question_id"] for split_rows in rows.values() for row in split_rows]
+    assert len(question_ids) == len(set(question_ids))
+    assert all(re.fullmatch(r"\d{8}", qid) for qid in question_ids) and "00000000" in question_ids
+
+
+def test_objects_are_large_separate_and_inside_the_image(graphs):
+    for graph in (g for split in graphs.values() for g in split.values()):
+        boxes = [(o["x"], o["y"], o["w"], o["h"]) for o in graph["objects"].values()]
+        names = [o["name"] for o in graph["objects"].values()]
+        assert 1 <= len(boxes) <= 4 and len(set(names)) == len(names)
+        for i, (x, y, w, h) in enumerate(boxes):
+            assert w >= 16 and 0 <= x and x + w <= 96 and 0 <= y and y + h <= 96
+            for (x2, y2, w2, h2) in boxes[i + 1 :]:
+                assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y, "overlapping objects"
+
+
+def test_images_show_each_object_in_its_colour_inside_its_box(world, graphs):
+    rgb = json.loads(world.world.read_text())["colors_rgb"]
+    for image_id, graph in list(graphs["val"].items())[:12]:
+        image = Image.open(world.images / f"{image_id}.jpg").convert("RGB")
+        assert image.size == (96, 96)
+        for obj in graph["objects"].values():
+            color = next(a for a in obj["attributes"] if a in rgb)
+            crop = image.crop((obj["x"], obj["y"], obj["x"] + obj["w"], obj["y"] + obj["h"]))
+            near = Counter(name for pixel in crop.getdata() for name, value in rgb.items()
+                           if sum(abs(p - q) for p, q in zip(pixel, value)) < 60)
+            assert near.most_common(1)[0][0] == color, (image_id, obj["name"], color, near)
+            assert near[color] >= 0.15 * obj["w"] * obj["h"], (image_id, obj["name"], color, near)
+
+
+def test_the_same_seed_writes_the_same_files_and_another_seed_does_not(tmp_path):
+    first = synthesize(tmp_path / "a", 12, seed=5, image_size=64, workers=1, progress=False)
+    again = synthesize(tmp_path / "b", 12, seed=5, image_size=64, workers=2, progress=False)
+    other = synthesize(tmp_path / "c", 12, seed=6, image_size=64, workers=1, progress=False)
+    for split in ("train", "val", "test"):
+        assert first.questions[split].read_bytes() == again.questions[split].read_bytes()
+        assert first.scene_graphs[split].read_bytes() == again.scene_graphs[split].read_bytes()
+    assert [p.read_bytes() for p in sorted(first.images.iterdir())] == [
+        p.read_bytes() for p in sorted(again.images.iterdir())]
+    assert first.questions["train"].read_bytes() != other.questions["train"].read_bytes()
+    assert Image.open(next(first.images.iterdir())).size == (64, 64)
+
+
+def test_refuses_to_overwrite_and_rejects_bad_settings(tmp_path, world):
+    with pytest.raises(DataError, match=r"already holds questions, sceneGraphs, images, world.json; pass overwrite"):
+        synthesize(world.root, 10, progress=False)
+    with pytest.raises(DataError, match=r"split fractions must be positive and sum to 1"):
+        synthesize(tmp_path / "w", 10, splits=(("train", 0.9), ("val", 0.2)), progress=False)
+    with pytest.raises(DataError, match=r"n_scenes=3 is too few for splits"):
+        synthesize(tmp_path / "w", 3, splits=(("train", 0.9), ("val", 0.05), ("test", 0.05)), progress=False)
+
+
+def test_load_synthetic_names_unknown_splits_and_non_worlds(tmp_path, world):
+    with pytest.raises(DataError, match=r"unknown split 'dev' .*; known: train, val, test"):
+        load_synthetic(world.root, "dev")
+    with pytest.raises(DataFileNotFoundError, match=r"is not a synthetic world: .*world.json is missing"):
+        load_synthetic(tmp_path, "train")
+
+
+def test_cli_synth_prints_counts_balance_and_time_and_show_counts_folders(tmp_path):
+    from mmscope.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "w"), "--n-scenes", "20", "--seed", "1",
+                                 "--image-size", "64", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"category\s+train\s+val\s+test\s+commonest answer", result.output)
+    assert re.search(r"LogicalObj\s+\d+\s+\d+\s+\d+\s+(yes|no) \d+\.\d%", result.output)
+    assert re.search(r"questions about 20 images written to .* in \d+\.\d s", result.output)
+    shown = runner.invoke(app, ["data", "show", str(tmp_path / "w"), "--split", "val"])
+    assert shown.exit_code == 0 and "val_balanced_questions.json" in shown.output
+    study = runner.invoke(app, ["data", "show", str(STUDY_FOLDER)])
+    assert re.search(r"ChooseRel\s+964\b", study.output) and re.search(r"total\s+5525\b", study.output)
+    assert runner.invoke(app, ["data", "synth", "--help"]).exit_code == 0
