@@ -15,10 +15,14 @@ therefore sweeps a centred window of k layers (`knockout_window`) over the whole
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mmscope.errors import InterventionError
 from mmscope.interventions.base import Context, Group, Intervention, as_group, as_layers
 from mmscope.interventions.masks import block, pair_mask
+
+if TYPE_CHECKING:
+    from mmscope.inputs import Example
 
 
 def knockout_window(center: int, k: int, n_layers: int) -> tuple[int, ...]:
@@ -63,3 +67,8 @@ class Knockout(Intervention):
         blocked = pair_mask(ctx.example, self.target, self.source, self.keep_self)
         for layer in sorted(self.layers):
             ctx.edit_attention_mask(layer, lambda mask: block(mask, blocked, self.heads, ctx.n_heads))
+
+    def affected_from(self, example: Example) -> int:
+        """The earliest target position: only targets' attention changes, and earlier positions never read them."""
+        targets = [example.positions(self.target, row) for row in range(len(example))]
+        return min((int(found.min()) for found in targets if len(found)), default=example.seq_len)

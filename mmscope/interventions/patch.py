@@ -13,9 +13,13 @@ to the stream). The group must have as many positions in the source row as in ea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mmscope.errors import InterventionError
 from mmscope.interventions.base import SITES, Context, Group, Intervention, as_group, as_layers
+
+if TYPE_CHECKING:
+    from mmscope.inputs import Example
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class ActivationPatch(Intervention):
         rows = range(ctx.batch_size)
         if self.source_row not in rows:
             raise InterventionError(f"source_row {self.source_row} not in a batch of {ctx.batch_size}")
-        targets = self.target_rows if self.target_rows is not None else [r for r in rows if r != self.source_row]
+        targets = self._targets(ctx.batch_size)
         source = ctx.row_positions(self.positions, self.source_row)
         for layer in sorted(self.layers):
             activation = ctx.site(self.site, layer)
@@ -53,3 +57,17 @@ class ActivationPatch(Intervention):
                         f"but {len(destination)} in row {row}"
                     )
                 activation[row, destination] = value
+
+    def _targets(self, batch_size: int) -> list[int]:
+        if self.target_rows is not None:
+            return list(self.target_rows)
+        return [row for row in range(batch_size) if row != self.source_row]
+
+    def affected_from(self, example: Example) -> int:
+        """The earliest patched position, in the source row (read) or a target row (written); no target rows:
+        nothing changes."""
+        targets = self._targets(len(example))
+        if not targets:
+            return example.seq_len
+        touched = [example.positions(self.positions, row) for row in (self.source_row, *targets)]
+        return min((int(found.min()) for found in touched if len(found)), default=example.seq_len)
