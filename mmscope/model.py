@@ -245,8 +245,7 @@ class Model:
         """`example` with `tokens [B, n]` appended to every row (layout, and so "last", unchanged)."""
         inputs = dict(example.inputs)
         for key in self.adapter.sequence_keys:
-            # appended tokens are attended text: mask 1, token types and image-position masks 0
-            fill = tokens if key == "input_ids" else torch.full_like(tokens, int(key == "attention_mask"))
+            fill = tokens if key == "input_ids" else torch.full_like(tokens, self.adapter.appended_value(key))
             inputs[key] = torch.cat([inputs[key], fill.to(inputs[key].dtype)], dim=1)
         return Example(inputs, example.layouts, example.prompts, example.padding, example.meta)
 
@@ -261,15 +260,25 @@ class Model:
         at each row's last prompt position, `[B, V]`, float32)."""
         ctx = Context(self, example)
         readout = readout or self._last_logits
-        inputs = self.model_inputs(example)
+        applied = [(intervention, ctx) for intervention in interventions]
+        return self.run_inputs(self.model_inputs(example), applied, lambda: readout(ctx))
+
+    def run_inputs(
+        self,
+        inputs: dict,
+        applied: Sequence[tuple[Intervention, Context]],
+        readout: Callable[[], object],
+    ):
+        """The trace behind `run`, over raw forward `inputs` (a suffix pass passes `inputs_embeds` and a cache):
+        each intervention applies through its own context in its own invoke, in order; returns `readout()`."""
         with torch.no_grad(), self.envoy.trace() as tracer:
             with tracer.invoke(**inputs):
                 pass
-            for intervention in interventions:
+            for intervention, ctx in applied:
                 with tracer.invoke():
                     intervention.apply(ctx)
             with tracer.invoke():
-                result = nnsight.save(readout(ctx))
+                result = nnsight.save(readout())
         return result
 
     def _last_logits(self, ctx: Context) -> torch.Tensor:
