@@ -78,6 +78,11 @@ class Adapter:
         """Extra named groups `name -> positions [n]` within the image tokens (e.g. tiles, row newlines)."""
         return {}
 
+    def appended_value(self, key: str) -> int:
+        """Value of the `[B, T]` input `key` (one of `sequence_keys`) at tokens appended after the prompt, such as
+        a teacher-forced answer: 1 in the attention mask, 0 (text) in token types and image-position masks."""
+        return int(key == "attention_mask")
+
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Position ids for a left-padded batch, so padding does not shift positions (None: the model's own)."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
