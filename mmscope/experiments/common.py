@@ -18,7 +18,7 @@ from mmscope.model import Model
 
 def example_of(model: Model, row: dict) -> Example:
     """The Example of one GQA-format row: its image, question and (when known) the central objects' boxes."""
-    boxes = [tuple(box) for box in row.get("object_boxes") or []]
+    boxes = [tuple(box) for box in row.get("object_boxes") or [] if len(box) == 4]  # [] marks an absent object
     meta = {key: row.get(key) for key in ("question_id", "image_id", "category", "answer")}
     return model.prepare(row["image"].convert("RGB"), row["question"], boxes=boxes or None, meta=meta)
 

@@ -11,7 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from mmscope.data import CATEGORIES, load_synthetic, synthesize
+from mmscope.data import load_gqa, load_study_csvs, load_synthetic, synthesize
+from mmscope.data.categories import check_categories
+from mmscope.data.errors import DataFileNotFoundError
 from mmscope.model import EMBEDDED_MODELS, DEFAULT_MODEL
 
 
@@ -28,10 +30,38 @@ def embedded_world(model_name: str = DEFAULT_MODEL) -> Path:
     return folder
 
 
-def evaluation_data(data: Path | None, split: str, limit: int | None = None):
-    """Rows of one split, restricted to the six categories, at most `limit` per category."""
-    dataset = load_synthetic(data or embedded_world(), split)
-    dataset = dataset.filter(lambda category: category in CATEGORIES, input_columns="category")
+def _first_existing(*paths: Path) -> Path | None:
+    return next((path for path in paths if path.exists()), None)
+
+
+def load_questions(data: Path | None, split: str = "test", *, images: Path | None = None,
+                   categories=None, limit: int | None = None):
+    """Questions of the six categories from any supported source, at most `limit` per category.
+
+    `data` may be a synthetic-world folder (with world.json), a GQA folder (questions/, sceneGraphs/, images/ or
+    the files side by side), or the study's CSV folder (with `images` pointing at GQA's images); None means the
+    embedded model's held-out test split.
+    """
+    categories = check_categories(categories)
+    data = Path(data) if data is not None else embedded_world()
+    if not data.is_dir():
+        raise DataFileNotFoundError(f"data folder {str(data)!r} does not exist")
+    if (data / "world.json").exists():
+        dataset = load_synthetic(data, split, categories=categories)
+    elif list(data.glob("GQA_*.csv")):
+        dataset = load_study_csvs(data, images=images, categories=categories)
+    else:
+        questions = _first_existing(*(folder / f"{split}_{kind}_questions.json"
+                                      for folder in (data / "questions", data) for kind in ("balanced", "all")))
+        if questions is None:
+            raise DataFileNotFoundError(
+                f"{data} is neither a synthetic world (world.json), the study's CSV folder (GQA_*.csv), nor a GQA "
+                f"folder with {split}_balanced_questions.json"
+            )
+        scene_graphs = _first_existing(data / "sceneGraphs" / f"{split}_sceneGraphs.json",
+                                       data / f"{split}_sceneGraphs.json")
+        dataset = load_gqa(questions, scene_graphs, images or _first_existing(data / "images"),
+                           categories=categories)
     if limit is not None:
         seen: dict[str, int] = {}
         keep = []
@@ -41,3 +71,22 @@ def evaluation_data(data: Path | None, split: str, limit: int | None = None):
                 keep.append(index)
         dataset = dataset.select(keep)
     return dataset
+
+
+def probe_datasets(data: Path | None, split: str = "test", n_images: int = 300, seed: int = 0) -> dict:
+    """The probing study's two datasets from one split's scene graphs: entailment pairs and object labels,
+    each over the first `n_images` images."""
+    from mmscope.data.probes import entailment_dataset, object_recognition_dataset
+
+    data = Path(data) if data is not None else embedded_world()
+    scene_graphs = _first_existing(data / "sceneGraphs" / f"{split}_sceneGraphs.json",
+                                   data / f"{split}_sceneGraphs.json")
+    if scene_graphs is None:
+        raise DataFileNotFoundError(f"no {split}_sceneGraphs.json in {data} or {data / 'sceneGraphs'}")
+    images = _first_existing(data / "images")
+    objects = object_recognition_dataset(scene_graphs, images)
+    objects = objects.select(range(min(n_images, len(objects))))
+    keep = set(objects["image_id"])
+    entailment = entailment_dataset(scene_graphs, images, seed=seed)
+    entailment = entailment.filter(lambda image_id: image_id in keep, input_columns="image_id")
+    return {"entailment": entailment, "objects": objects}

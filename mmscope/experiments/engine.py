@@ -1,0 +1,210 @@
+"""The sweep engine: every variant of one example, at close to the minimum cost of each.
+
+A sweep asks for the next-token distribution of one prompt under many variants — flows × knockout windows,
+patching sites — each a small set of interventions. Run naively, every variant is a full forward: the vision
+tower and all ~600 image positions of a LLaVA-1.5 prompt, again and again. But an intervention that touches no
+position before p cannot change any position before p (attention is causal), so the clean keys and values of
+that prefix — system prompt and image, about 95% of the sequence — are the same in every such variant.
+
+Per example the engine therefore
+  1. runs the clean pass once: vision tower, every layer's keys and values, the decoder's input embeddings and
+     position ids, and the clean next-token probabilities;
+  2. asks each variant from which position it can change anything (`Intervention.affected_from`; the earliest
+     over its interventions) and groups variants by that start;
+  3. runs each group as batched suffix passes — one row per variant, over positions start…T-1 only, the clean
+     prefix shared by all rows without copies (`SharedPrefixCache`), position ids continuing the prefix's, and
+     each variant's interventions applied through a `Context` restricted to its row — in batches sized to a
+     memory budget;
+  4. runs variants that start inside the image (or claim nothing, start 0) as plain full forwards, one each.
+
+The suffix must lie wholly after the image tokens: some families treat image tokens specially inside the
+decoder (bidirectional blocks, features added after early layers), which a suffix pass would not repeat.
+
+`engine="naive"` is the straightforward reference: one full `Model.run` per variant and one for the clean run.
+Both engines agree to float rounding (the suffix computes in other matrix shapes; ≤1e-6 in probability).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from mmscope.errors import InputError, known
+from mmscope.experiments.shared_prefix import SharedPrefixCache, shared_prefix_attention_in
+from mmscope.inputs import Example
+from mmscope.interventions.base import Context, Intervention
+from mmscope.model import Model
+from mmscope.models.adapter import attribute_path
+
+ENGINES = ("prefix", "naive")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant of a sweep: an opaque `key` (e.g. `("image->last", 12)`) and the interventions it applies."""
+
+    key: tuple
+    interventions: tuple[Intervention, ...]
+
+
+@dataclass
+class CleanRun:
+    """The clean pass of one example and, from the prefix engine, what its suffix passes reuse."""
+
+    probs: torch.Tensor  # [V] next-token probabilities at the last prompt position, float32
+    cache: DynamicCache | None = None  # every layer's keys and values, [1, kv_heads, T, head_dim]
+    embeds: torch.Tensor | None = None  # the decoder's input embeddings (image features in place), [1, T, D]
+    position_ids: torch.Tensor | None = None  # the decoder's position ids, [..., 1, T]
+
+    @property
+    def answer_token(self) -> int:
+        """The clean greedy next token."""
+        return int(self.probs.argmax())
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Variants (indices into the sweep) that run together from position `start`; start 0: one full forward each."""
+
+    start: int
+    variants: tuple[int, ...]
+
+
+def run_variants(
+    model: Model,
+    example: Example,
+    variants: Sequence[Variant],
+    *,
+    engine: str = "prefix",
+    memory_budget_mb: float = 1024,
+    progress: bool = False,
+) -> tuple[CleanRun, torch.Tensor]:
+    """For ONE example (batch of 1): the clean run and next-token probs `[n_variants, V]` at the last prompt
+    position under each variant (float32). `engine="naive"`: one full `model.run` per variant."""
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}; known: {known(ENGINES)}")
+    if len(example) != 1:
+        raise InputError(f"run_variants takes one example (a batch of 1); got a batch of {len(example)}")
+    if not memory_budget_mb > 0:
+        raise InputError(f"memory_budget_mb must be positive; got {memory_budget_mb}")
+    variants = list(variants)
+    bar = tqdm(total=len(variants), desc="variants", unit="variant", disable=not progress, leave=False)
+    if engine == "naive":
+        clean = CleanRun(model.next_token_probs(example))
+        probs = []
+        for variant in variants:
+            probs.append(model.next_token_probs(example, variant.interventions))
+            bar.update()
+        bar.close()
+        return clean, torch.stack(probs) if probs else clean.probs.new_empty(0, len(clean.probs))
+    clean = clean_pass(model, example)
+    probs = clean.probs.new_empty(len(variants), len(clean.probs))
+    for batch in plan(model, example, variants, memory_budget_mb):
+        if batch.start == 0:
+            for index in batch.variants:
+                probs[index] = model.next_token_probs(example, variants[index].interventions)
+        else:
+            chosen = [variants[index] for index in batch.variants]
+            probs[list(batch.variants)] = suffix_pass(model, example, clean, batch.start, chosen)
+        bar.update(len(batch.variants))
+    bar.close()
+    return clean, probs
+
+
+def clean_pass(model: Model, example: Example) -> CleanRun:
+    """One full forward that keeps every layer's keys and values and the decoder's inputs."""
+    cache = DynamicCache(config=model.adapter.text_config(model.hf.config))
+    inputs = {**model.model_inputs(example), "past_key_values": cache, "use_cache": True}
+    decoder = attribute_path(model.envoy, decoder_path(model))
+    lm_head = attribute_path(model.envoy, model.adapter.lm_head)
+    last = last_position(example)
+
+    def readout() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        kwargs = decoder.inputs[1]
+        return kwargs["inputs_embeds"], kwargs.get("position_ids"), lm_head.output[0, last].float()
+
+    embeds, position_ids, logits = model.run_inputs(inputs, [], readout)
+    if position_ids is None:
+        raise InputError(
+            f"the language model at {decoder_path(model)!r} received no position ids, so a suffix pass cannot "
+            "continue them; use engine='naive'"
+        )
+    return CleanRun(logits.softmax(-1), cache, embeds, position_ids)
+
+
+def suffix_pass(model: Model, example: Example, clean: CleanRun, start: int, variants: Sequence[Variant]) -> torch.Tensor:
+    """Next-token probs `[n, V]`: one row per variant over positions `start`…T-1, the clean prefix shared."""
+    rows = len(variants)
+    positions = clean.position_ids[..., start:]
+    inputs = {
+        "inputs_embeds": clean.embeds[:, start:].expand(rows, -1, -1).contiguous(),
+        "attention_mask": example.inputs["attention_mask"].to(model.device).expand(rows, -1),
+        "position_ids": positions.expand(*positions.shape[:-2], rows, positions.shape[-1]),
+        "past_key_values": SharedPrefixCache(clean.cache, start),
+        "use_cache": True,
+    }
+    applied = [
+        (intervention, Context(model, example, rows=slice(row, row + 1), offset=start))
+        for row, variant in enumerate(variants)
+        for intervention in variant.interventions
+    ]
+    lm_head = attribute_path(model.envoy, model.adapter.lm_head)
+    last = last_position(example) - start
+    with shared_prefix_attention_in(model.adapter.text_config(model.hf.config)):
+        logits = model.run_inputs(inputs, applied, lambda: lm_head.output[:, last].float())
+    return logits.softmax(-1)
+
+
+def plan(model: Model, example: Example, variants: Sequence[Variant], memory_budget_mb: float) -> list[Batch]:
+    """Group variants by the position their suffix starts from, in batches that fit `memory_budget_mb`.
+
+    A variant starts at the earliest `affected_from` of its interventions; one that reaches the image tokens
+    (or claims nothing) starts at 0 and runs as a full forward. Later starts come first.
+    """
+    last = last_position(example)
+    image = example.layout.get("image", [])
+    earliest = max(image) + 1 if image else 1
+    starts = {}
+    for index, variant in enumerate(variants):
+        start = min((intervention.affected_from(example) for intervention in variant.interventions), default=last)
+        start = min(start, last)
+        starts.setdefault(start if start >= earliest else 0, []).append(index)
+    batches = []
+    for start in sorted(starts, reverse=True):
+        indices = starts[start]
+        size = len(indices) if start == 0 else rows_within(model, example.seq_len - start, example.seq_len,
+                                                           memory_budget_mb)
+        batches += [Batch(start, tuple(indices[i : i + size])) for i in range(0, len(indices), size)]
+    return batches
+
+
+def rows_within(model: Model, queries: int, keys: int, memory_budget_mb: float) -> int:
+    """How many variant rows of a suffix pass (`queries` positions over `keys`) fit `memory_budget_mb` (≥ 1).
+
+    Per row, an estimate of what a suffix pass holds at its peak: the suffix's keys and values in every layer,
+    one layer's attention scores, float32 weights, their prefix copy and an edited mask, the MLP's and the
+    residual's activations, and the logits.
+    """
+    config = model.adapter.text_config(model.hf.config)
+    size = model.hf.dtype.itemsize
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    cache = model.n_layers * 2 * queries * kv_heads * head_dim * size
+    attention = 3 * config.num_attention_heads * queries * keys * size + config.num_attention_heads * queries * keys * 4
+    activations = queries * (3 * config.intermediate_size + 6 * config.hidden_size) * size
+    logits = queries * config.vocab_size * (size + 4)
+    return max(1, int(memory_budget_mb * 2**20 // (cache + attention + activations + logits)))
+
+
+def last_position(example: Example) -> int:
+    """The last prompt position of a one-row example."""
+    return example.layout["last"][0]
+
+
+def decoder_path(model: Model) -> str:
+    """The language model (decoder) module: the parent of the decoder layers."""
+    return model.adapter.layers.rsplit(".", 1)[0]

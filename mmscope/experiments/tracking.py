@@ -1,0 +1,41 @@
+"""Weights & Biases logging of a finished sweep: config, per-layer curves, figures, and the results table.
+
+Offline unless an API key is configured (`WANDB_MODE=offline` is set for you), so a run always leaves a local
+record under `<run folder>/wandb/` that `wandb sync` can upload later. Curves are logged with the layer as the
+W&B step, one metric per (panel, curve) — e.g. `knockout/ChooseAttr/image->last` — so each is a line chart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def log_run(folder: Path, name: str, config: dict, summary: pd.DataFrame, *, x: str, keys: list[str],
+            figures: list[Path], results: Path | None = None) -> str:
+    """Log one run; returns the local W&B run folder. `keys` name the summary columns a curve is keyed by."""
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    run = wandb.init(project="mmscope", name=name, job_type=config.get("experiment", {}).get("kind", "sweep"),
+                     config=config, dir=str(folder), reinit="finish_previous")
+    try:
+        for step, at_step in summary.groupby(x, sort=True):
+            metrics = {
+                "/".join([name, *(str(part) for part in (key if isinstance(key, tuple) else (key,)))]): row["mean"]
+                for key, row in at_step.set_index(keys).iterrows()
+            }
+            run.log({**metrics, x: step}, step=int(step))
+        run.log({f"figures/{path.stem}": wandb.Image(str(path)) for path in figures})
+        run.log({"summary": wandb.Table(dataframe=summary)})
+        if results is not None:
+            artifact = wandb.Artifact(f"{name}-results", type="results")
+            artifact.add_file(str(results))
+            run.log_artifact(artifact)
+        return run.dir
+    finally:
+        run.finish()
