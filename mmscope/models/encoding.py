@@ -13,6 +13,8 @@ text the processor prepared from it), gives each token its span in the prompt th
 from __future__ import annotations
 
 import difflib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,16 +39,29 @@ class Encoding:
     expanded: torch.Tensor | None = None
 
 
-def prompt_positions(prompt: str, prepared: str) -> list[int]:
+def _atoms(text: str, special_tokens: Sequence[str]) -> list[tuple[int, int]]:
+    """`text` as `[start, end)` atoms: each special token whole, every other character alone."""
+    if not special_tokens:
+        return [(i, i + 1) for i in range(len(text))]
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)) + "|.", re.S)
+    return [match.span() for match in pattern.finditer(text)]
+
+
+def prompt_positions(prompt: str, prepared: str, special_tokens: Sequence[str] = ()) -> list[int]:
     """For each character of `prepared` (the processor's rewrite of `prompt`), its index in `prompt` or -1.
 
-    The processor may only insert text; any other change would make the prompt's spans meaningless.
+    The processor may only insert text; any other change would make the prompt's spans meaningless. Special
+    tokens are aligned whole, so an inserted `<bos>` after `<image>` cannot borrow the image token's `>`.
     """
+    prompt_atoms, prepared_atoms = _atoms(prompt, special_tokens), _atoms(prepared, special_tokens)
     positions = [-1] * len(prepared)
-    matcher = difflib.SequenceMatcher(None, prompt, prepared, autojunk=False)
+    matcher = difflib.SequenceMatcher(
+        None, [prompt[s:e] for s, e in prompt_atoms], [prepared[s:e] for s, e in prepared_atoms], autojunk=False
+    )
     for operation, start, end, prepared_start, prepared_end in matcher.get_opcodes():
         if operation == "equal":
-            positions[prepared_start:prepared_end] = range(start, end)
+            for (s, e), (ps, pe) in zip(prompt_atoms[start:end], prepared_atoms[prepared_start:prepared_end], strict=True):
+                positions[ps:pe] = range(s, e)
         elif operation != "insert":
             raise InputError(
                 f"the processor rewrote the prompt {prompt[:60]!r}… as {prepared[:60]!r}… (not only inserting "
@@ -56,7 +71,7 @@ def prompt_positions(prompt: str, prepared: str) -> list[int]:
 
 
 def token_origins(
-    prompt: str, prepared: str, offsets: torch.Tensor, replacements: list[dict]
+    prompt: str, prepared: str, offsets: torch.Tensor, replacements: list[dict], special_tokens: Sequence[str] = ()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spans `[T, 2]` in `prompt` and expanded flags `[T]` from the processor's offsets.
 
@@ -66,8 +81,9 @@ def token_origins(
         offsets: `[T, 2]` each token's `[start, end)` in the expanded text.
         replacements: the processor's placeholder replacements, each with `span` (in `prepared`) and
             `new_span` (in the expanded text).
+        special_tokens: the tokenizer's added tokens, aligned as wholes.
     """
-    to_prompt = prompt_positions(prompt, prepared)
+    to_prompt = prompt_positions(prompt, prepared, special_tokens)
     replacements = sorted(replacements, key=lambda r: r["new_span"][0])
     spans = torch.zeros(len(offsets), 2, dtype=torch.long)
     expanded = torch.zeros(len(offsets), dtype=torch.bool)
@@ -107,5 +123,6 @@ def encode_with_origins(processor, image, prompt: str) -> Encoding:
     if offsets is None or replacements is None:
         return Encoding(output)
     prepared = processor.prepare_inputs_layout(images=[image], text=[prompt])[1][0]
-    spans, expanded = token_origins(prompt, prepared, offsets[0], replacements[0])
+    special_tokens = list(processor.tokenizer.added_tokens_encoder)
+    spans, expanded = token_origins(prompt, prepared, offsets[0], replacements[0], special_tokens)
     return Encoding(output, spans, expanded)
