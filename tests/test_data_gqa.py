@@ -232,6 +232,16 @@ def test_images_absent_from_the_scene_graphs_are_counted_in_a_warning(tmp_path):
     assert len(dataset) == 7
 
 
+def test_objects_absent_from_their_scene_graph_are_counted_in_a_warning(tmp_path):
+    graphs = json.loads(json.dumps(SCENE_GRAPHS))
+    del graphs["2375429"]["objects"]["177850"]
+    root = write_gqa(tmp_path, graphs=graphs)
+    with pytest.warns(UserWarning, match=r"1 object reference\(s\) in question programs name object ids absent"):
+        dataset = load_gqa(root / "questions/val_balanced_questions.json", root / "sceneGraphs/val_sceneGraphs.json")
+    row = next(r for r in dataset if r["question_id"] == "777")
+    assert row["object_ids"] == ["177848", "177850"] and row["object_boxes"] == [[10, 20, 30, 40], []]
+
+
 def test_a_scene_graph_without_boxes_names_image_and_object(tmp_path):
     graphs = json.loads(json.dumps(SCENE_GRAPHS))
     del graphs["2375429"]["objects"]["177850"]["w"]
