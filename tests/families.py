@@ -22,11 +22,20 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, pr
 from transformers import (
     AutoModelForImageTextToText,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    GemmaConfig,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -38,9 +47,13 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
 )
 
 from mmscope.models.build import build_word_tokenizer
+from mmscope.models.gemma3 import GEMMA3_CHAT
+from mmscope.models.paligemma import PALIGEMMA_VQA
 from mmscope.models.qwen2_vl import QWEN_CHAT
 
 WORDS = "is the cube sphere cylinder red blue green yes no left right what color of object this".split()
@@ -59,25 +72,29 @@ def word_tokenizer(
     unk: str = "<unk>",
     extra_special_tokens: dict[str, str] | None = None,
     lowercase: bool = True,
+    newlines: bool = False,
 ) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer over the words of `texts` (special tokens removed first), plus `WORDS`.
 
-    `special_tokens` are matched whole in text (as a family's added tokens are); `add_bos` prepends `bos`.
+    `special_tokens` are matched whole in text (as a family's added tokens are); `add_bos` prepends `bos`;
+    with `newlines` every "\n" is a token of its own (as in Gemma's and Idefics3's prompts).
     """
     specials = list(dict.fromkeys([unk, pad, eos, *([bos] if bos else []), *special_tokens]))
     pattern = "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True))
+    word_pattern = r"\n|" + _WORD_PATTERN if newlines else _WORD_PATTERN
     words = set(WORDS)
     for text in texts:
         plain = re.sub(pattern, " ", text)
-        words.update(re.findall(_WORD_PATTERN, plain.lower() if lowercase else plain))
+        words.update(re.findall(word_pattern, plain.lower() if lowercase else plain))
     vocab = {token: i for i, token in enumerate(specials)}
     for word in sorted(words):
         vocab.setdefault(word, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     if lowercase:
         tokenizer.normalizer = normalizers.Lowercase()
+    spaces = pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed") if newlines else pre_tokenizers.WhitespaceSplit()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")]
+        [spaces, pre_tokenizers.Split(Regex(word_pattern), behavior="isolated")]
     )
     if add_bos:
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -97,6 +114,7 @@ def word_tokenizer(
 
 
 def save(model, processor, folder: Path) -> Path:
+    """Write model and processor with `save_pretrained`, as a hub checkpoint folder."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -192,6 +210,73 @@ def build_qwen(kind: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# --- Gemma 3 and PaliGemma ---------------------------------------------------------------------------------------
+def siglip_config(image_size: int) -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=4,
+    )
+
+
+def template_text(template) -> str:
+    return "".join(text for _, text in template.parts)
+
+
+def build_gemma3(folder: Path, seed: int = 0) -> Path:
+    """Gemma 3: 32-px SigLIP input, 8x8 patches pooled to 4x4 soft tokens; local layers with a 24-token window
+    alternate with global ones."""
+    specials = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    tokenizer = word_tokenizer(
+        [template_text(GEMMA3_CHAT), *QUESTIONS], specials, bos="<bos>", add_bos=True, eos="<eos>", newlines=True,
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Gemma3Config(
+        text_config=text, vision_config=siglip_config(32), mm_tokens_per_image=16,
+        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # initialised to zeros, which would make every image token the same
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+        image_seq_length=16,
+    )
+    return save(model, processor, folder)
+
+
+def build_paligemma(folder: Path, seed: int = 0) -> Path:
+    """PaliGemma: 16-px SigLIP input of 4-px patches (16 image tokens) and a Gemma decoder."""
+    tokenizer = word_tokenizer(
+        [template_text(PALIGEMMA_VQA) + "\n", *QUESTIONS], ["<image>"], bos="<bos>", eos="<eos>", newlines=True,
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = SiglipImageProcessorPil(size={"height": 16, "width": 16})
+    image_processor.image_seq_length = 16
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds location tokens
+    text = GemmaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=0.2,
+    )
+    config = PaliGemmaConfig(
+        vision_config=siglip_config(16), text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projection_dim=32, hidden_size=32,
+    )
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    return save(model, processor, folder)
+
+
 # --- the oracle -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
@@ -202,7 +287,7 @@ class Family:
     layers: Callable  # plain HF model -> its decoder layers
     attention: str = "self_attn"
     mlp: str = "mlp"
-    rope_from_model: bool = False  # Qwen's 3D rope: the model computes position ids itself
+    first_position: int | None = 0  # position id of the first real token; None: the model computes them (3D rope)
 
 
 _plain: dict = {}
@@ -220,8 +305,8 @@ def plain_model(folder, attn_implementation="eager"):
 def plain_inputs(family: Family, inputs: dict) -> dict:
     """The model's inputs, with padding-aware position ids unless the family's model computes its own."""
     inputs = dict(inputs)
-    if not family.rope_from_model:
-        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    if family.first_position is not None:
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1 + family.first_position).clamp(min=0)
     return inputs
 
 

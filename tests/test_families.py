@@ -17,7 +17,9 @@ from conftest import scene
 from families import (
     QUESTIONS,
     Family,
+    build_gemma3,
     build_llava_next,
+    build_paligemma,
     build_qwen,
     forward_with_hooks,
     knockout_logits,
@@ -38,9 +40,11 @@ def language_layers(model):
 FAMILIES = {
     "llava_next": Family("llava_next", build_llava_next, layers=language_layers),
     **{
-        kind: Family("qwen_vl", functools.partial(build_qwen, kind), layers=language_layers, rope_from_model=True)
+        kind: Family("qwen_vl", functools.partial(build_qwen, kind), layers=language_layers, first_position=None)
         for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     },
+    "gemma3": Family("gemma3", build_gemma3, layers=language_layers),
+    "paligemma": Family("paligemma", build_paligemma, layers=language_layers, first_position=1),
 }
 IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
 
@@ -79,6 +83,16 @@ def loaded(request, tmp_path_factory) -> Loaded:
 @pytest.fixture(scope="session")
 def llava_next(tmp_path_factory) -> Loaded:
     return load_family("llava_next", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def gemma3(tmp_path_factory) -> Loaded:
+    return load_family("gemma3", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def paligemma(tmp_path_factory) -> Loaded:
+    return load_family("paligemma", tmp_path_factory)
 
 
 @pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -129,6 +143,16 @@ def test_knockout_over_a_window_equals_the_plain_masked_forward(loaded, source, 
     assert torch.isfinite(got).all()
     assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0)
     assert (got - loaded.model.next_token_probs(batch)).abs().max() > 1e-5, "the knockout must change the output"
+
+
+@pytest.mark.parametrize("name", ["gemma3", "paligemma", "qwen2_vl", "llava_next"])
+def test_knockout_under_sdpa_equals_the_eager_oracle(name, tmp_path_factory):
+    loaded = load_family(name, tmp_path_factory)
+    batch = loaded.examples[2]
+    expected = last_probs(knockout_logits(loaded.family, loaded.plain, batch.inputs, pairs(batch, "last", "image"), (1, 3)))
+    sdpa = mmscope.load(loaded.folder, attn_implementation="sdpa")
+    got = sdpa.next_token_probs(batch, [Knockout("image", "last", (1, 3))])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_patching_clean_into_clean_is_a_no_op(loaded):
@@ -273,3 +297,73 @@ def test_qwen_boxes_select_the_merged_blocks_they_cover(qwen, size, where):
     strongly, at_all = image_positions[change > 0.5].tolist(), image_positions[change > 1e-3].tolist()
     assert set(strongly) <= set(layout["object"]) <= set(at_all)
     assert sorted(layout["object"] + layout["other_patches"]) == layout["image"]
+
+
+# --- Gemma 3 and PaliGemma --------------------------------------------------------------------------------------
+def test_gemma3_markers_surround_the_soft_tokens_which_the_token_types_mark(gemma3):
+    model, batch = gemma3.model, gemma3.examples[2]
+    for row in range(len(batch)):
+        layout = batch.layouts[row]
+        assert words(model, batch, row, "image_markers") == ["\n", "\n", "<start_of_image>", "<end_of_image>", "\n", "\n"]
+        assert words(model, batch, row, "roles") == ["<start_of_turn>", "user", "\n", "<start_of_turn>", "model", "\n"]
+        marked = torch.nonzero(batch.inputs["token_type_ids"][row]).flatten().tolist()
+        assert marked == layout["image"]
+
+
+def later_to_earlier(example, group):
+    """Knockout groups for the edges from a group's second half to its first half (only a bidirectional mask
+    has them)."""
+    positions = example.layout[group]
+    half = len(positions) // 2
+    return tuple(p - example.padding[0] for p in positions[half:]), tuple(p - example.padding[0] for p in positions[:half])
+
+
+@pytest.mark.parametrize(("name", "source", "target"), [("gemma3", "image", "image"), ("paligemma", "question", "image")])
+def test_knockout_of_edges_only_the_models_bidirectional_mask_has(name, source, target, tmp_path_factory):
+    loaded = load_family(name, tmp_path_factory)
+    model, first = loaded.model, loaded.examples[0]
+    if source == target:
+        source, target = later_to_earlier(first, source)
+    knockout = Knockout(source, target, (0, 1, 2, 3))
+    expected = last_probs(knockout_logits(loaded.family, loaded.plain, first.inputs, pairs(first, target, source), range(4)))
+    got = model.next_token_probs(first, [knockout])
+    assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0)
+    assert (got - model.next_token_probs(first)).abs().max() > 1e-5, "a causal mask would have had no such edges"
+
+
+def test_paligemma_positions_and_teacher_forced_answers_follow_the_model(paligemma):
+    model, first = paligemma.model, paligemma.examples[0]
+    with torch.no_grad():
+        own = last_probs(paligemma.plain(**first.inputs).logits)  # the model's own 1-indexed positions
+    assert torch.allclose(model.next_token_probs(first), own, atol=TOLERANCE, rtol=0)
+    tokens = model.answer_tokens(first, "red or blue")[0]
+    inputs = dict(first.inputs)
+    answer = torch.tensor([tokens])
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(answer)], dim=1)  # causal suffix
+    with torch.no_grad():
+        logprobs = paligemma.plain(**inputs).logits[0].log_softmax(-1)
+    expected = sum(logprobs[first.seq_len - 1 + i, token] for i, token in enumerate(tokens))
+    assert torch.allclose(model.answer_prob(first, "red or blue").logprob[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "paligemma"])
+@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+def test_gemma_boxes_select_the_cells_of_the_squashed_grid(name, where, tmp_path_factory):
+    model = load_family(name, tmp_path_factory).model
+    width, height = 40, 30
+    box = {"top-left": (0, 0, 12, 9), "bottom-right": (28, 21, 12, 9), "centre": (13, 9, 14, 12)}[where]
+    image = scene(width, height)
+    layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
+    blank = Image.new("RGB", image.size, (0, 0, 0))
+    drawn = blank.copy()
+    drawn.paste((255, 255, 255), (box[0], box[1], box[0] + box[2], box[1] + box[3]))
+    processor = model.processor.image_processor
+    change = (processor(drawn, return_tensors="pt")["pixel_values"] - processor(blank, return_tensors="pt")["pixel_values"])
+    side = int(len(layout["image"]) ** 0.5)
+    cell = change.shape[-1] // side
+    per_cell = change[0].abs().amax(0).unfold(0, cell, cell).unfold(1, cell, cell).amax((-1, -2)).flatten()
+    image_positions = torch.tensor(layout["image"])
+    strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()
+    assert set(strongly) <= set(layout["object"]) <= set(at_all)

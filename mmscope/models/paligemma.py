@@ -1,0 +1,40 @@
+"""PaliGemma (`PaliGemmaForConditionalGeneration`): SigLIP patches, then a prefix that attends bidirectionally.
+
+The prompt is `<image>` followed by the task prefix ("answer en …"); the processor inserts BOS after the image
+tokens and appends "\\n", and marks the whole prompt with `token_type_ids = 0`: the *prefix*, inside which every
+token attends to every other (image and text alike). Tokens appended after it (answers) have
+`token_type_ids = 1` and attend causally. Knockout edits the mask the model built, so blocking, say, image →
+question removes edges that only exist because the prefix is bidirectional. Positions are 1-indexed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmscope.models.adapter import Adapter, register
+from mmscope.models.encoding import Encoding
+from mmscope.prompts import IMAGE, QUESTION, PromptTemplate
+
+PALIGEMMA_VQA = PromptTemplate((("image", IMAGE), ("instruction", "answer en "), ("question", QUESTION)))
+
+
+@register("paligemma")
+@dataclass(frozen=True)
+class PaliGemmaAdapter(Adapter):
+    family: str = "paligemma"
+    template: PromptTemplate = PALIGEMMA_VQA
+    sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+
+    def encode(self, processor, image, text) -> Encoding:
+        encoding = super().encode(processor, image, text)
+        inputs = {key: value for key, value in encoding.inputs.items() if key != "labels"}  # training targets
+        return Encoding(inputs, encoding.spans, encoding.expanded)
+
+    def appended_value(self, key: str) -> int:
+        return 1 if key == "token_type_ids" else super().appended_value(key)
+
+    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """1-indexed positions, as PaliGemma counts them, that ignore left padding."""
+        return attention_mask.long().cumsum(-1)
