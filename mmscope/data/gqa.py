@@ -78,6 +78,8 @@ def read_box_index(path: Path) -> BoxIndex:
         if not isinstance(graph, dict) or not {"width", "height", "objects"} <= graph.keys():
             fields = sorted(graph) if isinstance(graph, dict) else type(graph).__name__
             raise MalformedFileError(f"{where}: needs width, height and objects; found {fields}")
+        if not isinstance(graph["objects"], dict):
+            raise MalformedFileError(f"{where}: 'objects' must map object ids to records")
         boxes = {}
         for object_id, obj in graph["objects"].items():
             if not isinstance(obj, dict):
@@ -99,19 +101,24 @@ def question_row(
     place = f"{where}, question {question_id!r}"
     if not isinstance(record, dict):
         raise MalformedFileError(f"{place}: expected a record, found {type(record).__name__}")
-    missing = [key for key in ("imageId", "question") if not isinstance(record.get(key), (str, int))]
+    missing = [key for key, kinds in (("imageId", (str, int)), ("question", str))
+               if not isinstance(record.get(key), kinds)]
     if missing:
         raise MalformedFileError(f"{place}: missing field(s) {', '.join(missing)}; found {', '.join(sorted(record))}")
     image_id = str(record["imageId"])
     answer = str(record.get("answer") or "").strip().lower()
-    detailed_type = str((record.get("types") or {}).get("detailed") or "")
+    types = record.get("types") or {}
+    if not isinstance(types, dict):
+        raise MalformedFileError(f"{place}: 'types' must be a record {{structural, semantic, detailed}}, "
+                                 f"found {types!r}")
+    detailed_type = str(types.get("detailed") or "")
     program = record.get("semantic") or []
     try:
         objects = central_objects(program)
+        true_option, false_option = choice_options(program, answer)
     except (ValueError, AttributeError, TypeError) as error:
         raise MalformedFileError(f"{place}: unusable semantic program: {error}") from None
     objects = order_by_question(objects, [o.name for o in objects], record["question"])
-    true_option, false_option = choice_options(program, answer)
     width, height, image_boxes = boxes.get(image_id, (0, 0, {})) if boxes is not None else (0, 0, {})
     return {
         "question_id": str(question_id),

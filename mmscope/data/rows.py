@@ -139,6 +139,7 @@ def generate_dataset(
 
 
 def check_on_missing_image(on_missing_image: str) -> None:
+    """Reject an `on_missing_image` policy other than "error" and "skip"."""
     if on_missing_image not in ON_MISSING_IMAGE:
         raise DataError(f"unknown on_missing_image {on_missing_image!r}; known: {known(ON_MISSING_IMAGE)}")
 
