@@ -90,7 +90,8 @@ def collate(examples: list[Example], pad_token_id: int, sequence_keys: tuple[str
     """Left-pad and stack examples into one batch; layouts shift by each row's padding.
 
     `sequence_keys` name the `[B, T]` tensors to pad (ids and masks); every other tensor is concatenated along
-    its first dimension (pixel values, image sizes …).
+    its first dimension (pixel values, image sizes …), zero-padded at the end of its other dimensions when the
+    examples differ there (e.g. a different number of image tiles, which the models skip as all-zero tiles).
     """
     if not examples:
         raise LayoutError("cannot collate an empty list of examples")
@@ -104,6 +105,8 @@ def collate(examples: list[Example], pad_token_id: int, sequence_keys: tuple[str
                 torch.cat([torch.full((p.shape[0], length - p.shape[1]), fill, dtype=p.dtype), p], dim=1)
                 for p in parts
             ]
+        elif torch.is_tensor(parts[0]) and len({p.shape[1:] for p in parts}) > 1:
+            parts = [_zero_pad_to(p, [max(sizes) for sizes in zip(*(q.shape[1:] for q in parts))]) for p in parts]
         inputs[key] = torch.cat(parts, dim=0)
     layouts, prompts, padding, meta = [], [], [], []
     for example in examples:
@@ -114,6 +117,14 @@ def collate(examples: list[Example], pad_token_id: int, sequence_keys: tuple[str
             padding.append(example.padding[row] + shift)
             meta.append(example.meta[row])
     return Example(inputs, layouts, prompts, padding, meta)
+
+
+def _zero_pad_to(tensor: torch.Tensor, trailing: list[int]) -> torch.Tensor:
+    """`tensor` zero-padded at the end of every dimension after the first to the sizes `trailing`."""
+    padding = []
+    for size, target in zip(reversed(tensor.shape[1:]), reversed(trailing), strict=True):
+        padding += [0, target - size]
+    return torch.nn.functional.pad(tensor, padding)
 
 
 def text_layout(
