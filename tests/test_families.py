@@ -215,6 +215,17 @@ def changed_features(model, image, box):
     return packed[0][:, 0]
 
 
+def test_llava_next_batch_of_images_with_different_tile_counts_equals_single_runs(llava_next):
+    model = llava_next.model
+    wide = model.prepare(scene(60, 20, seed=5), QUESTIONS[0])  # one row of three tiles
+    square = llava_next.examples[0]  # two by two tiles
+    assert wide.inputs["pixel_values"].shape[1] != square.inputs["pixel_values"].shape[1]
+    knockout = [Knockout("image", "last", (1, 2))]
+    batched = model.next_token_probs(model.batch([wide, square]), knockout)
+    assert torch.allclose(batched[0], model.next_token_probs(wide, knockout), atol=TOLERANCE)
+    assert torch.allclose(batched[1], model.next_token_probs(square, knockout), atol=TOLERANCE)
+
+
 @pytest.mark.parametrize("size", [(40, 30), (30, 50), (60, 20)])
 def test_llava_next_groups_follow_the_models_own_packing(llava_next, size):
     model = llava_next.model

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from einops import rearrange
-from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
-from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from mmscope.models.adapter import Adapter, register
+from mmscope.models.processors import load_processor_without_video
 from mmscope.prompts import IMAGE, QUESTION, PromptTemplate
 
 QWEN_CHAT = PromptTemplate(
@@ -37,24 +36,6 @@ QWEN_CHAT = PromptTemplate(
 )
 
 
-def image_only(processor_class: type) -> type:
-    """`processor_class` that accepts `video_processor=None`.
-
-    The Qwen-VL processors take a video processor, which transformers can only build with torchvision. The
-    image path never touches it, so without torchvision we run the real processor class — its own placeholder
-    expansion, token-type ids and offsets — with no video processor rather than re-implementing it.
-    """
-
-    class ImageOnly(processor_class):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
-    return ImageOnly
-
-
 @register("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 @dataclass(frozen=True)
 class QwenVLAdapter(Adapter):
@@ -66,15 +47,7 @@ class QwenVLAdapter(Adapter):
         return f"<|vision_start|>{processor.image_token}<|vision_end|>"
 
     def load_processor(self, source: str):
-        try:
-            return AutoProcessor.from_pretrained(source)
-        except ImportError:  # no torchvision: the video processor cannot be built
-            processor_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(source))]
-            return image_only(processor_class)(
-                image_processor=AutoImageProcessor.from_pretrained(source),
-                tokenizer=AutoTokenizer.from_pretrained(source),
-                video_processor=None,
-            )
+        return load_processor_without_video(source)
 
     def position_ids(self, attention_mask: torch.Tensor) -> None:
         return None
@@ -82,8 +55,8 @@ class QwenVLAdapter(Adapter):
     def patch_rectangles(self, processor, model, image, inputs) -> torch.Tensor:
         """Rectangles of the merged blocks: the image is resized (no crop, no pad) to the patch grid."""
         _, rows, cols = inputs["image_grid_thw"][0].tolist()
-        patch, merge = processor.image_processor.patch_size, processor.image_processor.merge_size
-        block_x, block_y = image.width / (cols * patch) * patch * merge, image.height / (rows * patch) * patch * merge
+        merge = processor.image_processor.merge_size
+        block_x, block_y = image.width / (cols // merge), image.height / (rows // merge)
         r, c = torch.meshgrid(torch.arange(rows // merge), torch.arange(cols // merge), indexing="ij")
         corners = torch.stack([c * block_x, r * block_y, (c + 1) * block_x, (r + 1) * block_y]).double()
         return rearrange(corners, "xy rows cols -> (rows cols) xy")
