@@ -11,8 +11,13 @@ import pytest
 from PIL import Image
 
 from mmscope.data import CATEGORIES, load_study_csvs
-from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError, MissingImageError
-from mmscope.data.errors import UnknownCategoryError
+from mmscope.data.errors import (
+    DataError,
+    DataFileNotFoundError,
+    MalformedFileError,
+    MissingImageError,
+    UnknownCategoryError,
+)
 
 STUDY_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gqa_cmif"
 

@@ -122,6 +122,7 @@ class _Vocabulary:
 
     @classmethod
     def of(cls, files: list[Path]) -> _Vocabulary:
+        """Count names, grouped attributes and relations over all scene graphs of `files` (one streamed pass)."""
         vocabulary = cls()
         for _, objects in _iter_graphs(files):
             for obj in objects:
@@ -151,9 +152,11 @@ class _Statements:
         self.by_id = {obj["id"]: obj for obj in objects}
 
     def has(self, name: str, attribute: str | None) -> bool:
+        """Is there an object called `name` (with `attribute`, unless None)?"""
         return any(o["name"] == name and (attribute is None or attribute in o["attributes"]) for o in self.objects)
 
     def related(self, subject: str, relation: str, obj: str) -> bool:
+        """Is some `subject` in `relation` to some `obj` (by name) according to the scene graph?"""
         return any(o["name"] == subject and any(r["name"] == relation and self.by_id.get(r["object"], {}).get("name")
                                                 == obj for r in o["relations"]) for o in self.objects)
 
@@ -193,15 +196,19 @@ class _Statements:
         swapped = _weighted(rng, absent) or _weighted(rng, without)
         if swapped is None:
             return None
-        return f"There is {_article(phrase)}.", f"There is {_article(f'{attribute} {swapped}' if attribute else swapped)}."
+        swapped_phrase = f"{attribute} {swapped}" if attribute else swapped
+        return f"There is {_article(phrase)}.", f"There is {_article(swapped_phrase)}."
 
 
 class _KindBalancer:
+    """Counts of the statement kinds used so far, to pick the least used kind an image supports."""
+
     def __init__(self, rng: random.Random):
         self.rng = rng
         self.counts = Counter()
 
     def pick(self, available: list[str]) -> str:
+        """The least used of `available` (ties at random); the caller counts it once it is used."""
         low = min(self.counts[k] for k in available)
         return self.rng.choice([k for k in available if self.counts[k] == low])
 
@@ -370,6 +377,7 @@ class _CocoInstances:
 
     @classmethod
     def read(cls, path: Path) -> _CocoInstances:
+        """Stream `path`'s categories, images and annotations (segmentations are read but not kept)."""
         names, supercategory = {}, {}
         for record in _coco_items(path, "categories", "COCO instances file"):
             name = _coco_field(record, "name", path, "categories")
