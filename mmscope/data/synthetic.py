@@ -5,9 +5,10 @@ trained from scratch (on CPU, in minutes) on a world it can actually learn. `syn
 real GQA files, so `load_gqa` reads it exactly like the real thing and every experiment runs unchanged on both.
 
 The world:
-- a scene is 1-4 objects (one object in a tenth of the scenes) on a plain background, at most one per shape, so "the cube" is unambiguous. Each
-  object has a shape (cube, sphere, cylinder, cone), a colour (red, green, blue, yellow, purple, gray), a size
-  (small, large: about 19% and 32% of the image side) and a material (metal, rubber); boxes never overlap;
+- a scene is 1-4 objects (one object in a tenth of the scenes) on a plain background, at most one per shape,
+  so "the cube" is unambiguous. Each object has a shape (cube, sphere, cylinder, cone), a colour (red, green,
+  blue, yellow, purple, gray), a size (small, large: about 19% and 32% of the image side) and a material
+  (metal, rubber); boxes never overlap;
 - in a scene with two or more objects the first two share exactly one of colour, size and material (so every
   such scene can ask CompareAttr; which one is shared follows the CompareAttr answer counts, to keep them even);
 - spatial facts are only stated with a clear margin: "left of" needs the box centres 12% of the image apart
