@@ -212,3 +212,12 @@ def test_coco_annotations_pointing_nowhere_are_named(tmp_path):
     captions.write_text(json.dumps(data))
     with pytest.raises(MalformedFileError, match=r"caption 2000 is about image 5, which its 'images' does not list"):
         coco_entailment_dataset(captions, write_coco(tmp_path / "ok")[1], None)
+
+
+def test_a_relation_to_an_object_the_image_lacks_is_named(tmp_path):
+    graphs = tmp_path / "val_sceneGraphs.json"
+    graphs.write_text(json.dumps({"7": {"width": 9, "height": 9, "objects": {
+        "1": {"name": "cube", "x": 0, "y": 0, "w": 3, "h": 3, "attributes": ["red"],
+              "relations": [{"name": "to the left of", "object": "2"}]}}}}))
+    with pytest.raises(MalformedFileError, match=r"image '7', object '1': relations point to object\(s\) \['2'\]"):
+        entailment_dataset(graphs, None)

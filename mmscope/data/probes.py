@@ -107,7 +107,14 @@ def _iter_graphs(files: list[Path]) -> Iterator[tuple[str, list[dict]]]:
                     raise MalformedFileError(f"{where}, object {object_id!r}: every relation needs 'name' and "
                                              "'object'")
                 objects.append({"id": str(object_id), "name": obj["name"],
-                                "attributes": list(obj.get("attributes") or []), "relations": relations})
+                                "attributes": list(obj.get("attributes") or []),
+                                "relations": [{"name": r["name"], "object": str(r["object"])} for r in relations]})
+            ids = {obj["id"] for obj in objects}
+            for obj in objects:
+                strays = [r["object"] for r in obj["relations"] if r["object"] not in ids]
+                if strays:
+                    raise MalformedFileError(f"{where}, object {obj['id']!r}: relations point to object(s) "
+                                             f"{strays} that the image does not have")
             yield str(image_id), objects
 
 
@@ -157,8 +164,8 @@ class _Statements:
 
     def related(self, subject: str, relation: str, obj: str) -> bool:
         """Is some `subject` in `relation` to some `obj` (by name) according to the scene graph?"""
-        return any(o["name"] == subject and any(r["name"] == relation and self.by_id.get(r["object"], {}).get("name")
-                                                == obj for r in o["relations"]) for o in self.objects)
+        return any(o["name"] == subject and any(r["name"] == relation and self.by_id[r["object"]]["name"] == obj
+                                                for r in o["relations"]) for o in self.objects)
 
     def candidates(self) -> dict[str, list[tuple]]:
         """Kind -> the facts a true statement of that kind can state."""
@@ -168,7 +175,7 @@ class _Statements:
             facts["attribute"] += [(obj["name"], attribute) for attribute in grouped]
             facts["object"] += [(obj["name"], attribute) for attribute in grouped or [None]]
             facts["relation"] += [(obj["name"], r["name"], self.by_id[r["object"]]["name"])
-                                  for r in obj["relations"] if r.get("object") in self.by_id]
+                                  for r in obj["relations"]]
         return {kind: sorted(set(found)) for kind, found in facts.items()}
 
     def pair(self, kind: str, fact: tuple, rng: random.Random) -> tuple[str, str] | None:
