@@ -179,10 +179,11 @@ def test_object_boxes_are_the_scene_graph_boxes_of_the_named_objects(rows, graph
 
 
 def test_all_six_categories_appear_in_every_split_and_extras_have_no_category(rows):
-    for split_rows in rows.values():
+    for split, split_rows in rows.items():
         counts = Counter(row["category"] for row in split_rows)
         assert set(counts) == {*CATEGORIES, None}
-        assert max(counts.values()) - min(counts.values()) <= 0.1 * max(counts.values())
+        spread = 0.1 if split == "train" else 0.25  # val/test have only 24 scenes each
+        assert max(counts.values()) - min(counts.values()) <= spread * max(counts.values()), (split, counts)
     extras = {row["detailed_type"] for split_rows in rows.values() for row in split_rows if row["category"] is None}
     assert extras == {"directOf", "material"}
 

@@ -75,7 +75,7 @@ SIZES = ("small", "large")
 MATERIALS = ("metal", "rubber")
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "size": SIZES, "material": MATERIALS}
 SIDE_FRACTION = {"small": 0.19, "large": 0.32}
-OTHER = "Other"  # the bucket of extra questions outside the six categories
+OTHER = "(other)"  # the bucket of extra questions outside the six categories (as `count_answers` names it)
 DEFAULT_SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
 # Geometry, as fractions of the image side.
