@@ -28,6 +28,11 @@ from transformers import (
     Gemma3Processor,
     Gemma3TextConfig,
     GemmaConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -49,10 +54,15 @@ from transformers import (
     Qwen3VLProcessor,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessorPil,
+    SmolVLMVisionConfig,
 )
 
 from mmscope.models.build import build_word_tokenizer
 from mmscope.models.gemma3 import GEMMA3_CHAT
+from mmscope.models.idefics3 import IDEFICS3_CHAT
 from mmscope.models.paligemma import PALIGEMMA_VQA
 from mmscope.models.qwen2_vl import QWEN_CHAT
 
@@ -277,6 +287,44 @@ def build_paligemma(folder: Path, seed: int = 0) -> Path:
     return save(model, processor, folder)
 
 
+# --- Idefics3 and SmolVLM --------------------------------------------------------------------------------------
+IDEFICS3_SPECIALS = (
+    "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+    *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+)
+
+
+def build_idefics3(folder: Path, seed: int = 0, smolvlm: bool = False) -> Path:
+    """Idefics3 (or SmolVLM): longest edge 32 px, 16-px tiles of 2-px patches pixel-shuffled 2x2 to 16 tokens."""
+    tokenizer = word_tokenizer(
+        [template_text(IDEFICS3_CHAT), *QUESTIONS], IDEFICS3_SPECIALS, bos="<|begin_of_text|>", add_bos=True,
+        eos="<|end_of_text|>", newlines=True,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                  patch_size=2)
+    config_class, vision_class, model_class = (
+        (SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration) if smolvlm
+        else (Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration)
+    )
+    config = config_class(
+        vision_config=vision_class(**vision), text_config=llama_config(tokenizer), scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    image_processor_class = SmolVLMImageProcessorPil if smolvlm else Idefics3ImageProcessorPil
+    image_processor = image_processor_class(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+    if smolvlm:  # its processor class needs a video processor (torchvision); the folder holds what it reads
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "processor_config.json").write_text('{"image_seq_len": 16, "processor_class": "SmolVLMProcessor"}')
+        return folder
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
+    return save(model, processor, folder)
+
+
 # --- the oracle -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
@@ -288,6 +336,7 @@ class Family:
     attention: str = "self_attn"
     mlp: str = "mlp"
     first_position: int | None = 0  # position id of the first real token; None: the model computes them (3D rope)
+    count_includes_markers: bool = False  # the processor's image-token count includes the placeholder's markers
 
 
 _plain: dict = {}

@@ -9,6 +9,7 @@ normal output. Family-specific tests check what is particular to each layout (ti
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 
 import pytest
@@ -18,6 +19,7 @@ from families import (
     QUESTIONS,
     Family,
     build_gemma3,
+    build_idefics3,
     build_llava_next,
     build_paligemma,
     build_qwen,
@@ -37,6 +39,10 @@ def language_layers(model):
     return model.model.language_model.layers
 
 
+def text_layers(model):
+    return model.model.text_model.layers
+
+
 FAMILIES = {
     "llava_next": Family("llava_next", build_llava_next, layers=language_layers),
     **{
@@ -45,7 +51,21 @@ FAMILIES = {
     },
     "gemma3": Family("gemma3", build_gemma3, layers=language_layers),
     "paligemma": Family("paligemma", build_paligemma, layers=language_layers, first_position=1),
+    "idefics3": Family("idefics3", build_idefics3, layers=text_layers, count_includes_markers=True),
+    "smolvlm": Family(
+        "idefics3", functools.partial(build_idefics3, smolvlm=True), layers=text_layers, count_includes_markers=True
+    ),
 }
+NEEDS = {"smolvlm": "num2words"}  # the SmolVLM processor needs num2words
+
+
+def family_params(names):
+    """Fixture params, skipping families whose processor needs a package that is not installed."""
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(
+            name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None, reason=f"needs {NEEDS.get(name)}"))
+        for name in names
+    ]
 IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
 
 
@@ -75,7 +95,7 @@ def load_family(name: str, tmp_path_factory) -> Loaded:
     return _loaded[name]
 
 
-@pytest.fixture(scope="session", params=sorted(FAMILIES))
+@pytest.fixture(scope="session", params=family_params(sorted(FAMILIES)))
 def loaded(request, tmp_path_factory) -> Loaded:
     return load_family(request.param, tmp_path_factory)
 
@@ -93,6 +113,11 @@ def gemma3(tmp_path_factory) -> Loaded:
 @pytest.fixture(scope="session")
 def paligemma(tmp_path_factory) -> Loaded:
     return load_family("paligemma", tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=family_params(["idefics3", "smolvlm"]))
+def idefics3(request, tmp_path_factory) -> Loaded:
+    return load_family(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -118,8 +143,16 @@ def test_loaded_through_mmscope_with_the_family_adapter(loaded):
 def test_image_group_matches_the_processors_own_image_token_count(loaded):
     model, (first, second, batch) = loaded.model, loaded.examples
     for row, (width, height) in enumerate(IMAGES):
-        expected = model.processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
-        assert len(batch.layouts[row]["image"]) == expected
+        layout = batch.layouts[row]
+        processor = model.processor
+        if hasattr(processor, "_get_num_multimodal_tokens"):
+            expected = processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
+            markers = layout.get("image_markers", []) if loaded.family.count_includes_markers else []
+            assert len(layout["image"]) + len(markers) == expected
+        else:  # SmolVLM: count the image tokens in the processor's own expansion of the placeholder
+            expanded = processor(images=[scene(width, height)], text=[processor.image_token], return_text_replacement_offsets=True)
+            assert len(layout["image"]) == expanded["text_replacement_offsets"][0][0]["replacement"].count(processor.image_token)
+        assert len(layout["image"]) == int((batch.inputs["input_ids"][row] == model.image_token_id).sum())
     assert words(model, batch, 0, "question") == ["is", "the", "cube", "red", "or", "blue", "?"]
     assert words(model, batch, 1, "question")[:4] == ["what", "color", "is", "this"]
     assert batch.layouts[0]["last"] == [batch.seq_len - 1]
@@ -378,3 +411,53 @@ def test_gemma_boxes_select_the_cells_of_the_squashed_grid(name, where, tmp_path
     image_positions = torch.tensor(layout["image"])
     strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()
     assert set(strongly) <= set(layout["object"]) <= set(at_all)
+
+
+# --- Idefics3 and SmolVLM ---------------------------------------------------------------------------------------
+def test_idefics3_tiles_tags_and_global_view(idefics3):
+    model, first = idefics3.model, idefics3.examples[0]
+    markers = ["<fake_token_around_image>", "<row_1_col_1>", "<fake_token_around_image>", "<row_1_col_2>", "\n",
+               "<fake_token_around_image>", "<row_2_col_1>", "<fake_token_around_image>", "<row_2_col_2>", "\n",
+               "\n", "<fake_token_around_image>", "<global-img>", "<fake_token_around_image>"]
+    assert words(model, first, 0, "image_markers") == markers
+    layout = first.layout
+    assert len(layout["image_tiles"]) == 4 * 16 and len(layout["image_global"]) == 16
+    assert layout["image_global"] == layout["image"][-16:]
+    assert words(model, first, 0, "roles") == ["user", ":", "assistant", ":"]
+
+
+def test_idefics3_batch_of_images_with_different_tile_counts_equals_single_runs(idefics3):
+    model = idefics3.model
+    wide = model.prepare(scene(60, 20, seed=5), QUESTIONS[0])  # one row of two tiles
+    square = idefics3.examples[0]
+    assert wide.inputs["pixel_values"].shape[1] == 3 and square.inputs["pixel_values"].shape[1] == 5
+    knockout = [Knockout("image_global", "last", (1, 2))]
+    batched = model.next_token_probs(model.batch([wide, square]), knockout)
+    assert torch.allclose(batched[0], model.next_token_probs(wide, knockout), atol=TOLERANCE)
+    assert torch.allclose(batched[1], model.next_token_probs(square, knockout), atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("size", [(40, 30), (60, 20)])
+@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+def test_idefics3_boxes_select_cells_in_every_tile_and_the_global_view(idefics3, size, where):
+    model = idefics3.model
+    width, height = size
+    box = {
+        "top-left": (0, 0, 12, 9),
+        "bottom-right": (width - 12, height - 9, 12, 9),
+        "centre": (width / 2 - 7, height / 2 - 6, 14, 12),
+    }[where]
+    image = scene(width, height)
+    layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
+    blank = Image.new("RGB", image.size, (0, 0, 0))
+    drawn = blank.copy()
+    drawn.paste((255, 255, 255), (int(box[0]), int(box[1]), int(box[0] + box[2]), int(box[1] + box[3])))
+    processor = model.processor.image_processor
+    change = (processor(drawn, return_tensors="pt")["pixel_values"] - processor(blank, return_tensors="pt")["pixel_values"])
+    cell = model.hf.config.vision_config.patch_size * model.hf.config.scale_factor
+    per_cell = change[0].abs().amax(1).unfold(1, cell, cell).unfold(2, cell, cell).amax((-1, -2)).flatten()
+    image_positions = torch.tensor(layout["image"])
+    assert len(per_cell) == len(image_positions)
+    strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()
+    assert set(strongly) <= set(layout["object"]) <= set(at_all)
+    assert set(layout["object"]) & set(layout["image_global"]) and set(layout["object"]) & set(layout["image_tiles"])

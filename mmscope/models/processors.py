@@ -7,6 +7,8 @@ own placeholder expansion, token types and offsets — with no video processor, 
 
 from __future__ import annotations
 
+import inspect
+
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
@@ -31,8 +33,11 @@ def load_processor_without_video(source: str):
         return AutoProcessor.from_pretrained(source)
     except ImportError:
         processor_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(source))]
+        saved, _ = processor_class.get_processor_dict(source)  # e.g. SmolVLM's image_seq_len
+        accepted = set(inspect.signature(processor_class.__init__).parameters) - {"self", "image_processor", "tokenizer"}
+        settings = {key: value for key, value in saved.items() if key in accepted}
         return image_only(processor_class)(
             image_processor=AutoImageProcessor.from_pretrained(source),
             tokenizer=AutoTokenizer.from_pretrained(source),
-            video_processor=None,
+            **{**settings, "video_processor": None},
         )
