@@ -21,6 +21,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForImageTextToText,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -33,6 +34,9 @@ from transformers import (
     Idefics3ImageProcessorPil,
     Idefics3Processor,
     Idefics3VisionConfig,
+    Kosmos2Config,
+    Kosmos2ForConditionalGeneration,
+    Kosmos2Processor,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -63,8 +67,10 @@ from transformers import (
 from mmscope.models.build import build_word_tokenizer
 from mmscope.models.gemma3 import GEMMA3_CHAT
 from mmscope.models.idefics3 import IDEFICS3_CHAT
+from mmscope.models.kosmos2 import KOSMOS2_VQA
 from mmscope.models.paligemma import PALIGEMMA_VQA
 from mmscope.models.qwen2_vl import QWEN_CHAT
+from mmscope.prompts import IMAGE, QUESTION
 
 WORDS = "is the cube sphere cylinder red blue green yes no left right what color of object this".split()
 QUESTIONS = ("Is the cube red or blue?", "What color is this object of the cube left of the sphere?")
@@ -89,7 +95,7 @@ def word_tokenizer(
     `special_tokens` are matched whole in text (as a family's added tokens are); `add_bos` prepends `bos`;
     with `newlines` every "\n" is a token of its own (as in Gemma's and Idefics3's prompts).
     """
-    specials = list(dict.fromkeys([unk, pad, eos, *([bos] if bos else []), *special_tokens]))
+    specials = list(dict.fromkeys([*([bos] if bos else []), pad, eos, unk, *special_tokens]))  # fairseq's order
     pattern = "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True))
     word_pattern = r"\n|" + _WORD_PATTERN if newlines else _WORD_PATTERN
     words = set(WORDS)
@@ -193,8 +199,7 @@ def build_qwen(kind: str, folder: Path, seed: int = 0) -> Path:
     """A Qwen-VL model of `kind`, its PIL image processor and tokenizer (the processor class is built from them
     when loaded; without torchvision it is built without its video processor)."""
     config_class, model_class, _ = QWEN_MODELS[kind]
-    template = "".join(text for _, text in QWEN_CHAT.parts)
-    tokenizer = word_tokenizer([template, *QUESTIONS], QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    tokenizer = word_tokenizer([template_text(QWEN_CHAT), *QUESTIONS], QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
     text = dict(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -229,7 +234,8 @@ def siglip_config(image_size: int) -> SiglipVisionConfig:
 
 
 def template_text(template) -> str:
-    return "".join(text for _, text in template.parts)
+    """The template's own text (placeholders left out), for the tokenizer's vocabulary."""
+    return " ".join(text for _, text in template.parts if text not in (IMAGE, QUESTION))
 
 
 def build_gemma3(folder: Path, seed: int = 0) -> Path:
@@ -322,6 +328,27 @@ def build_idefics3(folder: Path, seed: int = 0, smolvlm: bool = False) -> Path:
         (folder / "processor_config.json").write_text('{"image_seq_len": 16, "processor_class": "SmolVLMProcessor"}')
         return folder
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
+    return save(model, processor, folder)
+
+
+# --- Kosmos-2 ---------------------------------------------------------------------------------------------------
+def build_kosmos2(folder: Path, seed: int = 0) -> Path:
+    """Kosmos-2: 16-px CLIP-style tower of 4-px patches read by 64 latent queries, a 4-layer Magneto decoder."""
+    tokenizer = word_tokenizer([template_text(KOSMOS2_VQA), *QUESTIONS], [], bos="<s>", eos="</s>")
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = Kosmos2Processor(image_processor=image_processor, tokenizer=tokenizer)  # adds tag and patch tokens
+    config = Kosmos2Config(
+        text_config=dict(
+            vocab_size=len(tokenizer), embed_dim=32, layers=4, ffn_dim=64, attention_heads=4, dropout=0.0,
+            attention_dropout=0.0, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, init_std=0.2,
+        ),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        latent_query_num=64,
+    )
+    torch.manual_seed(seed)
+    model = Kosmos2ForConditionalGeneration(config).eval()
     return save(model, processor, folder)
 
 

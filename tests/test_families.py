@@ -20,6 +20,7 @@ from families import (
     Family,
     build_gemma3,
     build_idefics3,
+    build_kosmos2,
     build_llava_next,
     build_paligemma,
     build_qwen,
@@ -32,6 +33,7 @@ from families import (
 from PIL import Image
 
 import mmscope
+from mmscope.errors import InputError
 from mmscope.interventions import ActivationPatch, Knockout, Truncate
 
 TOLERANCE = 1e-6
@@ -52,6 +54,8 @@ FAMILIES = {
     "gemma3": Family("gemma3", build_gemma3, layers=language_layers),
     "paligemma": Family("paligemma", build_paligemma, layers=language_layers, first_position=1),
     "idefics3": Family("idefics3", build_idefics3, layers=text_layers, count_includes_markers=True),
+    "kosmos2": Family("kosmos2", build_kosmos2, layers=lambda m: m.text_model.model.layers, mlp="ffn",
+                      first_position=None),
     "smolvlm": Family(
         "idefics3", functools.partial(build_idefics3, smolvlm=True), layers=text_layers, count_includes_markers=True
     ),
@@ -140,19 +144,26 @@ def test_loaded_through_mmscope_with_the_family_adapter(loaded):
     assert loaded.model.n_layers == len(loaded.family.layers(loaded.plain))
 
 
+def processor_image_count(loaded, layout, width, height) -> int:
+    """The processor's own count of image-feature tokens for an image of this size."""
+    processor = loaded.model.processor
+    if hasattr(processor, "_get_num_multimodal_tokens"):
+        count = processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
+        return count - len(layout.get("image_markers", [])) if loaded.family.count_includes_markers else count
+    if hasattr(processor, "image_token"):  # SmolVLM: its own expansion of the placeholder
+        expanded = processor(images=[scene(width, height)], text=[processor.image_token], return_text_replacement_offsets=True)
+        return expanded["text_replacement_offsets"][0][0]["replacement"].count(processor.image_token)
+    encoded = processor(images=[scene(width, height)], text=["is it red?"], return_tensors="pt")  # Kosmos-2
+    return int(encoded["image_embeds_position_mask"].sum())
+
+
 def test_image_group_matches_the_processors_own_image_token_count(loaded):
-    model, (first, second, batch) = loaded.model, loaded.examples
+    model, batch = loaded.model, loaded.examples[2]
     for row, (width, height) in enumerate(IMAGES):
         layout = batch.layouts[row]
-        processor = model.processor
-        if hasattr(processor, "_get_num_multimodal_tokens"):
-            expected = processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
-            markers = layout.get("image_markers", []) if loaded.family.count_includes_markers else []
-            assert len(layout["image"]) + len(markers) == expected
-        else:  # SmolVLM: count the image tokens in the processor's own expansion of the placeholder
-            expanded = processor(images=[scene(width, height)], text=[processor.image_token], return_text_replacement_offsets=True)
-            assert len(layout["image"]) == expanded["text_replacement_offsets"][0][0]["replacement"].count(processor.image_token)
-        assert len(layout["image"]) == int((batch.inputs["input_ids"][row] == model.image_token_id).sum())
+        assert len(layout["image"]) == processor_image_count(loaded, layout, width, height)
+        ids = batch.inputs["input_ids"][row]
+        assert (ids[layout["image"]] == model.image_token_id).all() or loaded.family.name == "kosmos2"
     assert words(model, batch, 0, "question") == ["is", "the", "cube", "red", "or", "blue", "?"]
     assert words(model, batch, 1, "question")[:4] == ["what", "color", "is", "this"]
     assert batch.layouts[0]["last"] == [batch.seq_len - 1]
@@ -461,3 +472,23 @@ def test_idefics3_boxes_select_cells_in_every_tile_and_the_global_view(idefics3,
     strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()
     assert set(strongly) <= set(layout["object"]) <= set(at_all)
     assert set(layout["object"]) & set(layout["image_global"]) and set(layout["object"]) & set(layout["image_tiles"])
+
+
+# --- Kosmos-2 ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def kosmos2(tmp_path_factory) -> Loaded:
+    return load_family("kosmos2", tmp_path_factory)
+
+
+def test_kosmos2_image_tokens_are_where_the_position_mask_puts_the_image(kosmos2):
+    model, batch = kosmos2.model, kosmos2.examples[2]
+    for row in range(len(batch)):
+        layout = batch.layouts[row]
+        assert torch.nonzero(batch.inputs["image_embeds_position_mask"][row]).flatten().tolist() == layout["image"]
+        assert words(model, batch, row, "image_markers") == ["<image>", "</image>"]
+        assert words(model, batch, row, "roles") == ["question", ":", "answer", ":"]
+
+
+def test_kosmos2_boxes_are_refused_with_the_reason(kosmos2):
+    with pytest.raises(InputError, match="latent queries"):
+        kosmos2.model.prepare(scene(), QUESTIONS[0], boxes=[(0, 0, 10, 10)])
