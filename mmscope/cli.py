@@ -185,6 +185,7 @@ def evaluate(
     limit: int | None = typer.Option(None, help="Evaluate at most N questions per category."),
     batch_size: int = typer.Option(32),
     blank: bool = typer.Option(True, help="Also evaluate with blank images (the model must use the image)."),
+    card: bool = typer.Option(False, "--card", help="Write the result into the model folder's model card."),
 ) -> None:
     """Greedy accuracy per GQA category, with and without the image."""
     import mmscope
@@ -198,7 +199,14 @@ def evaluate(
     if blank:
         answers = greedy_answers(loaded, dataset, batch_size=batch_size, blank=True, desc="blank images")
         results["blank image"] = accuracy(dataset, answers)
-    typer.echo(accuracy_table(results))
+    table = accuracy_table(results)
+    typer.echo(table)
+    if card:
+        from mmscope.model import resolve
+        from mmscope.models.card import write_model_card
+
+        command = f"mmscope evaluate --model {model}" + (f" --limit {limit}" if limit else "")
+        typer.echo(f"model card: {write_model_card(resolve(model), table, command)}")
 
 
 def _register_subcommands() -> None:

@@ -2,8 +2,17 @@
 
 The recipe is LLaVA's, shrunk: a CLIP-style vision tower, a two-layer projector and a Llama decoder, trained
 end to end on (image, prompt, answer) with the study's prompt template and cross-entropy on the answer tokens
-(and the end-of-sequence token) only. Everything is seeded; the same command on the same machine type gives
-the same checkpoint. The result is an ordinary `save_pretrained` folder with a model card.
+(and the end-of-sequence token).
+
+A vision tower trained from scratch on answer-only loss learns slowly: the decoder first learns the answer
+priors of each question template and sits on that plateau. So, as in region-supervised VLM pre-training, each
+image token also gets a dense auxiliary target during training — the shape, colour, size and material of the
+object under its patch (or background), and which half of the image the patch lies in — read by small linear
+heads from the projector's output, i.e. from exactly the features the decoder sees. The heads are dropped
+after training; the saved model is a plain `LlavaForConditionalGeneration`.
+
+Everything is seeded; the same command on the same machine type gives the same checkpoint. The result is an
+ordinary `save_pretrained` folder with a model card.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 200
     eval_questions: int = 600
+    patch_loss_weight: float = 0.5
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
 
@@ -63,13 +73,43 @@ def prompt_of(question: str) -> str:
     return LLAVA_15.render(question)[0]
 
 
+class PatchTargets:
+    """Per-patch auxiliary labels from a split's scene graphs: attributes of the object under each patch."""
+
+    def __init__(self, scene_graphs: Path, vocabulary: dict, grid: int, image_size: int) -> None:
+        self.heads = {"shape": vocabulary["shapes"], "color": vocabulary["colors"], "size": vocabulary["sizes"],
+                      "material": vocabulary["materials"]}
+        self.grid, self.cell = grid, image_size / grid
+        self.graphs = json.loads(Path(scene_graphs).read_text())
+
+    def sizes(self) -> dict[str, int]:
+        """Classes per head (index 0 = background), plus the two image-half heads."""
+        return {**{name: len(values) + 1 for name, values in self.heads.items()}, "column": 2, "row": 2}
+
+    def __call__(self, image_id: str) -> torch.Tensor:
+        """`[grid * grid, n_heads]` class indices, row-major like the image tokens."""
+        labels = torch.zeros(self.grid, self.grid, len(self.heads) + 2, dtype=torch.long)
+        centres = (torch.arange(self.grid) + 0.5) * self.cell
+        labels[:, :, -2] = (centres >= self.grid * self.cell / 2).long()[None, :]
+        labels[:, :, -1] = (centres >= self.grid * self.cell / 2).long()[:, None]
+        for obj in self.graphs[image_id]["objects"].values():
+            inside_x = (centres >= obj["x"]) & (centres < obj["x"] + obj["w"])
+            inside_y = (centres >= obj["y"]) & (centres < obj["y"] + obj["h"])
+            cells = inside_y[:, None] & inside_x[None, :]
+            for head, (name, values) in enumerate(self.heads.items()):
+                value = obj["name"] if name == "shape" else next(a for a in obj["attributes"] if a in values)
+                labels[:, :, head][cells] = values.index(value) + 1
+        return labels.reshape(self.grid * self.grid, -1)
+
+
 class Batcher:
     """Turns rows of a GQA-format `datasets.Dataset` into training batches with the real processor."""
 
-    def __init__(self, processor, dataset) -> None:
+    def __init__(self, processor, dataset, targets: PatchTargets | None = None) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.dataset = dataset
+        self.targets = targets
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = self.dataset.select(indices)
@@ -86,7 +126,9 @@ class Batcher:
         input_ids = torch.cat([encoded["input_ids"], answer_ids], dim=1)
         attention_mask = torch.cat([encoded["attention_mask"], answer_mask], dim=1)
         prompt_len = encoded["input_ids"].shape[1]
+        patch_labels = torch.stack([self.targets(i) for i in rows["image_id"]]) if self.targets else None
         return {
+            "patch_labels": patch_labels,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
@@ -95,6 +137,20 @@ class Batcher:
             "answer_mask": answer_mask.bool(),
             "answer_start": torch.tensor(prompt_len - 1),
         }
+
+
+class AuxiliaryHeads(torch.nn.Module):
+    """Linear heads reading the per-patch targets from the projector's output (training only)."""
+
+    def __init__(self, dim: int, sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in sizes.values())
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over heads; `features [B, P, D]`, `labels [B, P, n_heads]`."""
+        losses = [torch.nn.functional.cross_entropy(head(features).flatten(0, 1), labels[..., i].flatten())
+                  for i, head in enumerate(self.heads)]
+        return torch.stack(losses).mean()
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -142,10 +198,16 @@ def train(config: TrainConfig) -> Path:
     tokenizer = build_word_tokenizer(corpus)
     model, processor = build_llava(tokenizer, config.spec, seed=config.seed)
     model.train()
-    batcher, val_batcher = Batcher(processor, train_rows), Batcher(processor, val_rows)
+    vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
+    grid = config.spec.image_size // config.spec.patch_size
+    targets = PatchTargets(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, grid, config.spec.image_size)
+    batcher, val_batcher = Batcher(processor, train_rows, targets), Batcher(processor, val_rows)
+    auxiliary = AuxiliaryHeads(config.spec.text_hidden, targets.sizes())
+    captured = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda module, args, output: captured.update(image=output))
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+    optimizer = torch.optim.AdamW([*model.parameters(), *auxiliary.parameters()], lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -162,17 +224,21 @@ def train(config: TrainConfig) -> Path:
         indices, order = order[: config.batch_size], order[config.batch_size :]
         batch = batcher(indices)
         logits = answer_logits(model, batch)
-        loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]], batch["answer_ids"][batch["answer_mask"]])
+        answer_loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]],
+                                                        batch["answer_ids"][batch["answer_mask"]])
+        patch_loss = auxiliary.loss(captured["image"], batch["patch_labels"])
+        loss = answer_loss + config.patch_loss_weight * patch_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        record = {"step": step + 1, "loss": loss.item(), "lr": schedule.get_last_lr()[0]}
+        progress.set_postfix(answer=f"{answer_loss.item():.3f}", patches=f"{patch_loss.item():.3f}")
+        record = {"step": step + 1, "loss": answer_loss.item(), "patch_loss": patch_loss.item(),
+                  "lr": schedule.get_last_lr()[0]}
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record["val_accuracy"] = first_token_accuracy(model, val_batcher, val_indices)
-            progress.write(f"step {step + 1}: loss {loss.item():.4f}  val accuracy {record['val_accuracy']:.3f}")
+            progress.write(f"step {step + 1}: answer loss {answer_loss.item():.4f}  val accuracy {record['val_accuracy']:.3f}")
         history.append(record)
         if run is not None:
             run.log(record, step=step + 1)

@@ -1,0 +1,61 @@
+"""The model card of a checkpoint trained by `mmscope train`: architecture, data, training, measured accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig
+
+
+def write_model_card(folder: str | Path, evaluation: str, command: str) -> Path:
+    """Write `folder/README.md` from the checkpoint's config, `training.json`, `world.json` and `evaluation`
+    (the table printed by `mmscope evaluate`, produced by `command`)."""
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    training = json.loads((folder / "training.json").read_text())
+    summary, train_config = training["summary"], training["summary"]["config"]
+    world = json.loads((folder / "world.json").read_text())
+    vision, text = config.vision_config, config.text_config
+    grid = vision.image_size // vision.patch_size
+    vocabulary = world["vocabulary"]
+    card = f"""# shapes-llava
+
+A small LLaVA-1.5-style vision-language model trained from scratch by mmscope on its synthetic GQA-format
+world, so that interventions and probes have a real, trained model to act on anywhere (no download needed).
+
+## Architecture
+`LlavaForConditionalGeneration`, {summary['parameters'] / 1e6:.2f} M parameters:
+- vision tower: CLIP ViT, {vision.num_hidden_layers} layers, width {vision.hidden_size}, {vision.image_size}×{vision.image_size} images in
+  {vision.patch_size}-px patches → {grid * grid} image tokens (features of layer {config.vision_feature_layer}, CLS dropped);
+- projector: two-layer GELU MLP;
+- language model: Llama, {text.num_hidden_layers} decoder layers, width {text.hidden_size}, {text.num_attention_heads} heads, vocabulary of {text.vocab_size} words
+  (word-level `tokenizers` tokenizer, lower-cased);
+- prompt: the study's Vicuna-v1 template (system prompt, `USER: <image>\\n{{question}} \\nAnswer the question using a
+  single word or phrase. ASSISTANT:`); processor: `LlavaProcessor` with `LlavaImageProcessorPil`.
+
+## Data
+`mmscope.data.synthesize(n_scenes={world['n_scenes']}, seed={world['seed']}, image_size={world['image_size']})`: scenes of 1–4
+objects — shapes {', '.join(vocabulary['shapes'])}; colours {', '.join(vocabulary['colors'])}; sizes
+{', '.join(vocabulary['sizes'])}; materials {', '.join(vocabulary['materials'])} — with GQA-format questions of the six categories plus colour/shape/size/material
+queries. Splits share no scene: {world['splits']['train']['questions']} training questions
+({world['splits']['train']['scenes']} scenes); validation and test {world['splits']['test']['questions']} questions each.
+
+## Training
+`mmscope train --out DIR --seed {train_config['seed']}` (defaults: {train_config['steps']} steps, batch {train_config['batch_size']},
+AdamW lr {train_config['lr']}, cosine schedule), cross-entropy on the answer tokens, plus a dense auxiliary
+loss on the image tokens (attributes of the object under each patch, from the scene graphs; weight
+{train_config['patch_loss_weight']}) whose heads are discarded. Trained in {summary['minutes']:.0f} minutes on {summary['machine']}.
+Final validation accuracy (teacher-forced whole answer): {summary['final_val_accuracy']:.3f}.
+
+## Evaluation on the held-out test split
+Greedy answers, stripped and lower-cased, against the label; "blank image" replaces every image by a black one.
+`{command}`:
+
+```
+{evaluation}
+```
+"""
+    path = folder / "README.md"
+    path.write_text(card)
+    return path
