@@ -35,7 +35,7 @@ def knockout_report(run: RunDir, counts: dict[str, int], wandb: bool) -> str:
     merged = pd.DataFrame({
         flow: [f"L{int(findings.loc[c, ('worst center', flow)])}: {findings.loc[c, ('mean Δp %', flow)]:+.1f}"
                for c in findings.index]
-        for flow in findings.columns.get_level_values(1).unique()
+        for flow in table["flow"].unique()  # in the order the flows were asked for
     }, index=findings.index)
     lines += [merged.to_string(), "", f"figure: {figure}", f"table:  {run.folder / 'results.parquet'}"]
     return "\n".join(lines)
