@@ -8,17 +8,20 @@ that prefix — system prompt and image, about 95% of the sequence — are the s
 
 Per example the engine therefore
   1. runs the clean pass once: vision tower, every layer's keys and values, the decoder's input embeddings and
-     position ids, and the clean next-token probabilities;
+     position ids, the clean next-token probabilities, and where a suffix may start (below);
   2. asks each variant from which position it can change anything (`Intervention.affected_from`; the earliest
-     over its interventions) and groups variants by that start;
-  3. runs each group as batched suffix passes — one row per variant, over positions start…T-1 only, the clean
-     prefix shared by all rows without copies (`SharedPrefixCache`), position ids continuing the prefix's, and
-     each variant's interventions applied through a `Context` restricted to its row — in batches sized to a
-     memory budget;
-  4. runs variants that start inside the image (or claim nothing, start 0) as plain full forwards, one each.
+     over its interventions) and moves that back to the nearest position a suffix may start from;
+  3. runs the variants of each start as batched suffix passes — one row per variant, over positions start…T-1
+     only, the clean prefix shared by all rows without copies (`SharedPrefixCache`), position ids continuing
+     the prefix's, each variant's interventions applied through a `Context` restricted to its row — in
+     batches sized to a memory budget;
+  4. runs the variants no suffix can serve (start 0) as plain full forwards, one each.
 
-The suffix must lie wholly after the image tokens: some families treat image tokens specially inside the
-decoder (bidirectional blocks, features added after early layers), which a suffix pass would not repeat.
+Where a suffix may start: at a position p only if no earlier position attends to p or beyond in any layer
+(read off the masks of the clean pass, so prefix-LM families whose prompt attends bidirectionally are caught),
+and only after the last image token (some families add image features inside the decoder, which a suffix pass
+would not repeat). Models whose cache cannot be shared (sliding-window or linear-attention layers) or whose
+decoder gets no position ids run every variant as a full forward, with a warning.
 
 `engine="naive"` is the straightforward reference: one full `Model.run` per variant and one for the clean run.
 Both engines agree to float rounding (the suffix computes in other matrix shapes; ≤1e-6 in probability).
@@ -26,6 +29,7 @@ Both engines agree to float rounding (the suffix computes in other matrix shapes
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,9 +38,10 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from mmscope.errors import InputError, known
-from mmscope.experiments.shared_prefix import SharedPrefixCache, shared_prefix_attention_in
+from mmscope.experiments.shared_prefix import SharedPrefixCache, shareable, shared_prefix_attention_in
 from mmscope.inputs import Example
 from mmscope.interventions.base import Context, Intervention
+from mmscope.interventions.masks import additive_mask
 from mmscope.model import Model
 from mmscope.models.adapter import attribute_path
 
@@ -59,6 +64,7 @@ class CleanRun:
     cache: DynamicCache | None = None  # every layer's keys and values, [1, kv_heads, T, head_dim]
     embeds: torch.Tensor | None = None  # the decoder's input embeddings (image features in place), [1, T, D]
     position_ids: torch.Tensor | None = None  # the decoder's position ids, [..., 1, T]
+    suffix_starts: torch.Tensor | None = None  # [T] bool: a suffix pass may start at this position
 
     @property
     def answer_token(self) -> int:
@@ -103,7 +109,7 @@ def run_variants(
         return clean, torch.stack(probs) if probs else clean.probs.new_empty(0, len(clean.probs))
     clean = clean_pass(model, example)
     probs = clean.probs.new_empty(len(variants), len(clean.probs))
-    for batch in plan(model, example, variants, memory_budget_mb):
+    for batch in plan(model, example, clean, variants, memory_budget_mb):
         if batch.start == 0:
             for index in batch.variants:
                 probs[index] = model.next_token_probs(example, variants[index].interventions)
@@ -116,24 +122,47 @@ def run_variants(
 
 
 def clean_pass(model: Model, example: Example) -> CleanRun:
-    """One full forward that keeps every layer's keys and values and the decoder's inputs."""
+    """One full forward that keeps every layer's keys and values, the decoder's inputs and its masks' reach."""
     cache = DynamicCache(config=model.adapter.text_config(model.hf.config))
     inputs = {**model.model_inputs(example), "past_key_values": cache, "use_cache": True}
     decoder = attribute_path(model.envoy, decoder_path(model))
     lm_head = attribute_path(model.envoy, model.adapter.lm_head)
+    ctx = Context(model, example)
     last = last_position(example)
 
-    def readout() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def readout() -> tuple:
         kwargs = decoder.inputs[1]
-        return kwargs["inputs_embeds"], kwargs.get("position_ids"), lm_head.output[0, last].float()
+        reach = torch.full((example.seq_len,), -1, device=model.device)
+        seen = []  # layers usually share one mask object: measure each distinct mask once
+        for layer in range(model.n_layers):
+            args, attention_kwargs = ctx.attention(layer).inputs
+            mask = attention_kwargs.get("attention_mask")
+            if not any(mask is other for other in seen):
+                seen.append(mask)
+                hidden = args[0] if args else attention_kwargs["hidden_states"]
+                reach = torch.maximum(reach, latest_key(additive_mask(mask, hidden)))
+        return kwargs["inputs_embeds"], kwargs.get("position_ids"), reach, lm_head.output[0, last].float()
 
-    embeds, position_ids, logits = model.run_inputs(inputs, [], readout)
-    if position_ids is None:
-        raise InputError(
-            f"the language model at {decoder_path(model)!r} received no position ids, so a suffix pass cannot "
-            "continue them; use engine='naive'"
+    embeds, position_ids, reach, logits = model.run_inputs(inputs, [], readout)
+    starts = torch.zeros(example.seq_len, dtype=torch.bool)
+    positions = torch.arange(1, example.seq_len)
+    starts[1:] = reach.cpu().cummax(0).values[:-1] < positions
+    starts[: max(example.layout.get("image", [0])) + 1] = False
+    if not shareable(cache) or position_ids is None:
+        warnings.warn(
+            f"{model.name}: the prefix engine needs full attention in every layer and the decoder's position ids; "
+            "every variant runs as a full forward",
+            stacklevel=3,
         )
-    return CleanRun(logits.softmax(-1), cache, embeds, position_ids)
+        starts[:] = False
+    return CleanRun(logits.softmax(-1), cache, embeds, position_ids, starts)
+
+
+def latest_key(mask: torch.Tensor) -> torch.Tensor:
+    """Per query of an additive mask `[B, h, T, T]`, the latest key position any row or head attends to, `[T]`."""
+    attended = mask > torch.finfo(mask.dtype).min
+    keys = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(attended, keys, -1).amax(-1).flatten(0, 1).amax(0)
 
 
 def suffix_pass(model: Model, example: Example, clean: CleanRun, start: int, variants: Sequence[Variant]) -> torch.Tensor:
@@ -159,23 +188,23 @@ def suffix_pass(model: Model, example: Example, clean: CleanRun, start: int, var
     return logits.softmax(-1)
 
 
-def plan(model: Model, example: Example, variants: Sequence[Variant], memory_budget_mb: float) -> list[Batch]:
+def plan(model: Model, example: Example, clean: CleanRun, variants: Sequence[Variant],
+         memory_budget_mb: float) -> list[Batch]:
     """Group variants by the position their suffix starts from, in batches that fit `memory_budget_mb`.
 
-    A variant starts at the earliest `affected_from` of its interventions; one that reaches the image tokens
-    (or claims nothing) starts at 0 and runs as a full forward. Later starts come first.
+    A variant starts at the latest position a suffix may start from (`clean.suffix_starts`) at or before the
+    earliest `affected_from` of its interventions; where there is none it starts at 0 and runs as a full
+    forward. Later starts come first.
     """
     last = last_position(example)
-    image = example.layout.get("image", [])
-    earliest = max(image) + 1 if image else 1
-    starts = {}
+    groups: dict[int, list[int]] = {}
     for index, variant in enumerate(variants):
-        start = min((intervention.affected_from(example) for intervention in variant.interventions), default=last)
-        start = min(start, last)
-        starts.setdefault(start if start >= earliest else 0, []).append(index)
+        claim = min((intervention.affected_from(example) for intervention in variant.interventions), default=last)
+        allowed = torch.nonzero(clean.suffix_starts[: min(claim, last) + 1]).flatten()
+        groups.setdefault(int(allowed[-1]) if len(allowed) else 0, []).append(index)
     batches = []
-    for start in sorted(starts, reverse=True):
-        indices = starts[start]
+    for start in sorted(groups, reverse=True):
+        indices = groups[start]
         size = len(indices) if start == 0 else rows_within(model, example.seq_len - start, example.seq_len,
                                                            memory_budget_mb)
         batches += [Batch(start, tuple(indices[i : i + size])) for i in range(0, len(indices), size)]

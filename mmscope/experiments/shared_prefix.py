@@ -71,7 +71,7 @@ class SharedPrefixCache(Cache):
     """The first `length` positions of a clean `cache` (batch 1), shared by every row of the next forward."""
 
     def __init__(self, cache: Cache, length: int) -> None:
-        if any(cache.is_sliding) or any(cache.is_linear):
+        if not shareable(cache):
             raise UnsupportedModelError(
                 "the prefix engine needs full attention in every layer; this model's cache has sliding-window or "
                 "linear-attention layers — use engine='naive'"
@@ -79,6 +79,11 @@ class SharedPrefixCache(Cache):
         super().__init__(
             layers=[SharedPrefixLayer(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
         )
+
+
+def shareable(cache: Cache) -> bool:
+    """Whether every layer of `cache` keeps all positions' keys and values (no sliding window, no recurrence)."""
+    return not any(cache.is_sliding) and not any(cache.is_linear)
 
 
 def shared_prefix_attention(
@@ -90,10 +95,10 @@ def shared_prefix_attention(
     scaling: float,
     dropout: float = 0.0,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, None]:
     """Eager attention of `query [n, heads, S, d]` over a shared prefix and per-row suffix keys.
 
-    Returns the output `[n, S, heads, d]` and the weights `[n, heads, S, p + S]`, as eager attention does.
+    Returns the output `[n, S, heads, d]` (and no weights, as SDPA attention does).
     """
     if not isinstance(key, PrefixedStates):
         raise RuntimeError(f"{IMPLEMENTATION} attention runs only over a SharedPrefixCache")
@@ -106,25 +111,26 @@ def shared_prefix_attention(
     rows, heads, queries, head_dim = query.shape
     kv_heads, prefix = key.prefix.shape[1], key.prefix.shape[2]
     group = heads // kv_heads
-    # [n, kv, g·S, d] -> [kv, n·g·S, d]: all rows and grouped heads as queries of one product per key head
-    folded = query.reshape(rows, kv_heads, group * queries, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
-    prefix_scores = torch.matmul(folded, key.prefix[0].transpose(1, 2))
-    prefix_scores = prefix_scores.view(kv_heads, rows, group, queries, prefix).transpose(0, 1)
-    grouped = query.reshape(rows, kv_heads, group, queries, head_dim)
-    suffix_scores = torch.matmul(grouped, key.suffix.unsqueeze(2).transpose(-1, -2))  # [n, kv, g, S, S]
-    scores = torch.cat([prefix_scores, suffix_scores], dim=-1).view(rows, heads, queries, prefix + queries)
+    # Scores live as [kv_heads, rows, group, S, p + S]: for each key head, the prefix block of every row and
+    # grouped query head is one strided [rows·group·S, p] matrix, which one product writes in place.
+    grouped = query.reshape(rows, kv_heads, group, queries, head_dim).transpose(0, 1)
+    scores = query.new_empty(kv_heads, rows, group, queries, prefix + queries)
+    folded_rows = rows * group * queries
+    torch.matmul(grouped.reshape(kv_heads, folded_rows, head_dim), key.prefix[0].transpose(1, 2),
+                 out=scores[..., :prefix].view(kv_heads, folded_rows, prefix))
+    suffix_keys = key.suffix.transpose(0, 1).unsqueeze(2)  # [kv, n, 1, S, d]
+    scores[..., prefix:] = torch.matmul(grouped, suffix_keys.transpose(-1, -2))
     scores.mul_(scaling)
-    if attention_mask is not None:
-        scores.add_(attention_mask)
+    if attention_mask is not None:  # [n, 1 or heads, S, p + S], laid out like the scores
+        per_head = attention_mask.shape[1] > 1
+        mask = attention_mask.view(rows, kv_heads if per_head else 1, group if per_head else 1, queries, -1)
+        scores.add_(mask.transpose(0, 1))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
-    prefix_weights = weights[..., :prefix].reshape(rows, kv_heads, group * queries, prefix)
-    prefix_weights = prefix_weights.transpose(0, 1).reshape(kv_heads, -1, prefix)
-    prefix_out = torch.matmul(prefix_weights, value.prefix[0])
-    prefix_out = prefix_out.view(kv_heads, rows, group, queries, head_dim).transpose(0, 1)
-    suffix_weights = weights[..., prefix:].reshape(rows, kv_heads, group, queries, queries)
-    output = prefix_out + torch.matmul(suffix_weights, value.suffix.unsqueeze(2))
-    return output.reshape(rows, heads, queries, head_dim).transpose(1, 2).contiguous(), weights
+    output = torch.matmul(weights[..., :prefix].view(kv_heads, folded_rows, prefix), value.prefix[0])
+    output = output.view(kv_heads, rows, group, queries, head_dim)
+    output += torch.matmul(weights[..., prefix:], value.suffix.transpose(0, 1).unsqueeze(2))
+    return output.permute(1, 3, 0, 2, 4).reshape(rows, queries, heads, head_dim), None
 
 
 @contextmanager

@@ -1,0 +1,174 @@
+"""The sweep engine: the prefix engine gives every variant the probabilities the naive loop gives it.
+
+Each test sweeps variants of one example with both engines and compares per variant (≤ 1e-6 in float32), and
+checks through `plan` which path each variant took: a batched suffix pass from a start after the image, or a
+full forward for variants that reach into the prefix or claim nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import scene
+
+import mmscope
+from mmscope.errors import InputError
+from mmscope.experiments.engine import ENGINES, Variant, clean_pass, plan, run_variants
+from mmscope.experiments.shared_prefix import SharedPrefixCache
+from mmscope.interventions import ActivationPatch, Context, Intervention, Knockout, SkipLayers, knockout_window
+
+TOLERANCE = 1e-6
+AFTER_PREFIX = (("image", "last"), ("question", "last"), ("last", "last"), ("image", "question"),
+                ("object", "question"))
+INTO_PREFIX = (("image", "image"), ("system", "image"), ("other_patches", "object"))
+
+
+def sweep(model, flows, k=3, heads=None, centers=None) -> list[Variant]:
+    return [
+        Variant((f"{source}->{target}", center),
+                (Knockout(source, target, knockout_window(center, k, model.n_layers), heads, keep_self=source != target),))
+        for source, target in flows
+        for center in (centers or range(model.n_layers))
+    ]
+
+
+def both_engines(model, example, variants, **options):
+    clean, probs = run_variants(model, example, variants, **options)
+    naive_clean, naive = run_variants(model, example, variants, engine="naive")
+    return clean, probs, naive_clean, naive
+
+
+def starts(model, example, variants, budget=1024) -> dict[tuple, int]:
+    batches = plan(model, example, clean_pass(model, example), variants, budget)
+    return {variants[index].key: batch.start for batch in batches for index in batch.variants}
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["short", "long"])
+def test_knockouts_after_the_prefix_run_as_suffix_passes_and_equal_the_naive_loop(tiny, examples, which):
+    example = examples[which]
+    variants = sweep(tiny, AFTER_PREFIX, centers=(0, 2))
+    clean, probs, naive_clean, naive = both_engines(tiny, example, variants)
+    assert torch.allclose(clean.probs, naive_clean.probs, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    assert (naive - naive_clean.probs).abs().amax(-1).min() > 1e-6, "every knockout must change the output"
+    image_end = max(example.layout["image"]) + 1
+    assert all(start >= image_end for start in starts(tiny, example, variants).values())
+
+
+def test_knockouts_reaching_into_the_prefix_fall_back_to_full_forwards_and_equal_the_naive_loop(tiny, examples):
+    example = examples[1]
+    variants = sweep(tiny, INTO_PREFIX + AFTER_PREFIX[:2], centers=(1,))
+    clean, probs, _, naive = both_engines(tiny, example, variants)
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    for (flow, _), start in starts(tiny, example, variants).items():
+        assert (start == 0) == (flow.split("->")[1] in ("image", "object")), flow
+
+
+def test_head_subsets_equal_the_naive_loop(tiny, examples):
+    variants = sweep(tiny, (("image", "last"), ("image", "question")), heads=(1, 3), centers=(1, 2))
+    _, probs, _, naive = both_engines(tiny, examples[0], variants)
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+
+
+def test_grouped_query_attention_equals_the_naive_loop(padded_folder):
+    model = mmscope.load(padded_folder)
+    example = model.prepare(scene(seed=5), "What color is the cube?")
+    variants = sweep(model, (("image", "last"), ("image", "question")), centers=(0, 1))
+    _, probs, _, naive = both_engines(model, example, variants)
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+
+
+def test_an_sdpa_model_equals_its_naive_loop(tiny_sdpa, examples):
+    example = tiny_sdpa.prepare(scene(seed=1), "Is the cube red or blue?")
+    _, probs, _, naive = both_engines(tiny_sdpa, example, sweep(tiny_sdpa, (("image", "last"), ("image", "question")), centers=(1, 2)))
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+
+
+def test_a_small_memory_budget_splits_batches_without_changing_results(tiny, examples):
+    example = examples[0]
+    variants = sweep(tiny, AFTER_PREFIX[:2])
+    one_batch = plan(tiny, example, clean_pass(tiny, example), variants, 1024)
+    one_row_each = plan(tiny, example, clean_pass(tiny, example), variants, 1e-3)
+    assert len(one_batch) == 1 and len(one_row_each) == len(variants)
+    _, large = run_variants(tiny, example, variants)
+    _, small = run_variants(tiny, example, variants, memory_budget_mb=1e-3)
+    assert torch.allclose(large, small, atol=TOLERANCE, rtol=0)
+
+
+def test_the_prefix_is_shared_by_every_row_not_copied(tiny, examples):
+    clean = clean_pass(tiny, examples[0])
+    shared = SharedPrefixCache(clean.cache, 40)
+    for kept, full in zip(shared.layers, clean.cache.layers, strict=True):
+        assert kept.prefix_keys.data_ptr() == full.keys.data_ptr()
+        assert kept.prefix_keys.shape[-2] == 40
+
+
+@dataclass(frozen=True)
+class ScaleQuestion(Intervention):
+    """Scale the residual stream at question positions after `layer`; it declares where it starts."""
+
+    factor: float
+    layer: int
+
+    def apply(self, ctx: Context) -> None:
+        ctx.residual(self.layer)[ctx.positions("question")] *= self.factor
+
+    def affected_from(self, example) -> int:
+        return int(example.positions("question", 0).min())
+
+
+@dataclass(frozen=True)
+class ScaleImage(Intervention):
+    """Scale the residual stream at image positions after `layer`; it claims nothing."""
+
+    factor: float
+    layer: int
+
+    def apply(self, ctx: Context) -> None:
+        ctx.residual(self.layer)[ctx.positions("image")] *= self.factor
+
+
+def test_user_interventions_run_on_their_own_row_or_fall_back_when_they_claim_nothing(tiny, examples):
+    example = examples[0]
+    layers = range(tiny.n_layers - 2)  # later, question positions have (almost) no way left to the answer
+    variants = [Variant(("question", layer), (ScaleQuestion(0.5, layer),)) for layer in layers]
+    variants += [Variant(("image", 1), (ScaleImage(0.5, 1),)), Variant(("skip",), (SkipLayers((1,)),))]
+    variants += sweep(tiny, AFTER_PREFIX[:1])
+    _, probs, naive_clean, naive = both_engines(tiny, example, variants)
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    assert (naive[: len(layers) + 2] - naive_clean.probs).abs().amax(-1).min() > 1e-6
+    question_start = example.layout["question"][0]
+    assert starts(tiny, example, variants) == {
+        **{("question", layer): question_start for layer in layers},
+        ("image", 1): 0, ("skip",): 0, **{variant.key: example.seq_len - 1 for variant in variants[-4:]},
+    }
+
+
+def test_variants_of_several_interventions_start_at_the_earliest(tiny, examples):
+    example = examples[1]
+    both = (Knockout("image", "last", (1, 2)), Knockout("question", "instruction", (0, 1)))
+    variants = [Variant(("both",), both), Variant(("none",), ())]
+    clean, probs, _, naive = both_engines(tiny, example, variants)
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(probs[1], clean.probs, atol=TOLERANCE, rtol=0)
+    assert starts(tiny, example, variants)[("both",)] == example.layout["instruction"][0]
+
+
+def test_a_batch_1_patch_has_no_target_row_and_changes_nothing(tiny, examples):
+    variants = [Variant(("patch",), (ActivationPatch("residual", (1,), "last"),))]
+    clean, probs, _, naive = both_engines(tiny, examples[0], variants)
+    assert torch.allclose(probs[0], clean.probs, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+
+
+def test_bad_engine_budget_and_batches_are_named(tiny, examples):
+    with pytest.raises(InputError, match=f"unknown engine 'fast'; known: {', '.join(ENGINES)}"):
+        run_variants(tiny, examples[0], [], engine="fast")
+    with pytest.raises(InputError, match="batch of 2"):
+        run_variants(tiny, examples[2], [])
+    with pytest.raises(InputError, match="memory_budget_mb must be positive"):
+        run_variants(tiny, examples[0], [], memory_budget_mb=0)
+    clean, probs = run_variants(tiny, examples[0], [])
+    assert probs.shape == (0, len(clean.probs))
