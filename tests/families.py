@@ -23,6 +23,10 @@ from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    Emu3Config,
+    Emu3ForConditionalGeneration,
+    Emu3ImageProcessor,
+    Emu3Processor,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessorPil,
@@ -65,6 +69,7 @@ from transformers import (
 )
 
 from mmscope.models.build import build_word_tokenizer
+from mmscope.models.emu3 import EMU3_CHAT
 from mmscope.models.gemma3 import GEMMA3_CHAT
 from mmscope.models.idefics3 import IDEFICS3_CHAT
 from mmscope.models.kosmos2 import KOSMOS2_VQA
@@ -349,6 +354,39 @@ def build_kosmos2(folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Kosmos2ForConditionalGeneration(config).eval()
+    return save(model, processor, folder)
+
+
+# --- Emu3 ---------------------------------------------------------------------------------------------------------
+EMU3_SPECIALS = ("<image>", "<|image start|>", "<|image end|>", "<|image token|>", "<|extra_200|>", "<|extra_201|>")
+EMU3_CODES = 32
+
+
+def build_emu3(folder: Path, seed: int = 3) -> Path:
+    """Emu3: a VQ-VAE with 8x downsampling and 32 codes (visual tokens in the vocabulary), a Llama-like decoder.
+
+    The seed is one whose greedy answers do not emit the `<image>` placeholder, which a random model may and
+    which Emu3 then rejects as an image without pixels."""
+    visual = [f"<|visual token {code:06d}|>" for code in range(EMU3_CODES)]
+    tokenizer = word_tokenizer(
+        [template_text(EMU3_CHAT), *QUESTIONS, "0 1 2 3 4 5 6 7 8 9 *"], [*EMU3_SPECIALS, *visual],
+        bos="<|extra_203|>", eos="<|extra_204|>", pad="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+                              "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"},
+    )
+    vq = dict(codebook_size=EMU3_CODES, embed_dim=4, latent_channels=4, base_channels=32,
+              channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], temporal_downsample_factor=2,
+              hidden_size=32, num_attention_heads=1)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Emu3Config(vq_config=vq, text_config=text, vocabulary_map=tokenizer.get_vocab())
+    torch.manual_seed(seed)
+    model = Emu3ForConditionalGeneration(config).eval()
+    image_processor = Emu3ImageProcessor(min_pixels=16 * 16, max_pixels=48 * 48, spatial_factor=8)
+    processor = Emu3Processor(image_processor=image_processor, tokenizer=tokenizer)
     return save(model, processor, folder)
 
 

@@ -18,6 +18,7 @@ from conftest import scene
 from families import (
     QUESTIONS,
     Family,
+    build_emu3,
     build_gemma3,
     build_idefics3,
     build_kosmos2,
@@ -56,6 +57,7 @@ FAMILIES = {
     "idefics3": Family("idefics3", build_idefics3, layers=text_layers, count_includes_markers=True),
     "kosmos2": Family("kosmos2", build_kosmos2, layers=lambda m: m.text_model.model.layers, mlp="ffn",
                       first_position=None),
+    "emu3": Family("emu3", build_emu3, layers=text_layers),
     "smolvlm": Family(
         "idefics3", functools.partial(build_idefics3, smolvlm=True), layers=text_layers, count_includes_markers=True
     ),
@@ -233,7 +235,8 @@ def test_truncation_at_the_last_layer_equals_the_normal_output(loaded):
 def test_greedy_answer_equals_hf_generate(loaded):
     first, model = loaded.examples[0], loaded.model
     with torch.no_grad():
-        ids = loaded.plain.generate(**first.inputs, max_new_tokens=3, do_sample=False)
+        stop = [model.tokenizer.eos_token_id, model.tokenizer.pad_token_id]  # generate_answer stops at either
+        ids = loaded.plain.generate(**first.inputs, max_new_tokens=3, do_sample=False, eos_token_id=stop)
     expected = model.tokenizer.decode(ids[0, first.seq_len :], skip_special_tokens=True).strip()
     assert model.generate_answer(first, max_new_tokens=3) == expected
 
@@ -492,3 +495,46 @@ def test_kosmos2_image_tokens_are_where_the_position_mask_puts_the_image(kosmos2
 def test_kosmos2_boxes_are_refused_with_the_reason(kosmos2):
     with pytest.raises(InputError, match="latent queries"):
         kosmos2.model.prepare(scene(), QUESTIONS[0], boxes=[(0, 0, 10, 10)])
+
+
+# --- Emu3 ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def emu3(tmp_path_factory) -> Loaded:
+    return load_family("emu3", tmp_path_factory)
+
+
+def test_emu3_image_tokens_are_vq_codes_with_row_newlines_from_the_models_own_tokenizer(emu3):
+    model, first = emu3.model, emu3.examples[0]
+    layout = first.layout
+    assert words(model, first, 0, "image_markers") == [
+        "<|image start|>", "4", "*", "5", "<|image token|>", "<|extra_201|>", "<|image end|>"]
+    with torch.no_grad():
+        codes = model.hf.model.get_image_tokens(first.inputs["pixel_values"], first.inputs["image_sizes"])
+    assert len(codes) == len(layout["image"])
+    eol = model.tokenizer.convert_tokens_to_ids("<|extra_200|>")
+    image_positions = torch.tensor(layout["image"])
+    assert layout["image_newline"] == image_positions[codes == eol].tolist()
+    visual = model.tokenizer.convert_ids_to_tokens(codes[codes != eol].tolist())
+    assert all(token.startswith("<|visual token") for token in visual), "image tokens are vocabulary entries"
+
+
+@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+def test_emu3_boxes_select_the_codes_of_the_cells_they_cover(emu3, where):
+    model = emu3.model
+    width, height = 40, 30
+    box = {"top-left": (0, 0, 12, 9), "bottom-right": (28, 21, 12, 9), "centre": (13, 9, 14, 12)}[where]
+    image = scene(width, height)
+    example = model.prepare(image, QUESTIONS[0], boxes=[box])
+    layout = example.layout
+    blank = Image.new("RGB", image.size, (0, 0, 0))
+    drawn = blank.copy()
+    drawn.paste((255, 255, 255), (box[0], box[1], box[0] + box[2], box[1] + box[3]))
+    processor = model.processor.image_processor
+    change = (processor(drawn, return_tensors="pt")["pixel_values"] - processor(blank, return_tensors="pt")["pixel_values"])
+    factor = model.hf.model.vqmodel.vision_spatial_factor
+    per_cell = change[0].abs().amax(0).unfold(0, factor, factor).unfold(1, factor, factor).amax((-1, -2))
+    per_cell = torch.cat([per_cell, torch.full((len(per_cell), 1), -1.0)], dim=1).flatten()  # newline column
+    image_positions = torch.tensor(layout["image"])
+    strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()
+    assert set(strongly) <= set(layout["object"]) <= set(at_all)
+    assert sorted(layout["object"] + layout["other_patches"] + layout["image_newline"]) == layout["image"]

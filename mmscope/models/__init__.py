@@ -7,6 +7,7 @@ from mmscope.models import gemma3  # noqa: F401
 from mmscope.models import paligemma  # noqa: F401
 from mmscope.models import idefics3  # noqa: F401
 from mmscope.models import kosmos2  # noqa: F401
+from mmscope.models import emu3  # noqa: F401
 from mmscope.models.adapter import Adapter, adapter_for, register, supported_families
 
 __all__ = ["Adapter", "adapter_for", "register", "supported_families"]
