@@ -105,7 +105,9 @@ class AnswerScore:
 
 
 class Model:
-    """A VLM under nnsight with its family adapter. Build with `mmscope.load`."""
+    """A VLM under nnsight with its family adapter. Build with `mmscope.load`, or — for a model `load` cannot
+    build, such as a `trust_remote_code` one — from the Hugging Face model, its processor (or bare tokenizer)
+    and an adapter: `Model(hf_model, processor, GenericAdapter(...))`."""
 
     def __init__(self, hf_model, processor, adapter: Adapter, name: str = "") -> None:
         implementation = adapter.text_config(hf_model.config)._attn_implementation
@@ -116,7 +118,7 @@ class Model:
             )
         self.hf = hf_model
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.adapter = adapter
         self.name = name
         self.envoy = NNsight(hf_model)
