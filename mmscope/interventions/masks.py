@@ -14,7 +14,8 @@ def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tens
     """The mask a self-attention receives, as an additive `[B, 1 or H, Q, K]` tensor in `hidden`'s dtype.
 
     `None` (an SDPA model that relies on `is_causal`) becomes the causal mask for `Q = K = hidden.shape[1]`;
-    a boolean mask (True = attend) becomes 0 / minimum.
+    a boolean mask (True = attend) becomes 0 / minimum; a padding mask broadcast over queries (`Q = 1` for a
+    longer input, as GPT-2-style remote code passes while applying causality itself) is expanded to all queries.
     """
     dtype = hidden.dtype
     minimum = torch.finfo(dtype).min
@@ -22,6 +23,8 @@ def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tens
         length = hidden.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
         mask = causal[None, None].expand(hidden.shape[0], 1, length, length)
+    if mask.shape[-2] == 1 and hidden.shape[1] > 1:
+        mask = mask.expand(*mask.shape[:-2], hidden.shape[1], mask.shape[-1])
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=dtype, device=mask.device)
         return torch.where(mask, zero, torch.tensor(minimum, dtype=dtype, device=mask.device))
