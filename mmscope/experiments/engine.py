@@ -214,16 +214,16 @@ def plan(model: Model, example: Example, clean: CleanRun, variants: Sequence[Var
 def rows_within(model: Model, queries: int, keys: int, memory_budget_mb: float) -> int:
     """How many variant rows of a suffix pass (`queries` positions over `keys`) fit `memory_budget_mb` (≥ 1).
 
-    Per row, an estimate of what a suffix pass holds at its peak: the suffix's keys and values in every layer,
-    one layer's attention scores, float32 weights, their prefix copy and an edited mask, the MLP's and the
-    residual's activations, and the logits.
+    Per row, an estimate of what a suffix pass holds at its peak: the suffix's keys and values in every layer;
+    one layer's scores, weights (float32 and model dtype) and edited per-head mask; the MLP's and the
+    residual's activations; and the logits (model dtype and float32).
     """
     config = model.adapter.text_config(model.hf.config)
     size = model.hf.dtype.itemsize
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     cache = model.n_layers * 2 * queries * kv_heads * head_dim * size
-    attention = 3 * config.num_attention_heads * queries * keys * size + config.num_attention_heads * queries * keys * 4
+    attention = config.num_attention_heads * queries * keys * (3 * size + 4)
     activations = queries * (3 * config.intermediate_size + 6 * config.hidden_size) * size
     logits = queries * config.vocab_size * (size + 4)
     return max(1, int(memory_budget_mb * 2**20 // (cache + attention + activations + logits)))

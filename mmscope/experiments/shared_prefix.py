@@ -123,7 +123,8 @@ def shared_prefix_attention(
     scores.mul_(scaling)
     if attention_mask is not None:  # [n, 1 or heads, S, p + S], laid out like the scores
         per_head = attention_mask.shape[1] > 1
-        mask = attention_mask.view(rows, kv_heads if per_head else 1, group if per_head else 1, queries, -1)
+        mask = attention_mask.view(len(attention_mask), kv_heads if per_head else 1, group if per_head else 1,
+                                   queries, -1)
         scores.add_(mask.transpose(0, 1))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
