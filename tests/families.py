@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessorPil,
@@ -388,6 +388,24 @@ def build_emu3(folder: Path, seed: int = 3) -> Path:
     image_processor = Emu3ImageProcessor(min_pixels=16 * 16, max_pixels=48 * 48, spatial_factor=8)
     processor = Emu3Processor(image_processor=image_processor, tokenizer=tokenizer)
     return save(model, processor, folder)
+
+
+# --- a byte-level tokenizer (tiktoken-like: decodes back to the text exactly) -------------------------------------
+def byte_tokenizer(special_tokens: Iterable[str] = ("<image>",)) -> PreTrainedTokenizerFast:
+    """One token per byte plus special tokens, BOS `<s>` in front; decoding gives the text back exactly."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *special_tokens]
+    vocab = {token: i for i, token in enumerate([*specials, *sorted(alphabet)])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return fast
 
 
 # --- the oracle -------------------------------------------------------------------------------------------------

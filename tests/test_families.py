@@ -17,6 +17,7 @@ import torch
 from conftest import scene
 from families import (
     QUESTIONS,
+    byte_tokenizer,
     Family,
     build_emu3,
     build_gemma3,
@@ -32,10 +33,13 @@ from families import (
     plain_model,
 )
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 
 import mmscope
 from mmscope.errors import InputError
 from mmscope.interventions import ActivationPatch, Knockout, Truncate
+from mmscope.models.build import TinyLlavaSpec, build_llava, save_llava
+from mmscope.models.generic import GenericAdapter
 
 TOLERANCE = 1e-6
 def language_layers(model):
@@ -339,8 +343,8 @@ def merged_block_change(model, image, box):
 
 @pytest.mark.parametrize("size", [(40, 30), (30, 50)])
 @pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
-def test_qwen_boxes_select_the_merged_blocks_they_cover(qwen, size, where):
-    model = qwen.model
+def test_qwen_boxes_select_the_merged_blocks_they_cover(tmp_path_factory, size, where):
+    model = load_family("qwen2_vl", tmp_path_factory).model  # one geometry for the three generations
     width, height = size
     box = {
         "top-left": (0, 0, 12, 9),
@@ -453,8 +457,8 @@ def test_idefics3_batch_of_images_with_different_tile_counts_equals_single_runs(
 
 @pytest.mark.parametrize("size", [(40, 30), (60, 20)])
 @pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
-def test_idefics3_boxes_select_cells_in_every_tile_and_the_global_view(idefics3, size, where):
-    model = idefics3.model
+def test_idefics3_boxes_select_cells_in_every_tile_and_the_global_view(tmp_path_factory, size, where):
+    model = load_family("idefics3", tmp_path_factory).model  # SmolVLM's geometry is the same
     width, height = size
     box = {
         "top-left": (0, 0, 12, 9),
@@ -538,3 +542,68 @@ def test_emu3_boxes_select_the_codes_of_the_cells_they_cover(emu3, where):
     strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()
     assert set(strongly) <= set(layout["object"]) <= set(at_all)
     assert sorted(layout["object"] + layout["other_patches"] + layout["image_newline"]) == layout["image"]
+
+
+# --- the generic adapter ------------------------------------------------------------------------------------------
+class NoOffsetsTokenizer(PreTrainedTokenizerFast):
+    """A tokenizer that, like a slow (remote-code) one, cannot report character offsets."""
+
+    def __call__(self, *args, return_offsets_mapping=False, **kwargs):
+        if return_offsets_mapping:
+            raise NotImplementedError("no offsets")
+        return super().__call__(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def byte_llava(tmp_path_factory):
+    """A tiny LLaVA whose tokenizer is byte-level (decodes back to its text, as tiktoken does)."""
+    model, processor = build_llava(byte_tokenizer(), TinyLlavaSpec(), seed=2)
+    return save_llava(model, processor, tmp_path_factory.mktemp("byte-llava"))
+
+
+def generic_model(folder, tokenizer, **fields) -> mmscope.Model:
+    """The checkpoint as a tokenizer-only model that no registered adapter is used for: fields say it all."""
+    hf = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    adapter = GenericAdapter(
+        layers="model.language_model.layers", final_norm="model.language_model.norm", lm_head="lm_head",
+        image_text=lambda image: "<image>" * 16,
+        image_inputs=lambda tokenizer, image: image_processor(image, return_tensors="pt"),
+        **({"image_id": image_id} | fields),
+    )
+    return mmscope.Model(hf, tokenizer, adapter)
+
+
+@pytest.mark.parametrize("offsets", ["from the tokenizer", "from decoding"])
+def test_generic_adapter_by_fields_equals_the_registered_llava_adapter(byte_llava, offsets):
+    registered = mmscope.load(byte_llava)
+    tokenizer = AutoTokenizer.from_pretrained(byte_llava)
+    if offsets == "from decoding":
+        tokenizer.__class__ = NoOffsetsTokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    generic = generic_model(byte_llava, tokenizer, find_image=lambda ids: torch.nonzero(ids == image_id).flatten())
+    examples = [(scene(40, 30, seed=1), QUESTIONS[0]), (scene(30, 50, seed=2), QUESTIONS[1])]
+    ours = generic.batch([generic.prepare(image, question) for image, question in examples])
+    reference = registered.batch([registered.prepare(image, question) for image, question in examples])
+    assert torch.equal(ours.inputs["input_ids"], reference.inputs["input_ids"])
+    assert ours.layouts == reference.layouts
+    knockout = [Knockout("image", "last", (1, 2)), Knockout("question", "last", (3,))]
+    assert torch.allclose(generic.next_token_probs(ours, knockout), registered.next_token_probs(reference, knockout),
+                          atol=TOLERANCE, rtol=0)
+    assert torch.equal(generic.next_token_probs(ours, [Truncate(3)]), generic.next_token_probs(ours))
+
+
+def test_a_padding_mask_broadcast_over_queries_is_knocked_out_per_query():
+    from mmscope.interventions.masks import additive_mask, block
+
+    hidden = torch.zeros(2, 5, 8)
+    padding = torch.zeros(2, 1, 1, 5)
+    padding[1, ..., 0] = torch.finfo(torch.float32).min  # row 1 is left-padded by one
+    mask = additive_mask(padding, hidden)
+    assert mask.shape == (2, 1, 5, 5)
+    blocked = torch.zeros(2, 5, 5, dtype=torch.bool)
+    blocked[:, 4, 2] = True
+    edited = block(mask, blocked, None, 1)
+    assert (edited[:, 0, 4, 2] == torch.finfo(torch.float32).min).all()
+    assert (edited[:, 0, 3, 2] == 0).all() and edited[1, 0, 3, 0] == torch.finfo(torch.float32).min

@@ -9,5 +9,6 @@ from mmscope.models import idefics3  # noqa: F401
 from mmscope.models import kosmos2  # noqa: F401
 from mmscope.models import emu3  # noqa: F401
 from mmscope.models.adapter import Adapter, adapter_for, register, supported_families
+from mmscope.models.generic import GenericAdapter
 
-__all__ = ["Adapter", "adapter_for", "register", "supported_families"]
+__all__ = ["Adapter", "GenericAdapter", "adapter_for", "register", "supported_families"]
