@@ -60,7 +60,8 @@ def prompt_positions(prompt: str, prepared: str, special_tokens: Sequence[str] =
     )
     for operation, start, end, prepared_start, prepared_end in matcher.get_opcodes():
         if operation == "equal":
-            for (s, e), (ps, pe) in zip(prompt_atoms[start:end], prepared_atoms[prepared_start:prepared_end], strict=True):
+            pairs = zip(prompt_atoms[start:end], prepared_atoms[prepared_start:prepared_end], strict=True)
+            for (s, e), (ps, pe) in pairs:
                 positions[ps:pe] = range(s, e)
         elif operation != "insert":
             raise InputError(

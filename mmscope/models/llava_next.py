@@ -86,7 +86,8 @@ def _tile_cells(image_processor, patch_size: int) -> torch.Tensor:
         _side(image_processor.crop_size) if image_processor.do_center_crop else (size_height, size_width)
     )
     top, left = (size_height - crop_height) // 2, (size_width - crop_width) // 2
-    r, c = torch.meshgrid(torch.arange(crop_height // patch_size), torch.arange(crop_width // patch_size), indexing="ij")
+    rows, cols = crop_height // patch_size, crop_width // patch_size
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     corners = [c * patch_size + left, r * patch_size + top, (c + 1) * patch_size + left, (r + 1) * patch_size + top]
     return torch.stack(corners, dim=-1).double()
 
@@ -105,7 +106,8 @@ def anyres_rectangles(width: int, height: int, image_processor, config) -> torch
     best_height, best_width = select_best_resolution((height, width), config.image_grid_pinpoints)
     fitted_height, fitted_width = _fitted_size(height, width, best_height, best_width)
     paste_y, paste_x = (best_height - fitted_height) // 2, (best_width - fitted_width) // 2
-    tiles_y, tiles_x = torch.meshgrid(torch.arange(best_height // tile), torch.arange(best_width // tile), indexing="ij")
+    tile_rows, tile_cols = best_height // tile, best_width // tile
+    tiles_y, tiles_x = torch.meshgrid(torch.arange(tile_rows), torch.arange(tile_cols), indexing="ij")
     origin = torch.stack([tiles_x * tile, tiles_y * tile] * 2, dim=-1).double()  # [ty, tx, 4]
     canvas = cells[None, None] + origin[:, :, None, None]  # [ty, tx, g, g, 4]
     canvas = rearrange(canvas, "ty tx gy gx xy -> (ty gy) (tx gx) xy")

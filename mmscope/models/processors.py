@@ -34,7 +34,8 @@ def load_processor_without_video(source: str):
     except ImportError:
         processor_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(source))]
         saved, _ = processor_class.get_processor_dict(source)  # e.g. SmolVLM's image_seq_len
-        accepted = set(inspect.signature(processor_class.__init__).parameters) - {"self", "image_processor", "tokenizer"}
+        accepted = set(inspect.signature(processor_class.__init__).parameters)
+        accepted -= {"self", "image_processor", "tokenizer"}
         settings = {key: value for key, value in saved.items() if key in accepted}
         return image_only(processor_class)(
             image_processor=AutoImageProcessor.from_pretrained(source),
