@@ -56,9 +56,9 @@ class TrainConfig:
     out: str
     data: str | None = None  # a synthetic-world folder; generated into `out/world` when None
     n_scenes: int = 16000
-    steps: int = 1800
+    steps: int = 1200
     batch_size: int = 64
-    lr: float = 1.5e-3
+    lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.05
     seed: int = 0
