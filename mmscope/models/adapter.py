@@ -114,7 +114,7 @@ def adapter_for(model) -> Adapter:
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
             f"no adapter for model type {model_type!r} ({type(model).__name__}); supported: {known(sorted(_REGISTRY))}. "
-            "Pass `adapter=mmscope.models.Adapter(layers=..., final_norm=..., lm_head=...)` to use another model."
+            "Pass `adapter=mmscope.models.GenericAdapter(layers=..., final_norm=..., lm_head=...)` to use another model."
         )
     return _REGISTRY[model_type]
 
