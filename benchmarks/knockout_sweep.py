@@ -3,18 +3,19 @@
 Builds a randomly initialised LLaVA with LLaVA-1.5's sequence geometry — 336-px images in 14-px patches (576
 image tokens), the study's Vicuna prompt around a ~15-word question, 32 decoder layers — but a small hidden
 width, so it runs on a CPU. Then it sweeps 4 flows × every centre layer (window k) over several examples with
-both engines in one process and prints each engine's wall time and peak memory, the speed-up, the token-layer
-bound (how many fewer position × layer steps the prefix engine computes), and the largest difference in any
-next-token probability between the engines. The last line reads `speedup <ratio> bound <ratio> max_abs_dp <v>`.
+both engines in one process, taking turns per example, and prints each engine's wall and CPU time and peak
+memory, the speed-up, the token-layer bound (how many fewer position × layer steps the prefix engine
+computes), and the largest difference in any next-token probability between the engines. The last line reads
+`speedup <ratio> bound <ratio> max_abs_dp <value>`.
 
     python benchmarks/knockout_sweep.py --examples 3 --width 64
     python benchmarks/knockout_sweep.py --device cuda --width 1024 --examples 8
 
 What the model leaves out, and which way it leans: the vision tower is 2 layers (LLaVA-1.5's has 24) and the
 vocabulary holds only the prompts' words (32000 in LLaVA-1.5), which both make the naive full forward cheaper
-than on the real model, so the measured speed-up understates the real one. Peak memory is the process's peak
-resident set above its level when the engine starts (CPU, Linux: freed heap memory is first handed back with
-malloc_trim, the peak reset through /proc/self/clear_refs) or the peak allocated GPU memory above it (CUDA). On a CPU the benchmark uses one thread unless told otherwise: on a machine
+than on the real model, so the measured speed-up understates the real one. Peak memory is the peak of memory
+in use above its level when an engine starts: glibc's live heap, sampled every millisecond (CPU, Linux), or
+allocated GPU memory (CUDA). On a CPU the benchmark uses one thread unless told otherwise: on a machine
 shared with other jobs, a second thread mostly waits for a core, which slows small operations tenfold.
 """
 
@@ -25,8 +26,8 @@ import cProfile
 import ctypes
 import ctypes.util
 import pstats
-import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +72,26 @@ def sweep(model: mmscope.Model, k: int) -> list[Variant]:
     ]
 
 
+class MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2`: heap statistics in bytes."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+LIBC.mallinfo2.restype = MallInfo2
+
+
+def live_heap() -> int:
+    """Bytes the process has allocated and not freed (CPU tensors included): heap chunks plus mmapped ones."""
+    info = LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 class PeakMemory:
-    """Peak memory above the level at entry: GPU allocations on CUDA, the resident set on CPU, in MiB."""
+    """Peak memory above the level at entry, in MiB: allocated GPU memory on CUDA; on CPU the live heap, sampled
+    every millisecond by a thread (the resident set would also count memory freed but kept by the allocator)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -83,24 +102,25 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            # Hand freed heap memory back first, so the baseline holds only live memory; then reset the peak
-            # resident set (VmHWM) to now.
-            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base = _status_kib("VmRSS") * 1024
+            self.base = self.peak = live_heap()
+            self.done = threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
         return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, live_heap())
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = _status_kib("VmHWM") * 1024
+            self.done.set()
+            self.sampler.join()
+            peak = max(self.peak, live_heap())
         self.mib = (peak - self.base) / 2**20
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 @dataclass

@@ -27,8 +27,8 @@ INTO_PREFIX = (("image", "image"), ("system", "image"), ("other_patches", "objec
 
 def sweep(model, flows, k=3, heads=None, centers=None) -> list[Variant]:
     return [
-        Variant((f"{source}->{target}", center),
-                (Knockout(source, target, knockout_window(center, k, model.n_layers), heads, keep_self=source != target),))
+        Variant((f"{source}->{target}", center), (Knockout(
+            source, target, knockout_window(center, k, model.n_layers), heads, keep_self=source != target),))
         for source, target in flows
         for center in (centers or range(model.n_layers))
     ]
@@ -60,7 +60,7 @@ def test_knockouts_after_the_prefix_run_as_suffix_passes_and_equal_the_naive_loo
 def test_knockouts_reaching_into_the_prefix_fall_back_to_full_forwards_and_equal_the_naive_loop(tiny, examples):
     example = examples[1]
     variants = sweep(tiny, INTO_PREFIX + AFTER_PREFIX[:2], centers=(1,))
-    clean, probs, _, naive = both_engines(tiny, example, variants)
+    _, probs, _, naive = both_engines(tiny, example, variants)
     assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
     for (flow, _), start in starts(tiny, example, variants).items():
         assert (start == 0) == (flow.split("->")[1] in ("image", "object")), flow
@@ -80,9 +80,10 @@ def test_grouped_query_attention_equals_the_naive_loop(padded_folder):
     assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
 
 
-def test_an_sdpa_model_equals_its_naive_loop(tiny_sdpa, examples):
+def test_an_sdpa_model_equals_its_naive_loop(tiny_sdpa):
     example = tiny_sdpa.prepare(scene(seed=1), "Is the cube red or blue?")
-    _, probs, _, naive = both_engines(tiny_sdpa, example, sweep(tiny_sdpa, (("image", "last"), ("image", "question")), centers=(1, 2)))
+    variants = sweep(tiny_sdpa, (("image", "last"), ("image", "question")), centers=(1, 2))
+    _, probs, _, naive = both_engines(tiny_sdpa, example, variants)
     assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
 
 

@@ -165,7 +165,8 @@ def latest_key(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attended, keys, -1).amax(-1).flatten(0, 1).amax(0)
 
 
-def suffix_pass(model: Model, example: Example, clean: CleanRun, start: int, variants: Sequence[Variant]) -> torch.Tensor:
+def suffix_pass(model: Model, example: Example, clean: CleanRun, start: int,
+                variants: Sequence[Variant]) -> torch.Tensor:
     """Next-token probs `[n, V]`: one row per variant over positions `start`…T-1, the clean prefix shared."""
     rows = len(variants)
     positions = clean.position_ids[..., start:]

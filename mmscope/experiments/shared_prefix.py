@@ -101,7 +101,7 @@ def shared_prefix_attention(
     Returns the output `[n, S, heads, d]` (and no weights, as SDPA attention does).
     """
     if not isinstance(key, PrefixedStates):
-        raise RuntimeError(f"{IMPLEMENTATION} attention runs only over a SharedPrefixCache")
+        raise TypeError(f"{IMPLEMENTATION} attention runs only over a SharedPrefixCache; got {type(key).__name__} keys")
     extra = sorted(name for name in UNSUPPORTED_TERMS if kwargs.get(name) is not None)
     if extra:
         raise UnsupportedModelError(
