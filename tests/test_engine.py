@@ -45,9 +45,10 @@ def starts(model, example, variants, budget=1024) -> dict[tuple, int]:
     return {variants[index].key: batch.start for batch in batches for index in batch.variants}
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["short", "long"])
+@pytest.mark.parametrize("which", ["short", "long", "left-padded"])
 def test_knockouts_after_the_prefix_run_as_suffix_passes_and_equal_the_naive_loop(tiny, examples, which):
-    example = examples[which]
+    short, long, batch = examples
+    example = {"short": short, "long": long, "left-padded": batch.select([0])}[which]
     variants = sweep(tiny, AFTER_PREFIX, centers=(0, 2))
     clean, probs, naive_clean, naive = both_engines(tiny, example, variants)
     assert torch.allclose(clean.probs, naive_clean.probs, atol=TOLERANCE, rtol=0)
