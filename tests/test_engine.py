@@ -25,6 +25,15 @@ AFTER_PREFIX = (("image", "last"), ("question", "last"), ("last", "last"), ("ima
 INTO_PREFIX = (("image", "image"), ("system", "image"), ("other_patches", "object"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and a second thread stalls whenever another job holds a core."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def sweep(model, flows, k=3, heads=None, centers=None) -> list[Variant]:
     return [
         Variant((f"{source}->{target}", center), (Knockout(
