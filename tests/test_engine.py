@@ -7,6 +7,7 @@ full forward for variants that reach into the prefix or claim nothing.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -183,3 +184,27 @@ def test_bad_engine_budget_and_batches_are_named(tiny, examples):
         run_variants(tiny, examples[0], [], memory_budget_mb=0)
     clean, probs = run_variants(tiny, examples[0], [])
     assert probs.shape == (0, len(clean.probs))
+
+
+@pytest.mark.parametrize(
+    ("family", "shared"),
+    [("llava_next", True), ("qwen2_vl", True), ("qwen3_vl", True), ("idefics3", True),
+     ("paligemma", False), ("gemma3", False)],
+)
+def test_other_families_equal_the_naive_loop_and_share_the_prefix_only_where_attention_allows(
+    family, shared, tmp_path_factory
+):
+    """Qwen's 3-D rotary positions and Qwen3's deepstack features ride along; PaliGemma's prompt attends
+    bidirectionally (read off its masks) and Gemma3 has sliding-window layers: every variant runs in full."""
+    from test_families import load_family
+
+    loaded = load_family(family, tmp_path_factory)
+    model, example = loaded.model, loaded.examples[1]
+    variants = sweep(model, AFTER_PREFIX[:4], centers=(1, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, probs, _, naive = both_engines(model, example, variants)
+        suffix_starts = starts(model, example, variants).values()
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    assert any(suffix_starts) == shared
+    assert any("prefix engine" in str(warning.message) for warning in caught) == (family == "gemma3")

@@ -21,7 +21,7 @@ Where a suffix may start: at a position p only if no earlier position attends to
 (read off the masks of the clean pass, so prefix-LM families whose prompt attends bidirectionally are caught),
 and only after the last image token (some families add image features inside the decoder, which a suffix pass
 would not repeat). Models whose cache cannot be shared (sliding-window or linear-attention layers) or whose
-decoder gets no position ids run every variant as a full forward, with a warning.
+decoder is not handed input embeddings and position ids run every variant as a full forward, with a warning.
 
 `engine="naive"` is the straightforward reference: one full `Model.run` per variant and one for the clean run.
 Both engines agree to float rounding (the suffix computes in other matrix shapes; ≤1e-6 in probability).
@@ -141,17 +141,17 @@ def clean_pass(model: Model, example: Example) -> CleanRun:
                 seen.append(mask)
                 hidden = args[0] if args else attention_kwargs["hidden_states"]
                 reach = torch.maximum(reach, latest_key(additive_mask(mask, hidden)))
-        return kwargs["inputs_embeds"], kwargs.get("position_ids"), reach, lm_head.output[0, last].float()
+        return kwargs.get("inputs_embeds"), kwargs.get("position_ids"), reach, lm_head.output[0, last].float()
 
     embeds, position_ids, reach, logits = model.run_inputs(inputs, [], readout)
     starts = torch.zeros(example.seq_len, dtype=torch.bool)
     positions = torch.arange(1, example.seq_len)
     starts[1:] = reach.cpu().cummax(0).values[:-1] < positions
     starts[: max(example.layout.get("image", [0])) + 1] = False
-    if not shareable(cache) or position_ids is None:
+    if not shareable(cache) or embeds is None or position_ids is None:
         warnings.warn(
-            f"{model.name}: the prefix engine needs full attention in every layer and the decoder's position ids; "
-            "every variant runs as a full forward",
+            f"{model.name}: the prefix engine needs full attention in every layer and a decoder that takes input "
+            "embeddings and position ids; every variant runs as a full forward",
             stacklevel=3,
         )
         starts[:] = False
