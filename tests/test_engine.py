@@ -59,7 +59,7 @@ def starts(model, example, variants, budget=1024) -> dict[tuple, int]:
 def test_knockouts_after_the_prefix_run_as_suffix_passes_and_equal_the_naive_loop(tiny, examples, which):
     short, long, batch = examples
     example = {"short": short, "long": long, "left-padded": batch.select([0])}[which]
-    variants = sweep(tiny, AFTER_PREFIX, centers=(0, 2))
+    variants = sweep(tiny, AFTER_PREFIX)
     clean, probs, naive_clean, naive = both_engines(tiny, example, variants)
     assert torch.allclose(clean.probs, naive_clean.probs, atol=TOLERANCE, rtol=0)
     assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
@@ -70,7 +70,7 @@ def test_knockouts_after_the_prefix_run_as_suffix_passes_and_equal_the_naive_loo
 
 def test_knockouts_reaching_into_the_prefix_fall_back_to_full_forwards_and_equal_the_naive_loop(tiny, examples):
     example = examples[1]
-    variants = sweep(tiny, INTO_PREFIX + AFTER_PREFIX[:2], centers=(1,))
+    variants = sweep(tiny, INTO_PREFIX + AFTER_PREFIX[:2])
     _, probs, _, naive = both_engines(tiny, example, variants)
     assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
     for (flow, _), start in starts(tiny, example, variants).items():
