@@ -153,3 +153,15 @@ def test_training_command_runs_a_few_steps_and_saves_a_loadable_model(world, tmp
     assert [record["step"] for record in log["history"]] == [1, 2, 3]
     model = mmscope.load(out)
     assert torch.isfinite(model.next_token_probs(example_of(model, load_questions(world, "test", limit=1)[0]))).all()
+
+
+def test_probe_split_holds_out_whole_images():
+    from mmscope.probes import layerwise
+
+    # Two statements per image with opposite labels and identical features: a probe that memorises an image's
+    # pair would score 0 on a per-statement split; held-out images leave it at chance on every layer.
+    features = torch.randn(40, 1, 8).repeat_interleave(2, dim=0)
+    labels = torch.tensor([1, 0] * 40)
+    groups = [str(i // 2) for i in range(80)]
+    scores = layerwise(features, labels, multilabel=False, groups=groups)
+    assert len(scores) == 1 and 0.3 <= scores[0]["accuracy"] <= 0.7

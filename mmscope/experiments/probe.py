@@ -38,7 +38,7 @@ def probe_rows(model: Model, task: str, dataset, pooling: str, config: ProbeConf
     features = layer_features(model, images, texts, pooling, interventions=interventions)
     return [
         {"task": task, "pooling": pooling, "probe": config.kind, "n": len(dataset), **scores}
-        for scores in layerwise(features, labels, multilabel, config=config)
+        for scores in layerwise(features, labels, multilabel, config=config, groups=list(dataset["image_id"]))
     ]
 
 

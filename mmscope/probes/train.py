@@ -62,12 +62,19 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
 
 
 def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, test_fraction: float = 0.25,
-              config: ProbeConfig = ProbeConfig()) -> list[dict[str, float]]:
-    """One probe per layer of `features [N, L, D]`; a seeded split holds out `test_fraction` of the examples."""
+              config: ProbeConfig = ProbeConfig(), groups: list[str] | None = None) -> list[dict[str, float]]:
+    """One probe per layer of `features [N, L, D]`; a seeded split holds out `test_fraction` of the examples.
+
+    With `groups` (e.g. image ids) whole groups are held out, so that a true statement and its hard negative
+    about the same image never sit on both sides of the split (a probe could otherwise learn the pair).
+    """
     generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(features), generator=generator)
-    n_test = max(1, int(len(features) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
+    groups = groups if groups is not None else [str(i) for i in range(len(features))]
+    names = sorted(set(groups))
+    order = torch.randperm(len(names), generator=generator).tolist()
+    held_out = {names[i] for i in order[: max(1, int(len(names) * test_fraction))]}
+    test = torch.tensor([i for i, g in enumerate(groups) if g in held_out])
+    train = torch.tensor([i for i, g in enumerate(groups) if g not in held_out])
     return [
         {"layer": layer, **fit_probe(features[train, layer], labels[train], features[test, layer], labels[test],
                                      multilabel, config)}
