@@ -66,7 +66,9 @@ class Knockout(Intervention):
                 raise InterventionError(f"heads {bad} out of range; the model has heads 0..{ctx.n_heads - 1}")
         blocked = pair_mask(ctx.example, self.target, self.source, self.keep_self)
         for layer in sorted(self.layers):
-            ctx.edit_attention_mask(layer, lambda mask: block(mask, blocked, self.heads, ctx.n_heads))
+            ctx.edit_attention_mask(
+                layer, lambda mask: block(mask, blocked, self.heads, ctx.n_heads, may_empty_rows=not self.keep_self)
+            )
 
     def affected_from(self, example: Example) -> int:
         """The earliest target position: only targets' attention changes, and earlier positions never read them."""

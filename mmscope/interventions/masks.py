@@ -47,11 +47,13 @@ def pair_mask(example, target, source, keep_self: bool = True) -> torch.Tensor:
     return blocked
 
 
-def block(mask: torch.Tensor, blocked: torch.Tensor, heads: tuple[int, ...] | None, n_heads: int) -> torch.Tensor:
+def block(mask: torch.Tensor, blocked: torch.Tensor, heads: tuple[int, ...] | None, n_heads: int,
+          may_empty_rows: bool = True) -> torch.Tensor:
     """A copy of additive `mask [B, h, Q, K]` with the dtype minimum where `blocked [B, T, T]` is True.
 
     Queries of `mask` are the last Q of the T positions (Q < T when keys come from a cache); `heads` restricts
-    the block to some heads, expanding the mask to `[B, n_heads, Q, K]`.
+    the block to some heads, expanding the mask to `[B, n_heads, Q, K]`. `may_empty_rows=False` (the diagonal
+    is never in `blocked`) skips the guard that restores the diagonal of rows the edit would empty.
     """
     queries, keys = mask.shape[-2], mask.shape[-1]
     edges = blocked[:, keys - queries : keys, :keys].to(mask.device).unsqueeze(1)  # [B, 1, Q, K]
@@ -62,6 +64,8 @@ def block(mask: torch.Tensor, blocked: torch.Tensor, heads: tuple[int, ...] | No
         mask = mask.expand(mask.shape[0], n_heads, queries, keys)
     minimum = torch.finfo(mask.dtype).min
     edited = mask.masked_fill(edges, minimum)
+    if not may_empty_rows:
+        return edited
     emptied = (edited == minimum).all(-1) & ~(mask == minimum).all(-1)  # [B, h, Q]: rows the edit emptied
     if emptied.any():
         diagonal = torch.eye(keys, dtype=torch.bool, device=mask.device)[keys - queries :]
