@@ -370,7 +370,7 @@ class Model:
         """Residual stream `[n_layers + 1, B, T, D]`: the decoder's input embeddings, then after each layer."""
 
         def readout(ctx: Context) -> torch.Tensor:
-            states = [_first(ctx.layer(0).input)]
+            states = [ctx.layer(0).input]  # `.input` is already the first argument: the hidden states
             states += [ctx.residual(layer) for layer in range(self.n_layers)]
             return torch.stack(states).float()
 
@@ -381,7 +381,3 @@ class Model:
         with torch.no_grad():
             hidden = hidden.to(self.device, self.hf.dtype)
             return self.lm_head(self.final_norm(hidden) if normed else hidden).float()
-
-
-def _first(value):
-    return value[0] if isinstance(value, tuple) else value
