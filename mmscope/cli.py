@@ -165,6 +165,8 @@ def train(
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
     eval_every: int = typer.Option(200, help="Validate every N steps."),
+    patch_loss_weight: float = typer.Option(0.5, help="Weight of the per-patch attribute loss (0 turns it off)."),
+    grounding_loss_weight: float = typer.Option(0.5, help="Weight of the mentioned-object loss (0 turns it off)."),
     wandb: bool = typer.Option(False, "--wandb", help="Log the run to Weights & Biases (offline without a key)."),
 ) -> None:
     """Train the embedded LLaVA from scratch on the synthetic GQA-format world."""
@@ -172,7 +174,8 @@ def train(
     from mmscope.models.train import train as run_training
 
     config = TrainConfig(out=str(out), data=str(data) if data else None, n_scenes=n_scenes, steps=steps,
-                         batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every, wandb=wandb)
+                         batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
+                         patch_loss_weight=patch_loss_weight, grounding_loss_weight=grounding_loss_weight, wandb=wandb)
     folder = run_training(config)
     typer.echo(f"saved {folder}")
 

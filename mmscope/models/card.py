@@ -43,9 +43,11 @@ queries. Splits share no scene: {world['splits']['train']['questions']} training
 
 ## Training
 `mmscope train --out DIR --seed {train_config['seed']}` (defaults: {train_config['steps']} steps, batch {train_config['batch_size']},
-AdamW lr {train_config['lr']}, cosine schedule), cross-entropy on the answer tokens, plus a dense auxiliary
-loss on the image tokens (attributes of the object under each patch, from the scene graphs; weight
-{train_config['patch_loss_weight']}) whose heads are discarded. Trained in {summary['minutes']:.0f} minutes on {summary['machine']}.
+AdamW lr {train_config['lr']}, cosine schedule), cross-entropy on the answer tokens, plus two auxiliary losses
+read by linear heads that are discarded after training: the attributes of the object under each image patch,
+at the projector's output (weight {train_config['patch_loss_weight']}), and, at each object word of the question (GQA's
+annotations), whether that object is in the image and its attributes and position, at the output of decoder
+layer {train_config.get('grounding_layer', '-')} (weight {train_config.get('grounding_loss_weight', 0)}). Trained in {summary['minutes']:.0f} minutes on {summary['machine']}.
 Final validation accuracy (teacher-forced whole answer): {summary['final_val_accuracy']:.3f}.
 
 ## Evaluation on the held-out test split

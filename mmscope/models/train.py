@@ -11,6 +11,12 @@ object under its patch (or background), and which half of the image the patch li
 heads from the projector's output, i.e. from exactly the features the decoder sees. The heads are dropped
 after training; the saved model is a plain `LlavaForConditionalGeneration`.
 
+Binding the question's words to image regions is the other slow part. So, like grounded VLM pre-training
+(region-word alignment), each object the question mentions (GQA's own annotations: the word and the object
+id) gets a second auxiliary target at that word's position in a middle decoder layer: whether the object is
+in the image and, if it is, its shape, colour, size, material and the row and column of its centre. The
+heads again are linear and dropped after training.
+
 Everything is seeded; the same command on the same machine type gives the same checkpoint. The result is an
 ordinary `save_pretrained` folder with a model card.
 """
@@ -29,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmscope.models.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava
+from mmscope.models.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
 from mmscope.prompts import LLAVA_15
 
 
@@ -65,6 +71,8 @@ class TrainConfig:
     eval_every: int = 200
     eval_questions: int = 600
     patch_loss_weight: float = 0.5
+    grounding_loss_weight: float = 0.5
+    grounding_layer: int = 4  # decoder layer whose output carries the mentioned objects' attributes
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
 
@@ -73,8 +81,8 @@ def prompt_of(question: str) -> str:
     return LLAVA_15.render(question)[0]
 
 
-class PatchTargets:
-    """Per-patch auxiliary labels from a split's scene graphs: attributes of the object under each patch."""
+class SceneTargets:
+    """Auxiliary labels from a split's scene graphs: per image patch, and per object the question mentions."""
 
     def __init__(self, scene_graphs: Path, vocabulary: dict, grid: int, image_size: int) -> None:
         self.heads = {"shape": vocabulary["shapes"], "color": vocabulary["colors"], "size": vocabulary["sizes"],
@@ -83,10 +91,19 @@ class PatchTargets:
         self.graphs = json.loads(Path(scene_graphs).read_text())
 
     def sizes(self) -> dict[str, int]:
-        """Classes per head (index 0 = background), plus the two image-half heads."""
+        """Classes per patch head (index 0 = background), plus the two image-half heads."""
         return {**{name: len(values) + 1 for name, values in self.heads.items()}, "column": 2, "row": 2}
 
-    def __call__(self, image_id: str) -> torch.Tensor:
+    def mention_sizes(self) -> dict[str, int]:
+        """Classes per mention head: present or not, then the attributes and the centre's row and column."""
+        return {"present": 2, **{name: len(values) for name, values in self.heads.items()},
+                "column": self.grid, "row": self.grid}
+
+    def _values(self, obj: dict) -> list[int]:
+        return [values.index(obj["name"] if name == "shape" else next(a for a in obj["attributes"] if a in values))
+                for name, values in self.heads.items()]
+
+    def patches(self, image_id: str) -> torch.Tensor:
         """`[grid * grid, n_heads]` class indices, row-major like the image tokens."""
         labels = torch.zeros(self.grid, self.grid, len(self.heads) + 2, dtype=torch.long)
         centres = (torch.arange(self.grid) + 0.5) * self.cell
@@ -96,20 +113,41 @@ class PatchTargets:
             inside_x = (centres >= obj["x"]) & (centres < obj["x"] + obj["w"])
             inside_y = (centres >= obj["y"]) & (centres < obj["y"] + obj["h"])
             cells = inside_y[:, None] & inside_x[None, :]
-            for head, (name, values) in enumerate(self.heads.items()):
-                value = obj["name"] if name == "shape" else next(a for a in obj["attributes"] if a in values)
-                labels[:, :, head][cells] = values.index(value) + 1
+            for head, value in enumerate(self._values(obj)):
+                labels[:, :, head][cells] = value + 1
         return labels.reshape(self.grid * self.grid, -1)
+
+    def mention(self, image_id: str, object_id: str) -> list[int]:
+        """Labels of one mentioned object (an empty id: not in the image; its other heads are ignored)."""
+        if not object_id:
+            return [0] + [IGNORE] * (len(self.heads) + 2)
+        obj = self.graphs[image_id]["objects"][object_id]
+        column = min(self.grid - 1, int((obj["x"] + obj["w"] / 2) / self.cell))
+        row = min(self.grid - 1, int((obj["y"] + obj["h"] / 2) / self.cell))
+        return [1, *self._values(obj), column, row]
+
+
+IGNORE = -100  # cross-entropy's ignore_index
+
+
+def mention_positions(words: list[str], mentions: list[str]) -> list[int]:
+    """Index in `words` of each mentioned word (or its plural), first occurrence, as GQA's annotations count."""
+    positions = []
+    for mention in mentions:
+        hits = [i for i, word in enumerate(words) if word in (mention, f"{mention}s")]
+        positions.append(hits[0] if hits else -1)
+    return positions
 
 
 class Batcher:
     """Turns rows of a GQA-format `datasets.Dataset` into training batches with the real processor."""
 
-    def __init__(self, processor, dataset, targets: PatchTargets | None = None) -> None:
+    def __init__(self, processor, dataset, targets: SceneTargets | None = None, max_mentions: int = 2) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.dataset = dataset
         self.targets = targets
+        self.max_mentions = max_mentions
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = self.dataset.select(indices)
@@ -126,9 +164,7 @@ class Batcher:
         input_ids = torch.cat([encoded["input_ids"], answer_ids], dim=1)
         attention_mask = torch.cat([encoded["attention_mask"], answer_mask], dim=1)
         prompt_len = encoded["input_ids"].shape[1]
-        patch_labels = torch.stack([self.targets(i) for i in rows["image_id"]]) if self.targets else None
-        return {
-            "patch_labels": patch_labels,
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
@@ -137,10 +173,32 @@ class Batcher:
             "answer_mask": answer_mask.bool(),
             "answer_start": torch.tensor(prompt_len - 1),
         }
+        if self.targets is not None:
+            batch["patch_labels"] = torch.stack([self.targets.patches(i) for i in rows["image_id"]])
+            batch.update(self._mentions(rows, encoded["input_ids"]))
+        return batch
+
+    def _mentions(self, rows, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Prompt positions `[B, M]` (-1: none) and labels `[B, M, heads]` of the objects each question mentions.
+
+        The question's words directly follow the last image token (the template puts it right after `<image>\n`)."""
+        image_token = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
+        first_word = (prompt_ids == image_token).int().cumsum(-1).argmax(-1) + 1
+        positions = torch.full((len(rows), self.max_mentions), -1)
+        labels = torch.full((len(rows), self.max_mentions, len(self.targets.mention_sizes())), IGNORE)
+        for b, (question, names, ids, image_id) in enumerate(
+            zip(rows["question"], rows["object_names"], rows["object_ids"], rows["image_id"])
+        ):
+            words = words_of(question)
+            for m, (index, object_id) in enumerate(zip(mention_positions(words, names), ids)):
+                if index >= 0 and m < self.max_mentions:
+                    positions[b, m] = first_word[b] + index
+                    labels[b, m] = torch.tensor(self.targets.mention(image_id, object_id))
+        return {"mention_positions": positions, "mention_labels": labels}
 
 
 class AuxiliaryHeads(torch.nn.Module):
-    """Linear heads reading the per-patch targets from the projector's output (training only)."""
+    """Linear heads reading auxiliary targets from features (training only); `IGNORE` labels are skipped."""
 
     def __init__(self, dim: int, sizes: dict[str, int]) -> None:
         super().__init__()
@@ -148,22 +206,32 @@ class AuxiliaryHeads(torch.nn.Module):
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over heads; `features [B, P, D]`, `labels [B, P, n_heads]`."""
-        losses = [torch.nn.functional.cross_entropy(head(features).flatten(0, 1), labels[..., i].flatten())
+        losses = [torch.nn.functional.cross_entropy(head(features).flatten(0, 1), labels[..., i].flatten(),
+                                                    reduction="sum") / (labels[..., i] != IGNORE).sum().clamp(min=1)
                   for i, head in enumerate(self.heads)]
         return torch.stack(losses).mean()
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits `[B, A, V]` predicting each answer token (from the position before it)."""
-    hidden = model.model(
+def answer_logits(model, batch: dict[str, torch.Tensor], layer: int | None = None):
+    """Logits `[B, A, V]` predicting each answer token (from the position before it); with `layer`, also that
+    decoder layer's output `[B, T, D]`."""
+    output = model.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         pixel_values=batch["pixel_values"],
-    ).last_hidden_state
+        output_hidden_states=layer is not None,
+    )
     start = int(batch["answer_start"])
     width = batch["answer_ids"].shape[1]
-    return model.lm_head(hidden[:, start : start + width])
+    logits = model.lm_head(output.last_hidden_state[:, start : start + width])
+    return logits if layer is None else (logits, output.hidden_states[layer])
+
+
+def at_mentions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`hidden [B, T, D]` at `positions [B, M]` (-1 rows give position 0; their labels are ignored)."""
+    index = positions.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, index)
 
 
 def first_token_accuracy(model, batcher: Batcher, indices: list[int], batch_size: int = 128) -> float:
@@ -200,14 +268,15 @@ def train(config: TrainConfig) -> Path:
     model.train()
     vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
     grid = config.spec.image_size // config.spec.patch_size
-    targets = PatchTargets(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, grid, config.spec.image_size)
+    targets = SceneTargets(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, grid, config.spec.image_size)
     batcher, val_batcher = Batcher(processor, train_rows, targets), Batcher(processor, val_rows)
     auxiliary = AuxiliaryHeads(config.spec.text_hidden, targets.sizes())
+    grounding = AuxiliaryHeads(config.spec.text_hidden, targets.mention_sizes())
     captured = {}
     model.model.multi_modal_projector.register_forward_hook(lambda module, args, output: captured.update(image=output))
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
-    optimizer = torch.optim.AdamW([*model.parameters(), *auxiliary.parameters()], lr=config.lr, weight_decay=config.weight_decay,
+    optimizer = torch.optim.AdamW([*model.parameters(), *auxiliary.parameters(), *grounding.parameters()], lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -223,18 +292,21 @@ def train(config: TrainConfig) -> Path:
             order += random.sample(range(len(train_rows)), len(train_rows))
         indices, order = order[: config.batch_size], order[config.batch_size :]
         batch = batcher(indices)
-        logits = answer_logits(model, batch)
+        logits, hidden = answer_logits(model, batch, layer=config.grounding_layer)
         answer_loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]],
                                                         batch["answer_ids"][batch["answer_mask"]])
         patch_loss = auxiliary.loss(captured["image"], batch["patch_labels"])
-        loss = answer_loss + config.patch_loss_weight * patch_loss
+        grounding_loss = grounding.loss(at_mentions(hidden, batch["mention_positions"]), batch["mention_labels"])
+        loss = answer_loss + config.patch_loss_weight * patch_loss + config.grounding_loss_weight * grounding_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(answer=f"{answer_loss.item():.3f}", patches=f"{patch_loss.item():.3f}")
+        progress.set_postfix(answer=f"{answer_loss.item():.3f}", patches=f"{patch_loss.item():.3f}",
+                             grounding=f"{grounding_loss.item():.3f}")
         record = {"step": step + 1, "loss": answer_loss.item(), "patch_loss": patch_loss.item(),
+                  "grounding_loss": grounding_loss.item(),
                   "lr": schedule.get_last_lr()[0]}
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record["val_accuracy"] = first_token_accuracy(model, val_batcher, val_indices)
