@@ -63,4 +63,38 @@ def test_patch_targets_mark_the_patch_under_each_object_centre(batch_and_rows):
             patch = int((obj["y"] + obj["h"] / 2) // 8) * 8 + int((obj["x"] + obj["w"] / 2) // 8)
             assert vocabulary["shapes"][int(labels[patch, 0]) - 1] == obj["name"]
         assert (labels[:, 0] > 0).sum() >= len(objects)  # every object covers at least its centre patch
-        assert set(labels[:, 4].tolist()) == {0, 1} and set(labels[:, 5].tolist()) == {0, 1}  # image halves
+        assert labels[:, 4].tolist() == list(range(8)) * 8  # the patch's own column and row
+        assert labels[:, 5].tolist() == [row for row in range(8) for _ in range(8)]
+
+
+def test_object_patches_are_image_tokens_inside_the_box_and_the_attention_loss_reads_them(batch_and_rows):
+    import torch
+
+    from mmscope.models.train import attention_loss
+
+    batch, rows, tokenizer, _, graphs = batch_and_rows
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    b, m = next((b, m) for b in range(len(rows)) for m in range(2) if batch["mention_patches"][b, m].any())
+    start = int(batch["image_start"][b])
+    assert (batch["input_ids"][b, start : start + 64] == image_token).all()
+    assert batch["input_ids"][b, start - 1] != image_token
+    obj = graphs[rows[b]["image_id"]]["objects"][rows[b]["object_ids"][m]]
+    for patch in batch["mention_patches"][b, m].nonzero().flatten().tolist():
+        centre_x, centre_y = (patch % 8 + 0.5) * 8, (patch // 8 + 0.5) * 8
+        assert obj["x"] <= centre_x < obj["x"] + obj["w"] and obj["y"] <= centre_y < obj["y"] + obj["h"]
+    # Weights that put all of each mention's mass on its object's patches give loss 0; uniform weights give
+    # -log(share of the image covered), averaged over valid mentions.
+    length = batch["input_ids"].shape[1]
+    perfect = torch.zeros(len(rows), length, length)
+    uniform = torch.full((len(rows), length, length), 1 / 64)
+    valid = []
+    for i in range(len(rows)):
+        for j in range(2):
+            patches = batch["mention_patches"][i, j]
+            if patches.any():
+                row = int(batch["mention_positions"][i, j])
+                s = int(batch["image_start"][i])
+                perfect[i, row, s : s + 64] = patches / patches.sum()
+                valid.append(-torch.log(patches.sum() / 64 + 1e-6))
+    assert attention_loss(perfect, batch).item() < 1e-4
+    assert abs(attention_loss(uniform, batch).item() - torch.stack(valid).mean().item()) < 1e-4

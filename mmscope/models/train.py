@@ -15,7 +15,8 @@ Binding the question's words to image regions is the other slow part. So, like g
 (region-word alignment), each object the question mentions (GQA's own annotations: the word and the object
 id) gets a second auxiliary target at that word's position in a middle decoder layer: whether the object is
 in the image and, if it is, its shape, colour, size, material and the row and column of its centre. The
-heads again are linear and dropped after training.
+heads again are linear and dropped after training. And one attention head of an earlier layer is taught
+where to look: from the object's word, its attention mass on that object's image patches is maximised.
 
 Everything is seeded; the same command on the same machine type gives the same checkpoint. The result is an
 ordinary `save_pretrained` folder with a model card.
@@ -73,6 +74,9 @@ class TrainConfig:
     patch_loss_weight: float = 0.5
     grounding_loss_weight: float = 0.5
     grounding_layer: int = 4  # decoder layer whose output carries the mentioned objects' attributes
+    attention_loss_weight: float = 0.5
+    attention_layer: int = 2  # decoder layer (0-based) one of whose heads learns to look at mentioned objects
+    attention_head: int = 0
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
 
@@ -91,8 +95,8 @@ class SceneTargets:
         self.graphs = json.loads(Path(scene_graphs).read_text())
 
     def sizes(self) -> dict[str, int]:
-        """Classes per patch head (index 0 = background), plus the two image-half heads."""
-        return {**{name: len(values) + 1 for name, values in self.heads.items()}, "column": 2, "row": 2}
+        """Classes per patch head (index 0 = background), plus the patch's own column and row."""
+        return {**{name: len(values) + 1 for name, values in self.heads.items()}, "column": self.grid, "row": self.grid}
 
     def mention_sizes(self) -> dict[str, int]:
         """Classes per mention head: present or not, then the attributes and the centre's row and column."""
@@ -106,16 +110,26 @@ class SceneTargets:
     def patches(self, image_id: str) -> torch.Tensor:
         """`[grid * grid, n_heads]` class indices, row-major like the image tokens."""
         labels = torch.zeros(self.grid, self.grid, len(self.heads) + 2, dtype=torch.long)
-        centres = (torch.arange(self.grid) + 0.5) * self.cell
-        labels[:, :, -2] = (centres >= self.grid * self.cell / 2).long()[None, :]
-        labels[:, :, -1] = (centres >= self.grid * self.cell / 2).long()[:, None]
+        labels[:, :, -2] = torch.arange(self.grid)[None, :]
+        labels[:, :, -1] = torch.arange(self.grid)[:, None]
         for obj in self.graphs[image_id]["objects"].values():
-            inside_x = (centres >= obj["x"]) & (centres < obj["x"] + obj["w"])
-            inside_y = (centres >= obj["y"]) & (centres < obj["y"] + obj["h"])
-            cells = inside_y[:, None] & inside_x[None, :]
+            cells = self._cells(obj)
             for head, value in enumerate(self._values(obj)):
                 labels[:, :, head][cells] = value + 1
         return labels.reshape(self.grid * self.grid, -1)
+
+    def _cells(self, obj: dict) -> torch.Tensor:
+        """`[grid, grid]`: the patches whose centre lies inside the object's box."""
+        centres = (torch.arange(self.grid) + 0.5) * self.cell
+        inside_x = (centres >= obj["x"]) & (centres < obj["x"] + obj["w"])
+        inside_y = (centres >= obj["y"]) & (centres < obj["y"] + obj["h"])
+        return inside_y[:, None] & inside_x[None, :]
+
+    def object_patches(self, image_id: str, object_id: str) -> torch.Tensor:
+        """`[grid * grid]` bool: the image tokens showing the object (none for an empty id)."""
+        if not object_id:
+            return torch.zeros(self.grid * self.grid, dtype=torch.bool)
+        return self._cells(self.graphs[image_id]["objects"][object_id]).flatten()
 
     def mention(self, image_id: str, object_id: str) -> list[int]:
         """Labels of one mentioned object (an empty id: not in the image; its other heads are ignored)."""
@@ -181,11 +195,13 @@ class Batcher:
     def _mentions(self, rows, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Prompt positions `[B, M]` (-1: none) and labels `[B, M, heads]` of the objects each question mentions.
 
-        The question's words directly follow the last image token (the template puts it right after `<image>\n`)."""
+        Also which image tokens show each mentioned object (`[B, M, P]`) and where the image starts (`[B]`). The
+        question's words directly follow the last image token (the template puts it right after `<image>\n`)."""
         image_token = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
         first_word = (prompt_ids == image_token).int().cumsum(-1).argmax(-1) + 1
         positions = torch.full((len(rows), self.max_mentions), -1)
         labels = torch.full((len(rows), self.max_mentions, len(self.targets.mention_sizes())), IGNORE)
+        patches = torch.zeros(len(rows), self.max_mentions, self.targets.grid ** 2, dtype=torch.bool)
         for b, (question, names, ids, image_id) in enumerate(
             zip(rows["question"], rows["object_names"], rows["object_ids"], rows["image_id"])
         ):
@@ -194,7 +210,9 @@ class Batcher:
                 if index >= 0 and m < self.max_mentions:
                     positions[b, m] = first_word[b] + index
                     labels[b, m] = torch.tensor(self.targets.mention(image_id, object_id))
-        return {"mention_positions": positions, "mention_labels": labels}
+                    patches[b, m] = self.targets.object_patches(image_id, object_id)
+        return {"mention_positions": positions, "mention_labels": labels, "mention_patches": patches,
+                "image_start": first_word - self.targets.grid ** 2}
 
 
 class AuxiliaryHeads(torch.nn.Module):
@@ -212,20 +230,33 @@ class AuxiliaryHeads(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor], layer: int | None = None):
-    """Logits `[B, A, V]` predicting each answer token (from the position before it); with `layer`, also that
-    decoder layer's output `[B, T, D]`."""
+def answer_logits(model, batch: dict[str, torch.Tensor], internals: bool = False):
+    """Logits `[B, A, V]` predicting each answer token (from the position before it); with `internals`, also
+    the model output (every layer's hidden states and, under eager attention, attention weights)."""
     output = model.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         pixel_values=batch["pixel_values"],
-        output_hidden_states=layer is not None,
+        output_hidden_states=internals,
+        output_attentions=internals,
     )
     start = int(batch["answer_start"])
     width = batch["answer_ids"].shape[1]
     logits = model.lm_head(output.last_hidden_state[:, start : start + width])
-    return logits if layer is None else (logits, output.hidden_states[layer])
+    return (logits, output) if internals else logits
+
+
+def attention_loss(weights: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """-log of the attention mass (`weights [B, T, T]`, one head) from each mentioned object's word onto that
+    object's image tokens, averaged over mentions of objects in the image."""
+    patches = batch["mention_patches"]  # [B, M, P]
+    rows = weights.gather(1, batch["mention_positions"].clamp(min=0)[..., None].expand(-1, -1, weights.shape[-1]))
+    image = batch["image_start"][:, None, None] + torch.arange(patches.shape[-1])  # [B, 1, P]
+    on_image = rows.gather(2, image.expand(-1, rows.shape[1], -1))  # [B, M, P]
+    mass = (on_image * patches).sum(-1)
+    valid = patches.any(-1) & (batch["mention_positions"] >= 0)
+    return -(mass[valid] + 1e-6).log().mean() if valid.any() else weights.sum() * 0
 
 
 def at_mentions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -265,6 +296,7 @@ def train(config: TrainConfig) -> Path:
     corpus = list(train_rows["question"]) + list(train_rows["answer"])
     tokenizer = build_word_tokenizer(corpus)
     model, processor = build_llava(tokenizer, config.spec, seed=config.seed)
+    model.set_attn_implementation("eager")  # the attention loss needs the weights
     model.train()
     vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
     grid = config.spec.image_size // config.spec.patch_size
@@ -292,21 +324,24 @@ def train(config: TrainConfig) -> Path:
             order += random.sample(range(len(train_rows)), len(train_rows))
         indices, order = order[: config.batch_size], order[config.batch_size :]
         batch = batcher(indices)
-        logits, hidden = answer_logits(model, batch, layer=config.grounding_layer)
+        logits, output = answer_logits(model, batch, internals=True)
         answer_loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]],
                                                         batch["answer_ids"][batch["answer_mask"]])
         patch_loss = auxiliary.loss(captured["image"], batch["patch_labels"])
-        grounding_loss = grounding.loss(at_mentions(hidden, batch["mention_positions"]), batch["mention_labels"])
-        loss = answer_loss + config.patch_loss_weight * patch_loss + config.grounding_loss_weight * grounding_loss
+        grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer],
+                                                    batch["mention_positions"]), batch["mention_labels"])
+        look_loss = attention_loss(output.attentions[config.attention_layer][:, config.attention_head], batch)
+        loss = (answer_loss + config.patch_loss_weight * patch_loss + config.grounding_loss_weight * grounding_loss
+                + config.attention_loss_weight * look_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(answer=f"{answer_loss.item():.3f}", patches=f"{patch_loss.item():.3f}",
-                             grounding=f"{grounding_loss.item():.3f}")
+                             grounding=f"{grounding_loss.item():.3f}", look=f"{look_loss.item():.3f}")
         record = {"step": step + 1, "loss": answer_loss.item(), "patch_loss": patch_loss.item(),
-                  "grounding_loss": grounding_loss.item(),
+                  "grounding_loss": grounding_loss.item(), "attention_loss": look_loss.item(),
                   "lr": schedule.get_last_lr()[0]}
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record["val_accuracy"] = first_token_accuracy(model, val_batcher, val_indices)
@@ -315,6 +350,7 @@ def train(config: TrainConfig) -> Path:
         if run is not None:
             run.log(record, step=step + 1)
     model.eval()
+    model.set_attn_implementation("sdpa")
     save_llava(model, processor, out)
     shutil.copy(world / "world.json", out / "world.json")  # how to regenerate the data, held-out split included
     summary = {
