@@ -147,10 +147,11 @@ def test_embedded_model_answers_held_out_questions(embedded, world):
 
 def test_training_command_runs_a_few_steps_and_saves_a_loadable_model(world, tmp_path):
     out = tmp_path / "trained"
-    invoke("train", "--out", str(out), "--data", str(world), "--steps", "3", "--batch-size", "4",
-           "--eval-every", "3")
+    invoke("train", "--out", str(out), "--data", str(world), "--vision-steps", "2", "--steps", "3",
+           "--batch-size", "4", "--eval-every", "3")
     log = json.loads((out / "training.json").read_text())
-    assert [record["step"] for record in log["history"]] == [1, 2, 3]
+    assert [record["vision_step"] for record in log["history"] if "vision_step" in record] == [1, 2]
+    assert [record["step"] for record in log["history"] if "step" in record] == [1, 2, 3]
     model = mmscope.load(out)
     assert torch.isfinite(model.next_token_probs(example_of(model, load_questions(world, "test", limit=1)[0]))).all()
 

@@ -8,7 +8,7 @@ import pytest
 
 from mmscope.data.synthetic import load_synthetic
 from mmscope.models.build import TinyLlavaSpec, build_llava, build_word_tokenizer
-from mmscope.models.train import IGNORE, Batcher, SceneTargets
+from mmscope.models.train import IGNORE, Batcher, ImageSet, SceneTargets
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +20,18 @@ def batch_and_rows(tmp_path_factory):
     rows = load_synthetic(folder, "train")
     tokenizer = build_word_tokenizer(list(rows["question"]) + list(rows["answer"]))
     spec = TinyLlavaSpec(image_size=64, patch_size=8, text_layers=2, vision_layers=1)
-    _, processor = build_llava(tokenizer, spec)
+    model, processor = build_llava(tokenizer, spec)
     world = json.loads((folder / "world.json").read_text())
     graphs = json.loads((folder / "sceneGraphs" / "train_sceneGraphs.json").read_text())
     targets = SceneTargets(folder / "sceneGraphs" / "train_sceneGraphs.json", world["vocabulary"], grid=8, image_size=64)
     indices = list(range(min(48, len(rows))))
-    return Batcher(processor, rows, targets)(indices), rows.select(indices), tokenizer, world["vocabulary"], graphs
+    images = ImageSet(processor, rows)
+    batcher = Batcher(processor, rows, images, images.features(model), targets)
+    return batcher(indices), rows.select(indices), tokenizer, world["vocabulary"], graphs, model, processor, batcher
 
 
 def test_mention_targets_sit_on_the_mentioned_word_and_describe_that_object(batch_and_rows):
-    batch, rows, tokenizer, vocabulary, graphs = batch_and_rows
+    batch, rows, tokenizer, vocabulary, graphs, *_ = batch_and_rows
     checked = absent = 0
     for b, row in enumerate(rows):
         for m, (name, object_id) in enumerate(zip(row["object_names"], row["object_ids"])):
@@ -55,7 +57,7 @@ def test_mention_targets_sit_on_the_mentioned_word_and_describe_that_object(batc
 
 
 def test_patch_targets_mark_the_patch_under_each_object_centre(batch_and_rows):
-    batch, rows, _, vocabulary, graphs = batch_and_rows
+    batch, rows, _, vocabulary, graphs, *_ = batch_and_rows
     for b, row in enumerate(rows):
         objects = list(graphs[row["image_id"]]["objects"].values())
         labels = batch["patch_labels"][b]
@@ -72,7 +74,7 @@ def test_object_patches_are_image_tokens_inside_the_box_and_the_attention_loss_r
 
     from mmscope.models.train import attention_loss
 
-    batch, rows, tokenizer, _, graphs = batch_and_rows
+    batch, rows, tokenizer, _, graphs, *_ = batch_and_rows
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     b, m = next((b, m) for b in range(len(rows)) for m in range(2) if batch["mention_patches"][b, m].any())
     start = int(batch["image_start"][b])
@@ -98,3 +100,25 @@ def test_object_patches_are_image_tokens_inside_the_box_and_the_attention_loss_r
                 valid.append(-torch.log(patches.sum() / 64 + 1e-6))
     assert attention_loss(perfect, batch).item() < 1e-4
     assert abs(attention_loss(uniform, batch).item() - torch.stack(valid).mean().item()) < 1e-4
+
+
+def test_stage_two_forward_from_cached_features_equals_the_models_own_forward(batch_and_rows):
+    import torch
+
+    from mmscope.models.train import answer_logits, prompt_of
+
+    _, rows, _, _, _, model, processor, batcher = batch_and_rows
+    model.eval()
+    n = 6
+    small = batcher(list(range(n)))
+    ours = answer_logits(model, small)
+    # The model's own path: the processor on the images and prompts, the full forward, teacher-forced answer.
+    encoded = processor(images=[image.convert("RGB") for image in rows.select(range(n))["image"]],
+                        text=[prompt_of(q) for q in rows.select(range(n))["question"]], return_tensors="pt",
+                        padding=True)
+    assert torch.equal(encoded["input_ids"], small["input_ids"][:, : encoded["input_ids"].shape[1]])
+    with torch.no_grad():
+        logits = model(input_ids=small["input_ids"], attention_mask=small["attention_mask"],
+                       position_ids=small["position_ids"], pixel_values=encoded["pixel_values"]).logits
+    start = int(small["answer_start"])
+    torch.testing.assert_close(ours, logits[:, start : start + small["answer_ids"].shape[1]], atol=1e-5, rtol=1e-4)

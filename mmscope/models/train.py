@@ -18,6 +18,11 @@ in the image and, if it is, its shape, colour, size, material and the row and co
 heads again are linear and dropped after training. And one attention head of an earlier layer is taught
 where to look: from the object's word, its attention mass on that object's image patches is maximised.
 
+Training runs in LLaVA's two stages, with the roles adapted to a model trained from scratch:
+1. vision pre-training: the vision tower and projector learn the per-patch targets alone (cheap: no decoder);
+2. instruction tuning: the vision tower is frozen (as in LLaVA), its features are computed once per image,
+   and the projector and decoder learn the answers, with all three auxiliary losses.
+
 Everything is seeded; the same command on the same machine type gives the same checkpoint. The result is an
 ordinary `save_pretrained` folder with a model card.
 """
@@ -63,7 +68,9 @@ class TrainConfig:
     out: str
     data: str | None = None  # a synthetic-world folder; generated into `out/world` when None
     n_scenes: int = 16000
-    steps: int = 1200
+    vision_steps: int = 300  # stage 1
+    vision_batch_size: int = 128
+    steps: int = 1200  # stage 2
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
@@ -153,22 +160,73 @@ def mention_positions(words: list[str], mentions: list[str]) -> list[int]:
     return positions
 
 
-class Batcher:
-    """Turns rows of a GQA-format `datasets.Dataset` into training batches with the real processor."""
+class ImageSet:
+    """The distinct images of a GQA-format split, preprocessed once by the real image processor.
 
-    def __init__(self, processor, dataset, targets: SceneTargets | None = None, max_mentions: int = 2) -> None:
-        self.processor = processor
+    `features(model)` runs the (frozen) vision tower once over all of them and keeps the projector's input,
+    so that stage 2 never repeats that work."""
+
+    def __init__(self, processor, dataset, batch_size: int = 512) -> None:
+        first: dict[str, int] = {}
+        for index, image_id in enumerate(dataset["image_id"]):
+            first.setdefault(image_id, index)
+        self.ids = list(first)
+        self.index = {image_id: i for i, image_id in enumerate(self.ids)}
+        chunks = []
+        for start in tqdm(range(0, len(self.ids), batch_size), desc="preprocessing images", unit="batch",
+                          leave=False):
+            rows = dataset.select([first[i] for i in self.ids[start : start + batch_size]])
+            images = [image.convert("RGB") for image in rows["image"]]
+            chunks.append(processor.image_processor(images, return_tensors="pt")["pixel_values"])
+        self.pixel_values = torch.cat(chunks)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @torch.no_grad()
+    def features(self, model, batch_size: int = 256) -> torch.Tensor:
+        """`[n_images, P, D_vision]`: the vision features the projector reads (its input)."""
+        captured = []
+        hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            for start in range(0, len(self), batch_size):
+                image_features(model, self.pixel_values[start : start + batch_size])
+        finally:
+            hook.remove()
+        return torch.cat(captured)
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projector's output `[B, P, D]` for `pixel_values`, as `LlavaForConditionalGeneration` computes it."""
+    config = model.config
+    output = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                            vision_feature_select_strategy=config.vision_feature_select_strategy)
+    return torch.stack(list(output.pooler_output))
+
+
+class Batcher:
+    """Turns rows of a GQA-format `datasets.Dataset` into stage-2 batches: the tokenized prompt and answer, the
+    cached vision features of each row's image and, with `targets`, the auxiliary labels.
+
+    The prompt is tokenized as the processor does it: `<image>` expanded to as many image tokens as the
+    processor produces for one image (measured once)."""
+
+    def __init__(self, processor, dataset, images: ImageSet, features: torch.Tensor,
+                 targets: SceneTargets | None = None, max_mentions: int = 2) -> None:
         self.tokenizer = processor.tokenizer
         self.dataset = dataset
+        self.images, self.features = images, features
         self.targets = targets
         self.max_mentions = max_mentions
+        self.image_token = self.tokenizer.image_token
+        probe = processor(images=[dataset[0]["image"].convert("RGB")], text=[self.image_token], return_tensors="pt")
+        self.n_image_tokens = int((probe["input_ids"] == self.tokenizer.convert_tokens_to_ids(self.image_token)).sum())
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = self.dataset.select(indices)
-        images = [image.convert("RGB") for image in rows["image"]]
-        encoded = self.processor(
-            images=images, text=[prompt_of(q) for q in rows["question"]], return_tensors="pt", padding=True
-        )
+        prompts = [prompt_of(q).replace(self.image_token, self.image_token * self.n_image_tokens)
+                   for q in rows["question"]]
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
         answers = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
                    for a in rows["answer"]]
         width = max(len(a) for a in answers)
@@ -182,7 +240,7 @@ class Batcher:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-            "pixel_values": encoded["pixel_values"],
+            "image_features": self.features[[self.images.index[i] for i in rows["image_id"]]],
             "answer_ids": answer_ids,
             "answer_mask": answer_mask.bool(),
             "answer_start": torch.tensor(prompt_len - 1),
@@ -231,20 +289,25 @@ class AuxiliaryHeads(torch.nn.Module):
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor], internals: bool = False):
-    """Logits `[B, A, V]` predicting each answer token (from the position before it); with `internals`, also
-    the model output (every layer's hidden states and, under eager attention, attention weights)."""
+    """Logits `[B, A, V]` predicting each answer token (from the position before it), from the batch's cached
+    vision features: projected and scattered into the image-token positions exactly as the model's forward
+    does. With `internals`, also the model output (every layer's hidden states and, under eager attention,
+    attention weights) and the projected image features."""
+    projected = model.model.multi_modal_projector(batch["image_features"])
+    embeds = model.model.get_input_embeddings()(batch["input_ids"])
+    image_positions = (batch["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(image_positions, projected.to(embeds.dtype))
     output = model.model(
-        input_ids=batch["input_ids"],
+        inputs_embeds=embeds,
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
-        pixel_values=batch["pixel_values"],
         output_hidden_states=internals,
         output_attentions=internals,
     )
     start = int(batch["answer_start"])
     width = batch["answer_ids"].shape[1]
     logits = model.lm_head(output.last_hidden_state[:, start : start + width])
-    return (logits, output) if internals else logits
+    return (logits, output, projected) if internals else logits
 
 
 def attention_loss(weights: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -265,18 +328,54 @@ def at_mentions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, index)
 
 
-def first_token_accuracy(model, batcher: Batcher, indices: list[int], batch_size: int = 128) -> float:
-    """Share of questions whose whole answer is predicted greedily under teacher forcing (fast proxy)."""
+def validation_accuracy(model, batcher: Batcher, indices: list[int], batch_size: int = 128) -> dict[str, float]:
+    """Share of questions whose whole answer is predicted greedily under teacher forcing (a fast proxy for
+    generation): `{"all": …, category: …}` over `indices` of the batcher's dataset."""
     model.eval()
-    correct = 0
+    right: list[bool] = []
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
             batch = batcher(indices[start : start + batch_size])
             predicted = answer_logits(model, batch).argmax(-1)
-            right = (predicted == batch["answer_ids"]) | ~batch["answer_mask"]
-            correct += int(right.all(-1).sum())
+            right += (((predicted == batch["answer_ids"]) | ~batch["answer_mask"]).all(-1)).tolist()
     model.train()
-    return correct / max(1, len(indices))
+    categories = batcher.dataset.select(indices)["category"]
+    scores = {"all": sum(right) / max(1, len(right))}
+    for category in sorted({c for c in categories if c}):
+        hits = [r for r, c in zip(right, categories) if c == category]
+        scores[category] = sum(hits) / len(hits)
+    return scores
+
+
+def cosine(warmup: int, steps: int):
+    """Linear warm-up then cosine decay to 0, as a `LambdaLR` factor."""
+    return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
+
+
+def pretrain_vision(model, images: ImageSet, targets: SceneTargets, heads: "AuxiliaryHeads", config: TrainConfig,
+                    run=None) -> list[dict]:
+    """Stage 1: the vision tower and projector learn the per-patch targets; returns the loss history."""
+    parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+                  *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(config.warmup, config.vision_steps))
+    labels = torch.stack([targets.patches(image_id) for image_id in images.ids])
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    progress = tqdm(range(config.vision_steps), desc="stage 1: vision", unit="step")
+    for step in progress:
+        chosen = torch.randint(len(images), (config.vision_batch_size,), generator=generator)
+        loss = heads.loss(image_features(model, images.pixel_values[chosen]), labels[chosen])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(patches=f"{loss.item():.3f}")
+        history.append({"vision_step": step + 1, "vision_patch_loss": loss.item()})
+        if run is not None:
+            run.log(history[-1])
+    return history
 
 
 def train(config: TrainConfig) -> Path:
@@ -301,40 +400,39 @@ def train(config: TrainConfig) -> Path:
     vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
     grid = config.spec.image_size // config.spec.patch_size
     targets = SceneTargets(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, grid, config.spec.image_size)
-    batcher, val_batcher = Batcher(processor, train_rows, targets), Batcher(processor, val_rows)
+    train_images, val_images = ImageSet(processor, train_rows), ImageSet(processor, val_rows)
     auxiliary = AuxiliaryHeads(config.spec.text_hidden, targets.sizes())
     grounding = AuxiliaryHeads(config.spec.text_hidden, targets.mention_sizes())
-    captured = {}
-    model.model.multi_modal_projector.register_forward_hook(lambda module, args, output: captured.update(image=output))
+    run = _wandb_run(config) if config.wandb else None
+
+    history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
+    model.model.vision_tower.requires_grad_(False)
+    model.model.vision_tower.eval()
+    batcher = Batcher(processor, train_rows, train_images, train_images.features(model), targets)
+    val_batcher = Batcher(processor, val_rows, val_images, val_images.features(model))
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
-    optimizer = torch.optim.AdamW([*model.parameters(), *auxiliary.parameters(), *grounding.parameters()], lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / config.warmup)
-        * 0.5 * (1 + math.cos(math.pi * min(1.0, step / config.steps))),
-    )
-    run = _wandb_run(config) if config.wandb else None
+    trained = [p for p in [*model.parameters(), *auxiliary.parameters(), *grounding.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(config.warmup, config.steps))
     order: list[int] = []
-    history = []
-    progress = tqdm(range(config.steps), desc="training", unit="step")
+    progress = tqdm(range(config.steps), desc="stage 2: answers", unit="step")
     for step in progress:
         if len(order) < config.batch_size:
             order += random.sample(range(len(train_rows)), len(train_rows))
         indices, order = order[: config.batch_size], order[config.batch_size :]
         batch = batcher(indices)
-        logits, output = answer_logits(model, batch, internals=True)
+        logits, output, projected = answer_logits(model, batch, internals=True)
         answer_loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]],
                                                         batch["answer_ids"][batch["answer_mask"]])
-        patch_loss = auxiliary.loss(captured["image"], batch["patch_labels"])
+        patch_loss = auxiliary.loss(projected, batch["patch_labels"])
         grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer],
                                                     batch["mention_positions"]), batch["mention_labels"])
         look_loss = attention_loss(output.attentions[config.attention_layer][:, config.attention_head], batch)
         loss = (answer_loss + config.patch_loss_weight * patch_loss + config.grounding_loss_weight * grounding_loss
                 + config.attention_loss_weight * look_loss)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -344,12 +442,16 @@ def train(config: TrainConfig) -> Path:
                   "grounding_loss": grounding_loss.item(), "attention_loss": look_loss.item(),
                   "lr": schedule.get_last_lr()[0]}
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            record["val_accuracy"] = first_token_accuracy(model, val_batcher, val_indices)
-            progress.write(f"step {step + 1}: answer loss {answer_loss.item():.4f}  val accuracy {record['val_accuracy']:.3f}")
+            scores = validation_accuracy(model, val_batcher, val_indices)
+            record["val_accuracy"] = scores.pop("all")
+            record.update({f"val_accuracy/{category}": score for category, score in scores.items()})
+            progress.write(f"step {step + 1}: answer loss {answer_loss.item():.4f}  val accuracy "
+                           f"{record['val_accuracy']:.3f} (" + ", ".join(f"{c} {v:.2f}" for c, v in scores.items()) + ")")
         history.append(record)
         if run is not None:
-            run.log(record, step=step + 1)
+            run.log(record)
     model.eval()
+    model.requires_grad_(True)
     model.set_attn_implementation("sdpa")
     save_llava(model, processor, out)
     shutil.copy(world / "world.json", out / "world.json")  # how to regenerate the data, held-out split included
