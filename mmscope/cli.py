@@ -160,9 +160,10 @@ def train(
     out: Path = typer.Option(..., help="Folder to write the trained checkpoint (save_pretrained) to."),
     data: Path | None = typer.Option(None, help="A synthetic-world folder; generated next to OUT when omitted."),
     n_scenes: int = typer.Option(16000, help="Scenes to synthesize when --data is omitted."),
-    vision_steps: int = typer.Option(300, help="Stage 1 (vision pre-training) optimizer steps."),
-    steps: int = typer.Option(1200, help="Stage 2 (answers) optimizer steps."),
-    batch_size: int = typer.Option(64),
+    vision_steps: int = typer.Option(600, help="Stage 1 (vision pre-training) optimizer steps."),
+    freeze_vision: bool = typer.Option(False, help="Keep the vision tower frozen in stage 2 (as LLaVA does)."),
+    steps: int = typer.Option(2500, help="Stage 2 (answers) optimizer steps."),
+    batch_size: int = typer.Option(32),
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
     eval_every: int = typer.Option(200, help="Validate every N steps."),
@@ -174,7 +175,7 @@ def train(
     from mmscope.models.train import TrainConfig
     from mmscope.models.train import train as run_training
 
-    config = TrainConfig(out=str(out), data=str(data) if data else None, n_scenes=n_scenes, vision_steps=vision_steps, steps=steps,
+    config = TrainConfig(out=str(out), data=str(data) if data else None, n_scenes=n_scenes, vision_steps=vision_steps, freeze_vision=freeze_vision, steps=steps,
                          batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                          patch_loss_weight=patch_loss_weight, grounding_loss_weight=grounding_loss_weight, wandb=wandb)
     folder = run_training(config)

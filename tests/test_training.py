@@ -122,3 +122,16 @@ def test_stage_two_forward_from_cached_features_equals_the_models_own_forward(ba
                        position_ids=small["position_ids"], pixel_values=encoded["pixel_values"]).logits
     start = int(small["answer_start"])
     torch.testing.assert_close(ours, logits[:, start : start + small["answer_ids"].shape[1]], atol=1e-5, rtol=1e-4)
+
+
+def test_stage_two_forward_from_pixels_equals_the_one_from_cached_features(batch_and_rows):
+    import torch
+
+    from mmscope.models.train import Batcher, answer_logits
+
+    _, _, _, _, _, model, processor, batcher = batch_and_rows
+    model.eval()
+    from_pixels = Batcher(processor, batcher.dataset, batcher.images)(list(range(6)))
+    assert "pixel_values" in from_pixels and "image_features" not in from_pixels
+    torch.testing.assert_close(answer_logits(model, from_pixels), answer_logits(model, batcher(list(range(6)))),
+                               atol=1e-5, rtol=1e-4)

@@ -42,12 +42,18 @@ queries. Splits share no scene: {world['splits']['train']['questions']} training
 ({world['splits']['train']['scenes']} scenes); validation and test {world['splits']['test']['questions']} questions each.
 
 ## Training
-`mmscope train --out DIR --seed {train_config['seed']}` (defaults: {train_config['steps']} steps, batch {train_config['batch_size']},
-AdamW lr {train_config['lr']}, cosine schedule), cross-entropy on the answer tokens, plus two auxiliary losses
-read by linear heads that are discarded after training: the attributes of the object under each image patch,
-at the projector's output (weight {train_config['patch_loss_weight']}), and, at each object word of the question (GQA's
-annotations), whether that object is in the image and its attributes and position, at the output of decoder
-layer {train_config.get('grounding_layer', '-')} (weight {train_config.get('grounding_loss_weight', 0)}). Trained in {summary['minutes']:.0f} minutes on {summary['machine']}.
+`mmscope train --out DIR --seed {train_config['seed']}`, in LLaVA's two stages (AdamW lr {train_config['lr']}, cosine schedules):
+1. vision pre-training, {train_config.get('vision_steps', 0)} steps of {train_config.get('vision_batch_size', 0)} images: the vision tower and projector learn, for
+   every image token, the shape, colour, size and material of the object under it and the patch's row and column
+   (from the scene graphs);
+2. instruction tuning, {train_config['steps']} steps of {train_config['batch_size']} questions, vision tower frozen: cross-entropy on the answer tokens,
+   plus auxiliary losses read by linear heads that are discarded after training — the patch targets again at the
+   projector's output (weight {train_config['patch_loss_weight']}); at each object word of the question (GQA's annotations), whether that
+   object is in the image and its attributes and position, at the output of decoder layer {train_config.get('grounding_layer', '-')} (weight
+   {train_config.get('grounding_loss_weight', 0)}); and the attention mass that head {train_config.get('attention_head', '-')} of layer {train_config.get('attention_layer', '-')} puts from that word on the object's patches
+   (weight {train_config.get('attention_loss_weight', 0)}).
+
+Trained in {summary['minutes']:.0f} minutes on {summary['machine']}.
 Final validation accuracy (teacher-forced whole answer): {summary['final_val_accuracy']:.3f}.
 
 ## Evaluation on the held-out test split

@@ -20,8 +20,9 @@ where to look: from the object's word, its attention mass on that object's image
 
 Training runs in LLaVA's two stages, with the roles adapted to a model trained from scratch:
 1. vision pre-training: the vision tower and projector learn the per-patch targets alone (cheap: no decoder);
-2. instruction tuning: the vision tower is frozen (as in LLaVA), its features are computed once per image,
-   and the projector and decoder learn the answers, with all three auxiliary losses.
+2. instruction tuning: the whole model learns the answers, with all three auxiliary losses. (`freeze_vision`
+   keeps the tower frozen as LLaVA does, computing its features once per image — faster per step, but here
+   the attention loss then falls much more slowly: the tower's keys cannot adapt to the decoder's queries.)
 
 Everything is seeded; the same command on the same machine type gives the same checkpoint. The result is an
 ordinary `save_pretrained` folder with a model card.
@@ -68,10 +69,11 @@ class TrainConfig:
     out: str
     data: str | None = None  # a synthetic-world folder; generated into `out/world` when None
     n_scenes: int = 16000
-    vision_steps: int = 300  # stage 1
+    vision_steps: int = 600  # stage 1
+    freeze_vision: bool = False  # in stage 2
     vision_batch_size: int = 128
-    steps: int = 1200  # stage 2
-    batch_size: int = 64
+    steps: int = 2500  # stage 2
+    batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.05
@@ -163,8 +165,8 @@ def mention_positions(words: list[str], mentions: list[str]) -> list[int]:
 class ImageSet:
     """The distinct images of a GQA-format split, preprocessed once by the real image processor.
 
-    `features(model)` runs the (frozen) vision tower once over all of them and keeps the projector's input,
-    so that stage 2 never repeats that work."""
+    `features(model)` runs the vision tower once over all of them and keeps the projector's input, so that a
+    stage 2 with a frozen tower never repeats that work."""
 
     def __init__(self, processor, dataset, batch_size: int = 512) -> None:
         first: dict[str, int] = {}
@@ -205,13 +207,14 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 class Batcher:
-    """Turns rows of a GQA-format `datasets.Dataset` into stage-2 batches: the tokenized prompt and answer, the
-    cached vision features of each row's image and, with `targets`, the auxiliary labels.
+    """Turns rows of a GQA-format `datasets.Dataset` into stage-2 batches: the tokenized prompt and answer, each
+    row's preprocessed image (or, given `features`, its cached vision features) and, with `targets`, the
+    auxiliary labels.
 
     The prompt is tokenized as the processor does it: `<image>` expanded to as many image tokens as the
     processor produces for one image (measured once)."""
 
-    def __init__(self, processor, dataset, images: ImageSet, features: torch.Tensor,
+    def __init__(self, processor, dataset, images: ImageSet, features: torch.Tensor | None = None,
                  targets: SceneTargets | None = None, max_mentions: int = 2) -> None:
         self.tokenizer = processor.tokenizer
         self.dataset = dataset
@@ -240,11 +243,15 @@ class Batcher:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-            "image_features": self.features[[self.images.index[i] for i in rows["image_id"]]],
             "answer_ids": answer_ids,
             "answer_mask": answer_mask.bool(),
             "answer_start": torch.tensor(prompt_len - 1),
         }
+        which = [self.images.index[i] for i in rows["image_id"]]
+        if self.features is not None:
+            batch["image_features"] = self.features[which]
+        else:
+            batch["pixel_values"] = self.images.pixel_values[which]
         if self.targets is not None:
             batch["patch_labels"] = torch.stack([self.targets.patches(i) for i in rows["image_id"]])
             batch.update(self._mentions(rows, encoded["input_ids"]))
@@ -289,11 +296,14 @@ class AuxiliaryHeads(torch.nn.Module):
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor], internals: bool = False):
-    """Logits `[B, A, V]` predicting each answer token (from the position before it), from the batch's cached
-    vision features: projected and scattered into the image-token positions exactly as the model's forward
-    does. With `internals`, also the model output (every layer's hidden states and, under eager attention,
-    attention weights) and the projected image features."""
-    projected = model.model.multi_modal_projector(batch["image_features"])
+    """Logits `[B, A, V]` predicting each answer token (from the position before it). The image features (from
+    the batch's pixels, or its cached vision features) are projected and scattered into the image-token
+    positions exactly as the model's forward does. With `internals`, also the model output (every layer's
+    hidden states and, under eager attention, attention weights) and the projected image features."""
+    if "image_features" in batch:
+        projected = model.model.multi_modal_projector(batch["image_features"])
+    else:
+        projected = image_features(model, batch["pixel_values"])
     embeds = model.model.get_input_embeddings()(batch["input_ids"])
     image_positions = (batch["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(image_positions, projected.to(embeds.dtype))
@@ -406,10 +416,12 @@ def train(config: TrainConfig) -> Path:
     run = _wandb_run(config) if config.wandb else None
 
     history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
-    model.model.vision_tower.requires_grad_(False)
-    model.model.vision_tower.eval()
-    batcher = Batcher(processor, train_rows, train_images, train_images.features(model), targets)
-    val_batcher = Batcher(processor, val_rows, val_images, val_images.features(model))
+    if config.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+        model.model.vision_tower.eval()
+    batcher = Batcher(processor, train_rows, train_images,
+                      train_images.features(model) if config.freeze_vision else None, targets)
+    val_batcher = Batcher(processor, val_rows, val_images)
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
     trained = [p for p in [*model.parameters(), *auxiliary.parameters(), *grounding.parameters()] if p.requires_grad]
