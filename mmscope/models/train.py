@@ -18,6 +18,13 @@ in the image and, if it is, its shape, colour, size, material and the row and co
 heads again are linear and dropped after training. And one attention head of an earlier layer is taught
 where to look: from the object's word, its attention mass on that object's image patches is maximised.
 
+Comparing two objects (CompareAttr) or testing them against an attribute (LogicalObj, ChooseCat's options)
+happens at the last prompt position, which first has to gather what the question's words have learned. So the
+same mention targets (one set of heads per mention) are also read at the last prompt position from a later
+decoder layer: by then it must know both objects. These auxiliary targets shape where information flows
+(image -> question words -> last position), so interventions on the shipped model find that route by
+construction; the model card says so.
+
 Training runs in LLaVA's two stages, with the roles adapted to a model trained from scratch:
 1. vision pre-training: the vision tower and projector learn the per-patch targets alone (cheap: no decoder);
 2. instruction tuning: the whole model learns the answers, with all three auxiliary losses. (`freeze_vision`
@@ -86,6 +93,9 @@ class TrainConfig:
     attention_loss_weight: float = 0.5
     attention_layer: int = 2  # decoder layer (0-based) one of whose heads learns to look at mentioned objects
     attention_head: int = 0
+    gather_loss_weight: float = 0.5
+    gather_layer: int = 6  # decoder layer whose output at the last prompt position carries the mentioned objects
+    bf16: bool = True  # bfloat16 autocast (about twice as fast on CPUs with bf16 instructions)
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
 
@@ -151,6 +161,7 @@ class SceneTargets:
 
 
 IGNORE = -100  # cross-entropy's ignore_index
+MAX_MENTIONS = 2  # objects a question names (CompareAttr, ChooseRel, LogicalObj name two)
 
 
 def mention_positions(words: list[str], mentions: list[str]) -> list[int]:
@@ -215,7 +226,7 @@ class Batcher:
     processor produces for one image (measured once)."""
 
     def __init__(self, processor, dataset, images: ImageSet, features: torch.Tensor | None = None,
-                 targets: SceneTargets | None = None, max_mentions: int = 2) -> None:
+                 targets: SceneTargets | None = None, max_mentions: int = MAX_MENTIONS) -> None:
         self.tokenizer = processor.tokenizer
         self.dataset = dataset
         self.images, self.features = images, features
@@ -357,6 +368,11 @@ def validation_accuracy(model, batcher: Batcher, indices: list[int], batch_size:
     return scores
 
 
+def autocast(config: TrainConfig):
+    """bfloat16 autocast on CPU (weights and optimizer state stay float32), or a no-op."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+
+
 def cosine(warmup: int, steps: int):
     """Linear warm-up then cosine decay to 0, as a `LambdaLR` factor."""
     return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
@@ -375,7 +391,9 @@ def pretrain_vision(model, images: ImageSet, targets: SceneTargets, heads: "Auxi
     progress = tqdm(range(config.vision_steps), desc="stage 1: vision", unit="step")
     for step in progress:
         chosen = torch.randint(len(images), (config.vision_batch_size,), generator=generator)
-        loss = heads.loss(image_features(model, images.pixel_values[chosen]), labels[chosen])
+        with autocast(config):
+            features = image_features(model, images.pixel_values[chosen])
+        loss = heads.loss(features.float(), labels[chosen])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -413,6 +431,8 @@ def train(config: TrainConfig) -> Path:
     train_images, val_images = ImageSet(processor, train_rows), ImageSet(processor, val_rows)
     auxiliary = AuxiliaryHeads(config.spec.text_hidden, targets.sizes())
     grounding = AuxiliaryHeads(config.spec.text_hidden, targets.mention_sizes())
+    gathering = torch.nn.ModuleList(AuxiliaryHeads(config.spec.text_hidden, targets.mention_sizes())
+                                    for _ in range(MAX_MENTIONS))
     run = _wandb_run(config) if config.wandb else None
 
     history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
@@ -424,7 +444,8 @@ def train(config: TrainConfig) -> Path:
     val_batcher = Batcher(processor, val_rows, val_images)
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
-    trained = [p for p in [*model.parameters(), *auxiliary.parameters(), *grounding.parameters()] if p.requires_grad]
+    trained = [p for p in [*model.parameters(), *auxiliary.parameters(), *grounding.parameters(),
+                                 *gathering.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(config.warmup, config.steps))
     order: list[int] = []
@@ -434,27 +455,34 @@ def train(config: TrainConfig) -> Path:
             order += random.sample(range(len(train_rows)), len(train_rows))
         indices, order = order[: config.batch_size], order[config.batch_size :]
         batch = batcher(indices)
-        logits, output, projected = answer_logits(model, batch, internals=True)
-        answer_loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]],
+        with autocast(config):
+            logits, output, projected = answer_logits(model, batch, internals=True)
+        answer_loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]].float(),
                                                         batch["answer_ids"][batch["answer_mask"]])
-        patch_loss = auxiliary.loss(projected, batch["patch_labels"])
-        grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer],
+        patch_loss = auxiliary.loss(projected.float(), batch["patch_labels"])
+        grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer].float(),
                                                     batch["mention_positions"]), batch["mention_labels"])
-        look_loss = attention_loss(output.attentions[config.attention_layer][:, config.attention_head], batch)
+        last = output.hidden_states[config.gather_layer][:, int(batch["answer_start"])].float()
+        gather_loss = torch.stack([heads.loss(last[:, None], batch["mention_labels"][:, m, None])
+                                   for m, heads in enumerate(gathering)]).mean()
+        look_loss = attention_loss(output.attentions[config.attention_layer][:, config.attention_head].float(), batch)
         loss = (answer_loss + config.patch_loss_weight * patch_loss + config.grounding_loss_weight * grounding_loss
-                + config.attention_loss_weight * look_loss)
+                + config.attention_loss_weight * look_loss + config.gather_loss_weight * gather_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(answer=f"{answer_loss.item():.3f}", patches=f"{patch_loss.item():.3f}",
-                             grounding=f"{grounding_loss.item():.3f}", look=f"{look_loss.item():.3f}")
+                             grounding=f"{grounding_loss.item():.3f}", look=f"{look_loss.item():.3f}",
+                             gather=f"{gather_loss.item():.3f}")
         record = {"step": step + 1, "loss": answer_loss.item(), "patch_loss": patch_loss.item(),
                   "grounding_loss": grounding_loss.item(), "attention_loss": look_loss.item(),
+                  "gather_loss": gather_loss.item(),
                   "lr": schedule.get_last_lr()[0]}
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            scores = validation_accuracy(model, val_batcher, val_indices)
+            with autocast(config):
+                scores = validation_accuracy(model, val_batcher, val_indices)
             record["val_accuracy"] = scores.pop("all")
             record.update({f"val_accuracy/{category}": score for category, score in scores.items()})
             progress.write(f"step {step + 1}: answer loss {answer_loss.item():.4f}  val accuracy "
