@@ -135,3 +135,27 @@ def test_stage_two_forward_from_pixels_equals_the_one_from_cached_features(batch
     assert "pixel_values" in from_pixels and "image_features" not in from_pixels
     torch.testing.assert_close(answer_logits(model, from_pixels), answer_logits(model, batcher(list(range(6)))),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_last_position_loss_reads_each_mention_at_the_token_before_the_answer(batch_and_rows):
+    import torch
+
+    from mmscope.models.train import AuxiliaryHeads, last_position_loss
+
+    batch, rows, tokenizer, *_ = batch_and_rows
+    torch.manual_seed(0)
+    heads = torch.nn.ModuleList(AuxiliaryHeads(16, {"a": 2, "b": 3}) for _ in range(2))
+    labels = torch.full((len(rows), 2, 2), IGNORE)
+    labels[:, 0, 0] = torch.arange(len(rows)) % 2
+    labels[::2, 1, 1] = 2  # the second mention only in every other row
+    batch = {**batch, "mention_labels": labels}
+    hidden = torch.randn(len(rows), batch["input_ids"].shape[1], 16)
+    start = int(batch["answer_start"])
+    assert tokenizer.convert_ids_to_tokens(int(batch["input_ids"][0, start])) == ":"  # "ASSISTANT:"
+    last = hidden[:, start]
+    first = torch.nn.functional.cross_entropy(heads[0].heads[0](last), labels[:, 0, 0])
+    second = torch.nn.functional.cross_entropy(heads[1].heads[1](last[::2]), labels[::2, 1, 1])
+    expected = (first / 2 + second / 2) / 2  # each head set averages its two heads; one of each has no labels
+    torch.testing.assert_close(last_position_loss(hidden, batch, heads), expected)
+    hidden[:, start - 1] += 100  # any other position is not read
+    torch.testing.assert_close(last_position_loss(hidden, batch, heads), expected)

@@ -19,6 +19,9 @@ def write_model_card(folder: str | Path, evaluation: str, command: str) -> Path:
     vision, text = config.vision_config, config.text_config
     grid = vision.image_size // vision.patch_size
     vocabulary = world["vocabulary"]
+    tower = "vision tower frozen" if train_config.get("freeze_vision") else "whole model"
+    precision = ("Mixed precision: bfloat16 autocast, float32 weights and optimizer state." if train_config.get("bf16")
+                 else "Float32 throughout.")
     card = f"""# shapes-llava
 
 A small LLaVA-1.5-style vision-language model trained from scratch by mmscope on its synthetic GQA-format
@@ -46,12 +49,17 @@ queries. Splits share no scene: {world['splits']['train']['questions']} training
 1. vision pre-training, {train_config.get('vision_steps', 0)} steps of {train_config.get('vision_batch_size', 0)} images: the vision tower and projector learn, for
    every image token, the shape, colour, size and material of the object under it and the patch's row and column
    (from the scene graphs);
-2. instruction tuning, {train_config['steps']} steps of {train_config['batch_size']} questions, vision tower frozen: cross-entropy on the answer tokens,
+2. instruction tuning, {train_config['steps']} steps of {train_config['batch_size']} questions, {tower}: cross-entropy on the answer tokens,
    plus auxiliary losses read by linear heads that are discarded after training — the patch targets again at the
    projector's output (weight {train_config['patch_loss_weight']}); at each object word of the question (GQA's annotations), whether that
    object is in the image and its attributes and position, at the output of decoder layer {train_config.get('grounding_layer', '-')} (weight
-   {train_config.get('grounding_loss_weight', 0)}); and the attention mass that head {train_config.get('attention_head', '-')} of layer {train_config.get('attention_layer', '-')} puts from that word on the object's patches
-   (weight {train_config.get('attention_loss_weight', 0)}).
+   {train_config.get('grounding_loss_weight', 0)}); the attention mass that head {train_config.get('attention_head', '-')} of layer {train_config.get('attention_layer', '-')} puts from that word on the object's patches
+   (weight {train_config.get('attention_loss_weight', 0)}); and the same object targets (one set of heads per mentioned object) at the last prompt
+   position, at the output of decoder layer {train_config.get('gather_layer', '-')} (weight {train_config.get('gather_loss_weight', 0)}).
+{precision}
+
+These auxiliary targets steer information along image → question words → last position, so knockouts on this
+model find that route partly by construction; use it to exercise the tools, and a real VLM for findings.
 
 Trained in {summary['minutes']:.0f} minutes on {summary['machine']}.
 Final validation accuracy (teacher-forced whole answer): {summary['final_val_accuracy']:.3f}.

@@ -349,6 +349,13 @@ def at_mentions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, index)
 
 
+def last_position_loss(hidden: torch.Tensor, batch: dict[str, torch.Tensor], heads: torch.nn.ModuleList) -> torch.Tensor:
+    """The mentioned objects' targets read from `hidden [B, T, D]` at the last prompt position (the one that
+    predicts the answer's first token): heads `m` read mention `m`; mean over mentions."""
+    last = hidden[:, int(batch["answer_start"])][:, None]  # [B, 1, D]
+    return torch.stack([head.loss(last, batch["mention_labels"][:, m, None]) for m, head in enumerate(heads)]).mean()
+
+
 def validation_accuracy(model, batcher: Batcher, indices: list[int], batch_size: int = 128) -> dict[str, float]:
     """Share of questions whose whole answer is predicted greedily under teacher forcing (a fast proxy for
     generation): `{"all": …, category: …}` over `indices` of the batcher's dataset."""
@@ -462,9 +469,7 @@ def train(config: TrainConfig) -> Path:
         patch_loss = auxiliary.loss(projected.float(), batch["patch_labels"])
         grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer].float(),
                                                     batch["mention_positions"]), batch["mention_labels"])
-        last = output.hidden_states[config.gather_layer][:, int(batch["answer_start"])].float()
-        gather_loss = torch.stack([heads.loss(last[:, None], batch["mention_labels"][:, m, None])
-                                   for m, heads in enumerate(gathering)]).mean()
+        gather_loss = last_position_loss(output.hidden_states[config.gather_layer].float(), batch, gathering)
         look_loss = attention_loss(output.attentions[config.attention_layer][:, config.attention_head].float(), batch)
         loss = (answer_loss + config.patch_loss_weight * patch_loss + config.grounding_loss_weight * grounding_loss
                 + config.attention_loss_weight * look_loss + config.gather_loss_weight * gather_loss)
