@@ -170,6 +170,7 @@ def train(
     patch_loss_weight: float = typer.Option(0.5, help="Weight of the per-patch attribute loss (0 turns it off)."),
     grounding_loss_weight: float = typer.Option(0.5, help="Weight of the mentioned-object loss (0 turns it off)."),
     gather_loss_weight: float = typer.Option(0.5, help="Weight of the last-position mentioned-object loss (0: off)."),
+    focus: float = typer.Option(0.5, help="Share of each batch drawn by categories' validation error (0: uniform)."),
     bf16: bool = typer.Option(True, help="bfloat16 autocast (float32 weights); --no-bf16 for plain float32."),
     wandb: bool = typer.Option(False, "--wandb", help="Log the run to Weights & Biases (offline without a key)."),
 ) -> None:
@@ -180,7 +181,7 @@ def train(
     config = TrainConfig(out=str(out), data=str(data) if data else None, n_scenes=n_scenes, vision_steps=vision_steps, freeze_vision=freeze_vision, steps=steps,
                          batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                          patch_loss_weight=patch_loss_weight, grounding_loss_weight=grounding_loss_weight,
-                         gather_loss_weight=gather_loss_weight, bf16=bf16, wandb=wandb)
+                         gather_loss_weight=gather_loss_weight, focus=focus, bf16=bf16, wandb=wandb)
     folder = run_training(config)
     typer.echo(f"saved {folder}")
 

@@ -159,3 +159,21 @@ def test_last_position_loss_reads_each_mention_at_the_token_before_the_answer(ba
     torch.testing.assert_close(last_position_loss(hidden, batch, heads), expected)
     hidden[:, start - 1] += 100  # any other position is not read
     torch.testing.assert_close(last_position_loss(hidden, batch, heads), expected)
+
+
+def test_category_sampler_draws_by_validation_error():
+    from collections import Counter
+
+    from mmscope.models.train import CategorySampler
+
+    categories = ["A"] * 50 + ["B"] * 30 + [None] * 20
+    sampler = CategorySampler(categories, focus=0.5, seed=1)
+    assert sampler.names == ["(other)", "A", "B"]
+    first = Counter(categories[i] for i in sampler(3000))
+    assert all(abs(n / 3000 - 1 / 3) < 0.04 for n in first.values())  # uniform over categories, not rows
+    sampler.update({"all": 0.7, "A": 1.0, "B": 0.4})  # errors A 0, B 0.6, other the mean 0.3
+    assert sampler.weights == pytest.approx([1 / 6 + 0.5 / 3, 1 / 6, 1 / 6 + 1 / 3])
+    drawn = Counter(categories[i] for i in sampler(6000))
+    assert drawn["B"] / 6000 == pytest.approx(0.5, abs=0.03) and drawn["A"] / 6000 == pytest.approx(1 / 6, abs=0.03)
+    with pytest.raises(ValueError, match="focus"):
+        CategorySampler(categories, focus=1.5)

@@ -95,6 +95,7 @@ class TrainConfig:
     attention_head: int = 0
     gather_loss_weight: float = 0.5
     gather_layer: int = 6  # decoder layer whose output at the last prompt position carries the mentioned objects
+    focus: float = 0.5  # share of each batch drawn in proportion to each category's validation error
     bf16: bool = True  # bfloat16 autocast (about twice as fast on CPUs with bf16 instructions)
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
@@ -375,6 +376,39 @@ def validation_accuracy(model, batcher: Batcher, indices: list[int], batch_size:
     return scores
 
 
+class CategorySampler:
+    """Draws training rows category by category (with replacement): a share `1 - focus` of the draws is uniform
+    over the categories, the share `focus` in proportion to each category's last validation error, so that
+    steps go where the model is still wrong. Rows outside the six categories form one more category, which
+    gets the mean error. Before the first `update` all categories are equally likely."""
+
+    OTHER = "(other)"
+
+    def __init__(self, categories: list[str | None], focus: float = 0.5, seed: int = 0) -> None:
+        if not 0 <= focus <= 1:
+            raise ValueError(f"focus must lie in [0, 1], got {focus}")
+        self.rows: dict[str, list[int]] = {}
+        for index, category in enumerate(categories):
+            self.rows.setdefault(category or self.OTHER, []).append(index)
+        self.names = sorted(self.rows)
+        self.focus = focus
+        self.weights = [1 / len(self.names)] * len(self.names)
+        self.random = random.Random(seed)
+
+    def update(self, scores: dict[str, float]) -> None:
+        """Reweight from validation accuracies per category (`validation_accuracy`'s dict)."""
+        known = [1 - scores[name] for name in self.names if name in scores]
+        mean = sum(known) / len(known) if known else 1.0
+        errors = [1 - scores[name] if name in scores else mean for name in self.names]
+        total = sum(errors)
+        share = [e / total for e in errors] if total > 0 else [1 / len(errors)] * len(errors)
+        self.weights = [(1 - self.focus) / len(self.names) + self.focus * w for w in share]
+
+    def __call__(self, n: int) -> list[int]:
+        chosen = self.random.choices(self.names, weights=self.weights, k=n)
+        return [self.random.choice(self.rows[name]) for name in chosen]
+
+
 def autocast(config: TrainConfig):
     """bfloat16 autocast on CPU (weights and optimizer state stay float32), or a no-op."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
@@ -455,13 +489,10 @@ def train(config: TrainConfig) -> Path:
                                  *gathering.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(config.warmup, config.steps))
-    order: list[int] = []
+    sampler = CategorySampler(train_rows["category"], config.focus, config.seed)
     progress = tqdm(range(config.steps), desc="stage 2: answers", unit="step")
     for step in progress:
-        if len(order) < config.batch_size:
-            order += random.sample(range(len(train_rows)), len(train_rows))
-        indices, order = order[: config.batch_size], order[config.batch_size :]
-        batch = batcher(indices)
+        batch = batcher(sampler(config.batch_size))
         with autocast(config):
             logits, output, projected = answer_logits(model, batch, internals=True)
         answer_loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]].float(),
@@ -488,6 +519,8 @@ def train(config: TrainConfig) -> Path:
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             with autocast(config):
                 scores = validation_accuracy(model, val_batcher, val_indices)
+            sampler.update(scores)
+            record.update({f"sampling/{name}": weight for name, weight in zip(sampler.names, sampler.weights)})
             record["val_accuracy"] = scores.pop("all")
             record.update({f"val_accuracy/{category}": score for category, score in scores.items()})
             progress.write(f"step {step + 1}: answer loss {answer_loss.item():.4f}  val accuracy "
