@@ -234,11 +234,16 @@ class Batcher:
         self.targets = targets
         self.max_mentions = max_mentions
         self.image_token = self.tokenizer.image_token
+        # The columns a batch needs, read once: `Dataset.select` per batch costs more than the batch's forward pass.
+        names = ["question", "answer", "image_id"] + (["object_names", "object_ids"] if targets is not None else [])
+        self.columns = {name: list(dataset[name]) for name in names}
+        self.patch_labels = (torch.stack([targets.patches(image_id) for image_id in images.ids])
+                             if targets is not None else None)
         probe = processor(images=[dataset[0]["image"].convert("RGB")], text=[self.image_token], return_tensors="pt")
         self.n_image_tokens = int((probe["input_ids"] == self.tokenizer.convert_tokens_to_ids(self.image_token)).sum())
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = self.dataset.select(indices)
+        rows = {name: [column[i] for i in indices] for name, column in self.columns.items()}
         prompts = [prompt_of(q).replace(self.image_token, self.image_token * self.n_image_tokens)
                    for q in rows["question"]]
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
@@ -265,7 +270,7 @@ class Batcher:
         else:
             batch["pixel_values"] = self.images.pixel_values[which]
         if self.targets is not None:
-            batch["patch_labels"] = torch.stack([self.targets.patches(i) for i in rows["image_id"]])
+            batch["patch_labels"] = self.patch_labels[which]
             batch.update(self._mentions(rows, encoded["input_ids"]))
         return batch
 
@@ -276,9 +281,10 @@ class Batcher:
         question's words directly follow the last image token (the template puts it right after `<image>\n`)."""
         image_token = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
         first_word = (prompt_ids == image_token).int().cumsum(-1).argmax(-1) + 1
-        positions = torch.full((len(rows), self.max_mentions), -1)
-        labels = torch.full((len(rows), self.max_mentions, len(self.targets.mention_sizes())), IGNORE)
-        patches = torch.zeros(len(rows), self.max_mentions, self.targets.grid ** 2, dtype=torch.bool)
+        n = len(rows["question"])
+        positions = torch.full((n, self.max_mentions), -1)
+        labels = torch.full((n, self.max_mentions, len(self.targets.mention_sizes())), IGNORE)
+        patches = torch.zeros(n, self.max_mentions, self.targets.grid ** 2, dtype=torch.bool)
         for b, (question, names, ids, image_id) in enumerate(
             zip(rows["question"], rows["object_names"], rows["object_ids"], rows["image_id"])
         ):
