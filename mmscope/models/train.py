@@ -79,13 +79,13 @@ class TrainConfig:
     vision_steps: int = 600  # stage 1
     freeze_vision: bool = False  # in stage 2
     vision_batch_size: int = 128
-    steps: int = 2500  # stage 2
+    steps: int = 3000  # stage 2
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.05
     seed: int = 0
-    eval_every: int = 200
+    eval_every: int = 300
     eval_questions: int = 600
     patch_loss_weight: float = 0.5
     grounding_loss_weight: float = 0.5
