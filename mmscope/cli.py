@@ -9,6 +9,7 @@ import typer
 import yaml
 
 from mmscope.model import DEFAULT_MODEL
+from mmscope.models.train import TrainConfig
 
 app = typer.Typer(
     name="mmscope",
@@ -159,29 +160,35 @@ def probe(
 def train(
     out: Path = typer.Option(..., help="Folder to write the trained checkpoint (save_pretrained) to."),
     data: Path | None = typer.Option(None, help="A synthetic-world folder; generated next to OUT when omitted."),
-    n_scenes: int = typer.Option(16000, help="Scenes to synthesize when --data is omitted."),
-    vision_steps: int = typer.Option(600, help="Stage 1 (vision pre-training) optimizer steps."),
-    freeze_vision: bool = typer.Option(False, help="Keep the vision tower frozen in stage 2 (as LLaVA does)."),
-    steps: int = typer.Option(3000, help="Stage 2 (answers) optimizer steps."),
-    batch_size: int = typer.Option(32),
-    lr: float = typer.Option(1e-3),
-    seed: int = typer.Option(0),
-    eval_every: int = typer.Option(300, help="Validate every N steps."),
-    patch_loss_weight: float = typer.Option(0.5, help="Weight of the per-patch attribute loss (0 turns it off)."),
-    grounding_loss_weight: float = typer.Option(0.5, help="Weight of the mentioned-object loss (0 turns it off)."),
-    gather_loss_weight: float = typer.Option(0.5, help="Weight of the last-position mentioned-object loss (0: off)."),
-    focus: float = typer.Option(0.5, help="Share of each batch drawn by categories' validation error (0: uniform)."),
-    bf16: bool = typer.Option(True, help="bfloat16 autocast (float32 weights); --no-bf16 for plain float32."),
+    n_scenes: int = typer.Option(TrainConfig.n_scenes, help="Scenes to synthesize when --data is omitted."),
+    vision_steps: int = typer.Option(TrainConfig.vision_steps, help="Stage 1 (vision pre-training) optimizer steps."),
+    freeze_vision: bool = typer.Option(TrainConfig.freeze_vision, help="Keep the vision tower frozen in stage 2."),
+    steps: int = typer.Option(TrainConfig.steps, help="Stage 2 (answers) optimizer steps."),
+    batch_size: int = typer.Option(TrainConfig.batch_size),
+    lr: float = typer.Option(TrainConfig.lr),
+    seed: int = typer.Option(TrainConfig.seed),
+    eval_every: int = typer.Option(TrainConfig.eval_every, help="Validate every N steps."),
+    patch_loss_weight: float = typer.Option(TrainConfig.patch_loss_weight,
+                                            help="Weight of the per-patch attribute loss (0 turns it off)."),
+    grounding_loss_weight: float = typer.Option(TrainConfig.grounding_loss_weight,
+                                                help="Weight of the mentioned-object loss (0 turns it off)."),
+    gather_loss_weight: float = typer.Option(TrainConfig.gather_loss_weight,
+                                             help="Weight of the last-position mentioned-object loss (0: off)."),
+    named_loss_weight: float = typer.Option(TrainConfig.named_loss_weight,
+                                            help="Weight of the last-position named-value loss (0: off)."),
+    focus: float = typer.Option(TrainConfig.focus,
+                                help="Share of each batch drawn by categories' validation error (0: uniform)."),
+    bf16: bool = typer.Option(TrainConfig.bf16, help="bfloat16 autocast (float32 weights); --no-bf16 for float32."),
     wandb: bool = typer.Option(False, "--wandb", help="Log the run to Weights & Biases (offline without a key)."),
 ) -> None:
-    """Train the embedded LLaVA from scratch on the synthetic GQA-format world."""
-    from mmscope.models.train import TrainConfig
+    """Train the embedded LLaVA from scratch on the synthetic GQA-format world (defaults: the shipped recipe)."""
     from mmscope.models.train import train as run_training
 
-    config = TrainConfig(out=str(out), data=str(data) if data else None, n_scenes=n_scenes, vision_steps=vision_steps, freeze_vision=freeze_vision, steps=steps,
-                         batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
-                         patch_loss_weight=patch_loss_weight, grounding_loss_weight=grounding_loss_weight,
-                         gather_loss_weight=gather_loss_weight, focus=focus, bf16=bf16, wandb=wandb)
+    config = TrainConfig(out=str(out), data=str(data) if data else None, n_scenes=n_scenes, vision_steps=vision_steps,
+                         freeze_vision=freeze_vision, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         eval_every=eval_every, patch_loss_weight=patch_loss_weight,
+                         grounding_loss_weight=grounding_loss_weight, gather_loss_weight=gather_loss_weight,
+                         named_loss_weight=named_loss_weight, focus=focus, bf16=bf16, wandb=wandb)
     folder = run_training(config)
     typer.echo(f"saved {folder}")
 

@@ -56,6 +56,25 @@ def test_mention_targets_sit_on_the_mentioned_word_and_describe_that_object(batc
     assert checked > 20 and absent > 0
 
 
+def test_named_targets_say_whether_each_mentioned_object_has_the_value_the_question_names(batch_and_rows):
+    batch, rows, _, vocabulary, graphs, *_ = batch_and_rows
+    values = {*vocabulary["colors"], *vocabulary["sizes"], *vocabulary["materials"]}
+    seen = set()
+    for b, row in enumerate(rows):
+        words = row["question"].lower().rstrip("?").replace(",", "").split()
+        value = next((word for word in words if word in values), None)
+        for m in range(batch["mention_named"].shape[1]):
+            label = int(batch["mention_named"][b, m, 0])
+            if m >= len(row["object_names"]) or value is None:
+                assert label == IGNORE, (row["question"], m)
+                continue
+            object_id = row["object_ids"][m]
+            expected = int(bool(object_id) and value in graphs[row["image_id"]]["objects"][object_id]["attributes"])
+            assert label == expected, (row["question"], row["object_names"][m], object_id)
+            seen.add((row["category"], label))
+    assert {("LogicalObj", 0), ("LogicalObj", 1)} <= seen  # both outcomes occur, for present and absent objects
+
+
 def test_patch_targets_mark_the_patch_under_each_object_centre(batch_and_rows):
     batch, rows, _, vocabulary, graphs, *_ = batch_and_rows
     for b, row in enumerate(rows):

@@ -22,6 +22,9 @@ def write_model_card(folder: str | Path, evaluation: str, command: str) -> Path:
     tower = "vision tower frozen" if train_config.get("freeze_vision") else "whole model"
     precision = ("Mixed precision: bfloat16 autocast, float32 weights and optimizer state." if train_config.get("bf16")
                  else "Float32 throughout.")
+    named = (f"; there too, whether each mentioned object has the attribute value the question names (\"Is there "
+             f"a cube or a cone that is *green*?\"; an absent object has none; weight "
+             f"{train_config['named_loss_weight']})" if train_config.get("named_loss_weight") else "")
     card = f"""# shapes-llava
 
 A small LLaVA-1.5-style vision-language model trained from scratch by mmscope on its synthetic GQA-format
@@ -55,7 +58,7 @@ queries. Splits share no scene: {world['splits']['train']['questions']} training
    object is in the image and its attributes and position, at the output of decoder layer {train_config.get('grounding_layer', '-')} (weight
    {train_config.get('grounding_loss_weight', 0)}); the attention mass that head {train_config.get('attention_head', '-')} of layer {train_config.get('attention_layer', '-')} puts from that word on the object's patches
    (weight {train_config.get('attention_loss_weight', 0)}); and the same object targets (one set of heads per mentioned object) at the last prompt
-   position, at the output of decoder layer {train_config.get('gather_layer', '-')} (weight {train_config.get('gather_loss_weight', 0)}).
+   position, at the output of decoder layer {train_config.get('gather_layer', '-')} (weight {train_config.get('gather_loss_weight', 0)}){named}.
 {precision}
 
 These auxiliary targets steer information along image → question words → last position, so knockouts on this

@@ -81,7 +81,7 @@ class TrainConfig:
     vision_batch_size: int = 128
     steps: int = 3000  # stage 2
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     warmup: int = 100
     weight_decay: float = 0.05
     seed: int = 0
@@ -94,8 +94,9 @@ class TrainConfig:
     attention_layer: int = 2  # decoder layer (0-based) one of whose heads learns to look at mentioned objects
     attention_head: int = 0
     gather_loss_weight: float = 0.5
+    named_loss_weight: float = 1.0  # last position: does each mentioned object have the value the question names
     gather_layer: int = 6  # decoder layer whose output at the last prompt position carries the mentioned objects
-    focus: float = 0.5  # share of each batch drawn in proportion to each category's validation error
+    focus: float = 0.8  # share of each batch drawn in proportion to each category's validation error
     bf16: bool = True  # bfloat16 autocast (about twice as fast on CPUs with bf16 instructions)
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
@@ -159,6 +160,20 @@ class SceneTargets:
         column = min(self.grid - 1, int((obj["x"] + obj["w"] / 2) / self.cell))
         row = min(self.grid - 1, int((obj["y"] + obj["h"] / 2) / self.cell))
         return [1, *self._values(obj), column, row]
+
+
+    def named(self, image_id: str, object_id: str, words: list[str]) -> int:
+        """1 if the object has the first attribute value among the question's `words` ("Is there a cube or a cone
+        that is *green*?"), 0 if it lacks it or is not in the image; `IGNORE` when the question names no value.
+
+        Only the last prompt position can be asked this: at the object's own word the value may not be read yet."""
+        values = {value for name, vocabulary in self.heads.items() if name != "shape" for value in vocabulary}
+        value = next((word for word in words if word in values), None)
+        if value is None:
+            return IGNORE
+        if not object_id:
+            return 0
+        return int(value in self.graphs[image_id]["objects"][object_id]["attributes"])
 
 
 IGNORE = -100  # cross-entropy's ignore_index
@@ -275,7 +290,8 @@ class Batcher:
         return batch
 
     def _mentions(self, rows, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Prompt positions `[B, M]` (-1: none) and labels `[B, M, heads]` of the objects each question mentions.
+        """Prompt positions `[B, M]` (-1: none) and labels `[B, M, heads]` of the objects each question mentions,
+        and whether each has the attribute value the question names (`[B, M, 1]`, `SceneTargets.named`).
 
         Also which image tokens show each mentioned object (`[B, M, P]`) and where the image starts (`[B]`). The
         question's words directly follow the last image token (the template puts it right after `<image>\n`)."""
@@ -284,6 +300,7 @@ class Batcher:
         n = len(rows["question"])
         positions = torch.full((n, self.max_mentions), -1)
         labels = torch.full((n, self.max_mentions, len(self.targets.mention_sizes())), IGNORE)
+        named = torch.full((n, self.max_mentions, 1), IGNORE)
         patches = torch.zeros(n, self.max_mentions, self.targets.grid ** 2, dtype=torch.bool)
         for b, (question, names, ids, image_id) in enumerate(
             zip(rows["question"], rows["object_names"], rows["object_ids"], rows["image_id"])
@@ -293,8 +310,10 @@ class Batcher:
                 if index >= 0 and m < self.max_mentions:
                     positions[b, m] = first_word[b] + index
                     labels[b, m] = torch.tensor(self.targets.mention(image_id, object_id))
+                    named[b, m, 0] = self.targets.named(image_id, object_id, words)
                     patches[b, m] = self.targets.object_patches(image_id, object_id)
-        return {"mention_positions": positions, "mention_labels": labels, "mention_patches": patches,
+        return {"mention_positions": positions, "mention_labels": labels, "mention_named": named,
+                "mention_patches": patches,
                 "image_start": first_word - self.targets.grid ** 2}
 
 
@@ -356,11 +375,13 @@ def at_mentions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, index)
 
 
-def last_position_loss(hidden: torch.Tensor, batch: dict[str, torch.Tensor], heads: torch.nn.ModuleList) -> torch.Tensor:
-    """The mentioned objects' targets read from `hidden [B, T, D]` at the last prompt position (the one that
-    predicts the answer's first token): heads `m` read mention `m`; mean over mentions."""
+def last_position_loss(hidden: torch.Tensor, batch: dict[str, torch.Tensor], heads: torch.nn.ModuleList,
+                       labels: str = "mention_labels") -> torch.Tensor:
+    """The mentioned objects' targets (`batch[labels]`, `[B, M, heads]`) read from `hidden [B, T, D]` at the last
+    prompt position (the one that predicts the answer's first token): heads `m` read mention `m`; mean over
+    mentions."""
     last = hidden[:, int(batch["answer_start"])][:, None]  # [B, 1, D]
-    return torch.stack([head.loss(last, batch["mention_labels"][:, m, None]) for m, head in enumerate(heads)]).mean()
+    return torch.stack([head.loss(last, batch[labels][:, m, None]) for m, head in enumerate(heads)]).mean()
 
 
 def validation_accuracy(model, batcher: Batcher, indices: list[int], batch_size: int = 128) -> dict[str, float]:
@@ -480,6 +501,7 @@ def train(config: TrainConfig) -> Path:
     grounding = AuxiliaryHeads(config.spec.text_hidden, targets.mention_sizes())
     gathering = torch.nn.ModuleList(AuxiliaryHeads(config.spec.text_hidden, targets.mention_sizes())
                                     for _ in range(MAX_MENTIONS))
+    naming = torch.nn.ModuleList(AuxiliaryHeads(config.spec.text_hidden, {"named": 2}) for _ in range(MAX_MENTIONS))
     run = _wandb_run(config) if config.wandb else None
 
     history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
@@ -492,7 +514,7 @@ def train(config: TrainConfig) -> Path:
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
     trained = [p for p in [*model.parameters(), *auxiliary.parameters(), *grounding.parameters(),
-                                 *gathering.parameters()] if p.requires_grad]
+                                 *gathering.parameters(), *naming.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(config.warmup, config.steps))
     sampler = CategorySampler(train_rows["category"], config.focus, config.seed)
@@ -506,10 +528,13 @@ def train(config: TrainConfig) -> Path:
         patch_loss = auxiliary.loss(projected.float(), batch["patch_labels"])
         grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer].float(),
                                                     batch["mention_positions"]), batch["mention_labels"])
-        gather_loss = last_position_loss(output.hidden_states[config.gather_layer].float(), batch, gathering)
+        gathered = output.hidden_states[config.gather_layer].float()
+        gather_loss = last_position_loss(gathered, batch, gathering)
+        named_loss = last_position_loss(gathered, batch, naming, "mention_named")
         look_loss = attention_loss(output.attentions[config.attention_layer][:, config.attention_head].float(), batch)
         loss = (answer_loss + config.patch_loss_weight * patch_loss + config.grounding_loss_weight * grounding_loss
-                + config.attention_loss_weight * look_loss + config.gather_loss_weight * gather_loss)
+                + config.attention_loss_weight * look_loss + config.gather_loss_weight * gather_loss
+                + config.named_loss_weight * named_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
@@ -517,10 +542,10 @@ def train(config: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(answer=f"{answer_loss.item():.3f}", patches=f"{patch_loss.item():.3f}",
                              grounding=f"{grounding_loss.item():.3f}", look=f"{look_loss.item():.3f}",
-                             gather=f"{gather_loss.item():.3f}")
+                             gather=f"{gather_loss.item():.3f}", named=f"{named_loss.item():.3f}")
         record = {"step": step + 1, "loss": answer_loss.item(), "patch_loss": patch_loss.item(),
                   "grounding_loss": grounding_loss.item(), "attention_loss": look_loss.item(),
-                  "gather_loss": gather_loss.item(),
+                  "gather_loss": gather_loss.item(), "named_loss": named_loss.item(),
                   "lr": schedule.get_last_lr()[0]}
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             with autocast(config):
