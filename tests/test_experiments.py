@@ -167,6 +167,32 @@ def test_training_command_runs_a_few_steps_and_saves_a_loadable_model(world, tmp
         assert all(torch.equal(first[name], second[name]) for name in first) == same
 
 
+def test_a_training_run_killed_midway_resumes_to_the_uninterrupted_weights(world, tmp_path):
+    from safetensors.torch import load_file
+
+    settings = ["--data", str(world), "--vision-steps", "2", "--steps", "10", "--batch-size", "4",
+                "--eval-every", "2"]
+    invoke("train", "--out", str(tmp_path / "whole"), *settings)
+    assert not (tmp_path / "whole" / "resume.pt").exists()  # removed once the run is complete
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mmscope.cli", "train", "--out", str(killed), *settings],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "resume.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (killed / "resume.pt").exists() and not (killed / "model.safetensors").exists()
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        invoke("train", "--out", str(killed), *settings, "--lr", "0.01")
+    printed = invoke("train", "--out", str(killed), *settings)
+    assert "resuming" in printed
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    steps = [r["step"] for r in json.loads((killed / "training.json").read_text())["history"] if "step" in r]
+    assert steps == list(range(1, 11))
+
+
 def test_probe_split_holds_out_whole_images():
     from mmscope.probes import layerwise
 

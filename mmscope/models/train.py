@@ -31,8 +31,10 @@ Training runs in LLaVA's two stages, with the roles adapted to a model trained f
    keeps the tower frozen as LLaVA does, computing its features once per image — faster per step, but here
    the attention loss then falls much more slowly: the tower's keys cannot adapt to the decoder's queries.)
 
-Everything is seeded; the same command on the same machine type gives the same checkpoint. The result is an
-ordinary `save_pretrained` folder with a model card.
+Everything is seeded; the same command on the same machine type gives the same checkpoint. At every validation
+the whole training state is written to `OUT/resume.pt`; the same command run again after a crash continues from
+there and ends with the same weights as an uninterrupted run. The result is an ordinary `save_pretrained`
+folder with a model card.
 """
 
 from __future__ import annotations
@@ -474,8 +476,35 @@ def pretrain_vision(model, images: ImageSet, targets: SceneTargets, heads: "Auxi
     return history
 
 
+RESUME = "resume.pt"  # in the output folder while a run is under way
+
+
+def _settings(config: TrainConfig) -> dict:
+    """What a resumed run must share with the one that wrote the state (everything but where and how it logs)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("out", "wandb")}
+
+
+def _load_resume(path: Path, config: TrainConfig) -> dict | None:
+    """The training state a crashed run left in `path`, or None; an error if it was made with other settings."""
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state["settings"] != _settings(config):
+        different = sorted(k for k in _settings(config) if state["settings"].get(k) != _settings(config)[k])
+        raise ValueError(f"{path} holds an unfinished run with other settings ({', '.join(different)}); "
+                         "rerun with those, or delete the file to start over")
+    return state
+
+
+def _save_resume(path: Path, state: dict) -> None:
+    """Write atomically: a crash while saving leaves the previous state intact."""
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
 def train(config: TrainConfig) -> Path:
-    """Train and save the model to `config.out`; returns the folder."""
+    """Train and save the model to `config.out`; returns the folder. Continues a crashed run found in it."""
     from mmscope.data.synthetic import load_synthetic, synthesize
 
     out = Path(config.out)
@@ -483,8 +512,9 @@ def train(config: TrainConfig) -> Path:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     started = time.time()
+    resumed = _load_resume(out / RESUME, config)
     world = Path(config.data) if config.data else out.parent / f"{out.name}-world"
-    if not config.data:
+    if not config.data and not (resumed and (world / "world.json").exists()):
         synthesize(world, config.n_scenes, seed=config.seed, image_size=config.spec.image_size)
     train_rows = load_synthetic(world, "train")
     val_rows = load_synthetic(world, "val")
@@ -502,9 +532,16 @@ def train(config: TrainConfig) -> Path:
     gathering = torch.nn.ModuleList(AuxiliaryHeads(config.spec.text_hidden, targets.mention_sizes())
                                     for _ in range(MAX_MENTIONS))
     naming = torch.nn.ModuleList(AuxiliaryHeads(config.spec.text_hidden, {"named": 2}) for _ in range(MAX_MENTIONS))
+    modules = {"model": model, "auxiliary": auxiliary, "grounding": grounding, "gathering": gathering,
+               "naming": naming}
     run = _wandb_run(config) if config.wandb else None
 
-    history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
+    if resumed is None:
+        history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
+    else:
+        for name, module in modules.items():
+            module.load_state_dict(resumed["modules"][name])
+        history = resumed["history"]
     if config.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
         model.model.vision_tower.eval()
@@ -518,7 +555,19 @@ def train(config: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(config.warmup, config.steps))
     sampler = CategorySampler(train_rows["category"], config.focus, config.seed)
-    progress = tqdm(range(config.steps), desc="stage 2: answers", unit="step")
+    first = 0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        schedule.load_state_dict(resumed["schedule"])
+        sampler.weights = resumed["sampler_weights"]
+        sampler.random.setstate(resumed["sampler_random"])
+        torch.set_rng_state(resumed["torch_rng"])
+        first = resumed["step"]
+    before = resumed["minutes"] if resumed is not None else 0.0
+    progress = tqdm(range(first, config.steps), desc="stage 2: answers", unit="step", initial=first,
+                    total=config.steps)
+    if first:
+        progress.write(f"resuming {out / RESUME} at step {first}")
     for step in progress:
         batch = batcher(sampler(config.batch_size))
         with autocast(config):
@@ -559,6 +608,15 @@ def train(config: TrainConfig) -> Path:
         history.append(record)
         if run is not None:
             run.log(record)
+        if "val_accuracy" in record and step + 1 < config.steps:
+            _save_resume(out / RESUME, {
+                "settings": _settings(config), "step": step + 1, "history": history,
+                "minutes": before + (time.time() - started) / 60,
+                "modules": {name: module.state_dict() for name, module in modules.items()},
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "sampler_weights": sampler.weights, "sampler_random": sampler.random.getstate(),
+                "torch_rng": torch.get_rng_state(),
+            })
     model.eval()
     model.requires_grad_(True)
     model.set_attn_implementation("sdpa")
@@ -566,7 +624,7 @@ def train(config: TrainConfig) -> Path:
     shutil.copy(world / "world.json", out / "world.json")  # how to regenerate the data, held-out split included
     summary = {
         "config": {**asdict(config), "spec": asdict(config.spec)},
-        "minutes": (time.time() - started) / 60,
+        "minutes": before + (time.time() - started) / 60,
         "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -574,6 +632,7 @@ def train(config: TrainConfig) -> Path:
         "world": str(world),
     }
     (out / "training.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
+    (out / RESUME).unlink(missing_ok=True)
     if run is not None:
         run.summary.update({k: v for k, v in summary.items() if k != "config"})
         run.finish()
