@@ -115,6 +115,7 @@ class SceneTargets:
         self.heads = {"shape": vocabulary["shapes"], "color": vocabulary["colors"], "size": vocabulary["sizes"],
                       "material": vocabulary["materials"]}
         self.grid, self.cell = grid, image_size / grid
+        self.attribute_values = {value for name, values in self.heads.items() if name != "shape" for value in values}
         self.graphs = json.loads(Path(scene_graphs).read_text())
 
     def sizes(self) -> dict[str, int]:
@@ -163,14 +164,12 @@ class SceneTargets:
         row = min(self.grid - 1, int((obj["y"] + obj["h"] / 2) / self.cell))
         return [1, *self._values(obj), column, row]
 
-
     def named(self, image_id: str, object_id: str, words: list[str]) -> int:
         """1 if the object has the first attribute value among the question's `words` ("Is there a cube or a cone
         that is *green*?"), 0 if it lacks it or is not in the image; `IGNORE` when the question names no value.
 
         Only the last prompt position can be asked this: at the object's own word the value may not be read yet."""
-        values = {value for name, vocabulary in self.heads.items() if name != "shape" for value in vocabulary}
-        value = next((word for word in words if word in values), None)
+        value = next((word for word in words if word in self.attribute_values), None)
         if value is None:
             return IGNORE
         if not object_id:
@@ -489,8 +488,9 @@ def _load_resume(path: Path, config: TrainConfig) -> dict | None:
     if not path.exists():
         return None
     state = torch.load(path, weights_only=False)
-    if state["settings"] != _settings(config):
-        different = sorted(k for k in _settings(config) if state["settings"].get(k) != _settings(config)[k])
+    settings = _settings(config)
+    if state["settings"] != settings:
+        different = sorted(k for k in settings if state["settings"].get(k) != settings[k])
         raise ValueError(f"{path} holds an unfinished run with other settings ({', '.join(different)}); "
                          "rerun with those, or delete the file to start over")
     return state
@@ -550,20 +550,18 @@ def train(config: TrainConfig) -> Path:
     val_batcher = Batcher(processor, val_rows, val_images)
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
-    trained = [p for p in [*model.parameters(), *auxiliary.parameters(), *grounding.parameters(),
-                                 *gathering.parameters(), *naming.parameters()] if p.requires_grad]
+    trained = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(config.warmup, config.steps))
     sampler = CategorySampler(train_rows["category"], config.focus, config.seed)
-    first = 0
+    first, before = 0, 0.0  # stage-2 steps and minutes already done
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         schedule.load_state_dict(resumed["schedule"])
         sampler.weights = resumed["sampler_weights"]
         sampler.random.setstate(resumed["sampler_random"])
         torch.set_rng_state(resumed["torch_rng"])
-        first = resumed["step"]
-    before = resumed["minutes"] if resumed is not None else 0.0
+        first, before = resumed["step"], resumed["minutes"]
     progress = tqdm(range(first, config.steps), desc="stage 2: answers", unit="step", initial=first,
                     total=config.steps)
     if first:
