@@ -38,7 +38,7 @@ from PIL import Image
 import mmscope
 from mmscope.experiments.engine import Variant, clean_pass, plan, run_variants
 from mmscope.interventions import Knockout, knockout_window
-from mmscope.models.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava
+from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava
 
 QUESTIONS = (
     "What color is the small metal cube to the left of the large red rubber sphere?",

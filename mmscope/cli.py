@@ -9,7 +9,7 @@ import typer
 import yaml
 
 from mmscope.model import DEFAULT_MODEL
-from mmscope.models.train import TrainConfig
+from mmscope.zoo.shapes_llava.train import TrainConfig
 
 app = typer.Typer(
     name="mmscope",
@@ -182,7 +182,7 @@ def train(
     wandb: bool = typer.Option(False, "--wandb", help="Log the run to Weights & Biases (offline without a key)."),
 ) -> None:
     """Train the embedded LLaVA from scratch on the synthetic GQA-format world (defaults: the shipped recipe)."""
-    from mmscope.models.train import train as run_training
+    from mmscope.zoo.shapes_llava.train import train as run_training
 
     config = TrainConfig(out=str(out), data=str(data) if data else None, n_scenes=n_scenes, vision_steps=vision_steps,
                          freeze_vision=freeze_vision, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
@@ -219,7 +219,7 @@ def evaluate(
     typer.echo(table)
     if card:
         from mmscope.model import resolve
-        from mmscope.models.card import write_model_card
+        from mmscope.zoo.shapes_llava.card import write_model_card
 
         command = f"mmscope evaluate --model {model}" + (f" --limit {limit}" if limit else "")
         typer.echo(f"model card: {write_model_card(resolve(model), table, command)}")

@@ -28,11 +28,9 @@ from mmscope.models import Adapter, adapter_for
 from mmscope.models.adapter import attribute_path, check_image
 from mmscope.models.geometry import check_box, overlapping
 from mmscope.prompts import PromptTemplate
+from mmscope.zoo import DEFAULT_MODEL, EMBEDDED_MODELS
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
-CHECKPOINTS = Path(__file__).parent / "checkpoints"
-EMBEDDED_MODELS = {"shapes-llava": CHECKPOINTS / "shapes-llava"}
-DEFAULT_MODEL = "shapes-llava"
 
 
 def resolve(name_or_path: str | Path) -> str:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import mmscope
-from mmscope.models.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava
+from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava
 
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(2)

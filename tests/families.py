@@ -68,7 +68,7 @@ from transformers import (
     SmolVLMVisionConfig,
 )
 
-from mmscope.models.build import build_word_tokenizer
+from mmscope.zoo.build import build_word_tokenizer
 from mmscope.models.emu3 import EMU3_CHAT
 from mmscope.models.gemma3 import GEMMA3_CHAT
 from mmscope.models.idefics3 import IDEFICS3_CHAT

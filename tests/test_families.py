@@ -38,7 +38,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 import mmscope
 from mmscope.errors import InputError
 from mmscope.interventions import ActivationPatch, Knockout, Truncate
-from mmscope.models.build import TinyLlavaSpec, build_llava, save_llava
+from mmscope.zoo.build import TinyLlavaSpec, build_llava, save_llava
 from mmscope.models.generic import GenericAdapter
 
 TOLERANCE = 1e-6

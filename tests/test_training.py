@@ -7,8 +7,8 @@ import json
 import pytest
 
 from mmscope.data.synthetic import load_synthetic
-from mmscope.models.build import TinyLlavaSpec, build_llava, build_word_tokenizer
-from mmscope.models.train import IGNORE, Batcher, ImageSet, SceneTargets
+from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer
+from mmscope.zoo.shapes_llava.train import IGNORE, Batcher, ImageSet, SceneTargets
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_patch_targets_mark_the_patch_under_each_object_centre(batch_and_rows):
 def test_object_patches_are_image_tokens_inside_the_box_and_the_attention_loss_reads_them(batch_and_rows):
     import torch
 
-    from mmscope.models.train import attention_loss
+    from mmscope.zoo.shapes_llava.train import attention_loss
 
     batch, rows, tokenizer, _, graphs, *_ = batch_and_rows
     image_token = tokenizer.convert_tokens_to_ids("<image>")
@@ -124,7 +124,7 @@ def test_object_patches_are_image_tokens_inside_the_box_and_the_attention_loss_r
 def test_stage_two_forward_from_cached_features_equals_the_models_own_forward(batch_and_rows):
     import torch
 
-    from mmscope.models.train import answer_logits, prompt_of
+    from mmscope.zoo.shapes_llava.train import answer_logits, prompt_of
 
     _, rows, _, _, _, model, processor, batcher = batch_and_rows
     model.eval()
@@ -146,7 +146,7 @@ def test_stage_two_forward_from_cached_features_equals_the_models_own_forward(ba
 def test_stage_two_forward_from_pixels_equals_the_one_from_cached_features(batch_and_rows):
     import torch
 
-    from mmscope.models.train import Batcher, answer_logits
+    from mmscope.zoo.shapes_llava.train import Batcher, answer_logits
 
     _, _, _, _, _, model, processor, batcher = batch_and_rows
     model.eval()
@@ -159,7 +159,7 @@ def test_stage_two_forward_from_pixels_equals_the_one_from_cached_features(batch
 def test_last_position_loss_reads_each_mention_at_the_token_before_the_answer(batch_and_rows):
     import torch
 
-    from mmscope.models.train import AuxiliaryHeads, last_position_loss
+    from mmscope.zoo.shapes_llava.train import AuxiliaryHeads, last_position_loss
 
     batch, rows, tokenizer, *_ = batch_and_rows
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_last_position_loss_reads_each_mention_at_the_token_before_the_answer(ba
 def test_category_sampler_draws_by_validation_error():
     from collections import Counter
 
-    from mmscope.models.train import CategorySampler
+    from mmscope.zoo.shapes_llava.train import CategorySampler
 
     categories = ["A"] * 50 + ["B"] * 30 + [None] * 20
     sampler = CategorySampler(categories, focus=0.5, seed=1)

@@ -1,33 +1,14 @@
-"""Where experiment data comes from: a user's folder, or the embedded model's own synthetic world.
-
-The embedded checkpoint records the seed and size of the synthetic world it was trained on (`world.json`); the
-same `synthesize` call regenerates that world exactly, so its held-out test split — scenes the model never saw
-— is available anywhere without shipping the images. It is generated once into the user's cache folder.
-"""
+"""Where experiment data comes from: a user's folder, or the embedded model's own synthetic world
+(`mmscope.zoo.embedded_world`, regenerated once into the user's cache folder)."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from mmscope.data import load_gqa, load_study_csvs, load_synthetic, synthesize
+from mmscope.data import load_gqa, load_study_csvs, load_synthetic
 from mmscope.data.categories import check_categories
 from mmscope.data.errors import DataFileNotFoundError
-from mmscope.model import EMBEDDED_MODELS, DEFAULT_MODEL
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MMSCOPE_CACHE", Path.home() / ".cache" / "mmscope"))
-
-
-def embedded_world(model_name: str = DEFAULT_MODEL) -> Path:
-    """The synthetic world the embedded model was trained on, regenerated into the cache when missing."""
-    spec = json.loads((EMBEDDED_MODELS[model_name] / "world.json").read_text())
-    folder = cache_dir() / f"world-{spec['n_scenes']}-{spec['image_size']}px-seed{spec['seed']}"
-    if not (folder / "questions").exists():
-        synthesize(folder, spec["n_scenes"], seed=spec["seed"], image_size=spec["image_size"])
-    return folder
+from mmscope.zoo import embedded_world
 
 
 def _first_existing(*paths: Path) -> Path | None:

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmscope.models.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
+from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
 from mmscope.prompts import LLAVA_15
 
 
