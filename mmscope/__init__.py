@@ -1,6 +1,6 @@
 """mmscope: mechanistic interventions for vision-language models, built on nnsight."""
 
-from mmscope.inputs import Example
+from mmscope.layout import Example
 from mmscope.model import DEFAULT_MODEL, AnswerScore, Model, load
 from mmscope.prompts import LLAVA_15, PromptTemplate
 

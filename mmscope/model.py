@@ -1,36 +1,46 @@
-"""`mmscope.load` and `Model`: a Hugging Face VLM wrapped with nnsight, plus its adapter and token layout.
+"""`mmscope.load` and `Model`: a Hugging Face VLM wrapped with nnsight, its bound adapter, and the runner.
 
     model = mmscope.load("shapes-llava")              # or a hub id, or a save_pretrained folder
     example = model.prepare(image, "Is the cube red or blue?", boxes=[(x, y, w, h)])
     probs = model.next_token_probs(example, [Knockout("image", "last", layers=range(3, 8))])
 
+    with model.trace(example) as ctx:                 # the same edit, inline
+        ctx.residual(3)[ctx.positions("image")] *= 0.5
+        probs = ctx.logits()[:, -1].softmax(-1).save()
+
 Every readout runs one nnsight trace: the inputs in a first invoke, then one invoke per intervention (so
 each edits the forward pass in its own layer order, and edits to one site chain in list order), then the
-readout. Nothing is monkey-patched; the HF model stays untouched between calls.
+readout — which reads the model through the same `Context` the interventions get. Nothing is monkey-patched;
+the HF model stays untouched between calls.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nnsight
 import torch
 from nnsight import NNsight
+from nnsight.intervention.tracer import InterleavingTracer
+from nnsight.tracing.tracer import skip_context, skippable
 from transformers import AutoModelForImageTextToText
 
+from mmscope.context import Context, Restriction, Sites
 from mmscope.errors import InputError, ModelLoadError
-from mmscope.inputs import Example, collate, text_layout
-from mmscope.interventions.base import Context, Intervention
+from mmscope.layout import Example, check_image, collate, token_layout
 from mmscope.models import Adapter, adapter_for
-from mmscope.models.adapter import attribute_path, check_image
-from mmscope.models.geometry import check_box, overlapping
+from mmscope.models.adapter import attribute_path
 from mmscope.prompts import PromptTemplate
 from mmscope.zoo import DEFAULT_MODEL, EMBEDDED_MODELS
 
+if TYPE_CHECKING:
+    from mmscope.interventions import Intervention
+
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+__all__ = ["DEFAULT_MODEL", "AnswerScore", "Model", "Trace", "load", "resolve"]
 
 
 def resolve(name_or_path: str | Path) -> str:
@@ -58,9 +68,9 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     attn_implementation: str = "eager",
-    adapter: Adapter | None = None,
+    adapter: Callable[..., Adapter] | None = None,
 ) -> Model:
-    """Load a VLM (`AutoModelForImageTextToText` + `AutoProcessor`) and wrap it with nnsight.
+    """Load a VLM (`AutoModelForImageTextToText` + its processor) and wrap it with nnsight.
 
     Args:
         name_or_path: an embedded model name ("shapes-llava"), a `save_pretrained` folder, or a hub id.
@@ -68,7 +78,9 @@ def load(
         dtype: torch dtype or its name (default: float32 on CPU, the checkpoint's dtype on GPU).
         attn_implementation: "eager" or "sdpa" — both honour an additive mask, which knockout edits.
             Flash attention ignores such masks and is refused.
-        adapter: an `Adapter` for a model family mmscope does not know (default: looked up by model type).
+        adapter: for a family mmscope does not know, what binds the model and its processor into an adapter:
+            an `Adapter` subclass, or e.g. `functools.partial(GenericAdapter, layers=..., lm_head=...)`
+            (default: the registered adapter of the checkpoint's model type).
     """
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ModelLoadError(
@@ -85,11 +97,11 @@ def load(
         hf_model = AutoModelForImageTextToText.from_pretrained(
             source, attn_implementation=attn_implementation, dtype=dtype or "auto"
         )
-        adapter = adapter or adapter_for(hf_model)
-        processor = adapter.load_processor(source)
+        bind = adapter or adapter_for(hf_model)
+        processor = getattr(bind, "load_processor", Adapter.load_processor)(source)
     except OSError as error:
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {error}") from error
-    return Model(hf_model.to(device).eval(), processor, adapter, name=str(name_or_path))
+    return Model(bind(hf_model.to(device).eval(), processor), name=str(name_or_path))
 
 
 @dataclass(frozen=True)
@@ -102,29 +114,51 @@ class AnswerScore:
     n_tokens: torch.Tensor  # [B]
 
 
-class Model:
-    """A VLM under nnsight with its family adapter. Build with `mmscope.load`, or — for a model `load` cannot
-    build, such as a `trust_remote_code` one — from the Hugging Face model, its processor (or bare tokenizer)
-    and an adapter: `Model(hf_model, processor, GenericAdapter(...))`."""
+class Trace(InterleavingTracer):
+    """`with model.trace(example) as ctx:` — an nnsight trace whose `with` target is the `Context`.
 
-    def __init__(self, hf_model, processor, adapter: Adapter, name: str = "") -> None:
-        implementation = adapter.text_config(hf_model.config)._attn_implementation
+    The block runs inside the forward pass, as an intervention's `apply` would, under `torch.no_grad()`.
+    Values kept past the block are marked with `.save()`, as in any nnsight trace.
+    """
+
+    context: Context
+
+    def __enter__(self) -> Context:
+        # nnsight's own __enter__, returning the context: capture the block at the caller's frame (two frames
+        # up from capture and skip_context, as from Tracer.__enter__), then arm the hook that skips the body.
+        self.capture()
+        if skippable(self.node):
+            skip_context(self)
+        return self.context
+
+    def execute(self, code) -> None:
+        with torch.no_grad():
+            super().execute(code)
+
+
+class Model:
+    """A VLM under nnsight with its bound adapter. Build with `mmscope.load`, or — for a model `load` cannot
+    build, such as a `trust_remote_code` one — from an adapter bound to the Hugging Face model and its processor
+    (or bare tokenizer): `Model(GenericAdapter(hf_model, tokenizer, layers=..., ...))`."""
+
+    def __init__(self, adapter: Adapter, name: str = "") -> None:
+        implementation = adapter.text_config._attn_implementation
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ModelLoadError(
                 f"model {name!r} runs its language model with {implementation!r} attention, which ignores the "
                 f"additive mask knockout edits; load it with attn_implementation in {ATTENTION_IMPLEMENTATIONS}"
             )
-        self.hf = hf_model
-        self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.adapter = adapter
+        self.hf = adapter.model
+        self.processor = adapter.processor
+        self.tokenizer = adapter.tokenizer
         self.name = name
-        self.envoy = NNsight(hf_model)
-        self.layer_envoys = attribute_path(self.envoy, adapter.layers)
-        self.n_layers = len(attribute_path(hf_model, adapter.layers))
-        text_config = adapter.text_config(hf_model.config)
-        self.n_heads = text_config.num_attention_heads
-        self.image_token_id = adapter.image_token_id(hf_model, processor)
+        self.envoy = NNsight(self.hf)
+        self.sites = Sites(self.envoy, adapter)
+        self.n_layers = self.sites.n_layers
+        self.n_heads = self.sites.n_heads
+        self.final_norm = attribute_path(self.hf, adapter.final_norm)
+        self.lm_head = attribute_path(self.hf, adapter.lm_head)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, family={self.adapter.family}, layers={self.n_layers}, heads={self.n_heads})"
@@ -132,18 +166,6 @@ class Model:
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
-
-    @staticmethod
-    def adapter_path(root, path: str):
-        return attribute_path(root, path)
-
-    @functools.cached_property
-    def final_norm(self) -> torch.nn.Module:
-        return attribute_path(self.hf, self.adapter.final_norm)
-
-    @functools.cached_property
-    def lm_head(self) -> torch.nn.Module:
-        return attribute_path(self.hf, self.adapter.lm_head)
 
     # --- inputs -----------------------------------------------------------------------------------------------
     def prepare(
@@ -155,7 +177,7 @@ class Model:
         template: PromptTemplate | str | None = None,
         meta: dict | None = None,
     ) -> Example:
-        """Prompt, processor inputs and token layout for one image and question.
+        """Prompt, processor inputs and token layout (`mmscope.layout.token_layout`) for one image and question.
 
         `boxes` are `(x, y, w, h)` in original pixels; they add the groups `object` (image tokens whose patch
         overlaps a box) and `other_patches` (the remaining image tokens).
@@ -166,66 +188,11 @@ class Model:
         if isinstance(template, str):
             template = PromptTemplate.from_string(template)
         template = template or self.adapter.template
-        prompt, spans = template.render(question.strip(), self.adapter.placeholder(self.processor))
-        encoding = self.adapter.encode(self.processor, image, prompt)
-        inputs = encoding.inputs
-        ids = inputs["input_ids"][0]
-        image_positions = self.adapter.image_positions(ids, self.hf, self.processor)
-        if encoding.spans is None:
-            layout = self._aligned_text_layout(prompt, spans, ids, image_positions)
-        else:
-            layout = self._text_layout(encoding, spans, image_positions)
-        layout["image"] = image_positions.tolist()
-        layout["last"] = [len(ids) - 1]
-        groups = self.adapter.image_groups(ids, inputs, self.hf, self.processor)
-        layout.update({name: positions.tolist() for name, positions in groups.items()})
-        if boxes is not None:
-            checked = [check_box(box, image.width, image.height) for box in boxes]
-            rectangles = self.adapter.patch_rectangles(self.processor, self.hf, image, inputs)
-            if len(rectangles) != len(image_positions):
-                raise InputError(
-                    f"{len(rectangles)} patch rectangles for {len(image_positions)} image tokens; "
-                    f"the {self.adapter.family} adapter's geometry does not match its processor"
-                )
-            is_patch = rectangles.isfinite().all(-1)
-            hit = overlapping(rectangles, checked) & is_patch
-            layout["object"] = image_positions[hit].tolist()
-            layout["other_patches"] = image_positions[~hit & is_patch].tolist()
+        prompt, spans = template.render(question.strip(), self.adapter.placeholder())
+        encoding = self.adapter.encode(image, prompt)
+        layout = token_layout(self.adapter, prompt, spans, encoding, image, boxes)
         info = {"question": question, "image_size": (image.width, image.height), "boxes": boxes, **(meta or {})}
-        return Example(inputs=inputs, layouts=[layout], prompts=[prompt], meta=[info])
-
-    @staticmethod
-    def _text_layout(encoding, spans, image_positions) -> dict[str, list[int]]:
-        """Groups from each token's span in the prompt; `image_markers` for the placeholder's non-image tokens."""
-        groups = text_layout([tuple(span) for span in encoding.spans.tolist()], spans)
-        placeholder = set(groups.pop("image", [])) | set(torch.nonzero(encoding.expanded).flatten().tolist())
-        markers = sorted(placeholder - set(image_positions.tolist()))
-        if markers:
-            groups["image_markers"] = markers
-        return groups
-
-    def _aligned_text_layout(self, prompt, spans, ids, image_positions) -> dict[str, list[int]]:
-        """Text groups from the tokenizer's character offsets on the unexpanded prompt, mapped onto `ids`
-        (for processors that do not report offsets)."""
-        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
-        image_span = spans.pop("image", [])
-        plain = [
-            (token, offset)
-            for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
-            if not any(offset[0] < end and offset[1] > start for start, end in image_span)
-            and token != self.image_token_id
-        ]
-        is_image = torch.zeros(len(ids), dtype=torch.bool)
-        is_image[image_positions] = True
-        text_positions = torch.nonzero(~is_image).flatten()
-        plain_ids = [token for token, _ in plain]
-        if plain_ids != ids[text_positions].tolist():
-            raise InputError(
-                "the processor's text tokens differ from the tokenizer's on the same prompt; "
-                f"cannot place token groups for prompt {prompt[:80]!r}…"
-            )
-        groups = text_layout([offset for _, offset in plain], spans)
-        return {group: text_positions[indices].tolist() for group, indices in groups.items()}
+        return Example(inputs=encoding.inputs, layouts=[layout], prompts=[prompt], meta=[info])
 
     def batch(self, examples: Sequence[Example]) -> Example:
         """Left-pad several prepared examples into one batch."""
@@ -250,6 +217,24 @@ class Model:
         return Example(inputs, example.layouts, example.prompts, example.padding, example.meta)
 
     # --- running ---------------------------------------------------------------------------------------------
+    def context(self, example: Example, restriction: Restriction | None = None) -> Context:
+        """The `Context` interventions and readouts see for a forward pass over `example`."""
+        return Context(self.sites, example, restriction)
+
+    def trace(self, example: Example) -> Trace:
+        """An nnsight trace of one forward pass over `example`, for edits written inline:
+
+            with model.trace(example) as ctx:
+                ctx.residual(3)[ctx.positions("image")] *= 0.5
+                probs = ctx.logits()[:, -1].softmax(-1).save()
+
+        `ctx` is the `Context` an intervention's `apply` gets, so the block's lines move into an intervention
+        unchanged.
+        """
+        tracer = self.envoy.trace(**self.model_inputs(example), tracer_cls=Trace)
+        tracer.context = self.context(example)
+        return tracer
+
     def run(
         self,
         example: Example,
@@ -258,8 +243,8 @@ class Model:
     ):
         """One forward pass with `interventions` applied in order; returns `readout(ctx)` (default: logits
         at each row's last prompt position, `[B, V]`, float32)."""
-        ctx = Context(self, example)
-        readout = readout or self._last_logits
+        ctx = self.context(example)
+        readout = readout or last_logits
         applied = [(intervention, ctx) for intervention in interventions]
         return self.run_inputs(self.model_inputs(example), applied, lambda: readout(ctx))
 
@@ -269,7 +254,7 @@ class Model:
         applied: Sequence[tuple[Intervention, Context]],
         readout: Callable[[], object],
     ):
-        """The trace behind `run`, over raw forward `inputs` (a suffix pass passes `inputs_embeds` and a cache):
+        """The runner behind `run`, over raw forward `inputs` (a suffix pass passes `inputs_embeds` and a cache):
         each intervention applies through its own context in its own invoke, in order; returns `readout()`."""
         with torch.no_grad(), self.envoy.trace() as tracer:
             with tracer.invoke(**inputs):
@@ -280,11 +265,6 @@ class Model:
             with tracer.invoke():
                 result = nnsight.save(readout())
         return result
-
-    def _last_logits(self, ctx: Context) -> torch.Tensor:
-        logits = attribute_path(self.envoy, self.adapter.lm_head).output
-        rows, cols = ctx.positions("last")
-        return logits[rows.to(logits.device), cols.to(logits.device)].float()
 
     def next_token_probs(self, example: Example, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
         """Softmax over the vocabulary at the last prompt position: `[V]` for one example, `[B, V]` for a batch."""
@@ -321,7 +301,7 @@ class Model:
         last = torch.tensor([layout["last"][0] for layout in example.layouts])
 
         def readout(ctx: Context) -> torch.Tensor:
-            logits = attribute_path(self.envoy, self.adapter.lm_head).output
+            logits = ctx.logits()
             columns = last[:, None] + torch.arange(width)[None, :]
             return logits[torch.arange(len(last))[:, None], columns.to(logits.device)].float().log_softmax(-1)
 
@@ -348,7 +328,7 @@ class Model:
         for step in range(max_new_tokens):
 
             def readout(ctx: Context, step=step) -> torch.Tensor:
-                logits = attribute_path(self.envoy, self.adapter.lm_head).output
+                logits = ctx.logits()
                 return logits[torch.arange(len(last)), (last + step).to(logits.device)].argmax(-1)
 
             token = self.run(current, interventions, readout).cpu()
@@ -368,8 +348,7 @@ class Model:
         """Residual stream `[n_layers + 1, B, T, D]`: the decoder's input embeddings, then after each layer."""
 
         def readout(ctx: Context) -> torch.Tensor:
-            states = [ctx.layer(0).input]  # `.input` is already the first argument: the hidden states
-            states += [ctx.residual(layer) for layer in range(self.n_layers)]
+            states = [ctx.embeddings()] + [ctx.residual(layer) for layer in range(self.n_layers)]
             return torch.stack(states).float()
 
         return self.run(example, interventions, readout)
@@ -379,3 +358,10 @@ class Model:
         with torch.no_grad():
             hidden = hidden.to(self.device, self.hf.dtype)
             return self.lm_head(self.final_norm(hidden) if normed else hidden).float()
+
+
+def last_logits(ctx: Context) -> torch.Tensor:
+    """The default readout: logits at each row's last prompt position, `[B, V]`, float32."""
+    logits = ctx.logits()
+    rows, cols = ctx.positions("last")
+    return logits[rows.to(logits.device), cols.to(logits.device)].float()

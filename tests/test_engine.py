@@ -15,7 +15,7 @@ import torch
 from conftest import scene
 
 import mmscope
-from mmscope.errors import InputError
+from mmscope.errors import InputError, InterventionError
 from mmscope.experiments.engine import ENGINES, Variant, clean_pass, plan, run_variants
 from mmscope.experiments.shared_prefix import SharedPrefixCache
 from mmscope.interventions import ActivationPatch, Context, Intervention, Knockout, SkipLayers, knockout_window
@@ -168,11 +168,11 @@ def test_variants_of_several_interventions_start_at_the_earliest(tiny, examples)
     assert starts(tiny, example, variants)[("both",)] == example.layout["instruction"][0]
 
 
-def test_a_batch_1_patch_has_no_target_row_and_changes_nothing(tiny, examples):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_batch_1_patch_has_no_row_to_patch_into_and_is_refused(tiny, examples, engine):
     variants = [Variant(("patch",), (ActivationPatch("residual", (1,), "last"),))]
-    clean, probs, _, naive = both_engines(tiny, examples[0], variants)
-    assert torch.allclose(probs[0], clean.probs, atol=TOLERANCE, rtol=0)
-    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    with pytest.raises(InterventionError, match="no row to patch into"):
+        run_variants(tiny, examples[0], variants, engine=engine)
 
 
 def test_bad_engine_budget_and_batches_are_named(tiny, examples):

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from mmscope.experiments.evaluate import normalise
 from mmscope.experiments.runs import RunDir, summarize
-from mmscope.inputs import Example
+from mmscope.layout import Example
 from mmscope.model import Model
 
 

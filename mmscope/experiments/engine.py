@@ -38,12 +38,11 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from mmscope.errors import InputError, known
+from mmscope.context import Restriction
 from mmscope.experiments.shared_prefix import SharedPrefixCache, shareable, shared_prefix_attention_in
-from mmscope.inputs import Example
-from mmscope.interventions.base import Context, Intervention
-from mmscope.interventions.masks import additive_mask
+from mmscope.interventions import Intervention
+from mmscope.layout import Example
 from mmscope.model import Model
-from mmscope.models.adapter import attribute_path
 
 ENGINES = ("prefix", "naive")
 
@@ -65,11 +64,6 @@ class CleanRun:
     embeds: torch.Tensor | None = None  # the decoder's input embeddings (image features in place), [1, T, D]
     position_ids: torch.Tensor | None = None  # the decoder's position ids, [..., 1, T]
     suffix_starts: torch.Tensor | None = None  # [T] bool: a suffix pass may start at this position
-
-    @property
-    def answer_token(self) -> int:
-        """The clean greedy next token."""
-        return int(self.probs.argmax())
 
 
 @dataclass(frozen=True)
@@ -123,25 +117,21 @@ def run_variants(
 
 def clean_pass(model: Model, example: Example) -> CleanRun:
     """One full forward that keeps every layer's keys and values, the decoder's inputs and its masks' reach."""
-    cache = DynamicCache(config=model.adapter.text_config(model.hf.config))
+    cache = DynamicCache(config=model.adapter.text_config)
     inputs = {**model.model_inputs(example), "past_key_values": cache, "use_cache": True}
-    decoder = attribute_path(model.envoy, decoder_path(model))
-    lm_head = attribute_path(model.envoy, model.adapter.lm_head)
-    ctx = Context(model, example)
+    ctx = model.context(example)
     last = last_position(example)
 
     def readout() -> tuple:
-        kwargs = decoder.inputs[1]
+        kwargs = model.sites.decoder.inputs[1]
         reach = torch.full((example.seq_len,), -1, device=model.device)
-        seen = []  # layers usually share one mask object: measure each distinct mask once
+        seen = []  # layers usually share one mask object (the context converts each once): measure it once
         for layer in range(model.n_layers):
-            args, attention_kwargs = ctx.attention(layer).inputs
-            mask = attention_kwargs.get("attention_mask")
+            mask = ctx.attention_mask(layer)
             if not any(mask is other for other in seen):
                 seen.append(mask)
-                hidden = args[0] if args else attention_kwargs["hidden_states"]
-                reach = torch.maximum(reach, latest_key(additive_mask(mask, hidden)))
-        return kwargs.get("inputs_embeds"), kwargs.get("position_ids"), reach, lm_head.output[0, last].float()
+                reach = torch.maximum(reach, latest_key(mask))
+        return kwargs.get("inputs_embeds"), kwargs.get("position_ids"), reach, ctx.logits()[0, last].float()
 
     embeds, position_ids, reach, logits = model.run_inputs(inputs, [], readout)
     starts = torch.zeros(example.seq_len, dtype=torch.bool)
@@ -177,15 +167,15 @@ def suffix_pass(model: Model, example: Example, clean: CleanRun, start: int,
         "past_key_values": SharedPrefixCache(clean.cache, start),
         "use_cache": True,
     }
+    masks: dict[int, torch.Tensor] = {}  # per layer, the one mask copy every row's edits write into
+    contexts = [model.context(example, Restriction(slice(row, row + 1), start, masks)) for row in range(rows)]
     applied = [
-        (intervention, Context(model, example, rows=slice(row, row + 1), offset=start))
-        for row, variant in enumerate(variants)
-        for intervention in variant.interventions
+        (intervention, contexts[row]) for row, variant in enumerate(variants) for intervention in variant.interventions
     ]
-    lm_head = attribute_path(model.envoy, model.adapter.lm_head)
+    whole = model.context(example)  # unrestricted: its logits are every variant row's
     last = last_position(example) - start
-    with shared_prefix_attention_in(model.adapter.text_config(model.hf.config)):
-        logits = model.run_inputs(inputs, applied, lambda: lm_head.output[:, last].float())
+    with shared_prefix_attention_in(model.adapter.text_config):
+        logits = model.run_inputs(inputs, applied, lambda: whole.logits()[:, last].float())
     return logits.softmax(-1)
 
 
@@ -219,7 +209,7 @@ def rows_within(model: Model, queries: int, keys: int, memory_budget_mb: float) 
     one layer's scores, weights (float32 and model dtype) and edited per-head mask; the MLP's and the
     residual's activations; and the logits (model dtype and float32).
     """
-    config = model.adapter.text_config(model.hf.config)
+    config = model.adapter.text_config
     size = model.hf.dtype.itemsize
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -233,8 +223,3 @@ def rows_within(model: Model, queries: int, keys: int, memory_budget_mb: float) 
 def last_position(example: Example) -> int:
     """The last prompt position of a one-row example."""
     return example.layout["last"][0]
-
-
-def decoder_path(model: Model) -> str:
-    """The language model (decoder) module: the parent of the decoder layers."""
-    return model.adapter.layers.rsplit(".", 1)[0]

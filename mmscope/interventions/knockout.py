@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmscope.errors import InterventionError
-from mmscope.interventions.base import Context, Group, Intervention, as_group, as_layers
+from mmscope.interventions.base import Context, Group, Intervention
 from mmscope.interventions.masks import block, pair_mask
 
 if TYPE_CHECKING:
-    from mmscope.inputs import Example
+    from mmscope.layout import Example
 
 
 def knockout_window(center: int, k: int, n_layers: int) -> tuple[int, ...]:
@@ -52,13 +52,6 @@ class Knockout(Intervention):
     heads: tuple[int, ...] | None = None
     keep_self: bool = True
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "source", as_group(self.source))
-        object.__setattr__(self, "target", as_group(self.target))
-        object.__setattr__(self, "layers", as_layers(self.layers))
-        if self.heads is not None:
-            object.__setattr__(self, "heads", as_layers(self.heads))
-
     def apply(self, ctx: Context) -> None:
         if self.heads is not None:
             bad = [h for h in self.heads if not 0 <= h < ctx.n_heads]
@@ -66,9 +59,8 @@ class Knockout(Intervention):
                 raise InterventionError(f"heads {bad} out of range; the model has heads 0..{ctx.n_heads - 1}")
         blocked = pair_mask(ctx.example, self.target, self.source, self.keep_self)
         for layer in sorted(self.layers):
-            ctx.edit_attention_mask(
-                layer, lambda mask: block(mask, blocked, self.heads, ctx.n_heads, may_empty_rows=not self.keep_self)
-            )
+            mask = ctx.attention_mask(layer)
+            ctx.set_attention_mask(layer, block(mask, blocked, self.heads, ctx.n_heads, may_empty_rows=not self.keep_self))
 
     def affected_from(self, example: Example) -> int:
         """The earliest target position: only targets' attention changes, and earlier positions never read them."""

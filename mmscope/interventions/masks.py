@@ -1,4 +1,4 @@
-"""Additive attention masks: build, convert, and block (target → source) edges on top of the model's own.
+"""Knockout's masks: block (target → source) edges on top of the additive mask the model built.
 
 Convention (as in transformers' eager attention): the mask is added to the attention scores, 0 where a query
 may attend and the dtype's minimum where it may not. Knockout *sets* blocked entries to the minimum (never adds,
@@ -8,27 +8,6 @@ which would overflow to -inf), and never blocks a position from itself, so no ro
 from __future__ import annotations
 
 import torch
-
-
-def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
-    """The mask a self-attention receives, as an additive `[B, 1 or H, Q, K]` tensor in `hidden`'s dtype.
-
-    `None` (an SDPA model that relies on `is_causal`) becomes the causal mask for `Q = K = hidden.shape[1]`;
-    a boolean mask (True = attend) becomes 0 / minimum; a padding mask broadcast over queries (`Q = 1` for a
-    longer input, as GPT-2-style remote code passes while applying causality itself) is expanded to all queries.
-    """
-    dtype = hidden.dtype
-    minimum = torch.finfo(dtype).min
-    if mask is None:
-        length = hidden.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
-        mask = causal[None, None].expand(hidden.shape[0], 1, length, length)
-    if mask.shape[-2] == 1 and hidden.shape[1] > 1:
-        mask = mask.expand(*mask.shape[:-2], hidden.shape[1], mask.shape[-1])
-    if mask.dtype == torch.bool:
-        zero = torch.zeros((), dtype=dtype, device=mask.device)
-        return torch.where(mask, zero, torch.tensor(minimum, dtype=dtype, device=mask.device))
-    return mask.to(dtype)
 
 
 def pair_mask(example, target, source, keep_self: bool = True) -> torch.Tensor:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmscope.errors import InterventionError
-from mmscope.interventions.base import SITES, Context, Group, Intervention, as_group, as_layers
+from mmscope.interventions.base import SITES, Context, Group, Intervention
 
 if TYPE_CHECKING:
-    from mmscope.inputs import Example
+    from mmscope.layout import Example
 
 
 @dataclass(frozen=True)
@@ -32,18 +32,11 @@ class ActivationPatch(Intervention):
     source_row: int = 0
     target_rows: tuple[int, ...] | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.site not in SITES:
             raise InterventionError(f"unknown site {self.site!r}; known: {', '.join(SITES)}")
-        object.__setattr__(self, "layers", as_layers(self.layers))
-        object.__setattr__(self, "positions", as_group(self.positions))
-        if self.target_rows is not None:
-            object.__setattr__(self, "target_rows", as_layers(self.target_rows))
 
     def apply(self, ctx: Context) -> None:
-        rows = range(ctx.batch_size)
-        if self.source_row not in rows:
-            raise InterventionError(f"source_row {self.source_row} not in a batch of {ctx.batch_size}")
         targets = self._targets(ctx.batch_size)
         source = ctx.row_positions(self.positions, self.source_row)
         for layer in sorted(self.layers):
@@ -59,15 +52,23 @@ class ActivationPatch(Intervention):
                 activation[row, destination] = value
 
     def _targets(self, batch_size: int) -> list[int]:
-        if self.target_rows is not None:
-            return list(self.target_rows)
-        return [row for row in range(batch_size) if row != self.source_row]
+        """The rows written to; a patch that would write none, or outside the batch, is refused."""
+        rows = range(batch_size)
+        if self.source_row not in rows:
+            raise InterventionError(f"source_row {self.source_row} not in a batch of {batch_size}")
+        targets = [row for row in rows if row != self.source_row] if self.target_rows is None else list(self.target_rows)
+        outside = [row for row in targets if row not in rows]
+        if outside:
+            raise InterventionError(f"target_rows {outside} not in a batch of {batch_size}")
+        if not targets:
+            raise InterventionError(
+                f"ActivationPatch has no row to patch into: a batch of {batch_size} holds only its source row "
+                f"{self.source_row}; batch the source with the runs to patch, e.g. model.batch([clean, corrupted])"
+            )
+        return targets
 
     def affected_from(self, example: Example) -> int:
-        """The earliest patched position, in the source row (read) or a target row (written); no target rows:
-        nothing changes."""
+        """The earliest patched position, in the source row (read) or a target row (written)."""
         targets = self._targets(len(example))
-        if not targets:
-            return example.seq_len
         touched = [example.positions(self.positions, row) for row in (self.source_row, *targets)]
         return min((int(found.min()) for found in touched if len(found)), default=example.seq_len)

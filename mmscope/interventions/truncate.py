@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmscope.interventions.base import Context, Intervention, as_layers
+from mmscope.interventions.base import Context, Intervention
 
 
 @dataclass(frozen=True)
@@ -19,12 +19,9 @@ class SkipLayers(Intervention):
 
     layers: tuple[int, ...]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_layers(self.layers))
-
     def apply(self, ctx: Context) -> None:
         for layer in sorted(set(self.layers)):
-            ctx.skip_layer(layer)
+            ctx.skip(layer)
 
 
 @dataclass(frozen=True)
@@ -36,4 +33,4 @@ class Truncate(Intervention):
     def apply(self, ctx: Context) -> None:
         ctx.check_layer(self.layer)
         for later in range(self.layer + 1, ctx.n_layers):
-            ctx.skip_layer(later)
+            ctx.skip(later)

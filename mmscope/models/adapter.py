@@ -1,27 +1,26 @@
 """Adapters: the only place that knows how architecture families differ.
 
-An `Adapter` says where a family keeps its decoder layers, final norm and lm_head, which token ids are image
-tokens, how its prompt looks, how its processor is called and how image tokens map onto the image. Everything
-else in mmscope talks to models through an adapter, so supporting a new family is one file that subclasses
-`Adapter` (or, for a one-off model, an `Adapter(...)` instance with the right paths) and registers it.
+An adapter is bound at load to one Hugging Face model and its processor (`LlavaAdapter(hf_model, processor)`).
+It says where the family keeps its decoder layers, final norm and lm_head, which positions are image tokens, how
+its prompt looks, how its processor is called and how image tokens map onto the image. Everything else in
+mmscope talks to models through an adapter, so supporting a new family is one file that subclasses `Adapter`
+and registers it — or, for a one-off model, a `GenericAdapter` configured by fields.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
-
 from transformers import AutoProcessor
 
-from mmscope.errors import InputError, UnsupportedModelError, known
+from mmscope.errors import UnsupportedModelError, known
 from mmscope.models.encoding import Encoding, encode_with_origins
 from mmscope.models.geometry import patch_rectangles
 from mmscope.prompts import LLAVA_15, PromptTemplate
 
-_REGISTRY: dict[str, Adapter] = {}
+_REGISTRY: dict[str, type[Adapter]] = {}
 
 
 def attribute_path(root, path: str):
@@ -29,12 +28,12 @@ def attribute_path(root, path: str):
     return functools.reduce(getattr, path.split("."), root)
 
 
-@dataclass(frozen=True)
 class Adapter:
-    """Where a family keeps its parts (dotted paths on the Hugging Face model) and how it builds inputs.
+    """One model of a family and its processor; class attributes say where the family keeps its parts.
 
-    The defaults describe the transformers LLaVA layout; a family whose model differs overrides fields or
-    methods. A user can run mmscope on an unregistered model by passing such an instance to `mmscope.load`.
+    The defaults describe the transformers LLaVA layout; a family whose model differs overrides attributes or
+    methods. Paths are dotted attribute paths on the Hugging Face model (`layers`, `final_norm`, `lm_head`) or
+    on one decoder layer (`attention`, `mlp`).
     """
 
     family: str = "generic"
@@ -43,38 +42,50 @@ class Adapter:
     lm_head: str = "lm_head"
     attention: str = "self_attn"
     mlp: str = "mlp"
-    image_token: str | None = None
+    image_token: str | None = None  # the prompt's image placeholder (default: the processor's image token)
     template: PromptTemplate = LLAVA_15
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask")
 
-    def text_config(self, config):
-        """The language model's config (where the attention implementation is recorded)."""
-        return getattr(config, "text_config", config)
+    def __init__(self, model, processor) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
 
-    def placeholder(self, processor) -> str:
-        """The string the prompt carries where the image goes (expanded to image tokens by the processor)."""
-        return self.image_token or processor.image_token
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(family={self.family!r})"
 
-    def image_token_id(self, model, processor) -> int:
-        """The id of the image-feature token in `input_ids`."""
-        config_id = getattr(model.config, "image_token_id", None)
-        if config_id is None:
-            config_id = getattr(model.config, "image_token_index", None)
-        return config_id if config_id is not None else processor.tokenizer.convert_tokens_to_ids(self.placeholder(processor))
-
-    def image_positions(self, input_ids: torch.Tensor, model, processor) -> torch.Tensor:
-        """Positions `[n]` of image-feature tokens in one unpadded `input_ids [T]`."""
-        return torch.nonzero(input_ids == self.image_token_id(model, processor)).flatten()
-
-    def load_processor(self, source: str):
+    @classmethod
+    def load_processor(cls, source: str):
         """The family's processor from a hub id or a `save_pretrained` folder."""
         return AutoProcessor.from_pretrained(source)
 
-    def encode(self, processor, image: Image.Image, text: str) -> Encoding:
-        """Run the family's processor on one image and one prompt: batch-1 model inputs and token origins."""
-        return encode_with_origins(processor, image, text)
+    @property
+    def text_config(self):
+        """The language model's config (where the attention implementation is recorded)."""
+        return getattr(self.model.config, "text_config", self.model.config)
 
-    def image_groups(self, input_ids: torch.Tensor, inputs: dict, model, processor) -> dict[str, torch.Tensor]:
+    def placeholder(self) -> str:
+        """The string the prompt carries where the image goes (expanded to image tokens by the processor)."""
+        return self.image_token or self.processor.image_token
+
+    @functools.cached_property
+    def image_token_id(self) -> int | None:
+        """The id of the image-feature token in `input_ids`."""
+        config = self.model.config
+        config_id = getattr(config, "image_token_id", None)
+        if config_id is None:
+            config_id = getattr(config, "image_token_index", None)
+        return config_id if config_id is not None else self.tokenizer.convert_tokens_to_ids(self.placeholder())
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions `[n]` of image-feature tokens in one unpadded `input_ids [T]`."""
+        return torch.nonzero(input_ids == self.image_token_id).flatten()
+
+    def encode(self, image: Image.Image, text: str) -> Encoding:
+        """Run the family's processor on one image and one prompt: batch-1 model inputs and token origins."""
+        return encode_with_origins(self.processor, image, text)
+
+    def image_groups(self, input_ids: torch.Tensor, inputs: dict) -> dict[str, torch.Tensor]:
         """Extra named groups `name -> positions [n]` within the image tokens (e.g. tiles, row newlines)."""
         return {}
 
@@ -87,34 +98,35 @@ class Adapter:
         """Position ids for a left-padded batch, so padding does not shift positions (None: the model's own)."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def patch_rectangles(self, processor, model, image: Image.Image, inputs: dict) -> torch.Tensor:
+    def patch_rectangles(self, image: Image.Image, inputs: dict) -> torch.Tensor:
         """`[n_image_tokens, 4]` rectangles `(x0, y0, x1, y1)` in original pixels, in image-token order.
 
         A row of NaN marks an image token that shows no patch (e.g. a row-end newline feature); it belongs to
         neither `object` nor `other_patches`.
         """
-        patch_size = model.config.vision_config.patch_size
-        return patch_rectangles(image.width, image.height, processor.image_processor, patch_size)
+        patch_size = self.model.config.vision_config.patch_size
+        return patch_rectangles(image.width, image.height, self.processor.image_processor, patch_size)
 
 
 def register(*model_types: str):
-    """Class decorator: register an adapter (instantiated with its defaults) for these `config.model_type`s."""
+    """Class decorator: register an adapter class for these `config.model_type`s."""
 
     def decorate(cls: type[Adapter]) -> type[Adapter]:
         for model_type in model_types:
-            _REGISTRY[model_type] = cls()
+            _REGISTRY[model_type] = cls
         return cls
 
     return decorate
 
 
-def adapter_for(model) -> Adapter:
-    """The registered adapter of `model`'s family, or an error listing the supported families."""
+def adapter_for(model) -> type[Adapter]:
+    """The registered adapter class of `model`'s family, or an error listing the supported families."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
             f"no adapter for model type {model_type!r} ({type(model).__name__}); supported: {known(sorted(_REGISTRY))}. "
-            "Pass `adapter=mmscope.models.GenericAdapter(layers=..., final_norm=..., lm_head=...)` to use another model."
+            "Pass `adapter=functools.partial(mmscope.models.GenericAdapter, layers=..., final_norm=..., lm_head=...)` "
+            "to use another model."
         )
     return _REGISTRY[model_type]
 
@@ -122,10 +134,3 @@ def adapter_for(model) -> Adapter:
 def supported_families() -> dict[str, str]:
     """`config.model_type` → adapter family, for every registered adapter."""
     return {model_type: adapter.family for model_type, adapter in sorted(_REGISTRY.items())}
-
-
-def check_image(image) -> Image.Image:
-    """`image` as an RGB PIL image, or an InputError naming what was given instead."""
-    if not isinstance(image, Image.Image):
-        raise InputError(f"image must be a PIL.Image.Image; got {type(image).__name__}: {str(image)[:60]!r}")
-    return image if image.mode == "RGB" else image.convert("RGB")

@@ -14,8 +14,6 @@ processor also inserts BOS before the prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from einops import rearrange
 
@@ -42,22 +40,21 @@ def _code_grid(inputs, model) -> tuple[int, int]:
 
 
 @register("emu3")
-@dataclass(frozen=True)
 class Emu3Adapter(Adapter):
     family: str = "emu3"
     layers: str = "model.text_model.layers"
     final_norm: str = "model.text_model.norm"
     template: PromptTemplate = EMU3_CHAT
 
-    def image_groups(self, input_ids, inputs, model, processor) -> dict[str, torch.Tensor]:
-        image = self.image_positions(input_ids, model, processor)
-        _, cols = _code_grid(inputs, model)
+    def image_groups(self, input_ids, inputs) -> dict[str, torch.Tensor]:
+        image = self.image_positions(input_ids)
+        _, cols = _code_grid(inputs, self.model)
         is_newline = (torch.arange(len(image)) + 1) % (cols + 1) == 0
         return {"image_newline": image[is_newline]}
 
-    def patch_rectangles(self, processor, model, image, inputs) -> torch.Tensor:
+    def patch_rectangles(self, image, inputs) -> torch.Tensor:
         """Each code covers a `factor x factor` cell of the resized image (no crop, no pad); newlines show none."""
-        rows, cols = _code_grid(inputs, model)
+        rows, cols = _code_grid(inputs, self.model)
         cell_x, cell_y = image.width / cols, image.height / rows
         r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols + 1), indexing="ij")
         corners = torch.stack([c * cell_x, r * cell_y, (c + 1) * cell_x, (r + 1) * cell_y]).double()

@@ -10,8 +10,6 @@ mask the model built, never a causal one of our own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mmscope.errors import InputError
@@ -31,16 +29,15 @@ GEMMA3_CHAT = PromptTemplate(
 
 
 @register("gemma3")
-@dataclass(frozen=True)
 class Gemma3Adapter(Adapter):
     family: str = "gemma3"
     template: PromptTemplate = GEMMA3_CHAT
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 
-    def patch_rectangles(self, processor, model, image, inputs) -> torch.Tensor:
+    def patch_rectangles(self, image, inputs) -> torch.Tensor:
         """Rectangles of the pooled grid over the squashed image (pan-and-scan crops are not mapped)."""
         if int(inputs.get("num_crops", torch.zeros(1)).sum()) > 0:
             raise InputError("boxes are not mapped onto Gemma 3 pan-and-scan crops; process without do_pan_and_scan")
-        side = int(model.config.mm_tokens_per_image**0.5)
-        pooled_patch = model.config.vision_config.image_size // side
-        return patch_rectangles(image.width, image.height, processor.image_processor, pooled_patch)
+        side = int(self.model.config.mm_tokens_per_image**0.5)
+        pooled_patch = self.model.config.vision_config.image_size // side
+        return patch_rectangles(image.width, image.height, self.processor.image_processor, pooled_patch)

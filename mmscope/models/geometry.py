@@ -62,26 +62,3 @@ def patch_rectangles(image_width: int, image_height: int, image_processor, patch
     x1 = ((c + 1) * patch_size + left) / scale_x - offset_x
     y1 = ((r + 1) * patch_size + top) / scale_y - offset_y
     return rearrange(torch.stack([x0, y0, x1, y1]).double(), "xy rows cols -> (rows cols) xy")
-
-
-def check_box(box, image_width: int, image_height: int, tolerance: float = 1.0) -> tuple[float, float, float, float]:
-    """`box` as floats `(x, y, w, h)`, or an InputError naming it when it is malformed or outside the image."""
-    try:
-        x, y, w, h = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise InputError(f"box {box!r} is not (x, y, w, h)") from None
-    if w <= 0 or h <= 0:
-        raise InputError(f"box {box!r} has non-positive width or height")
-    if x < -tolerance or y < -tolerance or x + w > image_width + tolerance or y + h > image_height + tolerance:
-        raise InputError(f"box {box!r} (x, y, w, h) lies outside the {image_width}x{image_height} image")
-    return x, y, w, h
-
-
-def overlapping(rectangles: torch.Tensor, boxes) -> torch.Tensor:
-    """Boolean `[n_patches]`: which rectangles overlap any `(x, y, w, h)` box with positive area."""
-    hit = torch.zeros(len(rectangles), dtype=torch.bool)
-    for x, y, w, h in boxes:
-        ix = torch.minimum(rectangles[:, 2], torch.tensor(x + w)) - torch.maximum(rectangles[:, 0], torch.tensor(x))
-        iy = torch.minimum(rectangles[:, 3], torch.tensor(y + h)) - torch.maximum(rectangles[:, 1], torch.tensor(y))
-        hit |= (ix > 0) & (iy > 0)
-    return hit

@@ -15,8 +15,6 @@ the image tokens split into `image_tiles` and `image_global`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from einops import rearrange
 
@@ -72,26 +70,26 @@ def tile_grid(height: int, width: int, image_processor) -> tuple[int, int, int, 
 
 
 @register("idefics3", "smolvlm")
-@dataclass(frozen=True)
 class Idefics3Adapter(Adapter):
     family: str = "idefics3"
     layers: str = "model.text_model.layers"
     final_norm: str = "model.text_model.norm"
     template: PromptTemplate = IDEFICS3_CHAT
 
-    def load_processor(self, source: str):
+    @classmethod
+    def load_processor(cls, source: str):
         return load_processor_without_video(source)
 
-    def image_groups(self, input_ids, inputs, model, processor) -> dict[str, torch.Tensor]:
-        image = self.image_positions(input_ids, model, processor)
-        return {"image_tiles": image[: -processor.image_seq_len], "image_global": image[-processor.image_seq_len :]}
+    def image_groups(self, input_ids, inputs) -> dict[str, torch.Tensor]:
+        image = self.image_positions(input_ids)
+        return {"image_tiles": image[: -self.processor.image_seq_len], "image_global": image[-self.processor.image_seq_len :]}
 
-    def patch_rectangles(self, processor, model, image, inputs) -> torch.Tensor:
+    def patch_rectangles(self, image, inputs) -> torch.Tensor:
         """Rectangles of the shuffled cells of every tile (row-major tiles), then of the global view."""
-        image_processor = processor.image_processor
+        image_processor = self.processor.image_processor
         rows, cols, height, width = tile_grid(image.height, image.width, image_processor)
         tile = image_processor.max_image_size["longest_edge"]
-        cell = model.config.vision_config.patch_size * model.config.scale_factor
+        cell = self.model.config.vision_config.patch_size * self.model.config.scale_factor
         r, c = torch.meshgrid(torch.arange(tile // cell), torch.arange(tile // cell), indexing="ij")
         cells = torch.stack([c * cell, r * cell, (c + 1) * cell, (r + 1) * cell], dim=-1).double()
         cells = rearrange(cells, "r c xy -> (r c) xy")  # in one tile's pixels

@@ -10,7 +10,7 @@ first non-padding token, so left padding is ignored).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 
@@ -25,7 +25,6 @@ KOSMOS2_VQA = PromptTemplate(
 
 
 @register("kosmos-2")
-@dataclass(frozen=True)
 class Kosmos2Adapter(Adapter):
     family: str = "kosmos2"
     layers: str = "text_model.model.layers"
@@ -35,27 +34,28 @@ class Kosmos2Adapter(Adapter):
     template: PromptTemplate = KOSMOS2_VQA
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "image_embeds_position_mask")
 
-    def placeholder(self, processor) -> str:
+    def placeholder(self) -> str:
         return ""  # the processor puts the image before the prompt
 
-    def image_token_id(self, model, processor) -> int:
+    @functools.cached_property
+    def image_token_id(self) -> int:
         """The real `<image>` (begin-of-image) token; the image tokens themselves have no single id."""
-        return processor.tokenizer.convert_tokens_to_ids(processor.boi_token)
+        return self.processor.tokenizer.convert_tokens_to_ids(self.processor.boi_token)
 
-    def image_positions(self, input_ids, model, processor) -> torch.Tensor:
+    def image_positions(self, input_ids) -> torch.Tensor:
         """The `latent_query_num` positions after the first `<image>` (their ids are arbitrary vocabulary ids)."""
-        begin = int(torch.nonzero(input_ids == self.image_token_id(model, processor)).flatten()[0])
-        return torch.arange(begin + 1, begin + 1 + model.config.latent_query_num)
+        begin = int(torch.nonzero(input_ids == self.image_token_id).flatten()[0])
+        return torch.arange(begin + 1, begin + 1 + self.model.config.latent_query_num)
 
-    def encode(self, processor, image, text) -> Encoding:
+    def encode(self, image, text) -> Encoding:
         if text != text.strip():
             raise InputError(f"Kosmos-2's processor strips the prompt; give it without outer spaces: {text!r}")
-        output = dict(processor(images=[image], text=[text], return_tensors="pt", return_offsets_mapping=True))
+        output = dict(self.processor(images=[image], text=[text], return_tensors="pt", return_offsets_mapping=True))
         offsets = torch.as_tensor(output.pop("offset_mapping"))[0]
         n_image = int(output["image_embeds_position_mask"].sum())
-        prefix = " ".join([processor.boi_token] * (n_image + 1) + [processor.eoi_token])
-        prepared = f"{processor.tokenizer.bos_token}{prefix} {text}"
-        spans, _ = token_origins(text, prepared, offsets, [], list(processor.tokenizer.added_tokens_encoder))
+        prefix = " ".join([self.processor.boi_token] * (n_image + 1) + [self.processor.eoi_token])
+        prepared = f"{self.processor.tokenizer.bos_token}{prefix} {text}"
+        spans, _ = token_origins(text, prepared, offsets, [], list(self.processor.tokenizer.added_tokens_encoder))
         image = output["image_embeds_position_mask"][0].bool()
         expanded = image | image.roll(1) | image.roll(-1)  # with the enclosing <image> and </image>
         return Encoding(output, spans, expanded)
@@ -63,7 +63,7 @@ class Kosmos2Adapter(Adapter):
     def position_ids(self, attention_mask: torch.Tensor) -> None:
         return None
 
-    def patch_rectangles(self, processor, model, image, inputs) -> torch.Tensor:
+    def patch_rectangles(self, image, inputs) -> torch.Tensor:
         raise InputError(
             "Kosmos-2's image tokens are latent queries over the whole image, not patches; boxes cannot select them"
         )

@@ -7,12 +7,9 @@ dropped under the "default" feature-selection strategy), in row-major patch orde
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from mmscope.models.adapter import Adapter, register
 
 
 @register("llava")
-@dataclass(frozen=True)
 class LlavaAdapter(Adapter):
     family: str = "llava"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
 import torch
 from einops import rearrange
 from transformers.image_processing_utils import select_best_resolution
@@ -120,14 +119,13 @@ def anyres_rectangles(width: int, height: int, image_processor, config) -> torch
 
 
 @register("llava_next")
-@dataclass(frozen=True)
 class LlavaNextAdapter(Adapter):
     family: str = "llava_next"
 
-    def image_groups(self, input_ids, inputs, model, processor) -> dict[str, torch.Tensor]:
-        image = self.image_positions(input_ids, model, processor)
+    def image_groups(self, input_ids, inputs) -> dict[str, torch.Tensor]:
+        image = self.image_positions(input_ids)
         height, width = inputs["image_sizes"][0].tolist()
-        grid = anyres_grid(height, width, model.config)
+        grid = anyres_grid(height, width, self.model.config)
         in_grid = torch.arange(len(image) - grid.n_base)
         is_newline = (in_grid + 1) % (len(grid.cols) + 1) == 0
         return {
@@ -136,5 +134,5 @@ class LlavaNextAdapter(Adapter):
             "image_newline": image[grid.n_base :][is_newline],
         }
 
-    def patch_rectangles(self, processor, model, image, inputs) -> torch.Tensor:
-        return anyres_rectangles(image.width, image.height, processor.image_processor, model.config)
+    def patch_rectangles(self, image, inputs) -> torch.Tensor:
+        return anyres_rectangles(image.width, image.height, self.processor.image_processor, self.model.config)

@@ -9,8 +9,6 @@ question removes edges that only exist because the prefix is bidirectional. Posi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mmscope.models.adapter import Adapter, register
@@ -21,14 +19,13 @@ PALIGEMMA_VQA = PromptTemplate((("image", IMAGE), ("instruction", "answer en "),
 
 
 @register("paligemma")
-@dataclass(frozen=True)
 class PaliGemmaAdapter(Adapter):
     family: str = "paligemma"
     template: PromptTemplate = PALIGEMMA_VQA
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 
-    def encode(self, processor, image, text) -> Encoding:
-        encoding = super().encode(processor, image, text)
+    def encode(self, image, text) -> Encoding:
+        encoding = super().encode(image, text)
         inputs = {key: value for key, value in encoding.inputs.items() if key != "labels"}  # training targets
         return Encoding(inputs, encoding.spans, encoding.expanded)
 

@@ -13,8 +13,6 @@ positions after its first decoder layers; `ctx.residual(layer)` is the layer's o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from einops import rearrange
 
@@ -37,25 +35,25 @@ QWEN_CHAT = PromptTemplate(
 
 
 @register("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-@dataclass(frozen=True)
 class QwenVLAdapter(Adapter):
     family: str = "qwen_vl"
     template: PromptTemplate = QWEN_CHAT
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids")
 
-    def placeholder(self, processor) -> str:
-        return f"<|vision_start|>{processor.image_token}<|vision_end|>"
+    def placeholder(self) -> str:
+        return f"<|vision_start|>{self.processor.image_token}<|vision_end|>"
 
-    def load_processor(self, source: str):
+    @classmethod
+    def load_processor(cls, source: str):
         return load_processor_without_video(source)
 
     def position_ids(self, attention_mask: torch.Tensor) -> None:
         return None
 
-    def patch_rectangles(self, processor, model, image, inputs) -> torch.Tensor:
+    def patch_rectangles(self, image, inputs) -> torch.Tensor:
         """Rectangles of the merged blocks: the image is resized (no crop, no pad) to the patch grid."""
         _, rows, cols = inputs["image_grid_thw"][0].tolist()
-        merge = processor.image_processor.merge_size
+        merge = self.processor.image_processor.merge_size
         block_x, block_y = image.width / (cols // merge), image.height / (rows // merge)
         r, c = torch.meshgrid(torch.arange(rows // merge), torch.arange(cols // merge), indexing="ij")
         corners = torch.stack([c * block_x, r * block_y, (c + 1) * block_x, (r + 1) * block_y]).double()

@@ -1,4 +1,4 @@
-"""Interventions against independent plain-PyTorch computations on tiny random LLaVA checkpoints."""
+"""`mmscope.interventions` against independent plain-PyTorch computations on tiny random LLaVA checkpoints."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 from oracle import forward_with_hooks, knockout_logits, plain_inputs, plain_model
+
+from mmscope.errors import InterventionError
 
 from mmscope.interventions import (
     ActivationPatch,
@@ -64,13 +66,6 @@ def test_knockout_under_sdpa_equals_the_eager_oracle(tiny_sdpa, tiny_folder, exa
     expected = last_probs(knockout_logits(plain_model(tiny_folder), batch.inputs, pairs(batch, "last", "image"), (1, 3)))
     got = tiny_sdpa.next_token_probs(batch, [Knockout("image", "last", (1, 3))])
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
-
-
-def test_empty_intervention_list_equals_plain_hf_forward(tiny, tiny_folder, examples):
-    batch = examples[2]
-    with torch.no_grad():
-        expected = last_probs(plain_model(tiny_folder)(**plain_inputs(batch.inputs)).logits)
-    assert torch.equal(tiny.next_token_probs(batch), expected)
 
 
 def test_batched_rows_equal_their_single_runs(tiny, examples):
@@ -146,13 +141,35 @@ def test_knockout_window_follows_the_study_convention():
     assert knockout_window(3, 1, 8) == (3,)
 
 
-def test_patching_clean_into_clean_is_a_no_op(tiny, examples):
-    first = examples[0]
-    pair = tiny.batch([first, first])
-    clean = tiny.next_token_probs(pair)
-    for site in ("residual", "attention", "mlp"):
-        patched = tiny.next_token_probs(pair, [ActivationPatch(site, (0, 2), "image")])
-        assert torch.equal(patched, clean)
+@pytest.mark.parametrize("site", ["residual", "attention", "mlp"])
+def test_patching_clean_into_corrupted_matches_an_independent_hook_at_each_site(tiny, tiny_folder, site):
+    from conftest import scene
+
+    clean = tiny.prepare(scene(seed=3), "Is the cube red or blue?")
+    corrupted = tiny.prepare(scene(seed=4), "Is the cube red or blue?")
+    pair = tiny.batch([clean, corrupted])
+    image = clean.layout["image"]
+    model = plain_model(tiny_folder)
+    layer = model.model.language_model.layers[1]
+    module = {"residual": layer, "attention": layer.self_attn, "mlp": layer.mlp}[site]
+
+    def copy_row0_to_row1(module, args, output):
+        value = output[0] if isinstance(output, tuple) else output
+        value = value.clone()
+        value[1, image] = value[0, image]
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
+    expected = last_probs(forward_with_hooks(model, pair.inputs, hooks=[(module, copy_row0_to_row1)]))
+    got = tiny.next_token_probs(pair, [ActivationPatch(site, (1,), "image")])
+    assert torch.allclose(got, expected, atol=TOLERANCE)
+    assert not torch.allclose(got[1], tiny.next_token_probs(pair)[1], atol=1e-5), "the patch must change row 1"
+
+
+def test_a_patch_with_no_row_to_patch_into_is_refused(tiny, examples):
+    with pytest.raises(InterventionError, match="no row to patch into: a batch of 1"):
+        tiny.next_token_probs(examples[0], [ActivationPatch("residual", (1,), "image")])
+    with pytest.raises(InterventionError, match=r"target_rows \[2\] not in a batch of 2"):
+        tiny.next_token_probs(examples[2], [ActivationPatch("residual", (1,), "image", target_rows=[2])])
 
 
 def test_patching_the_whole_residual_copies_the_source_run(tiny):
@@ -167,38 +184,19 @@ def test_patching_the_whole_residual_copies_the_source_run(tiny):
     assert not torch.allclose(tiny.next_token_probs(corrupted), patched[0], atol=1e-4)
 
 
-def test_patching_image_tokens_matches_an_independent_hook(tiny, tiny_folder):
-    from conftest import scene
-
-    clean = tiny.prepare(scene(seed=3), "Is the cube red or blue?")
-    corrupted = tiny.prepare(scene(seed=4), "Is the cube red or blue?")
-    pair = tiny.batch([clean, corrupted])
-    image = clean.layout["image"]
-    model = plain_model(tiny_folder)
-
-    def copy_row0_to_row1(module, args, output):
-        output = output.clone()
-        output[1, image] = output[0, image]
-        return output
-
-    expected = last_probs(forward_with_hooks(model, pair.inputs, hooks=[(model.model.language_model.layers[1].mlp,
-                                                                         copy_row0_to_row1)]))
-    got = tiny.next_token_probs(pair, [ActivationPatch("mlp", (1,), "image")])
-    assert torch.allclose(got, expected, atol=TOLERANCE)
-
-
-def test_truncation_at_the_last_layer_equals_the_normal_output(tiny, examples):
-    batch = examples[2]
-    assert torch.equal(tiny.next_token_probs(batch, [Truncate(tiny.n_layers - 1)]), tiny.next_token_probs(batch))
-
-
-def test_truncation_equals_final_norm_and_lm_head_on_the_plain_hidden_state(tiny, tiny_folder, examples):
+def test_truncation_after_each_layer_equals_final_norm_and_lm_head_on_the_plain_hidden_state(
+    tiny, tiny_folder, examples
+):
     batch = examples[2]
     model = plain_model(tiny_folder)
     with torch.no_grad():
-        hidden = model(**plain_inputs(batch.inputs), output_hidden_states=True).hidden_states[2]  # after layer 1
-        expected = model.lm_head(model.model.language_model.norm(hidden))[:, -1].softmax(-1)
-    assert torch.allclose(tiny.next_token_probs(batch, [Truncate(1)]), expected, atol=TOLERANCE)
+        hidden = model(**plain_inputs(batch.inputs), output_hidden_states=True).hidden_states
+        clean = tiny.next_token_probs(batch)
+        for layer in range(tiny.n_layers - 1):  # hidden[layer + 1] is the stream after decoder layer `layer`
+            expected = model.lm_head(model.model.language_model.norm(hidden[layer + 1]))[:, -1].softmax(-1)
+            got = tiny.next_token_probs(batch, [Truncate(layer)])
+            assert torch.allclose(got, expected, atol=TOLERANCE), layer
+            assert not torch.allclose(got, clean, atol=1e-5), layer
 
 
 def test_skipping_layers_equals_identity_hooks(tiny, tiny_folder, examples):
@@ -248,25 +246,23 @@ def test_interventions_round_trip_through_yaml(intervention):
     assert Intervention.from_dict(yaml.safe_load(text)) == intervention
 
 
-def test_answer_scores_match_teacher_forcing_by_hand(tiny, tiny_folder, examples):
-    first = examples[0]
-    score = tiny.answer_prob(first, "red or blue")
-    tokens = tiny.answer_tokens(first, "red or blue")[0]
-    assert len(tokens) == 3
-    inputs = dict(first.inputs)
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([tokens])], dim=1)
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    with torch.no_grad():
-        logprobs = plain_model(tiny_folder)(**inputs).logits[0].log_softmax(-1)
-    start = first.seq_len - 1
-    expected = sum(logprobs[start + i, token] for i, token in enumerate(tokens))
-    assert torch.allclose(score.logprob[0], expected, atol=1e-5)
-    assert torch.allclose(score.first_token_prob[0], tiny.next_token_probs(first)[tokens[0]], atol=TOLERANCE)
+def test_sequence_fields_are_normalised_once_from_their_annotations():
+    knockout = Knockout("image", [5, 6], [1, 2], heads=range(2))
+    assert knockout.layers == (1, 2) and knockout.target == (5, 6) and knockout.heads == (0, 1)
+    assert hash(knockout) == hash(Knockout("image", (5, 6), (1, 2), heads=(0, 1)))
+    assert ScaleImageTokens(0.5, [1, 2]).layers == (1, 2) and ScaleImageTokens(0.5, 3).layers == (3,)
+    assert hash(ScaleImageTokens(0.5, [1, 2])) == hash(ScaleImageTokens(0.5, (1, 2)))
 
 
-def test_greedy_answer_equals_hf_generate(tiny, tiny_folder, examples):
-    first = examples[0]
-    with torch.no_grad():
-        ids = plain_model(tiny_folder).generate(**first.inputs, max_new_tokens=3, do_sample=False)
-    expected = tiny.tokenizer.decode(ids[0, first.seq_len :], skip_special_tokens=True).strip()
-    assert tiny.generate_answer(first, max_new_tokens=3) == expected
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [(lambda: Knockout("image", "last", "12"), "Knockout.layers must be ints; got '12'"),
+     (lambda: Knockout("image", "last", [1.5]), r"Knockout.layers must be ints; got \[1.5\]"),
+     (lambda: Knockout("image", "last", (1,), heads=[True]), "Knockout.heads must be ints"),
+     (lambda: Knockout("image", "last", (1,), keep_self="no"), "Knockout.keep_self must be True or False"),
+     (lambda: Knockout(3.0, "last", (1,)), "Knockout.source must be a token-group name or positions"),
+     (lambda: SkipLayers(None), "SkipLayers.layers must be ints; got None")],
+)
+def test_malformed_fields_are_refused_by_name(build, message):
+    with pytest.raises(InterventionError, match=message):
+        build()

@@ -1,4 +1,4 @@
-"""Token layouts (groups from offsets, image tokens, object patches from boxes) and input errors."""
+"""`mmscope.layout`: token groups from offsets, image tokens, object patches from boxes, and input errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import scene
 from PIL import Image
 
 import mmscope
-from mmscope.errors import InputError, InterventionError, LayoutError, ModelLoadError
+from mmscope.errors import InputError, InterventionError, LayoutError
 from mmscope.interventions import ActivationPatch, Knockout, Truncate
 
 
@@ -29,7 +29,7 @@ def test_groups_of_a_padded_batch_of_different_lengths(tiny, examples):
     for row, single in enumerate((first, second)):
         layout = batch.layouts[row]
         assert layout["last"] == [batch.seq_len - 1]
-        assert len(layout["image"]) == 16 == int((batch.inputs["input_ids"][row] == tiny.image_token_id).sum())
+        assert len(layout["image"]) == 16 == int((batch.inputs["input_ids"][row] == tiny.adapter.image_token_id).sum())
         shift = batch.padding[row]
         assert layout["image"] == [p + shift for p in single.layout["image"]]
         positions = sorted(p for group in ("system", "roles", "image", "question", "instruction") for p in layout[group])
@@ -84,7 +84,7 @@ def test_object_patches_for_corner_and_centre_boxes_match_the_processed_pixels(r
     assert sorted(example.layout["object"] + example.layout["other_patches"]) == example.layout["image"]
 
 
-def test_bad_inputs_get_one_clear_error_naming_the_input(tiny, tiny_folder, examples, tmp_path):
+def test_bad_inputs_get_one_clear_error_naming_the_input(tiny, examples):
     first = examples[0]
     with pytest.raises(LayoutError, match=r"unknown token group 'objct'; known: .*image.*question"):
         tiny.next_token_probs(first, [Knockout("objct", "last", (0,))])
@@ -102,28 +102,3 @@ def test_bad_inputs_get_one_clear_error_naming_the_input(tiny, tiny_folder, exam
         tiny.prepare("photo.jpg", "Is it red?")
     with pytest.raises(InputError, match=r"box \(30, 20, 20, 20\) .* outside the 40x30 image"):
         tiny.prepare(scene(), "Is it red?", boxes=[(30, 20, 20, 20)])
-    with pytest.raises(ModelLoadError, match="flash_attention_2.*not supported.*eager, sdpa"):
-        mmscope.load(tiny_folder, attn_implementation="flash_attention_2")
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        mmscope.load(tmp_path / "no-such-model")
-
-
-def test_a_model_running_flash_attention_is_refused(tiny_folder):
-    from oracle import plain_model
-
-    hf = plain_model(tiny_folder)
-    processor = mmscope.load(tiny_folder).processor
-    hf.config.text_config._attn_implementation_internal = "flash_attention_2"
-    try:
-        with pytest.raises(ModelLoadError, match="flash_attention_2"):
-            mmscope.Model(hf, processor, mmscope.models.adapter_for(hf))
-    finally:
-        hf.config.text_config._attn_implementation_internal = "eager"
-
-
-def test_hidden_states_and_lens_read_the_same_output(tiny, examples):
-    first = examples[0]
-    states = tiny.hidden_states(first)
-    assert states.shape[:2] == (tiny.n_layers + 1, 1)
-    logits = tiny.unembed(states[-1, 0, -1])
-    assert torch.allclose(logits.softmax(-1), tiny.next_token_probs(first), atol=1e-6)

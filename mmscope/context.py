@@ -1,0 +1,244 @@
+"""`Context`: what an intervention sees of the running forward pass — one vocabulary for every site.
+
+Inside an nnsight trace, a `Context` reads and edits the model's real intermediate values, layer by layer:
+
+    ctx.residual(layer)            # [B, T, D] residual stream after decoder layer `layer`
+    ctx.attention_output(layer)    # [B, T, D] self-attention output, before it is added to the stream
+    ctx.mlp_output(layer)          # [B, T, D] MLP output, before it is added to the stream
+    ctx.embeddings()               # [B, T, D] the stream entering layer 0
+    ctx.attention_mask(layer)      # [B, 1 or H, Q, K] the additive mask layer `layer`'s attention receives
+    ctx.set_attention_mask(layer, mask)
+    ctx.skip(layer)                # run layer `layer` as the identity
+    ctx.logits()                   # [B, T, V] the lm_head output
+    ctx.positions("image")         # (rows, cols) to index any [B, T, ...] site: ctx.residual(3)[ctx.positions("image")]
+
+Values are the live tensors of the forward pass: editing them in place changes what flows on. Sites must be
+touched in forward order within one intervention (layer 2 before layer 3; a layer's mask before its output),
+as the forward pass reaches them. The same `Context` is what `with model.trace(example) as ctx:` yields, so
+an edit tried inline becomes an `Intervention` by moving its lines into `apply(ctx)`.
+
+A sweep engine may run several variants as rows of one forward over only the positions after a cached prefix.
+It then gives each variant a context `restricted` to its rows (`Restriction`): sites are that row slice, from
+the forward's first position on; positions count from that position; mask edits change those rows only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from mmscope.errors import InterventionError, known
+from mmscope.models.adapter import attribute_path
+
+if TYPE_CHECKING:
+    from mmscope.layout import Example
+    from mmscope.models.adapter import Adapter
+
+Group = str | tuple[int, ...]
+SITES = ("residual", "attention", "mlp")
+
+
+class Sites:
+    """The nnsight envoys of one model's parts, found once through its adapter's paths."""
+
+    def __init__(self, envoy, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self.layers = attribute_path(envoy, adapter.layers)
+        self.lm_head = attribute_path(envoy, adapter.lm_head)
+        self.decoder = attribute_path(envoy, adapter.layers.rsplit(".", 1)[0])  # the parent of the layers
+        self.n_layers = len(self.layers)
+        self.n_heads = adapter.text_config.num_attention_heads
+
+    def layer(self, layer: int):
+        if not 0 <= layer < self.n_layers:
+            raise InterventionError(f"layer {layer} out of range; the model has layers 0..{self.n_layers - 1}")
+        return self.layers[layer]
+
+    def attention(self, layer: int):
+        return attribute_path(self.layer(layer), self.adapter.attention)
+
+    def mlp(self, layer: int):
+        return attribute_path(self.layer(layer), self.adapter.mlp)
+
+
+@dataclass
+class Restriction:
+    """One variant's share of a batched forward: its `rows` of the running batch, and `offset`, the forward's
+    first position (earlier positions come from a cache).
+
+    `masks` is shared by every variant of one forward: per layer, the batch's private copy of the attention
+    mask that each variant writes its own rows into (copied once per layer, not once per variant).
+    """
+
+    rows: slice
+    offset: int = 0
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Context:
+    """What an intervention sees: the running model's sites, the batch's token layout, its size.
+
+    Attributes: `example` (the running `Example`), `n_layers`, `n_heads`, `batch_size`, `seq_len`.
+    """
+
+    def __init__(self, sites: Sites, example: Example, restriction: Restriction | None = None) -> None:
+        self._sites = sites
+        self.example = example
+        self.n_layers = sites.n_layers
+        self.n_heads = sites.n_heads
+        self.batch_size = len(example)
+        self.seq_len = example.seq_len
+        if restriction is not None and restriction.rows.stop - restriction.rows.start != self.batch_size:
+            raise InterventionError(
+                f"rows {restriction.rows} do not hold the {self.batch_size} row(s) of this context's example"
+            )
+        self._restriction = restriction
+        self._converted: dict[int, tuple[object, torch.Tensor]] = {}  # id(mask as received) -> (it, additive)
+
+    # --- where things are -------------------------------------------------------------------------------------
+    def check_layer(self, layer: int) -> int:
+        """`layer`, or an InterventionError when the model has no such decoder layer."""
+        self._sites.layer(layer)
+        return layer
+
+    def positions(self, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(rows, cols)` index tensors of `group` over the whole batch: `x[ctx.positions("image")]` is `[n, D]`."""
+        rows, cols = [], []
+        for row in range(self.batch_size):
+            found = self.row_positions(group, row)
+            rows.append(torch.full_like(found, row))
+            cols.append(found)
+        return torch.cat(rows), torch.cat(cols)
+
+    def row_positions(self, group: Group, row: int) -> torch.Tensor:
+        """Positions `[n]` of `group` in batch row `row`, counted from the forward's first position."""
+        found = self.example.positions(group, row)
+        offset = self._restriction.offset if self._restriction else 0
+        if offset and len(found) and int(found.min()) < offset:
+            raise InterventionError(
+                f"group {group!r} of row {row} starts at position {int(found.min())}, before this forward's first "
+                f"position {offset} (earlier positions come from a cache); an intervention that touches it "
+                f"must not claim affected_from > {int(found.min())}"
+            )
+        return found - offset
+
+    # --- values of the running forward pass -------------------------------------------------------------------
+    def residual(self, layer: int) -> torch.Tensor:
+        """Residual stream after decoder layer `layer`, `[B, T, D]`."""
+        return self._own_rows(_first(self._sites.layer(layer).output))
+
+    def embeddings(self) -> torch.Tensor:
+        """The residual stream entering decoder layer 0 (the decoder's input embeddings), `[B, T, D]`."""
+        return self._own_rows(self._sites.layer(0).input)  # `.input` is the first argument: the hidden states
+
+    def attention_output(self, layer: int) -> torch.Tensor:
+        """Self-attention output of layer `layer` before it is added to the residual, `[B, T, D]`."""
+        return self._own_rows(_first(self._sites.attention(layer).output))
+
+    def mlp_output(self, layer: int) -> torch.Tensor:
+        """MLP output of layer `layer` before it is added to the residual, `[B, T, D]`."""
+        return self._own_rows(_first(self._sites.mlp(layer).output))
+
+    def site(self, site: str, layer: int) -> torch.Tensor:
+        """One of `SITES` ("residual", "attention", "mlp") at `layer`, `[B, T, D]`."""
+        readers = {"residual": self.residual, "attention": self.attention_output, "mlp": self.mlp_output}
+        if site not in readers:
+            raise InterventionError(f"unknown site {site!r}; known: {known(SITES)}")
+        return readers[site](layer)
+
+    def logits(self) -> torch.Tensor:
+        """The lm_head output, `[B, T, V]` in the model's dtype (positions from the forward's first one)."""
+        return self._own_rows(self._sites.lm_head.output)
+
+    def attention_mask(self, layer: int) -> torch.Tensor:
+        """The additive mask layer `layer`'s self-attention receives, `[B, 1 or H, Q, K]` (this context's rows).
+
+        0 = attend, the dtype's minimum = blocked, in the hidden states' dtype: built as a causal mask when the
+        model passed None, converted when it passed a boolean one. The model shares one mask between layers:
+        never edit it in place — build a new tensor and hand it to `set_attention_mask`.
+        """
+        mask = self._received_mask(layer)
+        return mask if self._restriction is None else mask[self._restriction.rows]
+
+    def set_attention_mask(self, layer: int, mask: torch.Tensor) -> None:
+        """Make layer `layer`'s self-attention use the additive `mask` (`[B, 1 or H, Q, K]`, this context's rows).
+
+        Call it right after `attention_mask(layer)`, before touching any later site.
+        """
+        attention = self._sites.attention(layer)
+        args, kwargs = attention.inputs
+        if self._restriction is not None:
+            mask = self._write_rows(layer, self._received_mask(layer), mask)
+        attention.inputs = (args, {**kwargs, "attention_mask": mask})
+
+    def skip(self, layer: int) -> None:
+        """Run decoder layer `layer` as the identity (its input passes on unchanged)."""
+        if self._restriction is not None:
+            rows = self._restriction.rows
+            raise InterventionError(
+                f"cannot skip layer {layer} for rows {rows.start}..{rows.stop - 1} only: a skipped layer skips for "
+                "the whole batch; run this intervention in a forward of its own"
+            )
+        envoy = self._sites.layer(layer)
+        envoy.skip(envoy.input)
+
+    # --- restriction to rows ----------------------------------------------------------------------------------
+    def _own_rows(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self._restriction is None else value[self._restriction.rows]  # a view: edits reach on
+
+    def _received_mask(self, layer: int) -> torch.Tensor:
+        """The whole batch's mask at `layer` as an additive tensor, converted once per mask object received."""
+        args, kwargs = self._sites.attention(layer).inputs
+        received = kwargs.get("attention_mask")
+        cached = self._converted.get(id(received))
+        if cached is not None and cached[0] is received:
+            return cached[1]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        additive = additive_mask(received, hidden)
+        self._converted[id(received)] = (received, additive)
+        return additive
+
+    def _write_rows(self, layer: int, whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """`whole` with this context's rows replaced by `part`, in the forward's private copy for `layer`."""
+        masks, rows = self._restriction.masks, self._restriction.rows
+        private = masks.get(layer)
+        # The first variant to edit a layer copies the shared mask once (widened to per-head when its edit is);
+        # later variants of the same forward write their rows into that copy.
+        if private is not whole or part.shape[1] > whole.shape[1]:
+            private = whole.expand(whole.shape[0], max(part.shape[1], whole.shape[1]), *whole.shape[2:]).clone()
+            masks[layer] = private
+        private[rows] = part
+        return private
+
+
+def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """The mask a self-attention receives, as an additive `[B, 1 or H, Q, K]` tensor in `hidden`'s dtype.
+
+    `None` (an SDPA model that relies on `is_causal`) becomes the causal mask for `Q = K = hidden.shape[1]`;
+    a boolean mask (True = attend) becomes 0 / minimum; a padding mask broadcast over queries (`Q = 1` for a
+    longer input, as GPT-2-style remote code passes while applying causality itself) is expanded to all queries.
+    """
+    dtype = hidden.dtype
+    minimum = torch.finfo(dtype).min
+    if mask is None:
+        length = hidden.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        mask = causal[None, None].expand(hidden.shape[0], 1, length, length)
+    if mask.shape[-2] == 1 and hidden.shape[1] > 1:
+        mask = mask.expand(*mask.shape[:-2], hidden.shape[1], mask.shape[-1])
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.tensor(minimum, dtype=dtype, device=mask.device))
+    return mask.to(dtype)
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def as_group(group: str | Sequence[int]) -> Group:
+    """A token group: a layout name, or explicit positions (stored as a tuple so a dataclass stays hashable)."""
+    return group if isinstance(group, str) else tuple(int(p) for p in group)

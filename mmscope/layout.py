@@ -1,0 +1,260 @@
+"""Token layout: which positions of a prompt hold the image, the question, the last token, an object's patches …
+
+`Example` carries the tensors a Hugging Face model takes (`.inputs`) and, per batch row, a mapping from
+token-group name to sorted positions in the language model's sequence (`.layouts`). `token_layout` finds the
+groups: from the prompt template's named parts (matched by the tokenizer's character offsets, never by token
+strings), from the adapter's image positions and extra image groups, and — when bounding boxes are given —
+from the geometry of the image processor (`object`: image tokens whose patch overlaps a box; `other_patches`).
+
+Batches are left-padded, as for generation, so the last prompt token of every row sits at position -1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from mmscope.errors import InputError, LayoutError, known
+
+if TYPE_CHECKING:
+    from mmscope.models.adapter import Adapter
+    from mmscope.models.encoding import Encoding
+
+Layout = dict[str, list[int]]
+
+
+@dataclass
+class Example:
+    """One or more prompts ready to run.
+
+    Attributes:
+        inputs: the dict of tensors the HF model takes, batch size B (input_ids `[B, T]`, pixel_values …).
+        layouts: per row, token-group name → sorted positions in `[0, T)` (padding included in the count).
+        prompts: per row, the prompt text before the processor expanded the image placeholder.
+        padding: per row, how many pad tokens precede the prompt (left padding).
+        meta: per row, free-form metadata (question, image size, boxes …).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    layouts: list[Layout]
+    prompts: list[str]
+    padding: list[int] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.padding:
+            self.padding = [0] * len(self.layouts)
+        if not self.meta:
+            self.meta = [{} for _ in self.layouts]
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+    @property
+    def layout(self) -> Layout:
+        """The layout of a single example (use `layouts` for a batch)."""
+        if len(self) != 1:
+            raise LayoutError(f"this Example is a batch of {len(self)}; use .layouts[i] for row i")
+        return self.layouts[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.inputs["input_ids"].shape[1]
+
+    def groups(self) -> list[str]:
+        """Token-group names present in every row."""
+        return sorted(set.intersection(*(set(layout) for layout in self.layouts)))
+
+    def positions(self, group: str | tuple[int, ...] | list[int], row: int) -> torch.Tensor:
+        """Positions `[n]` of `group` in row `row`: a group name, or explicit positions of the unpadded prompt."""
+        if isinstance(group, str):
+            layout = self.layouts[row]
+            if group not in layout:
+                raise LayoutError(f"unknown token group {group!r}; known: {known(sorted(layout))}")
+            return torch.tensor(layout[group], dtype=torch.long)
+        length = self.seq_len - self.padding[row]
+        bad = [p for p in group if not -length <= p < length]
+        if bad:
+            raise LayoutError(f"positions {bad} lie outside the prompt of row {row} (length {length})")
+        return torch.tensor([p % length + self.padding[row] for p in group], dtype=torch.long)
+
+    def select(self, rows: list[int]) -> Example:
+        """The sub-batch of the given rows (padding columns kept)."""
+        index = torch.tensor(rows)
+        batch_size = len(self)
+        inputs = {
+            key: value[index] if torch.is_tensor(value) and value.shape[:1] == (batch_size,) else value
+            for key, value in self.inputs.items()
+        }
+        pick = lambda items: [items[row] for row in rows]  # noqa: E731
+        return Example(inputs, pick(self.layouts), pick(self.prompts), pick(self.padding), pick(self.meta))
+
+
+def collate(examples: list[Example], pad_token_id: int, sequence_keys: tuple[str, ...]) -> Example:
+    """Left-pad and stack examples into one batch; layouts shift by each row's padding.
+
+    `sequence_keys` name the `[B, T]` tensors to pad (ids and masks); every other tensor is concatenated along
+    its first dimension (pixel values, image sizes …), zero-padded at the end of its other dimensions when the
+    examples differ there (e.g. a different number of image tiles, which the models skip as all-zero tiles).
+    """
+    if not examples:
+        raise LayoutError("cannot collate an empty list of examples")
+    length = max(example.seq_len for example in examples)
+    inputs: dict[str, torch.Tensor] = {}
+    for key in examples[0].inputs:
+        parts = [example.inputs[key] for example in examples]
+        if key in sequence_keys:
+            fill = pad_token_id if key == "input_ids" else 0
+            parts = [
+                torch.cat([torch.full((p.shape[0], length - p.shape[1]), fill, dtype=p.dtype), p], dim=1)
+                for p in parts
+            ]
+        elif torch.is_tensor(parts[0]) and len({p.shape[1:] for p in parts}) > 1:
+            parts = [_zero_pad_to(p, [max(sizes) for sizes in zip(*(q.shape[1:] for q in parts))]) for p in parts]
+        inputs[key] = torch.cat(parts, dim=0)
+    layouts, prompts, padding, meta = [], [], [], []
+    for example in examples:
+        for row in range(len(example)):
+            shift = length - example.seq_len
+            layouts.append({g: [p + shift for p in ps] for g, ps in example.layouts[row].items()})
+            prompts.append(example.prompts[row])
+            padding.append(example.padding[row] + shift)
+            meta.append(example.meta[row])
+    return Example(inputs, layouts, prompts, padding, meta)
+
+
+def _zero_pad_to(tensor: torch.Tensor, trailing: list[int]) -> torch.Tensor:
+    """`tensor` zero-padded at the end of every dimension after the first to the sizes `trailing`."""
+    padding = []
+    for size, target in zip(reversed(tensor.shape[1:]), reversed(trailing), strict=True):
+        padding += [0, target - size]
+    return torch.nn.functional.pad(tensor, padding)
+
+
+def text_layout(
+    offsets: list[tuple[int, int]], spans: dict[str, list[tuple[int, int]]]
+) -> dict[str, list[int]]:
+    """Token indices of each group: tokens whose character span `[s, e)` overlaps one of the group's spans.
+
+    Zero-width tokens (BOS, other added specials) belong to no group.
+    """
+    layout: dict[str, list[int]] = {}
+    for group, group_spans in spans.items():
+        layout[group] = [
+            i
+            for i, (start, end) in enumerate(offsets)
+            if end > start and any(start < span_end and end > span_start for span_start, span_end in group_spans)
+        ]
+    return layout
+
+
+def check_image(image) -> Image.Image:
+    """`image` as an RGB PIL image, or an InputError naming what was given instead."""
+    if not isinstance(image, Image.Image):
+        raise InputError(f"image must be a PIL.Image.Image; got {type(image).__name__}: {str(image)[:60]!r}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def check_box(box, image_width: int, image_height: int, tolerance: float = 1.0) -> tuple[float, float, float, float]:
+    """`box` as floats `(x, y, w, h)`, or an InputError naming it when it is malformed or outside the image."""
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise InputError(f"box {box!r} is not (x, y, w, h)") from None
+    if w <= 0 or h <= 0:
+        raise InputError(f"box {box!r} has non-positive width or height")
+    if x < -tolerance or y < -tolerance or x + w > image_width + tolerance or y + h > image_height + tolerance:
+        raise InputError(f"box {box!r} (x, y, w, h) lies outside the {image_width}x{image_height} image")
+    return x, y, w, h
+
+
+def overlapping(rectangles: torch.Tensor, boxes) -> torch.Tensor:
+    """Boolean `[n_patches]`: which rectangles `[n, 4]` overlap any `(x, y, w, h)` box with positive area."""
+    hit = torch.zeros(len(rectangles), dtype=torch.bool)
+    for x, y, w, h in boxes:
+        ix = torch.minimum(rectangles[:, 2], torch.tensor(x + w)) - torch.maximum(rectangles[:, 0], torch.tensor(x))
+        iy = torch.minimum(rectangles[:, 3], torch.tensor(y + h)) - torch.maximum(rectangles[:, 1], torch.tensor(y))
+        hit |= (ix > 0) & (iy > 0)
+    return hit
+
+
+def token_layout(
+    adapter: Adapter,
+    prompt: str,
+    spans: dict[str, list[tuple[int, int]]],
+    encoding: Encoding,
+    image: Image.Image,
+    boxes: Sequence[Sequence[float]] | None = None,
+) -> Layout:
+    """Every token group of one processed prompt.
+
+    Args:
+        adapter: the model's bound adapter (image positions, extra image groups, patch rectangles).
+        prompt: the rendered prompt, before the processor expanded the image placeholder.
+        spans: per template group, its character spans in `prompt` (`PromptTemplate.render`).
+        encoding: the processor's output for `prompt` and where each token came from (`Adapter.encode`).
+        image: the original image (for boxes).
+        boxes: `(x, y, w, h)` in original pixels; they add `object` and `other_patches`.
+    """
+    ids = encoding.inputs["input_ids"][0]
+    image_positions = adapter.image_positions(ids)
+    if encoding.spans is None:
+        layout = _aligned_text_layout(adapter, prompt, spans, ids, image_positions)
+    else:
+        layout = _text_layout(encoding, spans, image_positions)
+    layout["image"] = image_positions.tolist()
+    layout["last"] = [len(ids) - 1]
+    groups = adapter.image_groups(ids, encoding.inputs)
+    layout.update({name: positions.tolist() for name, positions in groups.items()})
+    if boxes is not None:
+        checked = [check_box(box, image.width, image.height) for box in boxes]
+        rectangles = adapter.patch_rectangles(image, encoding.inputs)
+        if len(rectangles) != len(image_positions):
+            raise InputError(
+                f"{len(rectangles)} patch rectangles for {len(image_positions)} image tokens; "
+                f"the {adapter.family} adapter's geometry does not match its processor"
+            )
+        is_patch = rectangles.isfinite().all(-1)
+        hit = overlapping(rectangles, checked) & is_patch
+        layout["object"] = image_positions[hit].tolist()
+        layout["other_patches"] = image_positions[~hit & is_patch].tolist()
+    return layout
+
+
+def _text_layout(encoding: Encoding, spans, image_positions: torch.Tensor) -> Layout:
+    """Groups from each token's span in the prompt; `image_markers` for the placeholder's non-image tokens."""
+    groups = text_layout([tuple(span) for span in encoding.spans.tolist()], spans)
+    placeholder = set(groups.pop("image", [])) | set(torch.nonzero(encoding.expanded).flatten().tolist())
+    markers = sorted(placeholder - set(image_positions.tolist()))
+    if markers:
+        groups["image_markers"] = markers
+    return groups
+
+
+def _aligned_text_layout(adapter: Adapter, prompt: str, spans, ids: torch.Tensor,
+                         image_positions: torch.Tensor) -> Layout:
+    """Text groups from the tokenizer's character offsets on the unexpanded prompt, mapped onto `ids`
+    (for processors that do not report offsets)."""
+    encoded = adapter.tokenizer(prompt, return_offsets_mapping=True)
+    image_span = spans.pop("image", [])
+    plain = [
+        (token, offset)
+        for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+        if not any(offset[0] < end and offset[1] > start for start, end in image_span)
+        and token != adapter.image_token_id
+    ]
+    is_image = torch.zeros(len(ids), dtype=torch.bool)
+    is_image[image_positions] = True
+    text_positions = torch.nonzero(~is_image).flatten()
+    plain_ids = [token for token, _ in plain]
+    if plain_ids != ids[text_positions].tolist():
+        raise InputError(
+            "the processor's text tokens differ from the tokenizer's on the same prompt; "
+            f"cannot place token groups for prompt {prompt[:80]!r}…"
+        )
+    groups = text_layout([offset for _, offset in plain], spans)
+    return {group: text_positions[indices].tolist() for group, indices in groups.items()}

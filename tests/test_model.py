@@ -1,0 +1,102 @@
+"""`mmscope.model`: loading, the runner, the readouts and the inline trace, against plain transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import forward_with_hooks, plain_inputs, plain_model
+
+import mmscope
+from mmscope.errors import ModelLoadError
+
+TOLERANCE = 1e-6
+
+
+def last_probs(logits):
+    return logits[:, -1].softmax(-1)
+
+
+def test_load_refuses_flash_attention_and_a_missing_folder_by_name(tiny_folder, tmp_path):
+    with pytest.raises(ModelLoadError, match="flash_attention_2.*not supported.*eager, sdpa"):
+        mmscope.load(tiny_folder, attn_implementation="flash_attention_2")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        mmscope.load(tmp_path / "no-such-model")
+
+
+def test_an_adapter_class_given_to_load_is_bound_to_the_model_and_its_processor(tiny_folder):
+    from mmscope.models.llava import LlavaAdapter
+
+    class Renamed(LlavaAdapter):
+        family = "my-llava"
+
+    model = mmscope.load(tiny_folder, adapter=Renamed)
+    assert isinstance(model.adapter, Renamed) and model.adapter.model is model.hf
+    assert model.adapter.processor is model.processor and repr(model).endswith("family=my-llava, layers=4, heads=4)")
+
+
+def test_a_model_running_flash_attention_is_refused(tiny_folder):
+    hf = plain_model(tiny_folder)
+    processor = mmscope.load(tiny_folder).processor
+    hf.config.text_config._attn_implementation_internal = "flash_attention_2"
+    try:
+        with pytest.raises(ModelLoadError, match="flash_attention_2"):
+            mmscope.Model(mmscope.models.adapter_for(hf)(hf, processor))
+    finally:
+        hf.config.text_config._attn_implementation_internal = "eager"
+
+
+def test_hidden_states_and_lens_read_the_same_output(tiny, examples):
+    first = examples[0]
+    states = tiny.hidden_states(first)
+    assert states.shape[:2] == (tiny.n_layers + 1, 1)
+    logits = tiny.unembed(states[-1, 0, -1])
+    assert torch.allclose(logits.softmax(-1), tiny.next_token_probs(first), atol=1e-6)
+
+
+def test_empty_intervention_list_equals_plain_hf_forward(tiny, tiny_folder, examples):
+    batch = examples[2]
+    with torch.no_grad():
+        expected = last_probs(plain_model(tiny_folder)(**plain_inputs(batch.inputs)).logits)
+    assert torch.equal(tiny.next_token_probs(batch), expected)
+
+
+def test_answer_scores_match_teacher_forcing_by_hand(tiny, tiny_folder, examples):
+    first = examples[0]
+    score = tiny.answer_prob(first, "red or blue")
+    tokens = tiny.answer_tokens(first, "red or blue")[0]
+    assert len(tokens) == 3
+    inputs = dict(first.inputs)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([tokens])], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    with torch.no_grad():
+        logprobs = plain_model(tiny_folder)(**inputs).logits[0].log_softmax(-1)
+    start = first.seq_len - 1
+    expected = sum(logprobs[start + i, token] for i, token in enumerate(tokens))
+    assert torch.allclose(score.logprob[0], expected, atol=1e-5)
+    assert torch.allclose(score.first_token_prob[0], tiny.next_token_probs(first)[tokens[0]], atol=TOLERANCE)
+
+
+def test_greedy_answer_equals_hf_generate(tiny, tiny_folder, examples):
+    first = examples[0]
+    with torch.no_grad():
+        ids = plain_model(tiny_folder).generate(**first.inputs, max_new_tokens=3, do_sample=False)
+    expected = tiny.tokenizer.decode(ids[0, first.seq_len :], skip_special_tokens=True).strip()
+    assert tiny.generate_answer(first, max_new_tokens=3) == expected
+
+
+def test_the_inline_trace_yields_the_context_and_matches_an_independent_hook(tiny, tiny_folder, examples):
+    batch = examples[2]
+    with tiny.trace(batch) as ctx:
+        ctx.residual(1)[ctx.positions("image")] *= 0.5
+        probs = ctx.logits()[:, -1].softmax(-1).save()
+    model = plain_model(tiny_folder)
+
+    def scale(module, args, output):
+        output = output.clone()
+        for row in range(len(batch)):
+            output[row, batch.layouts[row]["image"]] *= 0.5
+        return output
+
+    expected = last_probs(forward_with_hooks(model, batch.inputs, hooks=[(model.model.language_model.layers[1], scale)]))
+    assert torch.allclose(probs, expected, atol=TOLERANCE)
+    assert not torch.allclose(probs, tiny.next_token_probs(batch), atol=1e-4)
