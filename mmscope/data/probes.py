@@ -36,6 +36,7 @@ import datasets
 import ijson
 from datasets import ClassLabel, Dataset, Features, Value
 
+from mmscope.data.balance import Balancer
 from mmscope.data.errors import DataError, MalformedFileError
 from mmscope.data.gqa import iter_json_object
 from mmscope.data.rows import (
@@ -207,19 +208,6 @@ class _Statements:
         return f"There is {_article(phrase)}.", f"There is {_article(swapped_phrase)}."
 
 
-class _KindBalancer:
-    """Counts of the statement kinds used so far, to pick the least used kind an image supports."""
-
-    def __init__(self, rng: random.Random):
-        self.rng = rng
-        self.counts = Counter()
-
-    def pick(self, available: list[str]) -> str:
-        """The least used of `available` (ties at random); the caller counts it once it is used."""
-        low = min(self.counts[k] for k in available)
-        return self.rng.choice([k for k in available if self.counts[k] == low])
-
-
 def _pairs_rows(image_id: str, pairs: list[tuple[str, str, str]], images: Path | None, file_name: str) -> list[dict]:
     rows = []
     for number, (kind, true, false) in enumerate(pairs):
@@ -265,7 +253,7 @@ def entailment_dataset(
     images_dir = existing_folder(images, "images folder") if images is not None else None
     vocabulary = _Vocabulary.of(files)
     rng = random.Random(seed)
-    balancer = _KindBalancer(rng)
+    balancer = Balancer(rng)
     rows, total, skipped = [], 0, 0
     for image_id, objects in _iter_graphs(files):
         total += 1
@@ -273,14 +261,14 @@ def entailment_dataset(
         facts = {kind: found for kind, found in statements.candidates().items() if kind in kinds and found}
         pairs, stated = [], set()
         while facts and len(pairs) < pairs_per_image:
-            kind = balancer.pick(sorted(facts))
+            kind = balancer.rarest("kind", list(facts))
             fact = facts[kind].pop(rng.randrange(len(facts[kind])))
             if not facts[kind]:
                 del facts[kind]
             made = statements.pair(kind, fact, rng)
             if made and made[0] not in stated:
                 stated.add(made[0])
-                balancer.counts[kind] += 1
+                balancer.count("kind", kind)  # a kind counts once it has given a pair, not when tried
                 pairs.append((kind, *made))
         if not pairs:
             skipped += 1
@@ -488,7 +476,7 @@ def coco_entailment_dataset(
                                      f"image {image_id}, which its 'images' does not list")
         captions[image_id].append(str(_coco_field(record, "caption", captions_path, "annotations")).strip())
     rng = random.Random(seed)
-    balancer = _KindBalancer(rng)
+    balancer = Balancer(rng)
     rows, total, skipped = [], 0, 0
     for image_id in sorted(captions):
         pairs = []
@@ -500,8 +488,7 @@ def coco_entailment_dataset(
             if not swaps:
                 skipped += 1
                 continue
-            kind = balancer.pick(sorted(swaps))
-            balancer.counts[kind] += 1
+            kind = balancer.least_used("kind", list(swaps))
             start, end, options = rng.choice(swaps[kind])
             replacement = rng.choice(options)
             if caption[start].isupper():

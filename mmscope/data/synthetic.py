@@ -48,7 +48,7 @@ import random
 import re
 import shutil
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ from pathlib import Path
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from mmscope.data.balance import Balancer
 from mmscope.data.categories import DETAILED_TYPE_TO_CATEGORY
 from mmscope.data.errors import DataError, DataFileNotFoundError
 from mmscope.data.gqa import load_gqa
@@ -534,28 +535,16 @@ def _gqa_record(question_id: str, scene: Scene, answer: str, q: _Question) -> di
     }
 
 
-class _Balancer:
+class _QuestionSampler:
     """Greedy per-split counts: pick the least-used bucket, then family, then answer, then option order."""
 
     def __init__(self, rng: random.Random):
         self.rng = rng
-        self.counts: defaultdict[tuple, Counter] = defaultdict(Counter)
-
-    def rarest(self, scope: tuple, options: Sequence) -> object:
-        """The option counted least often in `scope` so far (ties broken at random)."""
-        counts = self.counts[scope]
-        low = min(counts[o] for o in options)
-        return self.rng.choice(sorted(o for o in options if counts[o] == low))
-
-    def least_used(self, scope: tuple, options: Sequence) -> object:
-        """`rarest`, and count the choice."""
-        choice = self.rarest(scope, options)
-        self.counts[scope][choice] += 1
-        return choice
+        self.balancer = Balancer(rng)
 
     def shared_attribute(self) -> str:
         """The attribute a new scene's first two objects should share: CompareAttr's rarest answer so far."""
-        return self.rarest(("answer", "CompareAttr", "common"), tuple(ATTRIBUTES))
+        return self.balancer.rarest(("answer", "CompareAttr", "common"), tuple(ATTRIBUTES))
 
     def ask(self, scene: Scene, n_questions: int) -> Iterator[tuple[str, str, _Question]]:
         """Up to `n_questions` (bucket, answer, question) for `scene`, no candidate twice."""
@@ -569,12 +558,13 @@ class _Balancer:
         for _ in range(n_questions):
             if not pool:
                 return
-            bucket = self.least_used(("bucket",), list(pool))
-            family = self.least_used(("family", bucket), list(pool[bucket]))
-            answer = self.least_used(("answer", bucket, family), list(pool[bucket][family]))
+            bucket = self.balancer.least_used(("bucket",), list(pool))
+            family = self.balancer.least_used(("family", bucket), list(pool[bucket]))
+            answer = self.balancer.least_used(("answer", bucket, family), list(pool[bucket][family]))
             payloads = pool[bucket][family][answer]
             payload = payloads.pop(self.rng.randrange(len(payloads)))
-            true_first = self.least_used(("order", bucket, family), [True, False]) if bucket in _CHOOSE else True
+            true_first = (self.balancer.least_used(("order", bucket, family), [True, False]) if bucket in _CHOOSE
+                          else True)
             yield bucket, answer, _BUCKETS[bucket][1](scene, family, answer, payload, true_first, self.rng)
             if not payloads:
                 del pool[bucket][family][answer]
@@ -680,16 +670,16 @@ def synthesize(
     rng = random.Random(seed)
     tasks, counts, index, question_number = [], {}, 0, 0
     for split, n_split in sizes:
-        balancer = _Balancer(rng)
+        sampler = _QuestionSampler(rng)
         questions, graphs = {}, {}
         for _ in range(n_split):
-            scene = sample_scene(rng, index, image_size, balancer.shared_attribute())
+            scene = sample_scene(rng, index, image_size, sampler.shared_attribute())
             index += 1
             graphs[scene.image_id] = scene_graph(scene)
             tasks.append((str(files.images / f"{scene.image_id}.jpg"), image_size,
                           [(o.shape, COLORS[o.color], o.material == "metal", (o.x, o.y, o.side))
                            for o in scene.objects]))
-            for _, answer, question in balancer.ask(scene, questions_per_scene):
+            for _, answer, question in sampler.ask(scene, questions_per_scene):
                 question_id = f"{question_number:08d}"
                 question_number += 1
                 questions[question_id] = _gqa_record(question_id, scene, answer, question)
