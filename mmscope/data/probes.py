@@ -38,7 +38,6 @@ from datasets import ClassLabel, Dataset, Features, Value
 
 from mmscope.data.balance import Balancer
 from mmscope.data.errors import DataError, MalformedFileError
-from mmscope.data.gqa import iter_json_object
 from mmscope.data.rows import (
     attach_images,
     check_on_missing_image,
@@ -48,6 +47,7 @@ from mmscope.data.rows import (
     generate_dataset,
     image_path,
 )
+from mmscope.data.scene_graphs import GraphObject, SceneGraph, read_scene_graphs
 
 KINDS = ("attribute", "object", "relation")
 
@@ -92,31 +92,10 @@ def _scene_graph_files(scene_graphs: str | Path | Sequence[str | Path]) -> list[
     return [existing_file(file, "scene-graph file") for file in files]
 
 
-def _iter_graphs(files: list[Path]) -> Iterator[tuple[str, list[dict]]]:
-    """(image id, objects with their `id`) of every image, streamed; checks the fields the probes need."""
+def _read_graphs(files: list[Path]) -> Iterator[SceneGraph]:
+    """The scene graphs of all `files`, in order, streamed."""
     for file in files:
-        for image_id, graph in iter_json_object(file, "scene-graph file"):
-            where = f"scene-graph file {file}, image {image_id!r}"
-            if not isinstance(graph, dict) or not isinstance(graph.get("objects"), dict):
-                raise MalformedFileError(f"{where}: needs an 'objects' record")
-            objects = []
-            for object_id, obj in graph["objects"].items():
-                if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-                    raise MalformedFileError(f"{where}, object {object_id!r}: needs a 'name'")
-                relations = list(obj.get("relations") or [])
-                if not all(isinstance(r, dict) and {"name", "object"} <= r.keys() for r in relations):
-                    raise MalformedFileError(f"{where}, object {object_id!r}: every relation needs 'name' and "
-                                             "'object'")
-                objects.append({"id": str(object_id), "name": obj["name"],
-                                "attributes": list(obj.get("attributes") or []),
-                                "relations": [{"name": r["name"], "object": str(r["object"])} for r in relations]})
-            ids = {obj["id"] for obj in objects}
-            for obj in objects:
-                strays = [r["object"] for r in obj["relations"] if r["object"] not in ids]
-                if strays:
-                    raise MalformedFileError(f"{where}, object {obj['id']!r}: relations point to object(s) "
-                                             f"{strays} that the image does not have")
-            yield str(image_id), objects
+        yield from read_scene_graphs(file)
 
 
 @dataclass
@@ -132,15 +111,15 @@ class _Vocabulary:
     def of(cls, files: list[Path]) -> _Vocabulary:
         """Count names, grouped attributes and relations over all scene graphs of `files` (one streamed pass)."""
         vocabulary = cls()
-        for _, objects in _iter_graphs(files):
-            for obj in objects:
-                vocabulary.names[obj["name"]] += 1
-                for attribute in obj["attributes"]:
+        for graph in _read_graphs(files):
+            for obj in graph.objects:
+                vocabulary.names[obj.name] += 1
+                for attribute in obj.attributes:
                     if attribute in _MEANING:
                         vocabulary.attributes.add(attribute)
-                        vocabulary.names_with_attribute[attribute][obj["name"]] += 1
-                for relation in obj["relations"]:
-                    vocabulary.relations_of_subject[obj["name"]][relation["name"]] += 1
+                        vocabulary.names_with_attribute[attribute][obj.name] += 1
+                for relation in obj.relations:
+                    vocabulary.relations_of_subject[obj.name][relation.name] += 1
         return vocabulary
 
 
@@ -154,29 +133,28 @@ def _weighted(rng: random.Random, counts: dict[str, int]) -> str | None:
 class _Statements:
     """True statements about one image and their one-swap negatives, checked against its scene graph."""
 
-    def __init__(self, objects: list[dict], vocabulary: _Vocabulary):
+    def __init__(self, objects: Sequence[GraphObject], vocabulary: _Vocabulary):
         self.objects = objects
         self.vocabulary = vocabulary
-        self.by_id = {obj["id"]: obj for obj in objects}
+        self.by_id = {obj.object_id: obj for obj in objects}
 
     def has(self, name: str, attribute: str | None) -> bool:
         """Is there an object called `name` (with `attribute`, unless None)?"""
-        return any(o["name"] == name and (attribute is None or attribute in o["attributes"]) for o in self.objects)
+        return any(o.name == name and (attribute is None or attribute in o.attributes) for o in self.objects)
 
     def related(self, subject: str, relation: str, obj: str) -> bool:
         """Is some `subject` in `relation` to some `obj` (by name) according to the scene graph?"""
-        return any(o["name"] == subject and any(r["name"] == relation and self.by_id[r["object"]]["name"] == obj
-                                                for r in o["relations"]) for o in self.objects)
+        return any(o.name == subject and any(r.name == relation and self.by_id[r.object_id].name == obj
+                                             for r in o.relations) for o in self.objects)
 
     def candidates(self) -> dict[str, list[tuple]]:
         """Kind -> the facts a true statement of that kind can state."""
         facts = {kind: [] for kind in KINDS}
         for obj in self.objects:
-            grouped = [a for a in obj["attributes"] if a in _MEANING]
-            facts["attribute"] += [(obj["name"], attribute) for attribute in grouped]
-            facts["object"] += [(obj["name"], attribute) for attribute in grouped or [None]]
-            facts["relation"] += [(obj["name"], r["name"], self.by_id[r["object"]]["name"])
-                                  for r in obj["relations"]]
+            grouped = [a for a in obj.attributes if a in _MEANING]
+            facts["attribute"] += [(obj.name, attribute) for attribute in grouped]
+            facts["object"] += [(obj.name, attribute) for attribute in grouped or [None]]
+            facts["relation"] += [(obj.name, r.name, self.by_id[r.object_id].name) for r in obj.relations]
         return {kind: sorted(set(found)) for kind, found in facts.items()}
 
     def pair(self, kind: str, fact: tuple, rng: random.Random) -> tuple[str, str] | None:
@@ -255,9 +233,9 @@ def entailment_dataset(
     rng = random.Random(seed)
     balancer = Balancer(rng)
     rows, total, skipped = [], 0, 0
-    for image_id, objects in _iter_graphs(files):
+    for graph in _read_graphs(files):
         total += 1
-        statements = _Statements(objects, vocabulary)
+        statements = _Statements(graph.objects, vocabulary)
         facts = {kind: found for kind, found in statements.candidates().items() if kind in kinds and found}
         pairs, stated = [], set()
         while facts and len(pairs) < pairs_per_image:
@@ -272,7 +250,7 @@ def entailment_dataset(
                 pairs.append((kind, *made))
         if not pairs:
             skipped += 1
-        rows += _pairs_rows(image_id, pairs, images_dir, f"{image_id}.jpg")
+        rows += _pairs_rows(graph.image_id, pairs, images_dir, f"{graph.image_id}.jpg")
     _warn_skipped(skipped, total, "images", ", ".join(map(str, files)))
     dataset = Dataset.from_list(rows, features=ENTAILMENT_FEATURES)
     return attach_images(dataset, images_dir, on_missing_image, "pair_id", what="statement pair")
@@ -305,9 +283,9 @@ def _recognition_row(image_id: str, present: set[str], index: dict[str, int], pa
 
 def _graph_recognition_rows(files: tuple[str, ...], categories: tuple[str, ...], images: str | None):
     index = {name: i for i, name in enumerate(categories)}
-    for image_id, objects in _iter_graphs([Path(f) for f in files]):
-        path = image_path(Path(images) if images else None, f"{image_id}.jpg")
-        yield _recognition_row(image_id, {o["name"] for o in objects}, index, path)
+    for graph in _read_graphs([Path(f) for f in files]):
+        path = image_path(Path(images) if images else None, f"{graph.image_id}.jpg")
+        yield _recognition_row(graph.image_id, {o.name for o in graph.objects}, index, path)
 
 
 def object_recognition_dataset(
