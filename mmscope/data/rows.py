@@ -117,7 +117,7 @@ def iter_json_object(path: Path, what: str) -> Iterator[tuple[str, object]]:
 def _source_digest() -> str:
     """A digest of this package's source, so that cached Arrow files die with the code that wrote them."""
     digest = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()
 
