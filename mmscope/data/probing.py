@@ -1,7 +1,7 @@
 """Datasets for probing what a model's hidden states encode: image-text entailment and object recognition.
 
-Two probing tasks, each built from GQA-format scene graphs (the synthetic world's or GQA's) or from MS COCO
-annotation files:
+Two probing tasks, each built from GQA-format scene graphs (the synthetic world's or GQA's, read by
+`mmscope.data.scene_graphs`) or from MS COCO annotation files:
 
 - **Image-text entailment** — (image, statement, label): does the statement describe the image? True
   statements are read off the annotations; each comes with a *hard negative*, the same sentence with exactly one
@@ -9,7 +9,8 @@ annotation files:
   object ("... a red cone."), or a relation ("There is a cube to the left of a sphere." -> "... to the right
   of ..."). Because each pair differs in one word, a probe can only separate them by relating the word to the
   image, and labels are balanced by construction (one true and one false statement per pair, for every kind).
-  The kinds are balanced too: each new pair takes the kind used least so far that the image supports.
+  The kinds are balanced too: each new pair takes the kind used least so far that the image supports
+  (`mmscope.data.balance`).
 - **Object recognition** — (image, multi-hot labels over object categories).
 
 Swaps only use words the dataset itself uses (a synthetic world never gets "pink"), attributes are swapped
