@@ -1,8 +1,12 @@
-"""Shared data for the data tests: one synthetic world per session, built on first use."""
+"""Shared data for the data tests: the study's CSV folder, and one synthetic world per session, built on first use."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mmscope.data import SyntheticFiles, synthesize
+
+STUDY_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gqa_cmif"
 
 _WORLDS: dict[tuple, SyntheticFiles] = {}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from data_fixtures import STUDY_FOLDER
 from PIL import Image
 
 from mmscope.data import CATEGORIES, load_study_csvs
@@ -18,8 +19,6 @@ from mmscope.data.errors import (
     MissingImageError,
     UnknownCategoryError,
 )
-
-STUDY_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gqa_cmif"
 
 
 @pytest.fixture(scope="module")

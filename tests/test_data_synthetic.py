@@ -1,21 +1,18 @@
-"""The synthetic world: GQA layout, answers re-derived from the scene graphs, balance, splits, images, CLI."""
+"""The synthetic world: GQA layout, answers re-derived from the scene graphs, balance, splits, images."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 from data_fixtures import synthetic_world
 from PIL import Image
-from typer.testing import CliRunner
 
-from mmscope.data import CATEGORIES, load_synthetic, synthesize
+from mmscope.data import CATEGORIES, category_of, load_synthetic, synthesize
 from mmscope.data.errors import DataError, DataFileNotFoundError
-
-STUDY_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gqa_cmif"
+from mmscope.data.synthetic.questions import BUCKETS, OTHER
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +185,23 @@ def test_all_six_categories_appear_in_every_split_and_extras_have_no_category(ro
     assert extras == {"directOf", "material"}
 
 
+def test_every_question_belongs_to_the_one_bucket_that_writes_its_type_and_has_one_of_its_answers(world, rows):
+    writers = defaultdict(list)
+    for bucket in BUCKETS:
+        for detailed in bucket.detailed_types:
+            writers[detailed].append(bucket)
+    assert all(len(buckets) == 1 for buckets in writers.values())
+    assert [bucket.name for bucket in BUCKETS] == [*CATEGORIES, OTHER]
+    asked = Counter()
+    for row in (row for split_rows in rows.values() for row in split_rows):
+        (bucket,) = writers[row["detailed_type"]]
+        assert category_of(row["detailed_type"]) == row["category"] == (None if bucket.name == OTHER else bucket.name)
+        assert row["answer"] in bucket.answers, (bucket.name, row["question"])
+        asked[bucket.name, row["answer"]] += 1
+    assert set(asked) == {(bucket.name, answer) for bucket in BUCKETS for answer in bucket.answers}
+    assert json.loads(world.world.read_text())["answers"] == {b.name: list(b.answers) for b in BUCKETS}
+
+
 def test_binary_answers_are_balanced_in_every_split(rows):
     for split_rows in rows.values():
         groups = defaultdict(Counter)
@@ -309,20 +323,3 @@ def test_load_synthetic_names_unknown_splits_and_non_worlds(tmp_path, world):
         load_synthetic(world.root, "dev")
     with pytest.raises(DataFileNotFoundError, match=r"is not a synthetic world: .*world.json is missing"):
         load_synthetic(tmp_path, "train")
-
-
-def test_cli_synth_prints_counts_balance_and_time_and_show_counts_folders(tmp_path):
-    from mmscope.cli import app
-
-    runner = CliRunner()
-    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "w"), "--n-scenes", "20", "--seed", "1",
-                                 "--image-size", "64", "--workers", "1"])
-    assert result.exit_code == 0, result.output
-    assert re.search(r"category\s+train\s+val\s+test\s+commonest answer", result.output)
-    assert re.search(r"LogicalObj\s+\d+\s+\d+\s+\d+\s+(yes|no) \d+\.\d%", result.output)
-    assert re.search(r"questions about 20 images written to .* in \d+\.\d s", result.output)
-    shown = runner.invoke(app, ["data", "show", str(tmp_path / "w"), "--split", "val"])
-    assert shown.exit_code == 0 and "val_balanced_questions.json" in shown.output
-    study = runner.invoke(app, ["data", "show", str(STUDY_FOLDER)])
-    assert re.search(r"ChooseRel\s+964\b", study.output) and re.search(r"total\s+5525\b", study.output)
-    assert runner.invoke(app, ["data", "synth", "--help"]).exit_code == 0

@@ -6,7 +6,7 @@ Every question loader returns a `datasets.Dataset` with the columns of `QUESTION
 
 from mmscope.data.categories import CATEGORIES, DETAILED_TYPE_TO_CATEGORY, category_of
 from mmscope.data.gqa import count_answers, load_gqa
-from mmscope.data.probes import (
+from mmscope.data.probing import (
     coco_entailment_dataset,
     coco_object_recognition_dataset,
     entailment_dataset,

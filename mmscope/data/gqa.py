@@ -6,7 +6,7 @@ GQA's files (https://cs.stanford.edu/people/dorarad/gqa) are one JSON object per
   {imageId, question, answer, fullAnswer, types{structural, semantic, detailed}, annotations, semantic[…] …}.
   The test/challenge files carry no answers; their rows get `answer=""`.
 - scene graphs (`{split}_sceneGraphs.json`): imageId -> {width, height, objects{id: {name, x, y, w, h,
-  attributes, relations}}}.
+  attributes, relations}}}, read and checked by `mmscope.data.scene_graphs`.
 - images (`images/{imageId}.jpg`).
 
 The train questions file is about 1.4 GB, so every file is parsed incrementally (`ijson`) and rows go straight
@@ -23,7 +23,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import ijson
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
@@ -40,58 +39,18 @@ from mmscope.data.rows import (
     file_stamp,
     generate_dataset,
     image_path,
+    iter_json_object,
 )
+from mmscope.data.scene_graphs import read_scene_graphs
 
 # imageId -> (width, height, {objectId: [x, y, w, h]})
 BoxIndex = dict[str, tuple[int, int, dict[str, list[float]]]]
 
 
-def iter_json_object(path: Path, what: str) -> Iterator[tuple[str, object]]:
-    """Stream the (key, value) pairs of a file holding one big JSON object, without loading it whole.
-
-    `what` describes the file for error messages ("questions file" …). Raises `MalformedFileError` naming the
-    file if it is not a JSON object or is cut off / invalid part-way.
-    """
-    with path.open("rb") as handle:
-        first = handle.read(64).lstrip()[:1]
-        if first != b"{":
-            found = repr(first.decode(errors="replace")) if first else "an empty file"
-            raise MalformedFileError(f"{what} {path}: expected a JSON object ({{id: record, …}}), found {found}")
-        handle.seek(0)
-        try:
-            yield from ijson.kvitems(handle, "", use_float=True)
-        except ijson.JSONError as error:
-            raise MalformedFileError(f"{what} {path} is not valid JSON: {error}") from None
-
-
-def _number(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MalformedFileError(f"{where}: expected a number, found {value!r}")
-    return float(value)
-
-
 def read_box_index(path: Path) -> BoxIndex:
     """The image sizes and object boxes of a GQA scene-graph file (attributes and relations are not kept)."""
-    index: BoxIndex = {}
-    for image_id, graph in iter_json_object(path, "scene-graph file"):
-        where = f"scene-graph file {path}, image {image_id!r}"
-        if not isinstance(graph, dict) or not {"width", "height", "objects"} <= graph.keys():
-            fields = sorted(graph) if isinstance(graph, dict) else type(graph).__name__
-            raise MalformedFileError(f"{where}: needs width, height and objects; found {fields}")
-        if not isinstance(graph["objects"], dict):
-            raise MalformedFileError(f"{where}: 'objects' must map object ids to records")
-        boxes = {}
-        for object_id, obj in graph["objects"].items():
-            if not isinstance(obj, dict):
-                raise MalformedFileError(f"{where}, object {object_id!r}: expected a record, found {obj!r}")
-            boxes[str(object_id)] = [_number(obj.get(k), f"{where}, object {object_id!r}, field {k!r}")
-                                     for k in ("x", "y", "w", "h")]
-        index[str(image_id)] = (
-            int(_number(graph["width"], f"{where}, field 'width'")),
-            int(_number(graph["height"], f"{where}, field 'height'")),
-            boxes,
-        )
-    return index
+    return {graph.image_id: (graph.width, graph.height, {obj.object_id: list(obj.box) for obj in graph.objects})
+            for graph in read_scene_graphs(path)}
 
 
 def question_row(

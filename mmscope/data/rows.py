@@ -23,9 +23,10 @@ folder would hold (`{image_id}.jpg`); with one, `image_path` is the absolute pat
 opens that file on access. Every image must then exist: a missing one is an error naming the question and the
 path, or, with `on_missing_image="skip"`, its questions are dropped with a warning that counts them.
 
-Large files are streamed into a memory-mapped Arrow file in batches (`generate_dataset`) instead of being held
-in Python lists. That cache is keyed by the input files' path, size and modification time and by this
-package's source, so an edited file or a changed loader never returns stale rows.
+Large files are read incrementally (`iter_json_object`: each of GQA's JSON files is one big object) and their
+rows streamed into a memory-mapped Arrow file in batches (`generate_dataset`) instead of being held in Python
+lists. That cache is keyed by the input files' path, size and modification time and by this package's source,
+so an edited file or a changed loader never returns stale rows.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
+import ijson
 import pyarrow as pa
 from datasets import Dataset, Features, Value
 
-from mmscope.data.errors import DataError, DataFileNotFoundError, MissingImageError
+from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError, MissingImageError
 from mmscope.errors import known
 
 ON_MISSING_IMAGE = ("error", "skip")
@@ -93,11 +95,29 @@ def image_path(images: Path | None, file_name: str) -> str:
     return str(images / file_name) if images is not None else file_name
 
 
+def iter_json_object(path: Path, what: str) -> Iterator[tuple[str, object]]:
+    """Stream the (key, value) pairs of a file holding one big JSON object, without loading it whole.
+
+    `what` describes the file for error messages ("questions file" …). Raises `MalformedFileError` naming the
+    file if it is not a JSON object or is cut off / invalid part-way.
+    """
+    with path.open("rb") as handle:
+        first = handle.read(64).lstrip()[:1]
+        if first != b"{":
+            found = repr(first.decode(errors="replace")) if first else "an empty file"
+            raise MalformedFileError(f"{what} {path}: expected a JSON object ({{id: record, …}}), found {found}")
+        handle.seek(0)
+        try:
+            yield from ijson.kvitems(handle, "", use_float=True)
+        except ijson.JSONError as error:
+            raise MalformedFileError(f"{what} {path} is not valid JSON: {error}") from None
+
+
 @functools.cache
 def _source_digest() -> str:
     """A digest of this package's source, so that cached Arrow files die with the code that wrote them."""
     digest = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()
 

@@ -25,8 +25,6 @@ from mmscope.data.program import order_by_question
 from mmscope.data.rows import QUESTION_FEATURES, attach_images, check_on_missing_image, existing_folder, image_path
 
 STUDY_FILE_PREFIX = "GQA_val_correct_question_with_"
-STUDY_ROW_COUNTS = {"ChooseAttr": 1000, "ChooseCat": 1000, "ChooseRel": 964, "CompareAttr": 570,
-                    "LogicalObj": 991, "QueryAttr": 1000}
 
 _COMMON_COLUMNS = ("question_id", "img_id", "question", "answer", "type_detailed", "image_w", "image_h")
 _BOX = ("x", "y", "w", "h")
