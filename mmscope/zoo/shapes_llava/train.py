@@ -51,8 +51,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
+from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
 from mmscope.prompts import LLAVA_15
+from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
 
 
 def embedded_spec() -> TinyLlavaSpec:
@@ -116,7 +117,8 @@ class SceneTargets:
                       "material": vocabulary["materials"]}
         self.grid, self.cell = grid, image_size / grid
         self.attribute_values = {value for name, values in self.heads.items() if name != "shape" for value in values}
-        self.graphs = json.loads(Path(scene_graphs).read_text())
+        self.graphs = {graph.image_id: {obj.object_id: obj for obj in graph.objects}
+                       for graph in read_scene_graphs(Path(scene_graphs))}
 
     def sizes(self) -> dict[str, int]:
         """Classes per patch head (index 0 = background), plus the patch's own column and row."""
@@ -127,8 +129,8 @@ class SceneTargets:
         return {"present": 2, **{name: len(values) for name, values in self.heads.items()},
                 "column": self.grid, "row": self.grid}
 
-    def _values(self, obj: dict) -> list[int]:
-        return [values.index(obj["name"] if name == "shape" else next(a for a in obj["attributes"] if a in values))
+    def _values(self, obj: GraphObject) -> list[int]:
+        return [values.index(obj.name if name == "shape" else next(a for a in obj.attributes if a in values))
                 for name, values in self.heads.items()]
 
     def patches(self, image_id: str) -> torch.Tensor:
@@ -136,32 +138,34 @@ class SceneTargets:
         labels = torch.zeros(self.grid, self.grid, len(self.heads) + 2, dtype=torch.long)
         labels[:, :, -2] = torch.arange(self.grid)[None, :]
         labels[:, :, -1] = torch.arange(self.grid)[:, None]
-        for obj in self.graphs[image_id]["objects"].values():
+        for obj in self.graphs[image_id].values():
             cells = self._cells(obj)
             for head, value in enumerate(self._values(obj)):
                 labels[:, :, head][cells] = value + 1
         return labels.reshape(self.grid * self.grid, -1)
 
-    def _cells(self, obj: dict) -> torch.Tensor:
+    def _cells(self, obj: GraphObject) -> torch.Tensor:
         """`[grid, grid]`: the patches whose centre lies inside the object's box."""
         centres = (torch.arange(self.grid) + 0.5) * self.cell
-        inside_x = (centres >= obj["x"]) & (centres < obj["x"] + obj["w"])
-        inside_y = (centres >= obj["y"]) & (centres < obj["y"] + obj["h"])
+        x, y, w, h = obj.box
+        inside_x = (centres >= x) & (centres < x + w)
+        inside_y = (centres >= y) & (centres < y + h)
         return inside_y[:, None] & inside_x[None, :]
 
     def object_patches(self, image_id: str, object_id: str) -> torch.Tensor:
         """`[grid * grid]` bool: the image tokens showing the object (none for an empty id)."""
         if not object_id:
             return torch.zeros(self.grid * self.grid, dtype=torch.bool)
-        return self._cells(self.graphs[image_id]["objects"][object_id]).flatten()
+        return self._cells(self.graphs[image_id][object_id]).flatten()
 
     def mention(self, image_id: str, object_id: str) -> list[int]:
         """Labels of one mentioned object (an empty id: not in the image; its other heads are ignored)."""
         if not object_id:
             return [0] + [IGNORE] * (len(self.heads) + 2)
-        obj = self.graphs[image_id]["objects"][object_id]
-        column = min(self.grid - 1, int((obj["x"] + obj["w"] / 2) / self.cell))
-        row = min(self.grid - 1, int((obj["y"] + obj["h"] / 2) / self.cell))
+        obj = self.graphs[image_id][object_id]
+        x, y, w, h = obj.box
+        column = min(self.grid - 1, int((x + w / 2) / self.cell))
+        row = min(self.grid - 1, int((y + h / 2) / self.cell))
         return [1, *self._values(obj), column, row]
 
     def named(self, image_id: str, object_id: str, words: list[str]) -> int:
@@ -174,7 +178,7 @@ class SceneTargets:
             return IGNORE
         if not object_id:
             return 0
-        return int(value in self.graphs[image_id]["objects"][object_id]["attributes"])
+        return int(value in self.graphs[image_id][object_id].attributes)
 
 
 IGNORE = -100  # cross-entropy's ignore_index
