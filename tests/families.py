@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of every supported family, and a family-agnostic knockout oracle.
+"""Tiny random checkpoints of every supported family, loaded once per session, and a family-agnostic knockout oracle.
 
 Each builder makes the family's real model class from a small config, its real processor class (PIL image
 processor + a word-level `tokenizers` tokenizer carrying the family's special tokens), and writes both with
@@ -11,13 +11,17 @@ blocks, sliding windows).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import scene
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForImageTextToText,
@@ -68,7 +72,7 @@ from transformers import (
     SmolVLMVisionConfig,
 )
 
-from mmscope.zoo.build import build_word_tokenizer
+import mmscope
 from mmscope.models.emu3 import EMU3_CHAT
 from mmscope.models.gemma3 import GEMMA3_CHAT
 from mmscope.models.idefics3 import IDEFICS3_CHAT
@@ -76,6 +80,7 @@ from mmscope.models.kosmos2 import KOSMOS2_VQA
 from mmscope.models.paligemma import PALIGEMMA_VQA
 from mmscope.models.qwen2_vl import QWEN_CHAT
 from mmscope.prompts import IMAGE, QUESTION
+from mmscope.zoo.build import build_word_tokenizer
 
 WORDS = "is the cube sphere cylinder red blue green yes no left right what color of object this".split()
 QUESTIONS = ("Is the cube red or blue?", "What color is this object of the cube left of the sphere?")
@@ -408,7 +413,7 @@ def byte_tokenizer(special_tokens: Iterable[str] = ("<image>",)) -> PreTrainedTo
     return fast
 
 
-# --- the oracle -------------------------------------------------------------------------------------------------
+# --- how a test reaches each family on the plain HF model ---------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
     """How a test reaches a family's parts on the plain HF model."""
@@ -422,6 +427,45 @@ class Family:
     count_includes_markers: bool = False  # the processor's image-token count includes the placeholder's markers
 
 
+def language_layers(model):
+    return model.model.language_model.layers
+
+
+def text_layers(model):
+    return model.model.text_model.layers
+
+
+FAMILIES = {
+    "llava_next": Family("llava_next", build_llava_next, layers=language_layers),
+    **{
+        kind: Family("qwen_vl", functools.partial(build_qwen, kind), layers=language_layers, first_position=None)
+        for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    },
+    "gemma3": Family("gemma3", build_gemma3, layers=language_layers),
+    "paligemma": Family("paligemma", build_paligemma, layers=language_layers, first_position=1),
+    "idefics3": Family("idefics3", build_idefics3, layers=text_layers, count_includes_markers=True),
+    "kosmos2": Family("kosmos2", build_kosmos2, layers=lambda m: m.text_model.model.layers, mlp="ffn",
+                      first_position=None),
+    "emu3": Family("emu3", build_emu3, layers=text_layers),
+    "smolvlm": Family(
+        "idefics3", functools.partial(build_idefics3, smolvlm=True), layers=text_layers, count_includes_markers=True
+    ),
+}
+NEEDS = {"smolvlm": "num2words"}  # the SmolVLM processor needs num2words
+
+
+def family_params(names):
+    """Fixture params, skipping families whose processor needs a package that is not installed."""
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(
+            name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None, reason=f"needs {NEEDS.get(name)}"))
+        for name in names
+    ]
+
+
+# --- every family loaded once per session --------------------------------------------------------------------------
+IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
+
 _plain: dict = {}
 
 
@@ -434,6 +478,34 @@ def plain_model(folder, attn_implementation="eager"):
     return _plain[key]
 
 
+@dataclass
+class Loaded:
+    family: Family
+    folder: object
+    model: mmscope.Model
+    examples: tuple  # first, second, left-padded batch of both
+
+    @property
+    def plain(self):
+        return plain_model(self.folder)
+
+
+_loaded: dict[str, Loaded] = {}
+
+
+def load_family(name: str, tmp_path_factory) -> Loaded:
+    """The family's tiny checkpoint, built and loaded through mmscope once per session, with its examples."""
+    if name not in _loaded:
+        family = FAMILIES[name]
+        folder = family.build(tmp_path_factory.mktemp(name))
+        model = mmscope.load(folder)
+        first = model.prepare(scene(*IMAGES[0], seed=1), QUESTIONS[0])
+        second = model.prepare(scene(*IMAGES[1], seed=2), QUESTIONS[1])
+        _loaded[name] = Loaded(family, folder, model, (first, second, model.batch([first, second])))
+    return _loaded[name]
+
+
+# --- the oracles ----------------------------------------------------------------------------------------------------
 def plain_inputs(family: Family, inputs: dict) -> dict:
     """The model's inputs, with padding-aware position ids unless the family's model computes its own."""
     inputs = dict(inputs)

@@ -8,29 +8,21 @@ normal output. Family-specific tests check what is particular to each layout (ti
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-from dataclasses import dataclass
-
 import pytest
 import torch
 from conftest import scene
 from families import (
+    FAMILIES,
+    IMAGES,
     QUESTIONS,
+    Loaded,
     byte_tokenizer,
-    Family,
-    build_emu3,
-    build_gemma3,
-    build_idefics3,
-    build_kosmos2,
-    build_llava_next,
-    build_paligemma,
-    build_qwen,
+    family_params,
     forward_with_hooks,
     knockout_logits,
+    load_family,
     pairs,
     plain_inputs,
-    plain_model,
 )
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
@@ -42,67 +34,6 @@ from mmscope.zoo.build import TinyLlavaSpec, build_llava, save_llava
 from mmscope.models.generic import GenericAdapter
 
 TOLERANCE = 1e-6
-def language_layers(model):
-    return model.model.language_model.layers
-
-
-def text_layers(model):
-    return model.model.text_model.layers
-
-
-FAMILIES = {
-    "llava_next": Family("llava_next", build_llava_next, layers=language_layers),
-    **{
-        kind: Family("qwen_vl", functools.partial(build_qwen, kind), layers=language_layers, first_position=None)
-        for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-    },
-    "gemma3": Family("gemma3", build_gemma3, layers=language_layers),
-    "paligemma": Family("paligemma", build_paligemma, layers=language_layers, first_position=1),
-    "idefics3": Family("idefics3", build_idefics3, layers=text_layers, count_includes_markers=True),
-    "kosmos2": Family("kosmos2", build_kosmos2, layers=lambda m: m.text_model.model.layers, mlp="ffn",
-                      first_position=None),
-    "emu3": Family("emu3", build_emu3, layers=text_layers),
-    "smolvlm": Family(
-        "idefics3", functools.partial(build_idefics3, smolvlm=True), layers=text_layers, count_includes_markers=True
-    ),
-}
-NEEDS = {"smolvlm": "num2words"}  # the SmolVLM processor needs num2words
-
-
-def family_params(names):
-    """Fixture params, skipping families whose processor needs a package that is not installed."""
-    return [
-        pytest.param(name, marks=pytest.mark.skipif(
-            name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None, reason=f"needs {NEEDS.get(name)}"))
-        for name in names
-    ]
-IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
-
-
-@dataclass
-class Loaded:
-    family: Family
-    folder: object
-    model: mmscope.Model
-    examples: tuple  # first, second, left-padded batch of both
-
-    @property
-    def plain(self):
-        return plain_model(self.folder)
-
-
-_loaded: dict[str, Loaded] = {}
-
-
-def load_family(name: str, tmp_path_factory) -> Loaded:
-    if name not in _loaded:
-        family = FAMILIES[name]
-        folder = family.build(tmp_path_factory.mktemp(name))
-        model = mmscope.load(folder)
-        first = model.prepare(scene(*IMAGES[0], seed=1), QUESTIONS[0])
-        second = model.prepare(scene(*IMAGES[1], seed=2), QUESTIONS[1])
-        _loaded[name] = Loaded(family, folder, model, (first, second, model.batch([first, second])))
-    return _loaded[name]
 
 
 @pytest.fixture(scope="session", params=family_params(sorted(FAMILIES)))
