@@ -1,12 +1,14 @@
-"""Tiny random checkpoints of every supported family, loaded once per session, and a family-agnostic knockout oracle.
+"""Tiny random checkpoints of every supported family, loaded once per session, and family-agnostic oracles.
 
 Each builder makes the family's real model class from a small config, its real processor class (PIL image
 processor + a word-level `tokenizers` tokenizer carrying the family's special tokens), and writes both with
 `save_pretrained`, so `mmscope.load` reads them exactly like a hub checkpoint.
 
-The oracle is plain PyTorch: forward pre-hooks on the chosen layers' attention modules that edit the
-`attention_mask` keyword on top of whatever mask the model itself built (causal, padding, bidirectional image
-blocks, sliding windows).
+The oracles are plain PyTorch on the plain HF model (no nnsight, no mmscope):
+- knockout: forward pre-hooks on the chosen layers' attention modules that edit the `attention_mask` keyword on
+  top of whatever mask the model itself built (causal, padding, bidirectional image blocks, sliding windows);
+- truncation: forward hooks reading each decoder layer's output, to which the family's final norm and lm_head
+  are applied.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
+import operator
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -416,40 +419,46 @@ def byte_tokenizer(special_tokens: Iterable[str] = ("<image>",)) -> PreTrainedTo
 # --- how a test reaches each family on the plain HF model ---------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
-    """How a test reaches a family's parts on the plain HF model."""
+    """How a test reaches a family's parts on the plain HF model (paths are attribute paths from the model)."""
 
     name: str
     build: Callable[[Path], Path]
-    layers: Callable  # plain HF model -> its decoder layers
-    attention: str = "self_attn"
-    mlp: str = "mlp"
+    decoder: str  # the language decoder: it holds `layers` and the final norm
+    final_norm: str = "norm"  # from the decoder
+    lm_head: str = "lm_head"
+    attention: str = "self_attn"  # from a decoder layer
+    mlp: str = "mlp"  # from a decoder layer
     first_position: int | None = 0  # position id of the first real token; None: the model computes them (3D rope)
     count_includes_markers: bool = False  # the processor's image-token count includes the placeholder's markers
 
+    def layers(self, model):
+        return operator.attrgetter(f"{self.decoder}.layers")(model)
 
-def language_layers(model):
-    return model.model.language_model.layers
+    def readout(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from a last-layer output, as the model's forward computes them: final norm, then lm_head.
 
-
-def text_layers(model):
-    return model.model.text_model.layers
+        No family here does more. Gemma 3's conditional-generation forward has no logit soft-cap; PaliGemma's
+        would soft-cap by its text config's `final_logit_softcapping`, which Gemma (v1) configs do not have.
+        """
+        norm = operator.attrgetter(f"{self.decoder}.{self.final_norm}")(model)
+        return operator.attrgetter(self.lm_head)(model)(norm(hidden))
 
 
 FAMILIES = {
-    "llava_next": Family("llava_next", build_llava_next, layers=language_layers),
+    "llava_next": Family("llava_next", build_llava_next, decoder="model.language_model"),
     **{
-        kind: Family("qwen_vl", functools.partial(build_qwen, kind), layers=language_layers, first_position=None)
+        kind: Family("qwen_vl", functools.partial(build_qwen, kind), decoder="model.language_model",
+                     first_position=None)
         for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     },
-    "gemma3": Family("gemma3", build_gemma3, layers=language_layers),
-    "paligemma": Family("paligemma", build_paligemma, layers=language_layers, first_position=1),
-    "idefics3": Family("idefics3", build_idefics3, layers=text_layers, count_includes_markers=True),
-    "kosmos2": Family("kosmos2", build_kosmos2, layers=lambda m: m.text_model.model.layers, mlp="ffn",
-                      first_position=None),
-    "emu3": Family("emu3", build_emu3, layers=text_layers),
-    "smolvlm": Family(
-        "idefics3", functools.partial(build_idefics3, smolvlm=True), layers=text_layers, count_includes_markers=True
-    ),
+    "gemma3": Family("gemma3", build_gemma3, decoder="model.language_model"),
+    "paligemma": Family("paligemma", build_paligemma, decoder="model.language_model", first_position=1),
+    "idefics3": Family("idefics3", build_idefics3, decoder="model.text_model", count_includes_markers=True),
+    "kosmos2": Family("kosmos2", build_kosmos2, decoder="text_model.model", final_norm="layer_norm",
+                      lm_head="text_model.lm_head", mlp="ffn", first_position=None),
+    "emu3": Family("emu3", build_emu3, decoder="model.text_model"),
+    "smolvlm": Family("idefics3", functools.partial(build_idefics3, smolvlm=True), decoder="model.text_model",
+                      count_includes_markers=True),
 }
 NEEDS = {"smolvlm": "num2words"}  # the SmolVLM processor needs num2words
 
@@ -552,3 +561,22 @@ def knockout_logits(family: Family, model, inputs, pairs_per_row, layers):
     layer_list = family.layers(model)
     hooks = [(getattr(layer_list[i], family.attention), edit) for i in layers]
     return forward_with_hooks(family, model, inputs, pre_hooks=hooks)
+
+
+def _tensor(output) -> torch.Tensor:
+    """A module's output activation: the output itself, or the first element of a tuple (attention, weights)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def layer_outputs(family: Family, model, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits `[B, T, V]` and every decoder layer's output `[B, T, D]`, from one plain forward.
+
+    The outputs are the layers' own: what a model adds between layers (Qwen3-VL's deepstack visual features, at
+    image positions after its first layers) is not in them."""
+    outputs = []
+
+    def read(module, args, output):
+        outputs.append(_tensor(output))
+
+    logits = forward_with_hooks(family, model, inputs, hooks=[(layer, read) for layer in family.layers(model)])
+    return logits, outputs

@@ -2,8 +2,9 @@
 
 For each family: `mmscope.load` reads a `save_pretrained` folder; the token layout agrees with the processor's
 own image-token count; a knockout over a window equals the plain-PyTorch masked forward (pre-hooks editing the
-mask the model itself built); patching clean into clean changes nothing; truncation at the last layer is the
-normal output. Family-specific tests check what is particular to each layout (tiles, newlines, boxes …).
+mask the model itself built); patching clean into clean changes nothing; truncation after a layer is the final
+norm and lm_head on that layer's output. Family-specific tests check what is particular to each layout (tiles,
+newlines, boxes …).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from families import (
     family_params,
     forward_with_hooks,
     knockout_logits,
+    layer_outputs,
     load_family,
     pairs,
     plain_inputs,
@@ -161,10 +163,22 @@ def test_patching_image_tokens_matches_an_independent_hook(loaded):
     assert torch.allclose(model.next_token_probs(pair, [ActivationPatch("mlp", (1,), "image")]), expected, atol=TOLERANCE)
 
 
-def test_truncation_at_the_last_layer_equals_the_normal_output(loaded):
-    batch = loaded.examples[2]
-    model = loaded.model
-    assert torch.equal(model.next_token_probs(batch, [Truncate(model.n_layers - 1)]), model.next_token_probs(batch))
+def test_truncation_after_a_layer_is_the_final_norm_and_lm_head_on_that_layers_output(loaded):
+    """The readout applied to the last layer's output must give the plain forward's logits (so it is all the
+    forward does after the layers); applied to an earlier layer's output at the last position it is what
+    `Truncate` must give. The last position is text, so what Qwen3-VL adds between layers (deepstack features,
+    at image positions) is never added to it: its value after a layer is that layer's output."""
+    batch, family, plain, model = loaded.examples[2], loaded.family, loaded.plain, loaded.model
+    logits, outputs = layer_outputs(family, plain, batch.inputs)
+    with torch.no_grad():
+        readouts = [family.readout(plain, output[:, -1]).softmax(-1) for output in outputs]
+    assert len(outputs) == model.n_layers
+    assert torch.allclose(readouts[-1], last_probs(logits), atol=TOLERANCE, rtol=0)
+    normal = model.next_token_probs(batch)
+    for layer in range(model.n_layers - 1):
+        got = model.next_token_probs(batch, [Truncate(layer)])
+        assert torch.allclose(got, readouts[layer], atol=TOLERANCE, rtol=0), f"Truncate({layer})"
+        assert (got - normal).abs().max() > 1e-5, f"the layers after {layer} must change the output"
 
 
 def test_greedy_answer_equals_hf_generate(loaded):
