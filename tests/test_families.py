@@ -2,9 +2,10 @@
 
 For each family: `mmscope.load` reads a `save_pretrained` folder; the token layout agrees with the processor's
 own image-token count; a knockout over a window equals the plain-PyTorch masked forward (pre-hooks editing the
-mask the model itself built); patching clean into clean changes nothing; truncation after a layer is the final
-norm and lm_head on that layer's output. Family-specific tests check what is particular to each layout (tiles,
-newlines, boxes …).
+mask the model itself built); patching the image positions of a clean row into a corrupted one equals forward
+hooks doing the same copy at the decoder layer, its self-attention or its MLP; truncation after a layer is the
+final norm and lm_head on that layer's output. Family-specific tests check what is particular to each layout
+(tiles, newlines, boxes …).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from families import (
     Loaded,
     byte_tokenizer,
     family_params,
-    forward_with_hooks,
     knockout_logits,
     layer_outputs,
     load_family,
     pairs,
+    patched_logits,
     plain_inputs,
 )
 from PIL import Image
@@ -138,29 +139,21 @@ def test_knockout_under_sdpa_equals_the_eager_oracle(name, tmp_path_factory):
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
 
 
-def test_patching_clean_into_clean_is_a_no_op(loaded):
-    first = loaded.examples[0]
-    pair = loaded.model.batch([first, first])
-    clean = loaded.model.next_token_probs(pair)
-    for site in ("residual", "attention", "mlp"):
-        assert torch.equal(loaded.model.next_token_probs(pair, [ActivationPatch(site, (0, 2), "image")]), clean)
-
-
-def test_patching_image_tokens_matches_an_independent_hook(loaded):
-    model = loaded.model
+@pytest.mark.parametrize("site", ["residual", "attention", "mlp"])
+def test_patching_clean_image_positions_into_a_corrupted_row_equals_a_plain_forward_hook(loaded, site):
+    """Same question, two images of the same size (so the same image positions): the patch copies row 0's
+    activation there into row 1 in layers 0 and 2, as forward hooks on the decoder layer / its self-attention /
+    its MLP do."""
+    model, layers = loaded.model, (0, 2)
     clean = model.prepare(scene(*IMAGES[0], seed=3), QUESTIONS[0])
     corrupted = model.prepare(scene(*IMAGES[0], seed=4), QUESTIONS[0])
     pair = model.batch([clean, corrupted])
-    image = clean.layout["image"]
-
-    def copy_row0_to_row1(module, args, output):
-        output = output.clone()
-        output[1, image] = output[0, image]
-        return output
-
-    mlp = getattr(loaded.family.layers(loaded.plain)[1], loaded.family.mlp)
-    expected = last_probs(forward_with_hooks(loaded.family, loaded.plain, pair.inputs, hooks=[(mlp, copy_row0_to_row1)]))
-    assert torch.allclose(model.next_token_probs(pair, [ActivationPatch("mlp", (1,), "image")]), expected, atol=TOLERANCE)
+    image = pair.layouts[0]["image"]
+    assert pair.layouts[1]["image"] == image
+    expected = last_probs(patched_logits(loaded.family, loaded.plain, pair.inputs, site, layers, image))
+    got = model.next_token_probs(pair, [ActivationPatch(site, layers, "image")])
+    assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0)
+    assert (got[1] - model.next_token_probs(pair)[1]).abs().max() > 1e-5, "the patch must change the corrupted row"
 
 
 def test_truncation_after_a_layer_is_the_final_norm_and_lm_head_on_that_layers_output(loaded):
