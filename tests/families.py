@@ -1,23 +1,32 @@
-"""Tiny random checkpoints of every supported family, and a family-agnostic knockout oracle.
+"""Tiny random checkpoints of every supported family, loaded once per session, and family-agnostic oracles.
 
 Each builder makes the family's real model class from a small config, its real processor class (PIL image
 processor + a word-level `tokenizers` tokenizer carrying the family's special tokens), and writes both with
 `save_pretrained`, so `mmscope.load` reads them exactly like a hub checkpoint.
 
-The oracle is plain PyTorch: forward pre-hooks on the chosen layers' attention modules that edit the
-`attention_mask` keyword on top of whatever mask the model itself built (causal, padding, bidirectional image
-blocks, sliding windows).
+The oracles are plain PyTorch on the plain HF model (no nnsight, no mmscope):
+- knockout: forward pre-hooks on the chosen layers' attention modules that edit the `attention_mask` keyword on
+  top of whatever mask the model itself built (causal, padding, bidirectional image blocks, sliding windows);
+- truncation: forward hooks reading each decoder layer's output, to which the family's final norm and lm_head
+  are applied;
+- patching: forward hooks copying one row's output of a decoder layer, its self-attention or its MLP into
+  another row.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
+import operator
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import scene
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForImageTextToText,
@@ -68,7 +77,7 @@ from transformers import (
     SmolVLMVisionConfig,
 )
 
-from mmscope.zoo.build import build_word_tokenizer
+import mmscope
 from mmscope.models.emu3 import EMU3_CHAT
 from mmscope.models.gemma3 import GEMMA3_CHAT
 from mmscope.models.idefics3 import IDEFICS3_CHAT
@@ -76,6 +85,7 @@ from mmscope.models.kosmos2 import KOSMOS2_VQA
 from mmscope.models.paligemma import PALIGEMMA_VQA
 from mmscope.models.qwen2_vl import QWEN_CHAT
 from mmscope.prompts import IMAGE, QUESTION
+from mmscope.zoo.build import build_word_tokenizer
 
 WORDS = "is the cube sphere cylinder red blue green yes no left right what color of object this".split()
 QUESTIONS = ("Is the cube red or blue?", "What color is this object of the cube left of the sphere?")
@@ -306,7 +316,11 @@ IDEFICS3_SPECIALS = (
 
 
 def build_idefics3(folder: Path, seed: int = 0, smolvlm: bool = False) -> Path:
-    """Idefics3 (or SmolVLM): longest edge 32 px, 16-px tiles of 2-px patches pixel-shuffled 2x2 to 16 tokens."""
+    """Idefics3 (or SmolVLM): longest edge 32 px, 16-px tiles of 2-px patches pixel-shuffled 2x2 to 16 tokens.
+
+    Weights are drawn with std 0.2, not 0.02: at 0.02 what a decoder MLP adds to an image token (norm ~0.006) is
+    lost next to the token itself (~1.2), and patching it moves the next-token probabilities by ~1e-6, too little
+    to tell from no patch at the tests' tolerance."""
     tokenizer = word_tokenizer(
         [template_text(IDEFICS3_CHAT), *QUESTIONS], IDEFICS3_SPECIALS, bos="<|begin_of_text|>", add_bos=True,
         eos="<|end_of_text|>", newlines=True,
@@ -318,7 +332,8 @@ def build_idefics3(folder: Path, seed: int = 0, smolvlm: bool = False) -> Path:
         else (Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration)
     )
     config = config_class(
-        vision_config=vision_class(**vision), text_config=llama_config(tokenizer), scale_factor=2,
+        vision_config=vision_class(**vision), text_config=llama_config(tokenizer, initializer_range=0.2),
+        scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
@@ -408,19 +423,64 @@ def byte_tokenizer(special_tokens: Iterable[str] = ("<image>",)) -> PreTrainedTo
     return fast
 
 
-# --- the oracle -------------------------------------------------------------------------------------------------
+# --- how a test reaches each family on the plain HF model ---------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
-    """How a test reaches a family's parts on the plain HF model."""
+    """How a test reaches a family's parts on the plain HF model (paths are attribute paths from the model)."""
 
     name: str
     build: Callable[[Path], Path]
-    layers: Callable  # plain HF model -> its decoder layers
-    attention: str = "self_attn"
-    mlp: str = "mlp"
+    decoder: str  # the language decoder: it holds `layers` and the final norm
+    final_norm: str = "norm"  # from the decoder
+    lm_head: str = "lm_head"
+    attention: str = "self_attn"  # from a decoder layer
+    mlp: str = "mlp"  # from a decoder layer
     first_position: int | None = 0  # position id of the first real token; None: the model computes them (3D rope)
     count_includes_markers: bool = False  # the processor's image-token count includes the placeholder's markers
 
+    def layers(self, model):
+        return operator.attrgetter(f"{self.decoder}.layers")(model)
+
+    def readout(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from a last-layer output, as the model's forward computes them: final norm, then lm_head.
+
+        No family here does more. Gemma 3's conditional-generation forward has no logit soft-cap; PaliGemma's
+        would soft-cap by its text config's `final_logit_softcapping`, which Gemma (v1) configs do not have.
+        """
+        norm = operator.attrgetter(f"{self.decoder}.{self.final_norm}")(model)
+        return operator.attrgetter(self.lm_head)(model)(norm(hidden))
+
+
+FAMILIES = {
+    "llava_next": Family("llava_next", build_llava_next, decoder="model.language_model"),
+    **{
+        kind: Family("qwen_vl", functools.partial(build_qwen, kind), decoder="model.language_model",
+                     first_position=None)
+        for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    },
+    "gemma3": Family("gemma3", build_gemma3, decoder="model.language_model"),
+    "paligemma": Family("paligemma", build_paligemma, decoder="model.language_model", first_position=1),
+    "idefics3": Family("idefics3", build_idefics3, decoder="model.text_model", count_includes_markers=True),
+    "kosmos2": Family("kosmos2", build_kosmos2, decoder="text_model.model", final_norm="layer_norm",
+                      lm_head="text_model.lm_head", mlp="ffn", first_position=None),
+    "emu3": Family("emu3", build_emu3, decoder="model.text_model"),
+    "smolvlm": Family("idefics3", functools.partial(build_idefics3, smolvlm=True), decoder="model.text_model",
+                      count_includes_markers=True),
+}
+NEEDS = {"smolvlm": "num2words"}  # the SmolVLM processor needs num2words
+
+
+def family_params(names):
+    """Fixture params, skipping families whose processor needs a package that is not installed."""
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(
+            name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None, reason=f"needs {NEEDS.get(name)}"))
+        for name in names
+    ]
+
+
+# --- every family loaded once per session --------------------------------------------------------------------------
+IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
 
 _plain: dict = {}
 
@@ -434,6 +494,34 @@ def plain_model(folder, attn_implementation="eager"):
     return _plain[key]
 
 
+@dataclass
+class Loaded:
+    family: Family
+    folder: object
+    model: mmscope.Model
+    examples: tuple  # first, second, left-padded batch of both
+
+    @property
+    def plain(self):
+        return plain_model(self.folder)
+
+
+_loaded: dict[str, Loaded] = {}
+
+
+def load_family(name: str, tmp_path_factory) -> Loaded:
+    """The family's tiny checkpoint, built and loaded through mmscope once per session, with its examples."""
+    if name not in _loaded:
+        family = FAMILIES[name]
+        folder = family.build(tmp_path_factory.mktemp(name))
+        model = mmscope.load(folder)
+        first = model.prepare(scene(*IMAGES[0], seed=1), QUESTIONS[0])
+        second = model.prepare(scene(*IMAGES[1], seed=2), QUESTIONS[1])
+        _loaded[name] = Loaded(family, folder, model, (first, second, model.batch([first, second])))
+    return _loaded[name]
+
+
+# --- the oracles ----------------------------------------------------------------------------------------------------
 def plain_inputs(family: Family, inputs: dict) -> dict:
     """The model's inputs, with padding-aware position ids unless the family's model computes its own."""
     inputs = dict(inputs)
@@ -480,3 +568,40 @@ def knockout_logits(family: Family, model, inputs, pairs_per_row, layers):
     layer_list = family.layers(model)
     hooks = [(getattr(layer_list[i], family.attention), edit) for i in layers]
     return forward_with_hooks(family, model, inputs, pre_hooks=hooks)
+
+
+def _tensor(output) -> torch.Tensor:
+    """A module's output activation: the output itself, or the first element of a tuple (attention, weights)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def layer_outputs(family: Family, model, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits `[B, T, V]` and every decoder layer's output `[B, T, D]`, from one plain forward.
+
+    The outputs are the layers' own: what a model adds between layers (Qwen3-VL's deepstack visual features, at
+    image positions after its first layers) is not in them."""
+    outputs = []
+
+    def read(module, args, output):
+        outputs.append(_tensor(output))
+
+    logits = forward_with_hooks(family, model, inputs, hooks=[(layer, read) for layer in family.layers(model)])
+    return logits, outputs
+
+
+def site_module(family: Family, model, site: str, layer: int):
+    """The module whose output is `site` ("residual", "attention", "mlp") of decoder layer `layer`."""
+    module = family.layers(model)[layer]
+    return module if site == "residual" else getattr(module, {"attention": family.attention, "mlp": family.mlp}[site])
+
+
+def patched_logits(family: Family, model, inputs, site: str, layers, positions, source_row=0, target_row=1):
+    """Logits with `site`'s output at `positions` copied from `source_row` into `target_row` in each of `layers`."""
+
+    def copy(module, args, output):
+        value = _tensor(output).clone()
+        value[target_row, positions] = value[source_row, positions]
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
+    hooks = [(site_module(family, model, site, layer), copy) for layer in layers]
+    return forward_with_hooks(family, model, inputs, hooks=hooks)

@@ -196,7 +196,7 @@ def test_other_families_equal_the_naive_loop_and_share_the_prefix_only_where_att
 ):
     """Qwen's 3-D rotary positions and Qwen3's deepstack features ride along; PaliGemma's prompt attends
     bidirectionally (read off its masks) and Gemma3 has sliding-window layers: every variant runs in full."""
-    from test_families import load_family
+    from families import load_family
 
     loaded = load_family(family, tmp_path_factory)
     model, example = loaded.model, loaded.examples[1]

@@ -2,35 +2,30 @@
 
 For each family: `mmscope.load` reads a `save_pretrained` folder; the token layout agrees with the processor's
 own image-token count; a knockout over a window equals the plain-PyTorch masked forward (pre-hooks editing the
-mask the model itself built); patching clean into clean changes nothing; truncation at the last layer is the
-normal output. Family-specific tests check what is particular to each layout (tiles, newlines, boxes …).
+mask the model itself built); patching the image positions of a clean row into a corrupted one equals forward
+hooks doing the same copy at the decoder layer, its self-attention or its MLP; truncation after a layer is the
+final norm and lm_head on that layer's output. Family-specific tests check what is particular to each layout
+(tiles, newlines, boxes …).
 """
 
 from __future__ import annotations
-
-import functools
-import importlib.util
-from dataclasses import dataclass
 
 import pytest
 import torch
 from conftest import scene
 from families import (
+    FAMILIES,
+    IMAGES,
     QUESTIONS,
+    Loaded,
     byte_tokenizer,
-    Family,
-    build_emu3,
-    build_gemma3,
-    build_idefics3,
-    build_kosmos2,
-    build_llava_next,
-    build_paligemma,
-    build_qwen,
-    forward_with_hooks,
+    family_params,
     knockout_logits,
+    layer_outputs,
+    load_family,
     pairs,
+    patched_logits,
     plain_inputs,
-    plain_model,
 )
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
@@ -42,67 +37,6 @@ from mmscope.zoo.build import TinyLlavaSpec, build_llava, save_llava
 from mmscope.models.generic import GenericAdapter
 
 TOLERANCE = 1e-6
-def language_layers(model):
-    return model.model.language_model.layers
-
-
-def text_layers(model):
-    return model.model.text_model.layers
-
-
-FAMILIES = {
-    "llava_next": Family("llava_next", build_llava_next, layers=language_layers),
-    **{
-        kind: Family("qwen_vl", functools.partial(build_qwen, kind), layers=language_layers, first_position=None)
-        for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-    },
-    "gemma3": Family("gemma3", build_gemma3, layers=language_layers),
-    "paligemma": Family("paligemma", build_paligemma, layers=language_layers, first_position=1),
-    "idefics3": Family("idefics3", build_idefics3, layers=text_layers, count_includes_markers=True),
-    "kosmos2": Family("kosmos2", build_kosmos2, layers=lambda m: m.text_model.model.layers, mlp="ffn",
-                      first_position=None),
-    "emu3": Family("emu3", build_emu3, layers=text_layers),
-    "smolvlm": Family(
-        "idefics3", functools.partial(build_idefics3, smolvlm=True), layers=text_layers, count_includes_markers=True
-    ),
-}
-NEEDS = {"smolvlm": "num2words"}  # the SmolVLM processor needs num2words
-
-
-def family_params(names):
-    """Fixture params, skipping families whose processor needs a package that is not installed."""
-    return [
-        pytest.param(name, marks=pytest.mark.skipif(
-            name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None, reason=f"needs {NEEDS.get(name)}"))
-        for name in names
-    ]
-IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
-
-
-@dataclass
-class Loaded:
-    family: Family
-    folder: object
-    model: mmscope.Model
-    examples: tuple  # first, second, left-padded batch of both
-
-    @property
-    def plain(self):
-        return plain_model(self.folder)
-
-
-_loaded: dict[str, Loaded] = {}
-
-
-def load_family(name: str, tmp_path_factory) -> Loaded:
-    if name not in _loaded:
-        family = FAMILIES[name]
-        folder = family.build(tmp_path_factory.mktemp(name))
-        model = mmscope.load(folder)
-        first = model.prepare(scene(*IMAGES[0], seed=1), QUESTIONS[0])
-        second = model.prepare(scene(*IMAGES[1], seed=2), QUESTIONS[1])
-        _loaded[name] = Loaded(family, folder, model, (first, second, model.batch([first, second])))
-    return _loaded[name]
 
 
 @pytest.fixture(scope="session", params=family_params(sorted(FAMILIES)))
@@ -205,35 +139,39 @@ def test_knockout_under_sdpa_equals_the_eager_oracle(name, tmp_path_factory):
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
 
 
-def test_patching_clean_into_clean_is_a_no_op(loaded):
-    first = loaded.examples[0]
-    pair = loaded.model.batch([first, first])
-    clean = loaded.model.next_token_probs(pair)
-    for site in ("residual", "attention", "mlp"):
-        assert torch.equal(loaded.model.next_token_probs(pair, [ActivationPatch(site, (0, 2), "image")]), clean)
-
-
-def test_patching_image_tokens_matches_an_independent_hook(loaded):
-    model = loaded.model
+@pytest.mark.parametrize("site", ["residual", "attention", "mlp"])
+def test_patching_clean_image_positions_into_a_corrupted_row_equals_a_plain_forward_hook(loaded, site):
+    """Same question, two images of the same size (so the same image positions): the patch copies row 0's
+    activation there into row 1 in layers 0 and 2, as forward hooks on the decoder layer / its self-attention /
+    its MLP do."""
+    model, layers = loaded.model, (0, 2)
     clean = model.prepare(scene(*IMAGES[0], seed=3), QUESTIONS[0])
     corrupted = model.prepare(scene(*IMAGES[0], seed=4), QUESTIONS[0])
     pair = model.batch([clean, corrupted])
-    image = clean.layout["image"]
-
-    def copy_row0_to_row1(module, args, output):
-        output = output.clone()
-        output[1, image] = output[0, image]
-        return output
-
-    mlp = getattr(loaded.family.layers(loaded.plain)[1], loaded.family.mlp)
-    expected = last_probs(forward_with_hooks(loaded.family, loaded.plain, pair.inputs, hooks=[(mlp, copy_row0_to_row1)]))
-    assert torch.allclose(model.next_token_probs(pair, [ActivationPatch("mlp", (1,), "image")]), expected, atol=TOLERANCE)
+    image = pair.layouts[0]["image"]
+    assert pair.layouts[1]["image"] == image
+    expected = last_probs(patched_logits(loaded.family, loaded.plain, pair.inputs, site, layers, image))
+    got = model.next_token_probs(pair, [ActivationPatch(site, layers, "image")])
+    assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0)
+    assert (got[1] - model.next_token_probs(pair)[1]).abs().max() > 1e-5, "the patch must change the corrupted row"
 
 
-def test_truncation_at_the_last_layer_equals_the_normal_output(loaded):
-    batch = loaded.examples[2]
-    model = loaded.model
-    assert torch.equal(model.next_token_probs(batch, [Truncate(model.n_layers - 1)]), model.next_token_probs(batch))
+def test_truncation_after_a_layer_is_the_final_norm_and_lm_head_on_that_layers_output(loaded):
+    """The readout applied to the last layer's output must give the plain forward's logits (so it is all the
+    forward does after the layers); applied to an earlier layer's output at the last position it is what
+    `Truncate` must give. The last position is text, so what Qwen3-VL adds between layers (deepstack features,
+    at image positions) is never added to it: its value after a layer is that layer's output."""
+    batch, family, plain, model = loaded.examples[2], loaded.family, loaded.plain, loaded.model
+    logits, outputs = layer_outputs(family, plain, batch.inputs)
+    with torch.no_grad():
+        readouts = [family.readout(plain, output[:, -1]).softmax(-1) for output in outputs]
+    assert len(outputs) == model.n_layers
+    assert torch.allclose(readouts[-1], last_probs(logits), atol=TOLERANCE, rtol=0)
+    normal = model.next_token_probs(batch)
+    for layer in range(model.n_layers - 1):
+        got = model.next_token_probs(batch, [Truncate(layer)])
+        assert torch.allclose(got, readouts[layer], atol=TOLERANCE, rtol=0), f"Truncate({layer})"
+        assert (got - normal).abs().max() > 1e-5, f"the layers after {layer} must change the output"
 
 
 def test_greedy_answer_equals_hf_generate(loaded):
