@@ -9,7 +9,7 @@ Inside an nnsight trace, a `Context` reads and edits the model's real intermedia
     ctx.attention_mask(layer)      # [B, 1 or H, Q, K] the additive mask layer `layer`'s attention receives
     ctx.set_attention_mask(layer, mask)
     ctx.skip(layer)                # run layer `layer` as the identity
-    ctx.logits()                   # [B, T, V] the lm_head output
+    ctx.logits()                   # [B, T, V] the model's logits
     ctx.positions("image")         # (rows, cols) to index any [B, T, ...] site: ctx.residual(3)[ctx.positions("image")]
 
 Values are the live tensors of the forward pass: editing them in place changes what flows on. Sites must be
@@ -150,8 +150,9 @@ class Context:
         return readers[site](layer)
 
     def logits(self) -> torch.Tensor:
-        """The lm_head output, `[B, T, V]` in the model's dtype (positions from the forward's first one)."""
-        return self._own_rows(self._sites.lm_head.output)
+        """The model's logits, `[B, T, V]` in its dtype (positions from the forward's first one): the lm_head
+        output, after whatever the family's forward does to it (e.g. PaliGemma 2's soft-cap)."""
+        return self._sites.adapter.final_logits(self._own_rows(self._sites.lm_head.output))
 
     def attention_mask(self, layer: int) -> torch.Tensor:
         """The additive mask layer `layer`'s self-attention receives, `[B, 1 or H, Q, K]` (this context's rows).

@@ -354,10 +354,11 @@ class Model:
         return self.run(example, interventions, readout)
 
     def unembed(self, hidden: torch.Tensor, normed: bool = True) -> torch.Tensor:
-        """Logits `[..., V]` of residual-stream vectors `[..., D]`, through the final norm (or not: a raw lens)."""
+        """Logits `[..., V]` of residual-stream vectors `[..., D]`, through the final norm (or not: a raw lens),
+        the lm_head and what the family does after it (`Adapter.final_logits`)."""
         with torch.no_grad():
             hidden = hidden.to(self.device, self.hf.dtype)
-            return self.lm_head(self.final_norm(hidden) if normed else hidden).float()
+            return self.adapter.final_logits(self.lm_head(self.final_norm(hidden) if normed else hidden)).float()
 
 
 def last_logits(ctx: Context) -> torch.Tensor:

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import itertools
-import operator
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import scene
+from oracle import Family, plain_model
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    AutoModelForImageTextToText,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     Emu3Config,
@@ -41,6 +39,7 @@ from transformers import (
     Gemma3ImageProcessorPil,
     Gemma3Processor,
     Gemma3TextConfig,
+    Gemma2Config,
     GemmaConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -285,8 +284,9 @@ def build_gemma3(folder: Path, seed: int = 0) -> Path:
     return save(model, processor, folder)
 
 
-def build_paligemma(folder: Path, seed: int = 0) -> Path:
-    """PaliGemma: 16-px SigLIP input of 4-px patches (16 image tokens) and a Gemma decoder."""
+def build_paligemma(folder: Path, seed: int = 0, softcap: float | None = None) -> Path:
+    """PaliGemma: 16-px SigLIP input of 4-px patches (16 image tokens) and a Gemma decoder — or, with `softcap`,
+    PaliGemma 2's Gemma 2 decoder, whose logits are soft-capped at that value."""
     tokenizer = word_tokenizer(
         [template_text(PALIGEMMA_VQA) + "\n", *QUESTIONS], ["<image>"], bos="<bos>", eos="<eos>", newlines=True,
         extra_special_tokens={"image_token": "<image>"},
@@ -294,11 +294,12 @@ def build_paligemma(folder: Path, seed: int = 0) -> Path:
     image_processor = SiglipImageProcessorPil(size={"height": 16, "width": 16})
     image_processor.image_seq_length = 16
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds location tokens
-    text = GemmaConfig(
+    sizes = dict(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=0.2,
     )
+    text = GemmaConfig(**sizes) if softcap is None else Gemma2Config(**sizes, final_logit_softcapping=softcap)
     config = PaliGemmaConfig(
         vision_config=siglip_config(16), text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         projection_dim=32, hidden_size=32,
@@ -423,49 +424,27 @@ def byte_tokenizer(special_tokens: Iterable[str] = ("<image>",)) -> PreTrainedTo
     return fast
 
 
-# --- how a test reaches each family on the plain HF model ---------------------------------------------------------
-@dataclass(frozen=True)
-class Family:
-    """How a test reaches a family's parts on the plain HF model (paths are attribute paths from the model)."""
-
-    name: str
-    build: Callable[[Path], Path]
-    decoder: str  # the language decoder: it holds `layers` and the final norm
-    final_norm: str = "norm"  # from the decoder
-    lm_head: str = "lm_head"
-    attention: str = "self_attn"  # from a decoder layer
-    mlp: str = "mlp"  # from a decoder layer
-    first_position: int | None = 0  # position id of the first real token; None: the model computes them (3D rope)
-    count_includes_markers: bool = False  # the processor's image-token count includes the placeholder's markers
-
-    def layers(self, model):
-        return operator.attrgetter(f"{self.decoder}.layers")(model)
-
-    def readout(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from a last-layer output, as the model's forward computes them: final norm, then lm_head.
-
-        No family here does more. Gemma 3's conditional-generation forward has no logit soft-cap; PaliGemma's
-        would soft-cap by its text config's `final_logit_softcapping`, which Gemma (v1) configs do not have.
-        """
-        norm = operator.attrgetter(f"{self.decoder}.{self.final_norm}")(model)
-        return operator.attrgetter(self.lm_head)(model)(norm(hidden))
-
-
-FAMILIES = {
-    "llava_next": Family("llava_next", build_llava_next, decoder="model.language_model"),
-    **{
-        kind: Family("qwen_vl", functools.partial(build_qwen, kind), decoder="model.language_model",
-                     first_position=None)
-        for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-    },
-    "gemma3": Family("gemma3", build_gemma3, decoder="model.language_model"),
-    "paligemma": Family("paligemma", build_paligemma, decoder="model.language_model", first_position=1),
-    "idefics3": Family("idefics3", build_idefics3, decoder="model.text_model", count_includes_markers=True),
-    "kosmos2": Family("kosmos2", build_kosmos2, decoder="text_model.model", final_norm="layer_norm",
-                      lm_head="text_model.lm_head", mlp="ffn", first_position=None),
-    "emu3": Family("emu3", build_emu3, decoder="model.text_model"),
-    "smolvlm": Family("idefics3", functools.partial(build_idefics3, smolvlm=True), decoder="model.text_model",
-                      count_includes_markers=True),
+FAMILIES = {  # how the oracles reach each family's parts on the plain model
+    "llava_next": Family("llava_next", decoder="model.language_model"),
+    **{kind: Family("qwen_vl", decoder="model.language_model", first_position=None)
+       for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
+    "gemma3": Family("gemma3", decoder="model.language_model"),
+    "paligemma": Family("paligemma", decoder="model.language_model", first_position=1),
+    "idefics3": Family("idefics3", decoder="model.text_model", count_includes_markers=True),
+    "kosmos2": Family("kosmos2", decoder="text_model.model", final_norm="layer_norm", lm_head="text_model.lm_head",
+                      mlp="ffn", first_position=None),
+    "emu3": Family("emu3", decoder="model.text_model"),
+    "smolvlm": Family("idefics3", decoder="model.text_model", count_includes_markers=True),
+}
+BUILDERS = {  # each family's tiny checkpoint, written into a folder
+    "llava_next": build_llava_next,
+    **{kind: functools.partial(build_qwen, kind) for kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
+    "gemma3": build_gemma3,
+    "paligemma": build_paligemma,
+    "idefics3": build_idefics3,
+    "kosmos2": build_kosmos2,
+    "emu3": build_emu3,
+    "smolvlm": functools.partial(build_idefics3, smolvlm=True),
 }
 NEEDS = {"smolvlm": "num2words"}  # the SmolVLM processor needs num2words
 
@@ -481,18 +460,6 @@ def family_params(names):
 
 # --- every family loaded once per session --------------------------------------------------------------------------
 IMAGES = ((40, 30), (30, 50))  # landscape and portrait: padding rows, then padding columns
-
-_plain: dict = {}
-
-
-def plain_model(folder, attn_implementation="eager"):
-    key = (str(folder), attn_implementation)
-    if key not in _plain:
-        _plain[key] = AutoModelForImageTextToText.from_pretrained(
-            folder, attn_implementation=attn_implementation, dtype=torch.float32
-        ).eval()
-    return _plain[key]
-
 
 @dataclass
 class Loaded:
@@ -513,95 +480,9 @@ def load_family(name: str, tmp_path_factory) -> Loaded:
     """The family's tiny checkpoint, built and loaded through mmscope once per session, with its examples."""
     if name not in _loaded:
         family = FAMILIES[name]
-        folder = family.build(tmp_path_factory.mktemp(name))
+        folder = BUILDERS[name](tmp_path_factory.mktemp(name))
         model = mmscope.load(folder)
         first = model.prepare(scene(*IMAGES[0], seed=1), QUESTIONS[0])
         second = model.prepare(scene(*IMAGES[1], seed=2), QUESTIONS[1])
         _loaded[name] = Loaded(family, folder, model, (first, second, model.batch([first, second])))
     return _loaded[name]
-
-
-# --- the oracles ----------------------------------------------------------------------------------------------------
-def plain_inputs(family: Family, inputs: dict) -> dict:
-    """The model's inputs, with padding-aware position ids unless the family's model computes its own."""
-    inputs = dict(inputs)
-    if family.first_position is not None:
-        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1 + family.first_position).clamp(min=0)
-    return inputs
-
-
-def forward_with_hooks(family: Family, model, inputs, pre_hooks=(), hooks=()):
-    """Logits `[B, T, V]` with forward pre-hooks (with kwargs) and forward hooks registered for one pass."""
-    handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in pre_hooks]
-    handles += [module.register_forward_hook(fn) for module, fn in hooks]
-    try:
-        with torch.no_grad():
-            return model(**plain_inputs(family, inputs)).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def pairs(example, target, source):
-    """Per row, every (target, source) position pair of two groups."""
-    return [
-        list(itertools.product(example.positions(target, row).tolist(), example.positions(source, row).tolist()))
-        for row in range(len(example))
-    ]
-
-
-def knockout_logits(family: Family, model, inputs, pairs_per_row, layers):
-    """Logits with attention from targets to sources blocked in `layers`, on top of the model's own mask."""
-
-    def edit(module, args, kwargs):
-        mask = kwargs["attention_mask"]
-        assert mask is not None and mask.dtype.is_floating_point, "the oracle runs eager attention"
-        mask = mask.clone()
-        minimum = torch.finfo(mask.dtype).min
-        for row, row_pairs in enumerate(pairs_per_row):
-            for target, source in row_pairs:
-                if target != source:
-                    mask[row, :, target, source] = minimum
-        kwargs["attention_mask"] = mask
-        return args, kwargs
-
-    layer_list = family.layers(model)
-    hooks = [(getattr(layer_list[i], family.attention), edit) for i in layers]
-    return forward_with_hooks(family, model, inputs, pre_hooks=hooks)
-
-
-def _tensor(output) -> torch.Tensor:
-    """A module's output activation: the output itself, or the first element of a tuple (attention, weights)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def layer_outputs(family: Family, model, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits `[B, T, V]` and every decoder layer's output `[B, T, D]`, from one plain forward.
-
-    The outputs are the layers' own: what a model adds between layers (Qwen3-VL's deepstack visual features, at
-    image positions after its first layers) is not in them."""
-    outputs = []
-
-    def read(module, args, output):
-        outputs.append(_tensor(output))
-
-    logits = forward_with_hooks(family, model, inputs, hooks=[(layer, read) for layer in family.layers(model)])
-    return logits, outputs
-
-
-def site_module(family: Family, model, site: str, layer: int):
-    """The module whose output is `site` ("residual", "attention", "mlp") of decoder layer `layer`."""
-    module = family.layers(model)[layer]
-    return module if site == "residual" else getattr(module, {"attention": family.attention, "mlp": family.mlp}[site])
-
-
-def patched_logits(family: Family, model, inputs, site: str, layers, positions, source_row=0, target_row=1):
-    """Logits with `site`'s output at `positions` copied from `source_row` into `target_row` in each of `layers`."""
-
-    def copy(module, args, output):
-        value = _tensor(output).clone()
-        value[target_row, positions] = value[source_row, positions]
-        return (value, *output[1:]) if isinstance(output, tuple) else value
-
-    hooks = [(site_module(family, model, site, layer), copy) for layer in layers]
-    return forward_with_hooks(family, model, inputs, hooks=hooks)

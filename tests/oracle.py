@@ -1,61 +1,143 @@
-"""Independent computations with plain PyTorch and transformers — no nnsight, no mmscope."""
+"""Independent computations with plain PyTorch and transformers — no nnsight, no mmscope.
+
+A `Family` says where a plain Hugging Face model of one family keeps its parts; every oracle takes one, e.g.
+`LLAVA` for the tiny LLaVA checkpoints of conftest (tests/families.py describes the other families).
+"""
 
 from __future__ import annotations
+
+import itertools
+import operator
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForImageTextToText
 
-_models = {}
+
+# --- how a test reaches a family's parts on the plain HF model ---------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """How a test reaches a family's parts on the plain HF model (paths are attribute paths from the model)."""
+
+    name: str
+    decoder: str  # the language decoder: it holds `layers` and the final norm
+    final_norm: str = "norm"  # from the decoder
+    lm_head: str = "lm_head"
+    attention: str = "self_attn"  # from a decoder layer
+    mlp: str = "mlp"  # from a decoder layer
+    first_position: int | None = 0  # position id of the first real token; None: the model computes them (3D rope)
+    count_includes_markers: bool = False  # the processor's image-token count includes the placeholder's markers
+
+    def layers(self, model):
+        return operator.attrgetter(f"{self.decoder}.layers")(model)
+
+    def readout(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from a last-layer output, as the model's forward computes them: final norm, then lm_head.
+
+        No family here does more. Gemma 3's conditional-generation forward has no logit soft-cap; PaliGemma's
+        would soft-cap by its text config's `final_logit_softcapping`, which Gemma (v1) configs do not have.
+        """
+        norm = operator.attrgetter(f"{self.decoder}.{self.final_norm}")(model)
+        return operator.attrgetter(self.lm_head)(model)(norm(hidden))
+
+
+LLAVA = Family("llava", decoder="model.language_model")
+
+_plain: dict = {}
 
 
 def plain_model(folder, attn_implementation="eager"):
     key = (str(folder), attn_implementation)
-    if key not in _models:
-        _models[key] = AutoModelForImageTextToText.from_pretrained(
+    if key not in _plain:
+        _plain[key] = AutoModelForImageTextToText.from_pretrained(
             folder, attn_implementation=attn_implementation, dtype=torch.float32
         ).eval()
-    return _models[key]
+    return _plain[key]
 
 
-def plain_inputs(inputs):
-    """The model's inputs plus position ids that ignore left padding."""
+# --- the oracles ----------------------------------------------------------------------------------------------------
+def plain_inputs(family: Family, inputs: dict) -> dict:
+    """The model's inputs, with padding-aware position ids unless the family's model computes its own."""
     inputs = dict(inputs)
-    inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    if family.first_position is not None:
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1 + family.first_position).clamp(min=0)
     return inputs
 
 
-def forward_with_hooks(model, inputs, pre_hooks=(), hooks=()):
-    """Logits `[B, T, V]` with forward pre-hooks (with kwargs) and forward hooks registered for the pass."""
+def forward_with_hooks(family: Family, model, inputs, pre_hooks=(), hooks=()):
+    """Logits `[B, T, V]` with forward pre-hooks (with kwargs) and forward hooks registered for one pass."""
     handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in pre_hooks]
     handles += [module.register_forward_hook(fn) for module, fn in hooks]
     try:
         with torch.no_grad():
-            return model(**plain_inputs(inputs)).logits
+            return model(**plain_inputs(family, inputs)).logits
     finally:
         for handle in handles:
             handle.remove()
 
 
-def knockout_logits(model, inputs, pairs_per_row, layers, heads=None):
-    """Logits with attention from targets to sources blocked in `layers` by editing each attention's mask.
+def pairs(example, target, source):
+    """Per row, every (target, source) position pair of two groups."""
+    return [
+        list(itertools.product(example.positions(target, row).tolist(), example.positions(source, row).tolist()))
+        for row in range(len(example))
+    ]
 
-    `pairs_per_row[b]` is a list of (target, source) position pairs of row b.
-    """
-    n_heads = model.config.text_config.num_attention_heads
+
+def knockout_logits(family: Family, model, inputs, pairs_per_row, layers, heads=None):
+    """Logits with attention from targets to sources blocked in `layers` (all heads, or `heads`), on top of the
+    model's own mask. `pairs_per_row[b]` lists the (target, source) position pairs of row b."""
 
     def edit(module, args, kwargs):
-        mask = kwargs["attention_mask"].clone()
-        if heads is not None:
-            mask = mask.expand(mask.shape[0], n_heads, *mask.shape[2:]).clone()
+        mask = kwargs["attention_mask"]
+        assert mask is not None and mask.dtype.is_floating_point, "the oracle runs eager attention"
+        n_heads = model.config.get_text_config().num_attention_heads
+        mask = mask.clone() if heads is None else mask.expand(mask.shape[0], n_heads, *mask.shape[2:]).clone()
         minimum = torch.finfo(mask.dtype).min
-        for row, pairs in enumerate(pairs_per_row):
-            for target, source in pairs:
-                if target == source:
-                    continue
-                for head in heads if heads is not None else range(mask.shape[1]):
-                    mask[row, head, target, source] = minimum
+        for row, row_pairs in enumerate(pairs_per_row):
+            for target, source in row_pairs:
+                if target != source:
+                    mask[row, list(heads) if heads is not None else slice(None), target, source] = minimum
         kwargs["attention_mask"] = mask
         return args, kwargs
 
-    layer_list = model.model.language_model.layers
-    return forward_with_hooks(model, inputs, pre_hooks=[(layer_list[i].self_attn, edit) for i in layers])
+    layer_list = family.layers(model)
+    hooks = [(getattr(layer_list[i], family.attention), edit) for i in layers]
+    return forward_with_hooks(family, model, inputs, pre_hooks=hooks)
+
+
+def _tensor(output) -> torch.Tensor:
+    """A module's output activation: the output itself, or the first element of a tuple (attention, weights)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def layer_outputs(family: Family, model, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits `[B, T, V]` and every decoder layer's output `[B, T, D]`, from one plain forward.
+
+    The outputs are the layers' own: what a model adds between layers (Qwen3-VL's deepstack visual features, at
+    image positions after its first layers) is not in them."""
+    outputs = []
+
+    def read(module, args, output):
+        outputs.append(_tensor(output))
+
+    logits = forward_with_hooks(family, model, inputs, hooks=[(layer, read) for layer in family.layers(model)])
+    return logits, outputs
+
+
+def site_module(family: Family, model, site: str, layer: int):
+    """The module whose output is `site` ("residual", "attention", "mlp") of decoder layer `layer`."""
+    module = family.layers(model)[layer]
+    return module if site == "residual" else getattr(module, {"attention": family.attention, "mlp": family.mlp}[site])
+
+
+def patched_logits(family: Family, model, inputs, site: str, layers, positions, source_row=0, target_row=1):
+    """Logits with `site`'s output at `positions` copied from `source_row` into `target_row` in each of `layers`."""
+
+    def copy(module, args, output):
+        value = _tensor(output).clone()
+        value[target_row, positions] = value[source_row, positions]
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
+    hooks = [(site_module(family, model, site, layer), copy) for layer in layers]
+    return forward_with_hooks(family, model, inputs, hooks=hooks)

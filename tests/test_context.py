@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from oracle import forward_with_hooks, knockout_logits, plain_inputs, plain_model
+from oracle import LLAVA, forward_with_hooks, knockout_logits, plain_inputs, plain_model
 
 from mmscope.context import Restriction
 from mmscope.interventions import Context, Intervention
@@ -30,7 +30,7 @@ def recorded(model, inputs, modules):
 
     pre = [(module, mask_of(name)) for name, module in modules.items() if name.startswith("mask")]
     post = [(module, output_of(name)) for name, module in modules.items() if not name.startswith("mask")]
-    logits = forward_with_hooks(model, inputs, pre_hooks=pre, hooks=post)
+    logits = forward_with_hooks(LLAVA, model, inputs, pre_hooks=pre, hooks=post)
     return seen, logits
 
 
@@ -43,7 +43,7 @@ def test_each_site_is_the_tensor_a_plain_hook_sees(tiny, tiny_folder, examples):
         "attention": layers[2].self_attn, "mlp": layers[2].mlp, "mask": layers[3].self_attn,
     })
     with torch.no_grad():
-        embeds = model(**plain_inputs(batch.inputs), output_hidden_states=True).hidden_states[0]
+        embeds = model(**plain_inputs(LLAVA, batch.inputs), output_hidden_states=True).hidden_states[0]
     with tiny.trace(batch) as ctx:
         embeddings = ctx.embeddings().save()
         residual = ctx.residual(1).save()
@@ -68,7 +68,7 @@ def test_setting_a_layer_mask_inline_is_the_knockout_of_an_independent_pre_hook(
         probs = ctx.logits()[:, -1].softmax(-1).save()
     pairs = [[(t, s) for t in batch.positions("last", row).tolist() for s in batch.positions("image", row).tolist()]
              for row in range(len(batch))]
-    expected = knockout_logits(plain_model(tiny_folder), batch.inputs, pairs, (1, 2))[:, -1].softmax(-1)
+    expected = knockout_logits(LLAVA, plain_model(tiny_folder), batch.inputs, pairs, (1, 2))[:, -1].softmax(-1)
     assert torch.allclose(probs, expected, atol=TOLERANCE)
 
 
@@ -97,6 +97,7 @@ def test_a_context_restricted_to_one_row_edits_that_row_only(tiny, tiny_folder, 
         output[1, batch.layouts[1]["image"]] *= 0.5
         return output
 
-    expected = forward_with_hooks(model, batch.inputs, hooks=[(model.model.language_model.layers[1], scale_row_1)])
+    layer = model.model.language_model.layers[1]
+    expected = forward_with_hooks(LLAVA, model, batch.inputs, hooks=[(layer, scale_row_1)])
     assert torch.allclose(probs, expected[:, -1].softmax(-1), atol=TOLERANCE)
     assert torch.allclose(probs[0], tiny.next_token_probs(batch)[0], atol=TOLERANCE)

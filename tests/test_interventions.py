@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import pytest
 import torch
 import yaml
-from oracle import forward_with_hooks, knockout_logits, plain_inputs, plain_model
+from oracle import LLAVA, forward_with_hooks, knockout_logits, pairs, plain_inputs, plain_model
 
 from mmscope.errors import InterventionError
 
@@ -29,13 +28,6 @@ def last_probs(logits):
     return logits[:, -1].softmax(-1)
 
 
-def pairs(example, target, source):
-    return [
-        list(itertools.product(example.positions(target, row).tolist(), example.positions(source, row).tolist()))
-        for row in range(len(example))
-    ]
-
-
 @pytest.mark.parametrize(
     ("source", "target", "layers"),
     [("image", "last", (1, 2)), ("image", "question", (0, 1, 2, 3)), ("question", "last", (2,)),
@@ -45,7 +37,8 @@ def test_knockout_of_all_target_source_pairs_matches_independent_masked_forward(
     tiny, tiny_folder, examples, source, target, layers
 ):
     batch = examples[2]
-    expected = last_probs(knockout_logits(plain_model(tiny_folder), batch.inputs, pairs(batch, target, source), layers))
+    blocked = pairs(batch, target, source)
+    expected = last_probs(knockout_logits(LLAVA, plain_model(tiny_folder), batch.inputs, blocked, layers))
     got = tiny.next_token_probs(batch, [Knockout(source, target, layers)])
     assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0)
     clean = tiny.next_token_probs(batch)
@@ -55,7 +48,8 @@ def test_knockout_of_all_target_source_pairs_matches_independent_masked_forward(
 def test_knockout_of_a_head_subset_matches_independent_per_head_mask(tiny, tiny_folder, examples):
     batch = examples[2]
     expected = last_probs(
-        knockout_logits(plain_model(tiny_folder), batch.inputs, pairs(batch, "last", "image"), (0, 2), heads=(1, 3))
+        knockout_logits(LLAVA, plain_model(tiny_folder), batch.inputs, pairs(batch, "last", "image"), (0, 2),
+                        heads=(1, 3))
     )
     got = tiny.next_token_probs(batch, [Knockout("image", "last", (0, 2), heads=(1, 3))])
     assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0)
@@ -63,7 +57,8 @@ def test_knockout_of_a_head_subset_matches_independent_per_head_mask(tiny, tiny_
 
 def test_knockout_under_sdpa_equals_the_eager_oracle(tiny_sdpa, tiny_folder, examples):
     batch = examples[2]
-    expected = last_probs(knockout_logits(plain_model(tiny_folder), batch.inputs, pairs(batch, "last", "image"), (1, 3)))
+    blocked = pairs(batch, "last", "image")
+    expected = last_probs(knockout_logits(LLAVA, plain_model(tiny_folder), batch.inputs, blocked, (1, 3)))
     got = tiny_sdpa.next_token_probs(batch, [Knockout("image", "last", (1, 3))])
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
 
@@ -114,7 +109,8 @@ def test_last_to_last_without_self_blocks_the_diagonal_and_never_empties_a_row(t
         return args, kwargs
 
     layers = model.model.language_model.layers
-    expected = last_probs(forward_with_hooks(model, batch.inputs, pre_hooks=[(layers[i].self_attn, edit) for i in range(4)]))
+    hooks = [(layers[i].self_attn, edit) for i in range(4)]
+    expected = last_probs(forward_with_hooks(LLAVA, model, batch.inputs, pre_hooks=hooks))
     assert torch.allclose(got, expected, atol=TOLERANCE) and n_heads == 4
     assert not torch.allclose(got, tiny.next_token_probs(batch), atol=1e-5)
     everything = tuple(range(batch.seq_len - batch.padding[0]))
@@ -127,7 +123,7 @@ def test_composed_knockouts_chain_and_equal_their_union(tiny, tiny_folder, examp
     batch = examples[2]
     both = pairs(batch, "last", "image")
     both = [a + b for a, b in zip(both, pairs(batch, "question", "image"), strict=True)]
-    expected = last_probs(knockout_logits(plain_model(tiny_folder), batch.inputs, both, (1, 2)))
+    expected = last_probs(knockout_logits(LLAVA, plain_model(tiny_folder), batch.inputs, both, (1, 2)))
     one_order = [Knockout("image", "last", (1, 2)), Knockout("image", "question", (2, 1))]
     assert torch.allclose(tiny.next_token_probs(batch, one_order), expected, atol=TOLERANCE)
     assert torch.allclose(tiny.next_token_probs(batch, one_order[::-1]), expected, atol=TOLERANCE)
@@ -159,7 +155,7 @@ def test_patching_clean_into_corrupted_matches_an_independent_hook_at_each_site(
         value[1, image] = value[0, image]
         return (value, *output[1:]) if isinstance(output, tuple) else value
 
-    expected = last_probs(forward_with_hooks(model, pair.inputs, hooks=[(module, copy_row0_to_row1)]))
+    expected = last_probs(forward_with_hooks(LLAVA, model, pair.inputs, hooks=[(module, copy_row0_to_row1)]))
     got = tiny.next_token_probs(pair, [ActivationPatch(site, (1,), "image")])
     assert torch.allclose(got, expected, atol=TOLERANCE)
     assert not torch.allclose(got[1], tiny.next_token_probs(pair)[1], atol=1e-5), "the patch must change row 1"
@@ -190,7 +186,7 @@ def test_truncation_after_each_layer_equals_final_norm_and_lm_head_on_the_plain_
     batch = examples[2]
     model = plain_model(tiny_folder)
     with torch.no_grad():
-        hidden = model(**plain_inputs(batch.inputs), output_hidden_states=True).hidden_states
+        hidden = model(**plain_inputs(LLAVA, batch.inputs), output_hidden_states=True).hidden_states
         clean = tiny.next_token_probs(batch)
         for layer in range(tiny.n_layers - 1):  # hidden[layer + 1] is the stream after decoder layer `layer`
             expected = model.lm_head(model.model.language_model.norm(hidden[layer + 1]))[:, -1].softmax(-1)
@@ -204,7 +200,7 @@ def test_skipping_layers_equals_identity_hooks(tiny, tiny_folder, examples):
     model = plain_model(tiny_folder)
     layers = model.model.language_model.layers
     identity = [(layers[i], lambda module, args, output: args[0]) for i in (0, 2)]
-    expected = last_probs(forward_with_hooks(model, batch.inputs, hooks=identity))
+    expected = last_probs(forward_with_hooks(LLAVA, model, batch.inputs, hooks=identity))
     assert torch.allclose(tiny.next_token_probs(batch, [SkipLayers((0, 2))]), expected, atol=TOLERANCE)
 
 
@@ -230,7 +226,7 @@ def test_a_user_intervention_in_ten_lines_matches_an_independent_hook(tiny, tiny
             output[row, batch.layouts[row]["image"]] *= 0.5
         return output
 
-    expected = last_probs(forward_with_hooks(model, batch.inputs, hooks=[(model.model.language_model.layers[1], scale)]))
+    expected = last_probs(forward_with_hooks(LLAVA, model, batch.inputs, hooks=[(model.model.language_model.layers[1], scale)]))
     got = tiny.next_token_probs(batch, [ScaleImageTokens(0.5, (1,))])
     assert torch.allclose(got, expected, atol=TOLERANCE)
     assert Intervention.from_dict(ScaleImageTokens(0.5, (1,)).to_dict()) == ScaleImageTokens(0.5, (1,))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import forward_with_hooks, plain_inputs, plain_model
+from oracle import LLAVA, forward_with_hooks, plain_inputs, plain_model
 
 import mmscope
 from mmscope.errors import ModelLoadError
@@ -56,7 +56,7 @@ def test_hidden_states_and_lens_read_the_same_output(tiny, examples):
 def test_empty_intervention_list_equals_plain_hf_forward(tiny, tiny_folder, examples):
     batch = examples[2]
     with torch.no_grad():
-        expected = last_probs(plain_model(tiny_folder)(**plain_inputs(batch.inputs)).logits)
+        expected = last_probs(plain_model(tiny_folder)(**plain_inputs(LLAVA, batch.inputs)).logits)
     assert torch.equal(tiny.next_token_probs(batch), expected)
 
 
@@ -97,6 +97,6 @@ def test_the_inline_trace_yields_the_context_and_matches_an_independent_hook(tin
             output[row, batch.layouts[row]["image"]] *= 0.5
         return output
 
-    expected = last_probs(forward_with_hooks(model, batch.inputs, hooks=[(model.model.language_model.layers[1], scale)]))
+    expected = last_probs(forward_with_hooks(LLAVA, model, batch.inputs, hooks=[(model.model.language_model.layers[1], scale)]))
     assert torch.allclose(probs, expected, atol=TOLERANCE)
     assert not torch.allclose(probs, tiny.next_token_probs(batch), atol=1e-4)

@@ -89,6 +89,10 @@ class Adapter:
         """Extra named groups `name -> positions [n]` within the image tokens (e.g. tiles, row newlines)."""
         return {}
 
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits from its lm_head output `[..., V]`: what its forward does after the lm_head."""
+        return logits
+
     def appended_value(self, key: str) -> int:
         """Value of the `[B, T]` input `key` (one of `sequence_keys`) at tokens appended after the prompt, such as
         a teacher-forced answer: 1 in the attention mask, 0 (text) in token types and image-position masks."""

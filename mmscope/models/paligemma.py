@@ -4,7 +4,8 @@ The prompt is `<image>` followed by the task prefix ("answer en …"); the proce
 tokens and appends "\\n", and marks the whole prompt with `token_type_ids = 0`: the *prefix*, inside which every
 token attends to every other (image and text alike). Tokens appended after it (answers) have
 `token_type_ids = 1` and attend causally. Knockout edits the mask the model built, so blocking, say, image →
-question removes edges that only exist because the prefix is bidirectional. Positions are 1-indexed.
+question removes edges that only exist because the prefix is bidirectional. Positions are 1-indexed. PaliGemma 2
+(a Gemma 2 decoder) soft-caps its logits after the lm_head; `final_logits` does the same.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class PaliGemmaAdapter(Adapter):
         encoding = super().encode(image, text)
         inputs = {key: value for key, value in encoding.inputs.items() if key != "labels"}  # training targets
         return Encoding(inputs, encoding.spans, encoding.expanded)
+
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Soft-capped as PaliGemma's forward does when its text config asks (PaliGemma 2's Gemma 2 decoder)."""
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def appended_value(self, key: str) -> int:
         return 1 if key == "token_type_ids" else super().appended_value(key)

@@ -1,4 +1,5 @@
-"""Every supported family, end to end on a tiny random checkpoint with its real processor class.
+"""`mmscope.models`: every supported family's adapter, end to end on a tiny random checkpoint with its real
+processor class.
 
 For each family: `mmscope.load` reads a `save_pretrained` folder; the token layout agrees with the processor's
 own image-token count; a knockout over a window equals the plain-PyTorch masked forward (pre-hooks editing the
@@ -13,20 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import scene
-from families import (
-    FAMILIES,
-    IMAGES,
-    QUESTIONS,
-    Loaded,
-    byte_tokenizer,
-    family_params,
-    knockout_logits,
-    layer_outputs,
-    load_family,
-    pairs,
-    patched_logits,
-    plain_inputs,
-)
+from families import FAMILIES, IMAGES, QUESTIONS, Loaded, byte_tokenizer, family_params, load_family
+from oracle import knockout_logits, layer_outputs, pairs, patched_logits, plain_inputs
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -532,6 +521,24 @@ def test_generic_adapter_by_fields_equals_the_registered_llava_adapter(byte_llav
     truncated = generic.next_token_probs(ours, [Truncate(1)])
     assert torch.allclose(truncated, registered.next_token_probs(reference, [Truncate(1)]), atol=TOLERANCE, rtol=0)
     assert not torch.allclose(truncated, generic.next_token_probs(ours), atol=1e-5)
+
+
+def test_paligemma2_logits_are_soft_capped_as_its_forward_does(tmp_path):
+    from families import build_paligemma
+
+    folder = build_paligemma(tmp_path, seed=1, softcap=2.0)  # a low cap, so that capping moves the probabilities
+    model = mmscope.load(folder)
+    batch = model.batch([model.prepare(scene(40, 30, seed=1), QUESTIONS[0]),
+                         model.prepare(scene(30, 50, seed=2), QUESTIONS[1])])
+    plain = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        output = plain(**plain_inputs(FAMILIES["paligemma"], batch.inputs), output_hidden_states=True)
+        uncapped = plain.lm_head(output.hidden_states[-1])[:, -1].softmax(-1)  # the last entry is already normed
+    probs = model.next_token_probs(batch)
+    assert torch.allclose(probs, output.logits[:, -1].softmax(-1), atol=TOLERANCE)
+    assert not torch.allclose(probs, uncapped, atol=1e-3), "the cap must matter here"
+    lens = model.unembed(model.hidden_states(batch)[-1, :, -1]).softmax(-1)
+    assert torch.allclose(lens, probs, atol=TOLERANCE), "the lens reads logits as the model returns them"
 
 
 def test_a_padding_mask_broadcast_over_queries_is_knocked_out_per_query():

@@ -1,4 +1,5 @@
-"""The training recipe's auxiliary targets, checked against the scene graphs read independently."""
+"""`mmscope.zoo`: the shapes-llava training recipe's auxiliary targets, checked against the scene graphs read
+independently."""
 
 from __future__ import annotations
 
