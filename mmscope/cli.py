@@ -205,7 +205,7 @@ def evaluate(
 ) -> None:
     """Greedy accuracy per GQA category, with and without the image."""
     import mmscope
-    from mmscope.experiments.evaluate import accuracy, greedy_answers
+    from mmscope.experiments.answers import accuracy, greedy_answers
     from mmscope.experiments.tables import accuracy_table
     from mmscope.experiments.workspace import load_questions
 

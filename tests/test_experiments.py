@@ -135,7 +135,7 @@ def test_a_sweep_killed_midway_resumes_to_the_uninterrupted_table(embedded, worl
 
 
 def test_embedded_model_answers_held_out_questions(embedded, world):
-    from mmscope.experiments.evaluate import accuracy, greedy_answers
+    from mmscope.experiments.answers import accuracy, greedy_answers
 
     dataset = load_questions(world, "test", limit=10)
     result = accuracy(dataset, greedy_answers(embedded, dataset, progress=False))

@@ -1,16 +1,14 @@
-"""What every sweep shares: turning a GQA row into an Example, the clean answer, the resumable loop, outputs."""
+"""What every sweep shares: turning a GQA row into an Example, row ids, the resumable loop, outputs."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mmscope.experiments.evaluate import normalise
 from mmscope.experiments.runs import RunDir, summarize
 from mmscope.inputs import Example
 from mmscope.model import Model
@@ -21,21 +19,6 @@ def example_of(model: Model, row: dict) -> Example:
     boxes = [tuple(box) for box in row.get("object_boxes") or [] if len(box) == 4]  # [] marks an absent object
     meta = {key: row.get(key) for key in ("question_id", "image_id", "category", "answer")}
     return model.prepare(row["image"].convert("RGB"), row["question"], boxes=boxes or None, meta=meta)
-
-
-@dataclass(frozen=True)
-class CleanAnswer:
-    """The model's greedy answer, whether it matches the label, and the first token it starts with."""
-
-    text: str
-    correct: bool
-    first_token: int
-
-
-def clean_answer(model: Model, example: Example, label: str) -> CleanAnswer:
-    text = model.generate_answer(example)
-    scored = text if text.strip() else label
-    return CleanAnswer(text, normalise(text) == normalise(label), model.answer_tokens(example, scored)[0][0])
 
 
 def row_ids(index: int, row: dict) -> dict:

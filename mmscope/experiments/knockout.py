@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mmscope.errors import InterventionError, known
-from mmscope.experiments.common import clean_answer, example_of, resumable_loop, row_ids
+from mmscope.experiments.answers import clean_answer
+from mmscope.experiments.common import example_of, resumable_loop, row_ids
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.runs import RunDir
 from mmscope.interventions import Knockout, knockout_window

@@ -8,7 +8,8 @@ and for choose questions the false option. The answer appears first in lower cas
 
 from __future__ import annotations
 
-from mmscope.experiments.common import clean_answer, example_of, resumable_loop, row_ids
+from mmscope.experiments.answers import clean_answer
+from mmscope.experiments.common import example_of, resumable_loop, row_ids
 from mmscope.experiments.runs import RunDir
 from mmscope.model import Model
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mmscope.experiments.common import clean_answer, example_of, resumable_loop, row_ids
+from mmscope.experiments.answers import clean_answer
+from mmscope.experiments.common import example_of, resumable_loop, row_ids
 from mmscope.experiments.runs import RunDir
 from mmscope.interventions import ActivationPatch
 from mmscope.model import Model

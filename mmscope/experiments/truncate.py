@@ -6,7 +6,8 @@ and we record the probability of the clean answer's first token and whether it i
 
 from __future__ import annotations
 
-from mmscope.experiments.common import clean_answer, example_of, resumable_loop, row_ids
+from mmscope.experiments.answers import clean_answer
+from mmscope.experiments.common import example_of, resumable_loop, row_ids
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.runs import RunDir
 from mmscope.interventions import Truncate

@@ -1,8 +1,9 @@
-"""Answer accuracy per GQA category, with greedy decoding through the same path every experiment uses.
+"""The model's answers and when they count as correct: greedy decoding through the path every experiment uses.
 
-A question counts as answered correctly when the greedy answer, stripped and lower-cased, equals the label —
-the study's filter for which questions enter a knockout sweep. With `blank=True` the image is replaced by a
-blank one of the same size: a model that really reads the image falls to chance on binary choices.
+A question counts as answered correctly when the greedy answer, stripped, lower-cased and without a final
+full stop, equals the label — the study's filter for which questions enter a sweep, and what `mmscope
+evaluate` counts. With `blank=True` the image is replaced by a blank one of the same size: a model that really
+reads the image falls to chance on binary choices.
 """
 
 from __future__ import annotations
@@ -13,11 +14,30 @@ from dataclasses import dataclass
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mmscope.inputs import Example
 from mmscope.model import Model
 
 
 def normalise(answer: str) -> str:
+    """The form in which an answer is compared with its label."""
     return answer.strip().lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class CleanAnswer:
+    """The model's greedy answer, whether it matches the label, and the first token it starts with."""
+
+    text: str
+    correct: bool
+    first_token: int
+
+
+def clean_answer(model: Model, example: Example, label: str) -> CleanAnswer:
+    """The greedy answer to one example without interventions; an empty answer is scored by the label's
+    first token."""
+    text = model.generate_answer(example)
+    scored = text if text.strip() else label
+    return CleanAnswer(text, normalise(text) == normalise(label), model.answer_tokens(example, scored)[0][0])
 
 
 @dataclass(frozen=True)
@@ -28,17 +48,19 @@ class Accuracy:
     total: dict[str, int]
 
     def of(self, category: str) -> float:
+        """The share answered correctly in `category` (NaN when it has no questions)."""
         return self.correct[category] / self.total[category] if self.total[category] else float("nan")
 
     @property
     def overall(self) -> float:
+        """The share answered correctly over every category."""
         total = sum(self.total.values())
         return sum(self.correct.values()) / total if total else float("nan")
 
 
 def greedy_answers(model: Model, dataset, *, batch_size: int = 32, blank: bool = False, progress: bool = True,
                    desc: str = "answering") -> list[str]:
-    """The model's greedy answer to every row (`image`, `question`) of a GQA-format dataset."""
+    """The model's greedy answer to every row (`image`, `question`) of a GQA-format dataset, in batches."""
     answers: list[str] = []
     bar = tqdm(total=len(dataset), desc=desc, unit="q", disable=not progress)
     for start in range(0, len(dataset), batch_size):
