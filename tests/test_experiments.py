@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import mmscope
 from mmscope.cli import app
-from mmscope.experiments.common import example_of
+from mmscope.experiments.runner import example_of
 from mmscope.experiments.knockout import Flow
 from mmscope.experiments.workspace import load_questions
 from mmscope.interventions import knockout_window
