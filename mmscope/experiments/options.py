@@ -59,6 +59,11 @@ def split_option() -> Any:
     return option("test", "Split of --data to use.")
 
 
+def limit_option(default: int | None) -> Any:
+    """`--limit`: at most this many questions per category (None: all)."""
+    return option(default, "At most N questions per category.")
+
+
 def out_option() -> Any:
     """`--out`: the run folder."""
     return option(None, "Run folder (default runs/<experiment>); reruns resume.", listed_last=True)
@@ -88,7 +93,7 @@ class QuestionOptions:
     images: Path | None = option(None, "GQA images folder, for the study's CSVs.")
     split: str = split_option()
     categories: list[str] | None = option(None, "Categories to run (repeatable; default all six).")
-    limit: int | None = option(20, "At most N questions per category.")
+    limit: int | None = limit_option(20)
     include_all: bool = option(False, "Keep questions the model answers wrongly.", flag="--include-all",
                                listed_last=True)
     out: Path | None = out_option()

@@ -23,7 +23,7 @@ import pandas as pd
 
 from mmscope.experiments.engine import Variant
 from mmscope.experiments.figures import heatmap
-from mmscope.experiments.options import QuestionOptions, check_choice, option
+from mmscope.experiments.options import QuestionOptions, check_choice, limit_option, option
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants
 from mmscope.interventions import SITES, ActivationPatch
 from mmscope.model import Model
@@ -36,7 +36,7 @@ MIN_EFFECT = 0.05
 class PatchOptions(QuestionOptions):
     """`mmscope patch`: fewer questions by default, the site patched and the token groups."""
 
-    limit: int | None = option(10, "At most N questions per category.")
+    limit: int | None = limit_option(10)
     site: str = option("residual", "residual, attention or mlp.")
     groups: list[str] | None = option(None, "Token groups to patch (repeatable).", flag="--group")
 
