@@ -221,10 +221,3 @@ def test_a_relation_to_an_object_the_image_lacks_is_named(tmp_path):
               "relations": [{"name": "to the left of", "object": "2"}]}}}}))
     with pytest.raises(MalformedFileError, match=r"image '7', object '1': relations point to object\(s\) \['2'\]"):
         entailment_dataset(graphs, None)
-
-
-def test_the_former_module_name_serves_the_same_datasets():
-    from mmscope.data import probes, probing
-
-    assert probes.entailment_dataset is probing.entailment_dataset
-    assert probes.object_recognition_dataset is probing.object_recognition_dataset

@@ -1,27 +1,30 @@
-"""Every experiment command end to end on the embedded model, with small limits, and checks of its numbers."""
+"""Every experiment command end to end on the embedded model, with small limits, and checks of its numbers
+against the core API (`Model.next_token_probs`, `hidden_states`, `generate_answer` …) computed independently."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections import Counter
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 import mmscope
 from mmscope.cli import app
-from mmscope.experiments.common import example_of
 from mmscope.experiments.knockout import Flow
+from mmscope.experiments.runner import example_of
 from mmscope.experiments.workspace import load_questions
-from mmscope.interventions import knockout_window
+from mmscope.interventions import ActivationPatch, Intervention, Knockout, Truncate, knockout_window
 
 runner = CliRunner()
 
@@ -42,13 +45,26 @@ def embedded():
 
 
 def invoke(*args: str) -> str:
+    """Run `mmscope ARGS`; what it printed to stdout (progress bars and warnings go to stderr)."""
     result = runner.invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def common(world, out, limit="2") -> list[str]:
     return ["--data", str(world), "--split", "test", "--limit", limit, "--out", str(out)]
+
+
+def first_token(model, example, label: str) -> int:
+    """The first token of the model's clean greedy answer (of the label when the answer is empty)."""
+    answer = model.generate_answer(example)
+    return model.answer_tokens(example, answer if answer.strip() else label)[0][0]
+
+
+def recorded_example(config: dict, kind: str) -> tuple[list, Intervention]:
+    """The variant key and the rebuilt intervention config.yaml records for one kind of intervention."""
+    [example] = [e for e in config["interventions"]["examples"] if e["intervention"]["type"] == kind]
+    return example["variant"], Intervention.from_dict(example["intervention"])
 
 
 def test_knockout_command_writes_table_figure_config_and_its_dp_matches_the_core_api(embedded, world, tmp_path):
@@ -60,6 +76,13 @@ def test_knockout_command_writes_table_figure_config_and_its_dp_matches_the_core
         assert (out / name).exists(), name
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["experiment"]["window"] == 3 and "torch" in config["versions"]
+    recorded = config["interventions"]
+    assert recorded["parameters"] == {"flows": ["image->last", "question->last"], "window": 3,
+                                      "centers": list(range(embedded.n_layers))}
+    assert recorded["variants"] == 2 * embedded.n_layers
+    variant, intervention = recorded_example(config, "Knockout")
+    assert variant == ["image->last", 0]
+    assert intervention == Knockout("image", "last", knockout_window(0, 3, embedded.n_layers), keep_self=True)
     table = pd.read_parquet(out / "results.parquet")
     assert len(table) == table["example"].nunique() * 2 * embedded.n_layers
     row = table.iloc[5]
@@ -74,6 +97,10 @@ def test_knockout_command_writes_table_figure_config_and_its_dp_matches_the_core
     summary = pd.read_csv(out / "summary.csv")
     means = table.groupby(["category", "flow", "center"])["delta_pct"].mean().reset_index()
     assert summary["mean"].to_numpy() == pytest.approx(means["delta_pct"].to_numpy())
+    # The run's own config.yaml, given as --config, is the same run: it resumes (nothing left to do) and prints
+    # the same report from the same table.
+    assert invoke("knockout", "--config", str(out / "config.yaml")) == printed
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), table)
 
 
 def test_wandb_offline_run_holds_the_summary_values(embedded, world, tmp_path):
@@ -90,15 +117,67 @@ def test_wandb_offline_run_holds_the_summary_values(embedded, world, tmp_path):
     assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def test_lens_truncate_patch_and_probe_commands_write_their_outputs(embedded, world, tmp_path):
+def test_lens_command_reports_the_normed_lens_and_its_probabilities_match_the_core_api(embedded, world, tmp_path):
     printed = invoke("lens", *common(world, tmp_path / "lens"), "--lens", "normed", "--include-all")
     assert "normed lens" in printed
+    assert yaml.safe_load((tmp_path / "lens" / "config.yaml").read_text())["interventions"] == {}
+    table = pd.read_parquet(tmp_path / "lens" / "results.parquet")
+    dataset = load_questions(world, "test", limit=2)
+    for token in ("answer", "false_option"):
+        row = table[(table["token"] == token) & (table["layer"] == embedded.n_layers // 2)].iloc[0]
+        question = dataset[int(row["example"])]
+        assert str(question["question_id"]) == row["question_id"]
+        example = example_of(embedded, question)
+        expected = (first_token(embedded, example, question["answer"]) if token == "answer"
+                    else embedded.answer_tokens(example, question["false_option"])[0][0])
+        assert row["token_id"] == expected
+        last = example.layout["last"][0]
+        states = embedded.hidden_states(example)[1:, 0, last]  # after each decoder layer
+        probs = embedded.unembed(states, normed=True).softmax(-1)
+        assert row["prob"] == pytest.approx(probs[int(row["layer"]), expected].item(), abs=1e-6)
+
+
+def test_truncate_command_exits_after_each_layer_and_the_last_layer_is_the_clean_run(embedded, world, tmp_path):
     invoke("truncate", *common(world, tmp_path / "truncate"), "--include-all")
     truncated = pd.read_parquet(tmp_path / "truncate" / "results.parquet")
     last = truncated[truncated["layer"] == embedded.n_layers - 1]
     assert last["p_answer"].to_numpy() == pytest.approx(last["p_clean"].to_numpy(), abs=1e-6)
+    config = yaml.safe_load((tmp_path / "truncate" / "config.yaml").read_text())
+    assert config["interventions"]["parameters"] == {"layers": list(range(embedded.n_layers))}
+    assert recorded_example(config, "Truncate") == ([0], Truncate(0))
+
+
+def test_patch_command_writes_its_heatmap_and_its_probabilities_match_the_core_api(embedded, world, tmp_path):
     invoke("patch", *common(world, tmp_path / "patch", limit="2"), "--include-all")
     assert (tmp_path / "patch" / "patch.png").exists()
+    config = yaml.safe_load((tmp_path / "patch" / "config.yaml").read_text())
+    assert config["interventions"]["parameters"] == {
+        "site": "residual", "groups": ["image", "object", "question", "last"], "layers": list(range(embedded.n_layers))}
+    assert recorded_example(config, "ActivationPatch") == (["image", 0], ActivationPatch("residual", (0,), "image"))
+    table = pd.read_parquet(tmp_path / "patch" / "results.parquet")
+    row = table[(table["group"] == "image") & (table["layer"] == 1)].iloc[0]
+    dataset = load_questions(world, "test", limit=2)
+    question = dataset[int(row["example"])]
+    assert str(question["question_id"]) == row["question_id"]
+    # The pair as the experiment builds it: the clean example, and the same question about the corrupting image.
+    clean = example_of(embedded, question)
+    assert row["corrupting_image_id"] != row["image_id"]
+    corrupting = next(other["image"] for other in dataset if str(other["image_id"]) == row["corrupting_image_id"])
+    corrupted = embedded.prepare(corrupting.convert("RGB"), question["question"], boxes=clean.meta[0]["boxes"])
+    pair = embedded.batch([clean, corrupted])
+    token = first_token(embedded, clean, question["answer"])
+    p_clean, p_corrupted = embedded.next_token_probs(pair)[:, token].tolist()
+    p_patched = embedded.next_token_probs(pair, [ActivationPatch("residual", (1,), "image")])[1, token].item()
+    assert row["p_clean"] == pytest.approx(p_clean, abs=1e-6)
+    assert row["p_corrupted"] == pytest.approx(p_corrupted, abs=1e-6)
+    assert row["p_patched"] == pytest.approx(p_patched, abs=1e-6)
+    if abs(p_clean - p_corrupted) >= 0.05:
+        assert row["restored"] == pytest.approx((p_patched - p_corrupted) / (p_clean - p_corrupted), abs=1e-4)
+    else:
+        assert pd.isna(row["restored"])
+
+
+def test_probe_command_trains_a_probe_per_layer_for_both_tasks(embedded, world, tmp_path):
     printed = invoke("probe", "--data", str(world), "--split", "test", "--n-images", "12",
                      "--out", str(tmp_path / "probe"))
     assert "best layer" in printed
@@ -107,9 +186,26 @@ def test_lens_truncate_patch_and_probe_commands_write_their_outputs(embedded, wo
     assert probes["layer"].nunique() == embedded.n_layers + 1
 
 
-def test_evaluate_prints_accuracy_with_and_without_the_image(embedded, world):
+def test_evaluate_prints_the_accuracy_an_answer_by_answer_count_gives(embedded, world):
     printed = invoke("evaluate", "--data", str(world), "--limit", "3")
     assert "image acc %" in printed and "blank image acc %" in printed and "overall" in printed
+    # One question at a time, with the image and with a black one of the same size, as evaluate's 4 new tokens.
+    correct = {"image": Counter(), "blank image": Counter()}
+    total = Counter()
+    for question in load_questions(world, "test", limit=3):
+        image = question["image"].convert("RGB")
+        label = question["answer"].strip().lower().rstrip(".")
+        total[question["category"]] += 1
+        for condition, picture in (("image", image), ("blank image", Image.new("RGB", image.size, (0, 0, 0)))):
+            answer = embedded.generate_answer(embedded.prepare(picture, question["question"]), max_new_tokens=4)
+            correct[condition][question["category"]] += answer.strip().lower().rstrip(".") == label
+    expected = {}
+    for category in [*total, "overall"]:
+        n = total[category] if category != "overall" else total.total()
+        hits = [counts[category] if category != "overall" else counts.total() for counts in correct.values()]
+        expected[category] = (*(f"{100 * hit / n:.1f}" for hit in hits), str(n))
+    printed_rows = re.finditer(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", printed, flags=re.MULTILINE)
+    assert {match[1]: match.groups()[1:] for match in printed_rows} == expected
 
 
 def test_a_sweep_killed_midway_resumes_to_the_uninterrupted_table(embedded, world, tmp_path):
@@ -135,7 +231,7 @@ def test_a_sweep_killed_midway_resumes_to_the_uninterrupted_table(embedded, worl
 
 
 def test_embedded_model_answers_held_out_questions(embedded, world):
-    from mmscope.experiments.evaluate import accuracy, greedy_answers
+    from mmscope.experiments.answers import accuracy, greedy_answers
 
     dataset = load_questions(world, "test", limit=10)
     result = accuracy(dataset, greedy_answers(embedded, dataset, progress=False))

@@ -1,68 +1,71 @@
-"""Answer accuracy per GQA category, with greedy decoding through the same path every experiment uses.
+"""Evaluation: greedy accuracy per GQA category, with the image and with a blank one.
 
-A question counts as answered correctly when the greedy answer, stripped and lower-cased, equals the label —
-the study's filter for which questions enter a knockout sweep. With `blank=True` the image is replaced by a
-blank one of the same size: a model that really reads the image falls to chance on binary choices.
+Not run by the experiment runner: it measures the model rather than sweeping interventions over it. It answers
+the questions in batches of `--batch-size` (a per-question resumable loop would give up the batching), writes
+no run folder, and prints one table — which `--card` also writes into the model folder's model card. So it is
+declared as a plain `Command` (options and `main`); the CLI generates its command the same way.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from PIL import Image
-from tqdm.auto import tqdm
+import pandas as pd
 
-from mmscope.model import Model
-
-
-def normalise(answer: str) -> str:
-    return answer.strip().lower().rstrip(".")
+import mmscope
+from mmscope.data import CATEGORIES
+from mmscope.experiments.answers import Accuracy, accuracy, greedy_answers
+from mmscope.experiments.options import Command, option
+from mmscope.experiments.workspace import load_questions
+from mmscope.model import resolve
+from mmscope.zoo import DEFAULT_MODEL
+from mmscope.zoo.shapes_llava.card import write_model_card
 
 
 @dataclass(frozen=True)
-class Accuracy:
-    """Correct / total per category, and overall."""
+class EvaluateOptions:
+    """`mmscope evaluate`: the model, the questions, the batch size, and what else to measure or write."""
 
-    correct: dict[str, int]
-    total: dict[str, int]
-
-    def of(self, category: str) -> float:
-        return self.correct[category] / self.total[category] if self.total[category] else float("nan")
-
-    @property
-    def overall(self) -> float:
-        total = sum(self.total.values())
-        return sum(self.correct.values()) / total if total else float("nan")
+    model: str = option(DEFAULT_MODEL, "Embedded model name, checkpoint folder or hub id.")
+    data: Path | None = option(None, "Synthetic-world or GQA folder (default: the embedded test split).")
+    split: str = option("test", "Which split of --data.")
+    limit: int | None = option(None, "Evaluate at most N questions per category.")
+    batch_size: int = option(32)
+    blank: bool = option(True, "Also evaluate with blank images (the model must use the image).")
+    card: bool = option(False, "Write the result into the model folder's model card.", flag="--card")
 
 
-def greedy_answers(model: Model, dataset, *, batch_size: int = 32, blank: bool = False, progress: bool = True,
-                   desc: str = "answering") -> list[str]:
-    """The model's greedy answer to every row (`image`, `question`) of a GQA-format dataset."""
-    answers: list[str] = []
-    bar = tqdm(total=len(dataset), desc=desc, unit="q", disable=not progress)
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        examples = []
-        for image, question in zip(rows["image"], rows["question"], strict=True):
-            image = image.convert("RGB")
-            if blank:
-                image = Image.new("RGB", image.size, (0, 0, 0))
-            examples.append(model.prepare(image, question))
-        batch = model.batch(examples)
-        generated = model.generate_answer(batch, max_new_tokens=4)
-        answers += [generated] if isinstance(generated, str) else generated
-        bar.update(len(examples))
-    bar.close()
-    return answers
+def accuracy_table(results: dict[str, Accuracy]) -> str:
+    """Accuracy (%) and counts per category, one column per condition (e.g. "image", "blank image")."""
+    first = next(iter(results.values()))
+    categories = [c for c in CATEGORIES if c in first.total] + sorted(set(first.total) - set(CATEGORIES))
+    table = pd.DataFrame(
+        {
+            **{f"{name} acc %": [100 * acc.of(c) for c in categories] + [100 * acc.overall]
+               for name, acc in results.items()},
+            "n": [first.total[c] for c in categories] + [sum(first.total.values())],
+        },
+        index=[*categories, "overall"],
+    )
+    return table.to_string(float_format=lambda v: f"{v:.1f}")
 
 
-def accuracy(dataset, answers: list[str]) -> Accuracy:
-    """Per-category accuracy of `answers` against the dataset's labels."""
-    correct: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    for category, label, answer in zip(dataset["category"], dataset["answer"], answers, strict=True):
-        category = category or "Other"
-        total[category] += 1
-        correct[category] += int(normalise(answer) == normalise(label))
-    return Accuracy(dict(correct), dict(total))
+def evaluate(options: EvaluateOptions, echo: Callable[[str], None]) -> None:
+    """Print the accuracy table; with `card`, write it into the model card too."""
+    model = mmscope.load(options.model)
+    dataset = load_questions(options.data, options.split, limit=options.limit)
+    results = {"image": accuracy(dataset, greedy_answers(model, dataset, batch_size=options.batch_size))}
+    if options.blank:
+        answers = greedy_answers(model, dataset, batch_size=options.batch_size, blank=True, desc="blank images")
+        results["blank image"] = accuracy(dataset, answers)
+    table = accuracy_table(results)
+    echo(table)
+    if options.card:
+        command = f"mmscope evaluate --model {options.model}" + (f" --limit {options.limit}" if options.limit else "")
+        echo(f"model card: {write_model_card(resolve(options.model), table, command)}")
+
+
+EVALUATE = Command(name="evaluate", help="Greedy accuracy per GQA category, with and without the image.",
+                   options=EvaluateOptions, main=evaluate)

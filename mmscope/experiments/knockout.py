@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from mmscope.errors import InterventionError, known
-from mmscope.experiments.common import clean_answer, example_of, resumable_loop, row_ids
-from mmscope.experiments.engine import Variant, run_variants
-from mmscope.experiments.runs import RunDir
+import pandas as pd
+
+from mmscope.errors import InterventionError
+from mmscope.experiments.engine import ENGINES, Variant, run_variants
+from mmscope.experiments.figures import curves
+from mmscope.experiments.options import QuestionOptions, check_choice, engine_option, option
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants
 from mmscope.interventions import Knockout, knockout_window
 from mmscope.model import Model
 
@@ -44,45 +48,66 @@ class Flow:
 
     @classmethod
     def parse(cls, text: str) -> Flow:
+        """A flow from its name, `source->target`."""
         parts = text.split("->")
         if len(parts) != 2 or not all(part.strip() for part in parts):
             raise InterventionError(f"flow {text!r} must read 'source->target', e.g. 'image->last'")
         return cls(parts[0].strip(), parts[1].strip())
 
     def knockout(self, layers: Sequence[int]) -> Knockout:
+        """The knockout of this flow in `layers`."""
         # Blocking last->last must block the last position's attention to itself, the only edge it names.
         return Knockout(self.source, self.target, tuple(layers), keep_self=self.source != self.target)
 
 
-def knockout_rows(model: Model, index: int, row: dict, flows: Sequence[Flow], window: int, *,
-                  include_all: bool = False, engine: str = "prefix") -> list[dict] | None:
-    """All (flow × centre layer) rows of one example, or None when it is skipped (answered wrongly)."""
-    example = example_of(model, row)
-    answer = clean_answer(model, example, row["answer"])
-    if not answer.correct and not include_all:
-        return None
-    groups = set(example.groups())
-    usable = [flow for flow in flows if {flow.source, flow.target} <= groups]
-    variants = [
-        Variant((flow.name, center), (flow.knockout(knockout_window(center, window, model.n_layers)),))
-        for flow in usable
-        for center in range(model.n_layers)
-    ]
-    clean, probs = run_variants(model, example, variants, engine=engine)
-    p_clean = clean.probs[answer.first_token].item()
-    ids = row_ids(index, row)
+@dataclass(frozen=True)
+class KnockoutOptions(QuestionOptions):
+    """`mmscope knockout`: the flows to block, the window of layers around each centre, the sweep engine."""
+
+    flows: list[str] | None = option(None, "source->target (repeatable; default: the study's six flows).",
+                                     flag="--flow")
+    window: int = option(9, "Window k of layers blocked around each centre layer.")
+    engine: str = engine_option()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flows", list(self.flows or STUDY_FLOWS))  # recorded as run, defaults included
+        for flow in self.flows:
+            Flow.parse(flow)
+        check_choice("engine", self.engine, ENGINES)
+
+
+def knockout_variants(options: KnockoutOptions, model: Model) -> Variants:
+    """Every flow × centre layer, each blocking its flow in the window around the centre."""
+    flows = [Flow.parse(flow) for flow in options.flows]
+    centers = list(range(model.n_layers))
+    variants = tuple(
+        Variant((flow.name, center), (flow.knockout(knockout_window(center, options.window, model.n_layers)),))
+        for flow in flows
+        for center in centers
+    )
+    parameters = {"flows": [flow.name for flow in flows], "window": options.window, "centers": centers}
+    return Variants(parameters, variants)
+
+
+def knockout_rows(sweep: Sweep[KnockoutOptions], question: Question) -> list[dict]:
+    """The (flow × centre layer) rows of one question; flows between groups it lacks are left out."""
+    groups = set(question.example.groups())
+    variants = [variant for variant in sweep.variants
+                if {variant.interventions[0].source, variant.interventions[0].target} <= groups]
+    clean, probs = run_variants(sweep.model, question.example, variants, engine=sweep.options.engine)
+    token = question.answer.first_token
+    p_clean = clean.probs[token].item()
     rows = []
     for variant, variant_probs in zip(variants, probs, strict=True):
         flow, center = variant.key
-        p_ko = variant_probs[answer.first_token].item()
+        p_ko = variant_probs[token].item()
         layers = variant.interventions[0].layers
         rows.append({
-            **ids,
-            "generated": answer.text,
-            "correct": answer.correct,
+            "generated": question.answer.text,
+            "correct": question.answer.correct,
             "flow": flow,
             "center": center,
-            "window": window,
+            "window": sweep.options.window,
             "first_layer": layers[0],
             "last_layer": layers[-1],
             "p_clean": p_clean,
@@ -92,19 +117,34 @@ def knockout_rows(model: Model, index: int, row: dict, flows: Sequence[Flow], wi
     return rows
 
 
-def check_flows(flows: Sequence[str]) -> list[Flow]:
-    parsed = [Flow.parse(flow) for flow in flows]
-    if not parsed:
-        raise InterventionError(f"no flows given; the study's are: {known(STUDY_FLOWS)}")
-    return parsed
+def knockout_figure(summary: pd.DataFrame, path: Path, options: KnockoutOptions) -> Path:
+    """Mean Δp% ± 95% CI against the centre layer, one curve per flow, one panel per category."""
+    return curves(summary, path, x="center", hue="flow", panel="category", ylabel="Δp (%)",
+                  title=f"Attention knockout, window {options.window}", zero_line=True)
 
 
-def run_knockout(model: Model, dataset, run: RunDir, flows: Sequence[str] = STUDY_FLOWS, window: int = 9, *,
-                 include_all: bool = False, engine: str = "prefix") -> dict[str, int]:
-    """Sweep every example of `dataset` into `run` (resumable). Returns counts of used and skipped examples."""
-    parsed = check_flows(flows)
-    return resumable_loop(
-        run, dataset,
-        lambda index, row: knockout_rows(model, index, row, parsed, window, include_all=include_all, engine=engine),
-        desc="knockout",
-    )
+def knockout_findings(table: pd.DataFrame, summary: pd.DataFrame, options: KnockoutOptions) -> list[str]:
+    """Per category and flow, the centre layer with the largest mean drop, and that drop."""
+    worst = summary.loc[summary.groupby(["category", "flow"])["mean"].idxmin()]
+    findings = worst.rename(columns={"center": "worst center", "mean": "mean Δp %"})
+    findings = findings.pivot(index="category", columns="flow", values=["worst center", "mean Δp %"])
+    merged = pd.DataFrame({
+        flow: [f"L{int(findings.loc[c, ('worst center', flow)])}: {findings.loc[c, ('mean Δp %', flow)]:+.1f}"
+               for c in findings.index]
+        for flow in table["flow"].unique()  # in the order the flows were asked for
+    }, index=findings.index)
+    return ["", "Largest mean drop of p(answer) per category and flow (centre layer, Δp %):", merged.to_string()]
+
+
+KNOCKOUT = Experiment(
+    name="knockout",
+    help="Attention-knockout sweep over flows × centre layers: Δp% of the answer per GQA category.",
+    options=KnockoutOptions,
+    work=PerQuestion(knockout_rows, knockout_variants),
+    value="delta_pct",
+    by=("category", "flow", "center"),
+    figure=knockout_figure,
+    findings=knockout_findings,
+    desc="knockout",
+    prints_table=True,
+)

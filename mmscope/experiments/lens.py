@@ -4,18 +4,36 @@ The residual stream after each layer is projected onto the vocabulary with the u
 the final norm ("normed") or without it ("raw" — what the cross-modal information-flow study did), and the
 probability of the answer token is tracked: lower-case, its capitalised variant when the vocabulary has one,
 and for choose questions the false option. The answer appears first in lower case in the study's LLaVA runs.
+The lens only reads activations: it applies no intervention.
 """
 
 from __future__ import annotations
 
-from mmscope.experiments.common import clean_answer, example_of, resumable_loop, row_ids
-from mmscope.experiments.runs import RunDir
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mmscope.experiments.figures import curves
+from mmscope.experiments.options import QuestionOptions, check_choice, option
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep
+from mmscope.layout import Example
 from mmscope.model import Model
 
 LENSES = ("raw", "normed")
 
 
-def tracked_tokens(model: Model, example, row: dict, answer_token: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class LensOptions(QuestionOptions):
+    """`mmscope lens`: which lens."""
+
+    lens: str = option("raw", "raw (no final norm, as in the study) or normed.")
+
+    def __post_init__(self) -> None:
+        check_choice("lens", self.lens, LENSES)
+
+
+def tracked_tokens(model: Model, example: Example, row: dict, answer_token: int) -> dict[str, int]:
     """Token ids the lens follows: the answer, its capitalised form, and the false option (when distinct)."""
     tokens = {"answer": answer_token}
     capitalised = model.answer_tokens(example, row["answer"].capitalize())[0][0]
@@ -29,22 +47,40 @@ def tracked_tokens(model: Model, example, row: dict, answer_token: int) -> dict[
     return tokens
 
 
-def lens_rows(model: Model, index: int, row: dict, lens: str, include_all: bool = False) -> list[dict] | None:
-    example = example_of(model, row)
-    answer = clean_answer(model, example, row["answer"])
-    if not answer.correct and not include_all:
-        return None
-    states = model.hidden_states(example)[1:, 0, -1]  # [L, D] after each decoder layer, last position
+def lens_rows(sweep: Sweep[LensOptions], question: Question) -> list[dict]:
+    """p(token) after each layer for every tracked token of one question."""
+    model, lens = sweep.model, sweep.options.lens
+    states = model.hidden_states(question.example)[1:, 0, -1]  # [L, D] after each decoder layer, last position
     probs = model.unembed(states, normed=lens == "normed").softmax(-1)
-    ids = row_ids(index, row)
     return [
-        {**ids, "lens": lens, "layer": layer, "token": name, "token_id": token, "prob": probs[layer, token].item()}
-        for name, token in tracked_tokens(model, example, row, answer.first_token).items()
+        {"lens": lens, "layer": layer, "token": name, "token_id": token, "prob": probs[layer, token].item()}
+        for name, token in tracked_tokens(model, question.example, question.row, question.answer.first_token).items()
         for layer in range(model.n_layers)
     ]
 
 
-def run_lens(model: Model, dataset, run: RunDir, lens: str = "raw", include_all: bool = False) -> dict[str, int]:
-    if lens not in LENSES:
-        raise ValueError(f"unknown lens {lens!r}; known: {', '.join(LENSES)}")
-    return resumable_loop(run, dataset, lambda i, row: lens_rows(model, i, row, lens, include_all), desc="logit lens")
+def lens_figure(summary: pd.DataFrame, path: Path, options: LensOptions) -> Path:
+    """Mean p(token) ± 95% CI against the layer, one curve per tracked token, one panel per category."""
+    return curves(summary, path, x="layer", hue="token", panel="category", ylabel="probability",
+                  title=f"Logit lens at the last position ({options.lens})")
+
+
+def lens_findings(table: pd.DataFrame, summary: pd.DataFrame, options: LensOptions) -> list[str]:
+    """Which lens, and the mean p(answer) per category × layer."""
+    answer = summary[summary["token"] == "answer"].pivot(index="category", columns="layer", values="mean")
+    note = ("raw lens: hidden states go straight to lm_head, without the final norm, as in the study"
+            if options.lens == "raw" else "normed lens: hidden states pass the final norm before lm_head")
+    return [note, "", "Mean p(answer) by layer:", answer.to_string(float_format=lambda v: f"{v:.3f}")]
+
+
+LENS = Experiment(
+    name="lens",
+    help="Logit lens at the last position: p(answer), its capitalised form and the false option, per layer.",
+    options=LensOptions,
+    work=PerQuestion(lens_rows),
+    value="prob",
+    by=("category", "token", "layer"),
+    figure=lens_figure,
+    findings=lens_findings,
+    desc="logit lens",
+)

@@ -9,19 +9,48 @@ into the corrupted run, and we measure how much of the clean answer's probabilit
 1 means the patched activation alone restores the clean answer; 0 means it carries nothing the corruption
 removed. Examples where the corruption barely changes p (|p_clean − p_corrupted| < 0.05) are dropped from the
 ratio, as the ratio is meaningless there; their raw probabilities stay in the table.
+
+The pair is a batch of two, which the sweep engine (one example at a time) does not take: every variant runs
+as one forward of the pair.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-from mmscope.experiments.common import clean_answer, example_of, resumable_loop, row_ids
-from mmscope.experiments.runs import RunDir
-from mmscope.interventions import ActivationPatch
+import pandas as pd
+
+from mmscope.experiments.engine import Variant
+from mmscope.experiments.figures import heatmap
+from mmscope.experiments.options import QuestionOptions, check_choice, limit_option, option
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants
+from mmscope.interventions import SITES, ActivationPatch
 from mmscope.model import Model
 
 PATCH_GROUPS = ("image", "object", "question", "last")
 MIN_EFFECT = 0.05
+
+
+@dataclass(frozen=True)
+class PatchOptions(QuestionOptions):
+    """`mmscope patch`: fewer questions by default, the site patched and the token groups."""
+
+    limit: int | None = limit_option(10)
+    site: str = option("residual", "residual, attention or mlp.")
+    groups: list[str] | None = option(None, "Token groups to patch (repeatable).", flag="--group")
+
+    def __post_init__(self) -> None:
+        check_choice("site", self.site, SITES)
+        object.__setattr__(self, "groups", list(self.groups or PATCH_GROUPS))  # recorded as run, defaults included
+
+
+def patch_variants(options: PatchOptions, model: Model) -> Variants:
+    """Every token group × layer, each patching the clean row's `site` into the corrupted row."""
+    layers = list(range(model.n_layers))
+    variants = tuple(Variant((group, layer), (ActivationPatch(options.site, (layer,), group),))
+                     for group in options.groups for layer in layers)
+    return Variants({"site": options.site, "groups": list(options.groups), "layers": layers}, variants)
 
 
 def corrupting_row(dataset, index: int) -> dict:
@@ -33,34 +62,56 @@ def corrupting_row(dataset, index: int) -> dict:
     raise ValueError("patching needs at least two different images in the data")
 
 
-def patch_rows(model: Model, dataset, index: int, row: dict, groups: Sequence[str], site: str,
-               include_all: bool = False) -> list[dict] | None:
-    clean = example_of(model, row)
-    answer = clean_answer(model, clean, row["answer"])
-    if not answer.correct and not include_all:
-        return None
-    other = corrupting_row(dataset, index)
-    corrupted = model.prepare(other["image"].convert("RGB"), row["question"], boxes=clean.meta[0]["boxes"])
+def patch_rows(sweep: Sweep[PatchOptions], question: Question) -> list[dict]:
+    """p_patched and the share restored for every (group, layer) of one question; groups it lacks are left out."""
+    model, clean = sweep.model, question.example
+    other = corrupting_row(sweep.dataset, question.index)
+    corrupted = model.prepare(other["image"].convert("RGB"), question.row["question"], boxes=clean.meta[0]["boxes"])
     pair = model.batch([clean, corrupted])
-    base = model.next_token_probs(pair)[:, answer.first_token]
+    token = question.answer.first_token
+    base = model.next_token_probs(pair)[:, token]
     p_clean, p_corrupted = base[0].item(), base[1].item()
     effect = p_clean - p_corrupted
-    ids = row_ids(index, row)
+    groups = set(pair.groups())
     rows = []
-    for group in [g for g in groups if g in pair.groups()]:
-        for layer in range(model.n_layers):
-            patched = model.next_token_probs(pair, [ActivationPatch(site, (layer,), group)])[1, answer.first_token]
-            p_patched = patched.item()
-            rows.append({
-                **ids, "corrupting_image_id": str(other["image_id"]), "site": site, "group": group, "layer": layer,
-                "p_clean": p_clean, "p_corrupted": p_corrupted, "p_patched": p_patched,
-                "restored": (p_patched - p_corrupted) / effect if abs(effect) >= MIN_EFFECT else float("nan"),
-            })
+    for variant in sweep.variants:
+        group, layer = variant.key
+        if group not in groups:
+            continue
+        p_patched = model.next_token_probs(pair, variant.interventions)[1, token].item()
+        rows.append({
+            "corrupting_image_id": str(other["image_id"]), "site": sweep.options.site, "group": group,
+            "layer": layer, "p_clean": p_clean, "p_corrupted": p_corrupted, "p_patched": p_patched,
+            "restored": (p_patched - p_corrupted) / effect if abs(effect) >= MIN_EFFECT else float("nan"),
+        })
     return rows
 
 
-def run_patch(model: Model, dataset, run: RunDir, groups: Sequence[str] = PATCH_GROUPS, site: str = "residual",
-              include_all: bool = False) -> dict[str, int]:
-    return resumable_loop(run, dataset,
-                          lambda i, row: patch_rows(model, dataset, i, row, groups, site, include_all),
-                          desc="patching")
+def restored_matrix(summary: pd.DataFrame) -> pd.DataFrame:
+    """The mean share restored, group × layer."""
+    return summary.pivot(index="group", columns="layer", values="mean")
+
+
+def patch_figure(summary: pd.DataFrame, path: Path, options: PatchOptions) -> Path:
+    """A group × layer heatmap of the mean share restored."""
+    return heatmap(restored_matrix(summary), path, title="Clean → corrupted activation patching",
+                   colorbar="share of p(answer) restored")
+
+
+def patch_findings(table: pd.DataFrame, summary: pd.DataFrame, options: PatchOptions) -> list[str]:
+    """The mean share restored per group × layer."""
+    return ["", "Share of the clean answer probability restored (mean):",
+            restored_matrix(summary).to_string(float_format=lambda v: f"{v:+.2f}")]
+
+
+PATCH = Experiment(
+    name="patch",
+    help="Clean → corrupted (another scene's image) activation patching: layer × token-group heatmap.",
+    options=PatchOptions,
+    work=PerQuestion(patch_rows, patch_variants),
+    value="restored",
+    by=("group", "layer"),
+    figure=patch_figure,
+    findings=patch_findings,
+    desc="patching",
+)

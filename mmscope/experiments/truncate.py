@@ -6,31 +6,68 @@ and we record the probability of the clean answer's first token and whether it i
 
 from __future__ import annotations
 
-from mmscope.experiments.common import clean_answer, example_of, resumable_loop, row_ids
-from mmscope.experiments.engine import Variant, run_variants
-from mmscope.experiments.runs import RunDir
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mmscope.experiments.engine import ENGINES, Variant, run_variants
+from mmscope.experiments.figures import curves
+from mmscope.experiments.options import QuestionOptions, check_choice, engine_option
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants
 from mmscope.interventions import Truncate
 from mmscope.model import Model
 
 
-def truncate_rows(model: Model, index: int, row: dict, include_all: bool = False,
-                  engine: str = "prefix") -> list[dict] | None:
-    example = example_of(model, row)
-    answer = clean_answer(model, example, row["answer"])
-    if not answer.correct and not include_all:
-        return None
-    variants = [Variant(("truncate", layer), (Truncate(layer),)) for layer in range(model.n_layers)]
-    clean, probs = run_variants(model, example, variants, engine=engine)
-    ids = row_ids(index, row)
-    p_clean = clean.probs[answer.first_token].item()
+@dataclass(frozen=True)
+class TruncateOptions(QuestionOptions):
+    """`mmscope truncate`: the sweep engine."""
+
+    engine: str = engine_option()
+
+    def __post_init__(self) -> None:
+        check_choice("engine", self.engine, ENGINES)
+
+
+def truncate_variants(options: TruncateOptions, model: Model) -> Variants:
+    """An early exit after every layer."""
+    layers = list(range(model.n_layers))
+    return Variants({"layers": layers}, tuple(Variant((layer,), (Truncate(layer),)) for layer in layers))
+
+
+def truncate_rows(sweep: Sweep[TruncateOptions], question: Question) -> list[dict]:
+    """p(answer) and whether it is still the top token, exiting after each layer of one question."""
+    clean, probs = run_variants(sweep.model, question.example, sweep.variants, engine=sweep.options.engine)
+    token = question.answer.first_token
+    p_clean = clean.probs[token].item()
     return [
-        {**ids, "layer": layer, "p_clean": p_clean, "p_answer": probs[layer, answer.first_token].item(),
-         "top1": float(probs[layer].argmax().item() == answer.first_token)}
-        for layer in range(model.n_layers)
+        {"layer": layer, "p_clean": p_clean, "p_answer": variant_probs[token].item(),
+         "top1": float(variant_probs.argmax().item() == token)}
+        for (layer,), variant_probs in zip((variant.key for variant in sweep.variants), probs, strict=True)
     ]
 
 
-def run_truncate(model: Model, dataset, run: RunDir, include_all: bool = False,
-                 engine: str = "prefix") -> dict[str, int]:
-    return resumable_loop(run, dataset, lambda i, row: truncate_rows(model, i, row, include_all, engine),
-                          desc="truncation")
+def truncate_figure(summary: pd.DataFrame, path: Path, options: TruncateOptions) -> Path:
+    """Mean p(answer) ± 95% CI after early exit against the layer, one panel per category."""
+    return curves(summary.assign(curve="p(answer)"), path, x="layer", hue="curve", panel="category",
+                  ylabel="p(answer) after early exit", title="Truncation sweep")
+
+
+def truncate_findings(table: pd.DataFrame, summary: pd.DataFrame, options: TruncateOptions) -> list[str]:
+    """The share of questions whose answer is still top-1, per category × layer."""
+    top1 = table.groupby(["category", "layer"])["top1"].mean().unstack("layer")
+    return ["", "Answer still top-1 when exiting after layer ℓ (share):",
+            top1.to_string(float_format=lambda v: f"{v:.2f}")]
+
+
+TRUNCATE = Experiment(
+    name="truncate",
+    help="Early exit after each layer: p(answer) and whether it is still the top token.",
+    options=TruncateOptions,
+    work=PerQuestion(truncate_rows, truncate_variants),
+    value="p_answer",
+    by=("category", "layer"),
+    figure=truncate_figure,
+    findings=truncate_findings,
+    desc="truncation",
+)

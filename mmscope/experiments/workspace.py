@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmscope.data import load_gqa, load_study_csvs, load_synthetic
+from mmscope.data import entailment_dataset, load_gqa, load_study_csvs, load_synthetic, object_recognition_dataset
 from mmscope.data.categories import check_categories
 from mmscope.data.errors import DataFileNotFoundError
 from mmscope.zoo import embedded_world
@@ -57,8 +57,6 @@ def load_questions(data: Path | None, split: str = "test", *, images: Path | Non
 def probe_datasets(data: Path | None, split: str = "test", n_images: int = 300, seed: int = 0) -> dict:
     """The probing study's two datasets from one split's scene graphs: entailment pairs and object labels,
     each over the first `n_images` images."""
-    from mmscope.data.probes import entailment_dataset, object_recognition_dataset
-
     data = Path(data) if data is not None else embedded_world()
     scene_graphs = _first_existing(data / "sceneGraphs" / f"{split}_sceneGraphs.json",
                                    data / f"{split}_sceneGraphs.json")

@@ -1,0 +1,90 @@
+"""The model's answers and when they count as correct: greedy decoding through the path every experiment uses.
+
+A question counts as answered correctly when the greedy answer, stripped, lower-cased and without a final
+full stop, equals the label — the study's filter for which questions enter a sweep, and what `mmscope
+evaluate` counts. With `blank=True` the image is replaced by a blank one of the same size: a model that really
+reads the image falls to chance on binary choices.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmscope.layout import Example
+from mmscope.model import Model
+
+
+def normalise(answer: str) -> str:
+    """The form in which an answer is compared with its label."""
+    return answer.strip().lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class CleanAnswer:
+    """The model's greedy answer, whether it matches the label, and the first token it starts with."""
+
+    text: str
+    correct: bool
+    first_token: int
+
+
+def clean_answer(model: Model, example: Example, label: str) -> CleanAnswer:
+    """The greedy answer to one example without interventions; an empty answer is scored by the label's
+    first token."""
+    text = model.generate_answer(example)
+    scored = text if text.strip() else label
+    return CleanAnswer(text, normalise(text) == normalise(label), model.answer_tokens(example, scored)[0][0])
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Correct / total per category, and overall."""
+
+    correct: dict[str, int]
+    total: dict[str, int]
+
+    def of(self, category: str) -> float:
+        """The share answered correctly in `category` (NaN when it has no questions)."""
+        return self.correct[category] / self.total[category] if self.total[category] else float("nan")
+
+    @property
+    def overall(self) -> float:
+        """The share answered correctly over every category."""
+        total = sum(self.total.values())
+        return sum(self.correct.values()) / total if total else float("nan")
+
+
+def greedy_answers(model: Model, dataset, *, batch_size: int = 32, blank: bool = False, progress: bool = True,
+                   desc: str = "answering") -> list[str]:
+    """The model's greedy answer to every row (`image`, `question`) of a GQA-format dataset, in batches."""
+    answers: list[str] = []
+    bar = tqdm(total=len(dataset), desc=desc, unit="q", disable=not progress)
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        examples = []
+        for image, question in zip(rows["image"], rows["question"], strict=True):
+            image = image.convert("RGB")
+            if blank:
+                image = Image.new("RGB", image.size, (0, 0, 0))
+            examples.append(model.prepare(image, question))
+        batch = model.batch(examples)
+        generated = model.generate_answer(batch, max_new_tokens=4)
+        answers += [generated] if isinstance(generated, str) else generated
+        bar.update(len(examples))
+    bar.close()
+    return answers
+
+
+def accuracy(dataset, answers: list[str]) -> Accuracy:
+    """Per-category accuracy of `answers` against the dataset's labels."""
+    correct: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for category, label, answer in zip(dataset["category"], dataset["answer"], answers, strict=True):
+        category = category or "Other"
+        total[category] += 1
+        correct[category] += int(normalise(answer) == normalise(label))
+    return Accuracy(dict(correct), dict(total))

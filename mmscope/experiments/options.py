@@ -1,0 +1,132 @@
+"""Experiment options: frozen dataclasses whose fields carry each option's type, default and help.
+
+A field declared with `option(default, help)` is also a command-line option: `mmscope.cli` builds every
+command's typed `typer` signature from its options class, so type, default and help text live in one place.
+The options every per-question sweep takes are `QuestionOptions`; an experiment subclasses it and adds its own,
+which its command lists before the ones marked `listed_last` (`--include-all`, `--out`, `--wandb`, `--seed`).
+An experiment over other data (probe) lists the shared options it takes through the `*_option()` factories,
+which define each of them once.
+
+`plain(options)` is the YAML-ready record of a run's options (config.yaml's `options`, which `--config` reads
+back as defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from mmscope.errors import MMScopeError, known
+from mmscope.zoo import DEFAULT_MODEL
+
+O = TypeVar("O")
+
+
+class OptionError(MMScopeError, ValueError):
+    """An experiment option outside its valid values."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,
+           listed_last: bool = False) -> Any:
+    """A dataclass field that is a command-line option: its default (none: required), help text, its flag
+    when that is not `--field-name` (a bool with a flag is a switch without a `--no-` form), and whether the
+    command lists it after the experiment's own options."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "listed_last": listed_last})
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    """Refuse `value` for option `name` unless it is one of `choices`."""
+    if value not in choices:
+        raise OptionError(f"unknown {name} {value!r}; known: {known(choices)}")
+
+
+def model_option() -> Any:
+    """`--model`: which model to load."""
+    return option(DEFAULT_MODEL, "Embedded model name, save_pretrained folder, or hub id.")
+
+
+def data_option() -> Any:
+    """`--data`: where the questions or scene graphs come from."""
+    return option(None, "Synthetic-world folder, GQA folder, or the study's CSV folder "
+                        "(default: the embedded model's held-out test split).")
+
+
+def split_option() -> Any:
+    """`--split`: which split of `--data`."""
+    return option("test", "Split of --data to use.")
+
+
+def limit_option(default: int | None) -> Any:
+    """`--limit`: at most this many questions per category (None: all)."""
+    return option(default, "At most N questions per category.")
+
+
+def out_option() -> Any:
+    """`--out`: the run folder."""
+    return option(None, "Run folder (default runs/<experiment>); reruns resume.", listed_last=True)
+
+
+def wandb_option() -> Any:
+    """`--wandb`: also log the run to Weights & Biases."""
+    return option(False, "Log to Weights & Biases (offline without an API key).", flag="--wandb", listed_last=True)
+
+
+def seed_option() -> Any:
+    """`--seed`: torch's random seed (and the probes')."""
+    return option(0, "Random seed.", listed_last=True)
+
+
+def engine_option() -> Any:
+    """`--engine`: how a sweep runs an example's variants (`mmscope.experiments.engine`)."""
+    return option("prefix", "Sweep engine: prefix (shared prefix cache, batched) or naive.")
+
+
+@dataclass(frozen=True)
+class QuestionOptions:
+    """What every per-question sweep takes: the model, which questions, and how the run is kept."""
+
+    model: str = model_option()
+    data: Path | None = data_option()
+    images: Path | None = option(None, "GQA images folder, for the study's CSVs.")
+    split: str = split_option()
+    categories: list[str] | None = option(None, "Categories to run (repeatable; default all six).")
+    limit: int | None = limit_option(20)
+    include_all: bool = option(False, "Keep questions the model answers wrongly.", flag="--include-all",
+                               listed_last=True)
+    out: Path | None = out_option()
+    wandb: bool = wandb_option()
+    seed: int = seed_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command(Generic[O]):
+    """A command declared by its options: `mmscope <name>` builds `options` from the command line and calls
+    `main(options, echo)`, which reports through `echo`. Only commands with `config_file` take `--config`."""
+
+    name: str
+    help: str
+    options: type[O]
+    main: Callable[[O, Callable[[str], None]], None]
+    config_file: bool = False
+
+
+def fields_in_order(options) -> list[dataclasses.Field]:
+    """The option fields of an options class (or object) in the order its command lists them: the experiment's
+    own before those `listed_last`."""
+    return sorted(dataclasses.fields(options), key=lambda field: field.metadata["listed_last"])
+
+
+def plain(options) -> dict[str, Any]:
+    """The options as fresh YAML-ready data, in their command's order: paths as strings, tuples as lists."""
+
+    def value(item):
+        if isinstance(item, Path):
+            return str(item)
+        if isinstance(item, tuple | list):  # a new list each call: YAML would alias a list stored twice
+            return [value(part) for part in item]
+        return item
+
+    return {field.name: value(getattr(options, field.name)) for field in fields_in_order(options)}

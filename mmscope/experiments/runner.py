@@ -1,0 +1,214 @@
+"""The runner: what every experiment shares, done once, so that an experiment declares only what is its own.
+
+An experiment is a declaration (`Experiment`): its options class, the work its resumable loop walks over and
+the rows each unit of work yields, the column its summary averages and the columns it groups by, its figure,
+and its findings (what the command prints). `run(experiment, options)` executes it:
+
+  1. seeds torch, loads the model, and asks the declaration for its `Work`: the units (questions, or probe
+     units), the rows function, and the interventions they apply;
+  2. opens the run folder (`RunDir`) with config.yaml — the experiment and its options (a rerun with other
+     options is refused), the interventions as dicts, the library versions;
+  3. walks the units not yet done, storing each one's rows atomically, so a run killed at any point (SIGKILL
+     included) continues where it stopped when started again and ends with the same table;
+  4. writes results.parquet and summary.csv, draws the figure, logs to W&B when asked, and prints the report:
+     the work's status lines, the findings, and where the figure is.
+
+Per-question sweeps (knockout, lens, truncate, patch) declare `work=PerQuestion(rows, variants)`: the runner
+loads the questions, prepares each as an `Example`, takes the clean greedy answer, skips a question answered
+wrongly unless `--include-all`, and starts each row with the question's ids (`row_ids`); the experiment's rows
+function sees one `Question` of its `Sweep`. An experiment over other units declares its own `Work` (probe: one
+unit per task × pooling).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import mmscope
+from mmscope.experiments.answers import CleanAnswer, clean_answer
+from mmscope.experiments.engine import Variant
+from mmscope.experiments.options import QuestionOptions, plain
+from mmscope.experiments.runs import RunDir, summarize
+from mmscope.experiments.tracking import log_run
+from mmscope.experiments.workspace import load_questions
+from mmscope.layout import Example
+from mmscope.model import Model
+
+O = TypeVar("O")
+Q = TypeVar("Q", bound=QuestionOptions)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a run's resumable loop walks over: `size` units, each turned into rows by `rows(index)` (None marks
+    it skipped, which the run folder remembers too)."""
+
+    size: int
+    rows: Callable[[int], list[dict] | None]
+    described: str  # what the header line counts, e.g. "12 questions"
+    interventions: dict[str, Any] = field(default_factory=dict)  # config.yaml's record; {}: none applied
+    status: Callable[[dict[str, int]], list[str]] = lambda counts: []  # the report's first lines, from the counts
+
+
+@dataclass(frozen=True)
+class Variants:
+    """The interventions a sweep runs: the parameters that generate them, and the variants themselves (each
+    question runs the ones its token groups allow)."""
+
+    parameters: dict[str, Any]
+    variants: tuple[Variant, ...]
+
+    def record(self) -> dict[str, Any]:
+        """config.yaml's record: the parameters, how many variants, and the first variant using each kind of
+        intervention, with that intervention's `to_dict()` (which `Intervention.from_dict` rebuilds)."""
+        examples: dict[str, dict] = {}
+        for variant in self.variants:
+            for intervention in variant.interventions:
+                examples.setdefault(type(intervention).__name__,
+                                    {"variant": list(variant.key), "intervention": intervention.to_dict()})
+        return {"parameters": self.parameters, "variants": len(self.variants), "examples": list(examples.values())}
+
+
+@dataclass(frozen=True)
+class Sweep(Generic[Q]):
+    """A per-question sweep as its rows function sees it: the model, the questions, the options, the variants."""
+
+    model: Model
+    dataset: Any  # a datasets.Dataset of GQA-format rows
+    options: Q
+    variants: tuple[Variant, ...] = ()
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of a sweep: its index and row, its prepared `Example`, and the model's clean answer."""
+
+    index: int
+    row: dict
+    example: Example
+    answer: CleanAnswer
+
+
+def example_of(model: Model, row: dict) -> Example:
+    """The Example of one GQA-format row: its image, question and (when known) the central objects' boxes."""
+    boxes = [tuple(box) for box in row.get("object_boxes") or [] if len(box) == 4]  # [] marks an absent object
+    meta = {key: row.get(key) for key in ("question_id", "image_id", "category", "answer")}
+    return model.prepare(row["image"].convert("RGB"), row["question"], boxes=boxes or None, meta=meta)
+
+
+def row_ids(index: int, row: dict) -> dict:
+    """The identifying columns every results row of a per-question sweep starts with."""
+    return {
+        "example": index,
+        "question_id": str(row["question_id"]),
+        "image_id": str(row["image_id"]),
+        "category": row["category"],
+        "answer": row["answer"],
+    }
+
+
+def counts_line(counts: dict[str, int]) -> str:
+    """A per-question sweep's status line: how many questions gave rows and how many were skipped."""
+    return f"{counts['used']} examples used, {counts['skipped']} skipped (answered wrongly or lacking a group)"
+
+
+@dataclass(frozen=True)
+class PerQuestion(Generic[Q]):
+    """The work of a per-question sweep: every question of `--data`, through `rows` when the model answers it
+    correctly (all of them with `--include-all`); `variants`, when given, generates the interventions swept."""
+
+    rows: Callable[[Sweep[Q], Question], list[dict]]
+    variants: Callable[[Q, Model], Variants] | None = None
+
+    def __call__(self, model: Model, options: Q) -> Work:
+        dataset = load_questions(options.data, options.split, images=options.images,
+                                 categories=options.categories, limit=options.limit)
+        generated = self.variants(options, model) if self.variants is not None else None
+        sweep = Sweep(model, dataset, options, generated.variants if generated is not None else ())
+
+        def question_rows(index: int) -> list[dict] | None:
+            row = dataset[index]
+            example = example_of(model, row)
+            answer = clean_answer(model, example, row["answer"])
+            if not answer.correct and not options.include_all:
+                return None
+            ids = row_ids(index, row)
+            return [{**ids, **values} for values in self.rows(sweep, Question(index, row, example, answer))]
+
+        return Work(len(dataset), question_rows, f"{len(dataset)} questions",
+                    generated.record() if generated is not None else {}, lambda counts: [counts_line(counts)])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Experiment(Generic[O]):
+    """One experiment, declared: `mmscope <name>` builds `options` from its command line and `run` executes it.
+
+    `by` are the summary's group-by columns, the last one the layer axis (the figure's x, the W&B step);
+    `summarize` replaces the default summary (mean, 95% CI and n of `value` per group) where rows already are
+    one per group. `figure` draws the summary into the given path; `findings` are the report's lines between
+    the status and the figure; `prints_table` adds where results.parquet is.
+    """
+
+    name: str
+    help: str
+    options: type[O]
+    work: Callable[[Model, O], Work]
+    value: str
+    by: tuple[str, ...]
+    figure: Callable[[pd.DataFrame, Path, O], Path]
+    findings: Callable[[pd.DataFrame, pd.DataFrame, O], list[str]]
+    desc: str  # the progress bar's label
+    summarize: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    prints_table: bool = False
+    config_file: ClassVar[bool] = True  # its command takes --config (a run's own config.yaml works)
+
+    def summary(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The summary table of a finished run's results."""
+        return self.summarize(table) if self.summarize is not None else summarize(table, list(self.by), self.value)
+
+    def main(self, options: O, echo: Callable[[str], None]) -> None:
+        """The command: run with `options`, reporting through `echo`."""
+        run(self, options, echo)
+
+
+def run(experiment: Experiment[O], options: O, echo: Callable[[str], None] = print) -> RunDir:
+    """Execute `experiment` with `options` (steps in the module docstring); returns its run folder."""
+    torch.manual_seed(options.seed)
+    model = mmscope.load(options.model)
+    work = experiment.work(model, options)
+    folder = options.out if options.out is not None else Path("runs") / experiment.name
+    config = {"experiment": {"kind": experiment.name, **plain(options)}, "options": plain(options),
+              "interventions": work.interventions}
+    run_dir = RunDir(folder, config)
+    echo(f"{experiment.name}: {model}, {work.described} → {run_dir.folder}")
+    pending = [index for index in range(work.size) if not run_dir.done(index)]
+    for index in tqdm(pending, desc=experiment.desc, unit="example"):
+        rows = work.rows(index)
+        run_dir.write_part(index, rows if rows is not None else [], skipped=rows is None)
+    echo("\n".join(report(experiment, options, run_dir, work.status(run_dir.counts()))))
+    return run_dir
+
+
+def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Sequence[str]) -> list[str]:
+    """Collect results.parquet, write summary.csv, draw the figure, log to W&B when asked; the report's lines."""
+    table = run_dir.results()
+    if table.empty:
+        warnings.warn(f"{run_dir.folder}: no rows (every example was skipped)", stacklevel=2)
+        return list(status)
+    summary = experiment.summary(table)
+    summary.to_csv(run_dir.folder / "summary.csv", index=False)
+    figure = experiment.figure(summary, run_dir.folder / f"{experiment.name}.png", options)
+    results = run_dir.folder / "results.parquet"
+    if options.wandb:
+        log_run(run_dir.folder, experiment.name, run_dir.config, summary, x=experiment.by[-1],
+                keys=list(experiment.by[:-1]), figures=[figure], results=results)
+    lines = [*status, *experiment.findings(table, summary, options), "", f"figure: {figure}"]
+    return [*lines, f"table:  {results}"] if experiment.prints_table else lines

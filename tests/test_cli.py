@@ -1,0 +1,137 @@
+"""The generated command line: every command's options, defaults and flags, `--config`, and refused values.
+
+No model is loaded here: where a command would run, `runner.run` is replaced by one that records the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mmscope.cli import app
+from mmscope.errors import InterventionError
+from mmscope.experiments import runner as runner_module
+from mmscope.experiments.knockout import STUDY_FLOWS, KnockoutOptions
+from mmscope.experiments.options import OptionError, plain
+from mmscope.experiments.patch import PATCH_GROUPS, PatchOptions
+from mmscope.zoo.shapes_llava.train import TrainConfig
+
+runner = CliRunner()
+QUESTIONS = ["--model", "--data", "--images", "--split", "--categories", "--limit"]
+KEEPING = ["--include-all", "--out", "--wandb", "--seed", "--config"]
+
+
+def options_of(command: str) -> dict[str, click.Parameter]:
+    """The options of `mmscope COMMAND` by their first flag, in the order --help lists them."""
+    group = typer.main.get_command(app)
+    return {parameter.opts[0]: parameter for parameter in group.commands[command].params}
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> list:
+    """The options each experiment command was run with (instead of running it)."""
+    seen = []
+    monkeypatch.setattr(runner_module, "run", lambda experiment, options, echo: seen.append(options))
+    return seen
+
+
+def test_commands_are_listed_in_their_order():
+    assert list(typer.main.get_command(app).commands) == ["knockout", "lens", "truncate", "patch", "probe", "train",
+                                                          "evaluate", "data"]
+
+
+@pytest.mark.parametrize(("command", "own", "defaults"), [
+    ("knockout", ["--flow", "--window", "--engine"], {"--limit": 20, "--flow": None, "--window": 9,
+                                                      "--engine": "prefix"}),
+    ("lens", ["--lens"], {"--limit": 20, "--lens": "raw"}),
+    ("truncate", ["--engine"], {"--limit": 20, "--engine": "prefix"}),
+    ("patch", ["--site", "--group"], {"--limit": 10, "--site": "residual", "--group": None}),
+])
+def test_sweep_commands_take_the_shared_options_around_their_own(command, own, defaults):
+    options = options_of(command)
+    assert list(options) == [*QUESTIONS, *own, *KEEPING]
+    assert {flag: options[flag].default for flag in defaults} == defaults
+    shared = {"--model": "shapes-llava", "--split": "test", "--include-all": False, "--wandb": False, "--seed": 0}
+    assert {flag: options[flag].default for flag in shared} == shared
+    assert options["--include-all"].is_flag and not options["--include-all"].secondary_opts
+    assert options["--categories"].multiple
+    assert options["--config"].is_eager
+
+
+def test_probe_evaluate_and_train_keep_their_options_and_defaults():
+    probe = options_of("probe")
+    assert list(probe) == ["--model", "--data", "--split", "--n-images", "--probe", "--out", "--wandb", "--seed",
+                           "--config"]
+    assert (probe["--n-images"].default, probe["--probe"].default, probe["--probe"].name) == (300, "linear",
+                                                                                              "probe_kind")
+    evaluate = options_of("evaluate")
+    assert list(evaluate) == ["--model", "--data", "--split", "--limit", "--batch-size", "--blank", "--card"]
+    assert evaluate["--blank"].secondary_opts == ["--no-blank"] and evaluate["--blank"].default is True
+    assert evaluate["--card"].is_flag and not evaluate["--card"].secondary_opts
+    assert (evaluate["--limit"].default, evaluate["--batch-size"].default) == (None, 32)
+    train = options_of("train")
+    assert train["--out"].required and not train["--data"].required
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    for flag, option in train.items():
+        if flag != "--out":
+            assert option.default == defaults[option.name], flag
+    assert train["--bf16"].secondary_opts == ["--no-bf16"] and not train["--wandb"].secondary_opts
+    assert list(train) == ["--out", "--data", "--n-scenes", "--vision-steps", "--freeze-vision", "--steps",
+                           "--batch-size", "--lr", "--seed", "--eval-every", "--patch-loss-weight",
+                           "--grounding-loss-weight", "--gather-loss-weight", "--named-loss-weight", "--focus",
+                           "--bf16", "--wandb"]
+
+
+def test_help_shows_each_options_type_and_text():
+    printed = runner.invoke(app, ["knockout", "--help"], env={"COLUMNS": "240"}).stdout
+    for flag, kind, text in [
+        ("--data", "path", "Synthetic-world folder, GQA folder, or the study's CSV folder"),
+        ("--limit", "int", "At most N questions per category."),
+        ("--flow", "list[str]", "source->target (repeatable; default: the study's six flows)."),
+        ("--window", "int", "Window k of layers blocked around each centre layer."),
+        ("--engine", "str", "Sweep engine: prefix (shared prefix cache, batched) or naive."),
+        ("--include-all", "bool", "Keep questions the model answers wrongly."),
+        ("--config", "path", "YAML file of option values."),
+    ]:
+        assert re.search(rf"{flag}\s+<{re.escape(kind)}>\s+{re.escape(text)}", printed), flag
+
+
+def test_config_file_keys_become_defaults_and_the_command_line_wins(recorded, tmp_path):
+    config = tmp_path / "knockout.yaml"
+    config.write_text("window: 3\nflows: [image->last]\ninclude-all: true\nlimit: 2\n")
+    for args in (["--config", str(config)], ["--config", str(config), "--window", "5", "--flow", "last->last"]):
+        result = runner.invoke(app, ["knockout", *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    assert recorded[0] == KnockoutOptions(window=3, flows=["image->last"], include_all=True, limit=2)
+    assert recorded[1] == KnockoutOptions(window=5, flows=["last->last"], include_all=True, limit=2)
+    missing = runner.invoke(app, ["knockout", "--config", str(tmp_path / "absent.yaml")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_defaults_are_recorded_as_run(recorded):
+    runner.invoke(app, ["patch", "--site", "mlp"], catch_exceptions=False)
+    assert recorded == [PatchOptions(site="mlp", groups=list(PATCH_GROUPS))]
+    options = plain(KnockoutOptions(data=Path("world"), out=Path("runs/x")))
+    assert options["flows"] == list(STUDY_FLOWS)
+    assert (options["data"], options["out"]) == ("world", "runs/x")
+
+
+@pytest.mark.parametrize(("args", "error", "message"), [
+    (["lens", "--lens", "sideways"], OptionError, "unknown lens 'sideways'; known: raw, normed"),
+    (["knockout", "--engine", "turbo"], OptionError, "unknown engine 'turbo'; known: prefix, naive"),
+    (["truncate", "--engine", "turbo"], OptionError, "unknown engine 'turbo'; known: prefix, naive"),
+    (["patch", "--site", "embedding"], OptionError, "unknown site 'embedding'; known: residual, attention, mlp"),
+    (["probe", "--probe", "svm"], OptionError, "unknown probe 'svm'; known: linear, mlp"),
+    (["knockout", "--flow", "image"], InterventionError, "flow 'image' must read 'source->target'"),
+])
+def test_bad_option_values_are_refused_by_name_before_a_model_loads(recorded, args, error, message):
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, error), result.output
+    assert message in str(result.exception)
+    assert recorded == []
