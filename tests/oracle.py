@@ -141,3 +141,16 @@ def patched_logits(family: Family, model, inputs, site: str, layers, positions, 
 
     hooks = [(site_module(family, model, site, layer), copy) for layer in layers]
     return forward_with_hooks(family, model, inputs, hooks=hooks)
+
+
+def scaled_logits(family: Family, model, inputs, layer: int, positions_per_row, factor: float):
+    """Logits with the residual stream after decoder `layer` multiplied by `factor` at `positions_per_row[b]`
+    of each row b."""
+
+    def scale(module, args, output):
+        value = _tensor(output).clone()
+        for row, positions in enumerate(positions_per_row):
+            value[row, positions] *= factor
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
+    return forward_with_hooks(family, model, inputs, hooks=[(family.layers(model)[layer], scale)])

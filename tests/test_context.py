@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from oracle import LLAVA, forward_with_hooks, knockout_logits, plain_inputs, plain_model
+from oracle import (
+    LLAVA,
+    forward_with_hooks,
+    knockout_logits,
+    pairs,
+    plain_inputs,
+    plain_model,
+    scaled_logits,
+)
 
 from mmscope.context import Restriction
 from mmscope.interventions import Context, Intervention
@@ -66,9 +74,8 @@ def test_setting_a_layer_mask_inline_is_the_knockout_of_an_independent_pre_hook(
         for layer in (1, 2):
             ctx.set_attention_mask(layer, block(ctx.attention_mask(layer), blocked, None, ctx.n_heads))
         probs = ctx.logits()[:, -1].softmax(-1).save()
-    pairs = [[(t, s) for t in batch.positions("last", row).tolist() for s in batch.positions("image", row).tolist()]
-             for row in range(len(batch))]
-    expected = knockout_logits(LLAVA, plain_model(tiny_folder), batch.inputs, pairs, (1, 2))[:, -1].softmax(-1)
+    blocked_pairs = pairs(batch, "last", "image")
+    expected = knockout_logits(LLAVA, plain_model(tiny_folder), batch.inputs, blocked_pairs, (1, 2))[:, -1].softmax(-1)
     assert torch.allclose(probs, expected, atol=TOLERANCE)
 
 
@@ -90,14 +97,6 @@ def test_a_context_restricted_to_one_row_edits_that_row_only(tiny, tiny_folder, 
     whole = tiny.context(batch)
     probs = tiny.run_inputs(tiny.model_inputs(batch), [(ScaleImage(0.5, 1), row)],
                             lambda: whole.logits()[:, -1].float().softmax(-1))
-    model = plain_model(tiny_folder)
-
-    def scale_row_1(module, args, output):
-        output = output.clone()
-        output[1, batch.layouts[1]["image"]] *= 0.5
-        return output
-
-    layer = model.model.language_model.layers[1]
-    expected = forward_with_hooks(LLAVA, model, batch.inputs, hooks=[(layer, scale_row_1)])
+    expected = scaled_logits(LLAVA, plain_model(tiny_folder), batch.inputs, 1, [[], batch.layouts[1]["image"]], 0.5)
     assert torch.allclose(probs, expected[:, -1].softmax(-1), atol=TOLERANCE)
     assert torch.allclose(probs[0], tiny.next_token_probs(batch)[0], atol=TOLERANCE)

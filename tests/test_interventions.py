@@ -7,7 +7,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 import yaml
-from oracle import LLAVA, forward_with_hooks, knockout_logits, pairs, plain_inputs, plain_model
+from oracle import (
+    LLAVA,
+    forward_with_hooks,
+    knockout_logits,
+    pairs,
+    patched_logits,
+    plain_inputs,
+    plain_model,
+    scaled_logits,
+)
 
 from mmscope.errors import InterventionError
 
@@ -145,17 +154,7 @@ def test_patching_clean_into_corrupted_matches_an_independent_hook_at_each_site(
     corrupted = tiny.prepare(scene(seed=4), "Is the cube red or blue?")
     pair = tiny.batch([clean, corrupted])
     image = clean.layout["image"]
-    model = plain_model(tiny_folder)
-    layer = model.model.language_model.layers[1]
-    module = {"residual": layer, "attention": layer.self_attn, "mlp": layer.mlp}[site]
-
-    def copy_row0_to_row1(module, args, output):
-        value = output[0] if isinstance(output, tuple) else output
-        value = value.clone()
-        value[1, image] = value[0, image]
-        return (value, *output[1:]) if isinstance(output, tuple) else value
-
-    expected = last_probs(forward_with_hooks(LLAVA, model, pair.inputs, hooks=[(module, copy_row0_to_row1)]))
+    expected = last_probs(patched_logits(LLAVA, plain_model(tiny_folder), pair.inputs, site, (1,), image))
     got = tiny.next_token_probs(pair, [ActivationPatch(site, (1,), "image")])
     assert torch.allclose(got, expected, atol=TOLERANCE)
     assert not torch.allclose(got[1], tiny.next_token_probs(pair)[1], atol=1e-5), "the patch must change row 1"
@@ -218,15 +217,8 @@ class ScaleImageTokens(Intervention):
 
 def test_a_user_intervention_in_ten_lines_matches_an_independent_hook(tiny, tiny_folder, examples):
     batch = examples[2]
-    model = plain_model(tiny_folder)
-
-    def scale(module, args, output):
-        output = output.clone()
-        for row in range(len(batch)):
-            output[row, batch.layouts[row]["image"]] *= 0.5
-        return output
-
-    expected = last_probs(forward_with_hooks(LLAVA, model, batch.inputs, hooks=[(model.model.language_model.layers[1], scale)]))
+    images = [layout["image"] for layout in batch.layouts]
+    expected = last_probs(scaled_logits(LLAVA, plain_model(tiny_folder), batch.inputs, 1, images, 0.5))
     got = tiny.next_token_probs(batch, [ScaleImageTokens(0.5, (1,))])
     assert torch.allclose(got, expected, atol=TOLERANCE)
     assert Intervention.from_dict(ScaleImageTokens(0.5, (1,)).to_dict()) == ScaleImageTokens(0.5, (1,))

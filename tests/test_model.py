@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import LLAVA, forward_with_hooks, plain_inputs, plain_model
+from oracle import LLAVA, plain_inputs, plain_model, scaled_logits
 
 import mmscope
 from mmscope.errors import ModelLoadError
@@ -89,14 +89,7 @@ def test_the_inline_trace_yields_the_context_and_matches_an_independent_hook(tin
     with tiny.trace(batch) as ctx:
         ctx.residual(1)[ctx.positions("image")] *= 0.5
         probs = ctx.logits()[:, -1].softmax(-1).save()
-    model = plain_model(tiny_folder)
-
-    def scale(module, args, output):
-        output = output.clone()
-        for row in range(len(batch)):
-            output[row, batch.layouts[row]["image"]] *= 0.5
-        return output
-
-    expected = last_probs(forward_with_hooks(LLAVA, model, batch.inputs, hooks=[(model.model.language_model.layers[1], scale)]))
+    images = [layout["image"] for layout in batch.layouts]
+    expected = last_probs(scaled_logits(LLAVA, plain_model(tiny_folder), batch.inputs, 1, images, 0.5))
     assert torch.allclose(probs, expected, atol=TOLERANCE)
     assert not torch.allclose(probs, tiny.next_token_probs(batch), atol=1e-4)
