@@ -11,6 +11,7 @@ Batches are left-padded, as for generation, so the last prompt token of every ro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -165,6 +166,8 @@ def check_box(box, image_width: int, image_height: int, tolerance: float = 1.0) 
         x, y, w, h = (float(v) for v in box)
     except (TypeError, ValueError):
         raise InputError(f"box {box!r} is not (x, y, w, h)") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise InputError(f"box {box!r} has a value that is not a finite number")
     if w <= 0 or h <= 0:
         raise InputError(f"box {box!r} has non-positive width or height")
     if x < -tolerance or y < -tolerance or x + w > image_width + tolerance or y + h > image_height + tolerance:
@@ -211,6 +214,8 @@ def token_layout(
     groups = adapter.image_groups(ids, encoding.inputs)
     layout.update({name: positions.tolist() for name, positions in groups.items()})
     if boxes is not None:
+        if not len(boxes):
+            raise InputError("boxes is empty: give at least one (x, y, w, h) box, or None for no object groups")
         checked = [check_box(box, image.width, image.height) for box in boxes]
         rectangles = adapter.patch_rectangles(image, encoding.inputs)
         if len(rectangles) != len(image_positions):

@@ -68,6 +68,13 @@ def test_knockouts_after_the_prefix_run_as_suffix_passes_and_equal_the_naive_loo
     assert all(start >= image_end for start in starts(tiny, example, variants).values())
 
 
+def test_a_sweep_raises_no_deprecation_warning_from_transformers(tiny, examples):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        run_variants(tiny, examples[0], sweep(tiny, AFTER_PREFIX[:1]))
+
+
 def test_knockouts_reaching_into_the_prefix_fall_back_to_full_forwards_and_equal_the_naive_loop(tiny, examples):
     example = examples[1]
     variants = sweep(tiny, INTO_PREFIX + AFTER_PREFIX[:2])

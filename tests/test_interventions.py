@@ -249,7 +249,11 @@ def test_sequence_fields_are_normalised_once_from_their_annotations():
      (lambda: Knockout("image", "last", (1,), heads=[True]), "Knockout.heads must be ints"),
      (lambda: Knockout("image", "last", (1,), keep_self="no"), "Knockout.keep_self must be True or False"),
      (lambda: Knockout(3.0, "last", (1,)), "Knockout.source must be a token-group name or positions"),
-     (lambda: SkipLayers(None), "SkipLayers.layers must be ints; got None")],
+     (lambda: SkipLayers(None), "SkipLayers.layers must be ints; got None"),
+     (lambda: Knockout("image", "last", ()), r"Knockout.layers must not be empty; got \(\)"),
+     (lambda: Knockout("image", "last", (1,), heads=[]), r"Knockout.heads must not be empty; got \[\]"),
+     (lambda: Knockout((), "last", (1,)), r"Knockout.source must not be empty"),
+     (lambda: ActivationPatch("mlp", range(0), "image"), r"ActivationPatch.layers must not be empty")],
 )
 def test_malformed_fields_are_refused_by_name(build, message):
     with pytest.raises(InterventionError, match=message):

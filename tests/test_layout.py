@@ -102,3 +102,7 @@ def test_bad_inputs_get_one_clear_error_naming_the_input(tiny, examples):
         tiny.prepare("photo.jpg", "Is it red?")
     with pytest.raises(InputError, match=r"box \(30, 20, 20, 20\) .* outside the 40x30 image"):
         tiny.prepare(scene(), "Is it red?", boxes=[(30, 20, 20, 20)])
+    with pytest.raises(InputError, match=r"box \(5, 5, nan, 4\) has a value that is not a finite number"):
+        tiny.prepare(scene(), "Is it red?", boxes=[(5, 5, float("nan"), 4)])
+    with pytest.raises(InputError, match="boxes is empty"):
+        tiny.prepare(scene(), "Is it red?", boxes=[])

@@ -118,7 +118,7 @@ def run_variants(
 def clean_pass(model: Model, example: Example) -> CleanRun:
     """One full forward that keeps every layer's keys and values, the decoder's inputs and its masks' reach."""
     cache = DynamicCache(config=model.adapter.text_config)
-    inputs = {**model.model_inputs(example), "past_key_values": cache, "use_cache": True}
+    inputs = {**model.model_inputs(example), model.adapter.cache_keyword: cache, "use_cache": True}
     ctx = model.context(example)
     last = last_position(example)
 
@@ -164,7 +164,7 @@ def suffix_pass(model: Model, example: Example, clean: CleanRun, start: int,
         "inputs_embeds": clean.embeds[:, start:].expand(rows, -1, -1).contiguous(),
         "attention_mask": example.inputs["attention_mask"].to(model.device).expand(rows, -1),
         "position_ids": positions.expand(*positions.shape[:-2], rows, positions.shape[-1]),
-        "past_key_values": SharedPrefixCache(clean.cache, start),
+        model.adapter.cache_keyword: SharedPrefixCache(clean.cache, start),
         "use_cache": True,
     }
     masks: dict[int, torch.Tensor] = {}  # per layer, the one mask copy every row's edits write into

@@ -38,9 +38,9 @@ class Intervention:
     """Base class: a frozen dataclass of plain values with one method, `apply(ctx)`.
 
     Subclasses are registered by class name for `from_dict`. Fields are normalised once, from their annotations,
-    before `check` runs: a `tuple[int, ...]` field takes an int, a list, a range or any sequence of ints and
-    stores a tuple (so the dataclass stays hashable); a token-group field (`Group`) takes a name or positions;
-    a `bool` field must be a bool. Anything else there is refused with the field's name.
+    before `check` runs: a `tuple[int, ...]` field takes an int, a list, a range or any non-empty sequence of
+    ints and stores a tuple (so the dataclass stays hashable); a token-group field (`Group`) takes a name or
+    positions; a `bool` field must be a bool. Anything else there is refused with the field's name.
     """
 
     registry: ClassVar[dict[str, type[Intervention]]] = {}
@@ -127,12 +127,15 @@ def _is_union(annotation) -> bool:
 
 
 def _ints(value, where: str, expected: str) -> tuple[int, ...]:
-    """An int or a sequence of ints as a tuple of ints; strings, bools, floats and other things are refused."""
+    """An int or a non-empty sequence of ints as a tuple of ints (an empty one would apply nothing, silently);
+    strings, bools, floats and other things are refused."""
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,)
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise InterventionError(f"{where} must be {expected}; got {value!r}")
     items = list(value)
+    if not items:
+        raise InterventionError(f"{where} must not be empty; got {value!r}")
     try:
         if any(isinstance(item, bool) for item in items):
             raise TypeError

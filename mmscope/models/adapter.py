@@ -10,6 +10,7 @@ and registers it — or, for a one-off model, a `GenericAdapter` configured by f
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from PIL import Image
@@ -63,6 +64,12 @@ class Adapter:
     def text_config(self):
         """The language model's config (where the attention implementation is recorded)."""
         return getattr(self.model.config, "text_config", self.model.config)
+
+    @functools.cached_property
+    def cache_keyword(self) -> str:
+        """The forward's keyword for a key/value cache: `cache` where the model's forward takes it (newer
+        transformers, which deprecate the old name), else `past_key_values`."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def placeholder(self) -> str:
         """The string the prompt carries where the image goes (expanded to image tokens by the processor)."""
