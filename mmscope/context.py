@@ -24,7 +24,6 @@ the forward's first position on; positions count from that position; mask edits 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -239,7 +238,3 @@ def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tens
 def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
-
-def as_group(group: str | Sequence[int]) -> Group:
-    """A token group: a layout name, or explicit positions (stored as a tuple so a dataclass stays hashable)."""
-    return group if isinstance(group, str) else tuple(int(p) for p in group)

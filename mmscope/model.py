@@ -98,7 +98,8 @@ def load(
             source, attn_implementation=attn_implementation, dtype=dtype or "auto"
         )
         bind = adapter or adapter_for(hf_model)
-        processor = getattr(bind, "load_processor", Adapter.load_processor)(source)
+        family = getattr(bind, "func", bind)  # an adapter class, or a functools.partial of one
+        processor = getattr(family, "load_processor", Adapter.load_processor)(source)
     except OSError as error:
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {error}") from error
     return Model(bind(hf_model.to(device).eval(), processor), name=str(name_or_path))

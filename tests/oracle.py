@@ -11,6 +11,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 
@@ -154,3 +155,14 @@ def scaled_logits(family: Family, model, inputs, layer: int, positions_per_row, 
         return (value, *output[1:]) if isinstance(output, tuple) else value
 
     return forward_with_hooks(family, model, inputs, hooks=[(family.layers(model)[layer], scale)])
+
+
+def pixel_change(image_processor, image: Image.Image, box) -> torch.Tensor:
+    """`|pixel_values(white box on black) - pixel_values(black)|` as the real image processor computes them, in
+    its own output shape: where a box `(x, y, w, h)` of an `image`-sized picture lands after pad/resize/crop."""
+    blank = Image.new("RGB", image.size, (0, 0, 0))
+    drawn = blank.copy()
+    x, y, w, h = box
+    drawn.paste((255, 255, 255), (int(x), int(y), int(x + w), int(y + h)))
+    before = image_processor(blank, return_tensors="pt")["pixel_values"]
+    return (image_processor(drawn, return_tensors="pt")["pixel_values"] - before).abs()

@@ -80,7 +80,7 @@ def test_setting_a_layer_mask_inline_is_the_knockout_of_an_independent_pre_hook(
 
 
 @dataclass(frozen=True)
-class ScaleImage(Intervention):
+class ScaleImageAfter(Intervention):
     """Multiply the residual stream at image positions after `layer` by `factor`."""
 
     factor: float
@@ -95,7 +95,7 @@ def test_a_context_restricted_to_one_row_edits_that_row_only(tiny, tiny_folder, 
     masks: dict = {}
     row = tiny.context(batch.select([1]), Restriction(slice(1, 2), 0, masks))
     whole = tiny.context(batch)
-    probs = tiny.run_inputs(tiny.model_inputs(batch), [(ScaleImage(0.5, 1), row)],
+    probs = tiny.run_inputs(tiny.model_inputs(batch), [(ScaleImageAfter(0.5, 1), row)],
                             lambda: whole.logits()[:, -1].float().softmax(-1))
     expected = scaled_logits(LLAVA, plain_model(tiny_folder), batch.inputs, 1, [[], batch.layouts[1]["image"]], 0.5)
     assert torch.allclose(probs, expected[:, -1].softmax(-1), atol=TOLERANCE)

@@ -258,3 +258,11 @@ def test_sequence_fields_are_normalised_once_from_their_annotations():
 def test_malformed_fields_are_refused_by_name(build, message):
     with pytest.raises(InterventionError, match=message):
         build()
+
+
+def test_a_second_intervention_class_of_a_registered_name_is_refused():
+    with pytest.raises(InterventionError, match="intervention 'Knockout' .* has the name of mmscope.interventions"):
+        @dataclass(frozen=True)
+        class Knockout(Intervention):  # noqa: F811 — a user class shadowing the built-in one
+            layers: tuple[int, ...]
+    assert Intervention.registry["Knockout"].__module__ == "mmscope.interventions.knockout"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import scene
-from PIL import Image
+from oracle import pixel_change
 
 import mmscope
 from mmscope.errors import InputError, InterventionError, LayoutError
@@ -52,15 +52,8 @@ def test_custom_template_string(tiny):
 
 def expected_object_patches(model, image, box):
     """Oracle: draw the box, run the real processor, and see which patches changed."""
-    blank = Image.new("RGB", image.size, (0, 0, 0))
-    drawn = blank.copy()
-    x, y, w, h = box
-    drawn.paste((255, 255, 255), (int(x), int(y), int(x + w), int(y + h)))
-    processor = model.processor.image_processor
-    before = processor(blank, return_tensors="pt")["pixel_values"][0]
-    after = processor(drawn, return_tensors="pt")["pixel_values"][0]
     patch = model.hf.config.vision_config.patch_size
-    change = (after - before).abs().amax(0)
+    change = pixel_change(model.processor.image_processor, image, box)[0].amax(0)
     grid = change.unfold(0, patch, patch).unfold(1, patch, patch).amax((-1, -2))
     return set(np.flatnonzero(grid.flatten().numpy() > 0.5).tolist())
 

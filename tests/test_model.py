@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from oracle import LLAVA, plain_inputs, plain_model, scaled_logits
@@ -29,9 +31,18 @@ def test_an_adapter_class_given_to_load_is_bound_to_the_model_and_its_processor(
     class Renamed(LlavaAdapter):
         family = "my-llava"
 
+        @classmethod
+        def load_processor(cls, source):
+            processor = super().load_processor(source)
+            processor.loaded_by = cls.family
+            return processor
+
     model = mmscope.load(tiny_folder, adapter=Renamed)
     assert isinstance(model.adapter, Renamed) and model.adapter.model is model.hf
     assert model.adapter.processor is model.processor and repr(model).endswith("family=my-llava, layers=4, heads=4)")
+    assert model.processor.loaded_by == "my-llava"
+    partial = mmscope.load(tiny_folder, adapter=functools.partial(Renamed))  # a partial keeps its processor loader
+    assert isinstance(partial.adapter, Renamed) and partial.processor.loaded_by == "my-llava"
 
 
 def test_a_model_running_flash_attention_is_refused(tiny_folder):

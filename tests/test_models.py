@@ -15,8 +15,7 @@ import pytest
 import torch
 from conftest import scene
 from families import FAMILIES, IMAGES, QUESTIONS, Loaded, byte_tokenizer, family_params, load_family
-from oracle import knockout_logits, layer_outputs, pairs, patched_logits, plain_inputs
-from PIL import Image
+from oracle import knockout_logits, layer_outputs, pairs, patched_logits, pixel_change, plain_inputs
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 
 import mmscope
@@ -176,15 +175,8 @@ def test_greedy_answer_equals_hf_generate(loaded):
 def changed_features(model, image, box):
     """Oracle: per image token, how much its patch's processed pixels change when `box` is drawn white on black
     (the model's own `pack_image_features` orders them, newline tokens marked -1)."""
-    blank = Image.new("RGB", image.size, (0, 0, 0))
-    drawn = blank.copy()
-    x, y, w, h = box
-    drawn.paste((255, 255, 255), (int(x), int(y), int(x + w), int(y + h)))
-    processor = model.processor.image_processor
-    before = processor(blank, return_tensors="pt")["pixel_values"][0]
-    after = processor(drawn, return_tensors="pt")["pixel_values"][0]
     patch = model.hf.config.vision_config.patch_size
-    change = (after - before).abs().amax(1)  # [tiles, H, W]
+    change = pixel_change(model.processor.image_processor, image, box)[0].amax(1)  # [tiles, H, W]
     per_patch = change.unfold(1, patch, patch).unfold(2, patch, patch).amax((-1, -2))  # [tiles, g, g]
     features = per_patch.flatten(1)[..., None]
     packed, _ = model.hf.model.pack_image_features(
@@ -257,14 +249,8 @@ def test_qwen_placeholder_markers_and_model_computed_positions(qwen):
 def merged_block_change(model, image, box):
     """Oracle: per merged block (= image token), the largest change of its processed pixels when `box` is drawn
     white on black; the processor emits patches block by block, `merge**2` consecutive patches per token."""
-    blank = Image.new("RGB", image.size, (0, 0, 0))
-    drawn = blank.copy()
-    x, y, w, h = box
-    drawn.paste((255, 255, 255), (int(x), int(y), int(x + w), int(y + h)))
     processor = model.processor.image_processor
-    before = processor(blank, return_tensors="pt")["pixel_values"]
-    after = processor(drawn, return_tensors="pt")["pixel_values"]
-    per_patch = (after - before).abs().amax(-1)
+    per_patch = pixel_change(processor, image, box).amax(-1)
     return per_patch.view(-1, processor.merge_size**2).amax(-1)
 
 
@@ -345,14 +331,10 @@ def test_gemma_boxes_select_the_cells_of_the_squashed_grid(name, where, tmp_path
     box = {"top-left": (0, 0, 12, 9), "bottom-right": (28, 21, 12, 9), "centre": (13, 9, 14, 12)}[where]
     image = scene(width, height)
     layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
-    blank = Image.new("RGB", image.size, (0, 0, 0))
-    drawn = blank.copy()
-    drawn.paste((255, 255, 255), (box[0], box[1], box[0] + box[2], box[1] + box[3]))
-    processor = model.processor.image_processor
-    change = (processor(drawn, return_tensors="pt")["pixel_values"] - processor(blank, return_tensors="pt")["pixel_values"])
+    change = pixel_change(model.processor.image_processor, image, box)
     side = int(len(layout["image"]) ** 0.5)
     cell = change.shape[-1] // side
-    per_cell = change[0].abs().amax(0).unfold(0, cell, cell).unfold(1, cell, cell).amax((-1, -2)).flatten()
+    per_cell = change[0].amax(0).unfold(0, cell, cell).unfold(1, cell, cell).amax((-1, -2)).flatten()
     image_positions = torch.tensor(layout["image"])
     strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()
     assert set(strongly) <= set(layout["object"]) <= set(at_all)
@@ -394,13 +376,9 @@ def test_idefics3_boxes_select_cells_in_every_tile_and_the_global_view(tmp_path_
     }[where]
     image = scene(width, height)
     layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
-    blank = Image.new("RGB", image.size, (0, 0, 0))
-    drawn = blank.copy()
-    drawn.paste((255, 255, 255), (int(box[0]), int(box[1]), int(box[0] + box[2]), int(box[1] + box[3])))
-    processor = model.processor.image_processor
-    change = (processor(drawn, return_tensors="pt")["pixel_values"] - processor(blank, return_tensors="pt")["pixel_values"])
+    change = pixel_change(model.processor.image_processor, image, box)
     cell = model.hf.config.vision_config.patch_size * model.hf.config.scale_factor
-    per_cell = change[0].abs().amax(1).unfold(1, cell, cell).unfold(2, cell, cell).amax((-1, -2)).flatten()
+    per_cell = change[0].amax(1).unfold(1, cell, cell).unfold(2, cell, cell).amax((-1, -2)).flatten()
     image_positions = torch.tensor(layout["image"])
     assert len(per_cell) == len(image_positions)
     strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()
@@ -457,13 +435,9 @@ def test_emu3_boxes_select_the_codes_of_the_cells_they_cover(emu3, where):
     image = scene(width, height)
     example = model.prepare(image, QUESTIONS[0], boxes=[box])
     layout = example.layout
-    blank = Image.new("RGB", image.size, (0, 0, 0))
-    drawn = blank.copy()
-    drawn.paste((255, 255, 255), (box[0], box[1], box[0] + box[2], box[1] + box[3]))
-    processor = model.processor.image_processor
-    change = (processor(drawn, return_tensors="pt")["pixel_values"] - processor(blank, return_tensors="pt")["pixel_values"])
+    change = pixel_change(model.processor.image_processor, image, box)
     factor = model.hf.model.vqmodel.vision_spatial_factor
-    per_cell = change[0].abs().amax(0).unfold(0, factor, factor).unfold(1, factor, factor).amax((-1, -2))
+    per_cell = change[0].amax(0).unfold(0, factor, factor).unfold(1, factor, factor).amax((-1, -2))
     per_cell = torch.cat([per_cell, torch.full((len(per_cell), 1), -1.0)], dim=1).flatten()  # newline column
     image_positions = torch.tensor(layout["image"])
     strongly, at_all = image_positions[per_cell > 0.5].tolist(), image_positions[per_cell > 1e-3].tolist()

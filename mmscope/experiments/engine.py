@@ -37,8 +37,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from mmscope.errors import InputError, known
 from mmscope.context import Restriction
+from mmscope.errors import InputError, known
 from mmscope.experiments.shared_prefix import SharedPrefixCache, shareable, shared_prefix_attention_in
 from mmscope.interventions import Intervention
 from mmscope.layout import Example

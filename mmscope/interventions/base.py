@@ -24,13 +24,13 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mmscope.context import SITES, Context, Group, as_group
+from mmscope.context import SITES, Context, Group
 from mmscope.errors import InterventionError, known
 
 if TYPE_CHECKING:
     from mmscope.layout import Example
 
-__all__ = ["SITES", "Context", "Group", "Intervention", "as_group"]
+__all__ = ["SITES", "Context", "Group", "Intervention"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,14 @@ class Intervention:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # `from_dict` finds a class by name: a second class of that name elsewhere would silently take its place
+        # (the same class defined again, as a re-run notebook cell does, replaces it).
+        previous = Intervention.registry.get(cls.__name__)
+        if previous is not None and (previous.__module__, previous.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise InterventionError(
+                f"intervention {cls.__name__!r} ({cls.__module__}) has the name of {previous.__module__}."
+                f"{previous.__qualname__}; saved configs find interventions by class name — choose another name"
+            )
         Intervention.registry[cls.__name__] = cls
 
     def __post_init__(self) -> None:
