@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import os
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +21,10 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from safetensors import SafetensorError
 
 from mmscope.data.cli import app as data_app
+from mmscope.errors import MMScopeError, known, suggest
 from mmscope.experiments.evaluate import EVALUATE
 from mmscope.experiments.knockout import KNOCKOUT
 from mmscope.experiments.lens import LENS
@@ -31,12 +36,59 @@ from mmscope.experiments.truncate import TRUNCATE
 from mmscope.zoo.shapes_llava.train import TrainConfig
 from mmscope.zoo.shapes_llava.train import train as run_training
 
+DEBUG_VARIABLE = "MMSCOPE_DEBUG"
+# Library errors a user's input causes (a missing or unreadable file, a file of the wrong format, the hub out of
+# reach): the CLI reports them in one line, like mmscope's own. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (MMScopeError, OSError, yaml.YAMLError, json.JSONDecodeError, SafetensorError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line; an OSError's names its file (`[Errno 2] No such file…: 'x'` reads badly)."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        message = f"{error.strerror.lower()} ({error.filename})"
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(message.split())
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+class Commands(typer.core.TyperGroup):
+    """mmscope's command group: an mmscope error or a known library error (`INPUT_ERRORS`) ends the command with
+    one line on stderr, `error: <message>`, and exit code 2 (as a usage error); `--debug` (or MMSCOPE_DEBUG=1)
+    lets it raise with its traceback. Warnings print as one `warning: …` line each."""
+
+    def invoke(self, ctx: typer.Context):
+        debug = ctx.params.get("debug") or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _warning_line
+            try:
+                return super().invoke(ctx)
+            except INPUT_ERRORS as error:
+                if debug:
+                    raise
+                typer.echo(f"error: {one_line(error)}", err=True)
+                raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=Commands,
     name="mmscope",
     help="Mechanistic interventions for vision-language models, built on nnsight.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help=f"Show an error's full traceback (also: "
+                                        f"{DEBUG_VARIABLE}=1).")) -> None:
+    """Mechanistic interventions for vision-language models, built on nnsight."""
+
 
 EXPERIMENTS = (KNOCKOUT, LENS, TRUNCATE, PATCH, PROBE)
 
@@ -65,14 +117,37 @@ TRAIN_FOLDERS = {"out": Path, "data": Path | None}
 TRAIN_FLAGS = {"wandb": "--wandb"}
 
 
+class ConfigFileError(MMScopeError, ValueError):
+    """A `--config` file that cannot be read, or whose keys are not the command's options."""
+
+
 def _config_file(ctx: typer.Context, value: Path | None) -> Path | None:
-    """`--config file.yaml`: its keys become the defaults of the command's options (the command line wins)."""
-    if value is not None:
-        if not value.exists():
-            raise typer.BadParameter(f"config file {str(value)!r} does not exist")
-        loaded = yaml.safe_load(value.read_text()) or {}
-        loaded = loaded.get("options", loaded)  # a run's config.yaml works as well
-        ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in loaded.items()}}
+    """`--config file.yaml`: its keys become the defaults of the command's options (the command line wins).
+
+    Every key must be one of the command's options: a misspelt one would otherwise leave its option at the
+    default without a word."""
+    if value is None:
+        return value
+    if not value.is_file():
+        raise ConfigFileError(f"config file {str(value)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(value.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigFileError(f"config file {str(value)!r} is not valid YAML: {one_line(error)}") from None
+    loaded = {} if loaded is None else loaded
+    if isinstance(loaded, dict) and isinstance(loaded.get("options"), dict):
+        loaded = loaded["options"]  # a run's config.yaml works as well
+    if not isinstance(loaded, dict):
+        raise ConfigFileError(f"config file {str(value)!r} must hold a mapping of option: value, "
+                              f"not a {type(loaded).__name__}")
+    names = [parameter.name for parameter in ctx.command.params if parameter.name != "config"]
+    values = {str(key).replace("-", "_"): option_value for key, option_value in loaded.items()}
+    unknown = [key for key in values if key not in names]
+    if unknown:
+        hints = "".join(suggest(key, names) for key in unknown[:1])
+        raise ConfigFileError(f"config file {str(value)!r}: unknown option(s) {known(map(repr, unknown))}{hints}; "
+                              f"{ctx.command.name} takes: {known(names)}")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
 

@@ -185,6 +185,10 @@ def overlapping(rectangles: torch.Tensor, boxes) -> torch.Tensor:
     return hit
 
 
+# The groups `token_layout` adds from boxes: an example prepared without boxes lacks them.
+BOX_GROUPS = frozenset({"object", "other_patches"})
+
+
 def token_layout(
     adapter: Adapter,
     prompt: str,

@@ -16,28 +16,30 @@ the HF model stays untouched between calls.
 
 from __future__ import annotations
 
+import functools
+import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nnsight
 import torch
 from nnsight import NNsight
 from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.tracing.tracer import skip_context, skippable
+from PIL import Image
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText
 
 from mmscope.context import Context, Restriction, Sites
-from mmscope.errors import InputError, ModelLoadError
+from mmscope.errors import InputError, InterventionError, MMScopeError, ModelLoadError, known, suggest
+from mmscope.interventions import Intervention
 from mmscope.layout import Example, check_image, collate, token_layout
 from mmscope.models import Adapter, adapter_for
 from mmscope.models.adapter import attribute_path
 from mmscope.prompts import PromptTemplate
 from mmscope.zoo import DEFAULT_MODEL, EMBEDDED_MODELS
-
-if TYPE_CHECKING:
-    from mmscope.interventions import Intervention
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 __all__ = ["DEFAULT_MODEL", "AnswerScore", "Model", "Trace", "load", "resolve"]
@@ -93,6 +95,8 @@ def load(
         dtype = getattr(torch, dtype)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
+    if Path(source).is_dir():
+        _check_json_files(Path(source))
     try:
         hf_model = AutoModelForImageTextToText.from_pretrained(
             source, attn_implementation=attn_implementation, dtype=dtype or "auto"
@@ -100,9 +104,27 @@ def load(
         bind = adapter or adapter_for(hf_model)
         family = getattr(bind, "func", bind)  # an adapter class, or a functools.partial of one
         processor = getattr(family, "load_processor", Adapter.load_processor)(source)
-    except OSError as error:
-        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {error}") from error
+    except MMScopeError:
+        raise
+    except SafetensorError as error:
+        weights = known(sorted(path.name for path in Path(source).glob("*.safetensors"))) or "its weights"
+        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {weights} in {source} is corrupt or "
+                             f"truncated ({error}); save the checkpoint again") from error
+    except (OSError, ValueError) as error:
+        hint = suggest(str(name_or_path), EMBEDDED_MODELS) if not Path(source).exists() else ""
+        first = str(error).strip().split("\n")[0]
+        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}{hint}") from error
     return Model(bind(hf_model.to(device).eval(), processor), name=str(name_or_path))
+
+
+def _check_json_files(folder: Path) -> None:
+    """Every JSON file of a checkpoint folder parses: a truncated tokenizer.json would otherwise surface as a
+    bare JSONDecodeError that names no file."""
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_bytes())
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            raise ModelLoadError(f"{file} is not valid JSON ({error}); save the checkpoint again") from error
 
 
 @dataclass(frozen=True)
@@ -191,9 +213,25 @@ class Model:
         template = template or self.adapter.template
         prompt, spans = template.render(question.strip(), self.adapter.placeholder())
         encoding = self.adapter.encode(image, prompt)
+        length, context = encoding.inputs["input_ids"].shape[1], self.max_positions
+        if context is not None and length > context:
+            raise InputError(f"question {question[:40]!r}… makes a prompt of {length} tokens, more than the "
+                             f"{context} positions of {self.name or 'the model'}'s context; shorten it")
         layout = token_layout(self.adapter, prompt, spans, encoding, image, boxes)
         info = {"question": question, "image_size": (image.width, image.height), "boxes": boxes, **(meta or {})}
         return Example(inputs=encoding.inputs, layouts=[layout], prompts=[prompt], meta=[info])
+
+    @property
+    def max_positions(self) -> int | None:
+        """The language model's context length, where its config gives one."""
+        return getattr(self.adapter.text_config, "max_position_embeddings", None)
+
+    @functools.cached_property
+    def groups(self) -> tuple[str, ...]:
+        """Every token-group name this model's examples can hold: those of a blank image's example with a box
+        (boxes add `object` and `other_patches`; an example prepared without boxes lacks those two)."""
+        blank = Image.new("RGB", (64, 64), (128, 128, 128))
+        return tuple(self.prepare(blank, "What is this?", boxes=[(16, 16, 32, 32)]).groups())
 
     def batch(self, examples: Sequence[Example]) -> Example:
         """Left-pad several prepared examples into one batch."""
@@ -244,6 +282,7 @@ class Model:
     ):
         """One forward pass with `interventions` applied in order; returns `readout(ctx)` (default: logits
         at each row's last prompt position, `[B, V]`, float32)."""
+        check_interventions(interventions)
         ctx = self.context(example)
         readout = readout or last_logits
         applied = [(intervention, ctx) for intervention in interventions]
@@ -287,6 +326,10 @@ class Model:
                 tokens.append(with_answer[len(alone) :])
             else:
                 tokens.append(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+            unknown = self.tokenizer.unk_token_id
+            if unknown is not None and unknown in tokens[-1]:
+                warnings.warn(f"answer {answer.strip()!r} has words the tokenizer does not know: it is scored as "
+                              f"{self.tokenizer.unk_token!r}, which any unknown word would match", stacklevel=3)
         return tokens
 
     def answer_prob(
@@ -360,6 +403,21 @@ class Model:
         with torch.no_grad():
             hidden = hidden.to(self.device, self.hf.dtype)
             return self.adapter.final_logits(self.lm_head(self.final_norm(hidden) if normed else hidden)).float()
+
+
+def check_interventions(interventions) -> None:
+    """Refuse `interventions` unless it is a sequence of `Intervention` objects (a bare one, or a dict, would
+    otherwise fail deep inside the trace, or iterate into its fields)."""
+    if isinstance(interventions, Intervention):
+        raise InterventionError(f"interventions must be a sequence of Intervention objects; got one "
+                                f"{type(interventions).__name__}: pass [it]")
+    if not isinstance(interventions, Sequence) or isinstance(interventions, str):
+        raise InterventionError(f"interventions must be a sequence of Intervention objects; got "
+                                f"{type(interventions).__name__} {interventions!r:.60}")
+    for item in interventions:
+        if not isinstance(item, Intervention):
+            raise InterventionError(f"interventions must hold Intervention objects; got {type(item).__name__} "
+                                    f"{item!r:.60} (a dict? rebuild it with Intervention.from_dict)")
 
 
 def last_logits(ctx: Context) -> torch.Tensor:

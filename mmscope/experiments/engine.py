@@ -54,6 +54,11 @@ class Variant:
     key: tuple
     interventions: tuple[Intervention, ...]
 
+    @property
+    def groups(self) -> frozenset[str]:
+        """The token groups its interventions name: it runs only on an example that holds them all."""
+        return frozenset().union(*(intervention.groups() for intervention in self.interventions))
+
 
 @dataclass
 class CleanRun:

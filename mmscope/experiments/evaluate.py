@@ -17,7 +17,7 @@ import pandas as pd
 import mmscope
 from mmscope.data import CATEGORIES
 from mmscope.experiments.answers import Accuracy, accuracy, greedy_answers
-from mmscope.experiments.options import Command, option
+from mmscope.experiments.options import Command, check_at_least, option
 from mmscope.experiments.workspace import load_questions
 from mmscope.model import resolve
 from mmscope.zoo import DEFAULT_MODEL
@@ -35,6 +35,10 @@ class EvaluateOptions:
     batch_size: int = option(32)
     blank: bool = option(True, "Also evaluate with blank images (the model must use the image).")
     card: bool = option(False, "Write the result into the model folder's model card.", flag="--card")
+
+    def __post_init__(self) -> None:
+        check_at_least("limit", self.limit, 1, omitted="all questions")
+        check_at_least("batch_size", self.batch_size, 1)
 
 
 def accuracy_table(results: dict[str, Accuracy]) -> str:
@@ -54,8 +58,8 @@ def accuracy_table(results: dict[str, Accuracy]) -> str:
 
 def evaluate(options: EvaluateOptions, echo: Callable[[str], None]) -> None:
     """Print the accuracy table; with `card`, write it into the model card too."""
+    dataset = load_questions(options.data, options.split, limit=options.limit)  # a bad --data fails before loading
     model = mmscope.load(options.model)
-    dataset = load_questions(options.data, options.split, limit=options.limit)
     results = {"image": accuracy(dataset, greedy_answers(model, dataset, batch_size=options.batch_size))}
     if options.blank:
         answers = greedy_answers(model, dataset, batch_size=options.batch_size, blank=True, desc="blank images")

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmscope.errors import InterventionError
 from mmscope.experiments.engine import ENGINES, Variant, run_variants
 from mmscope.experiments.figures import curves
-from mmscope.experiments.options import QuestionOptions, check_choice, engine_option, option
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants
+from mmscope.experiments.options import OptionError, QuestionOptions, check_at_least, check_choice, engine_option, option
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions, Variants
 from mmscope.interventions import Knockout, knockout_window
 from mmscope.model import Model
 
@@ -51,7 +50,7 @@ class Flow:
         """A flow from its name, `source->target`."""
         parts = text.split("->")
         if len(parts) != 2 or not all(part.strip() for part in parts):
-            raise InterventionError(f"flow {text!r} must read 'source->target', e.g. 'image->last'")
+            raise OptionError(f"flow {text!r} (--flow) must read 'source->target', e.g. 'image->last'")
         return cls(parts[0].strip(), parts[1].strip())
 
     def knockout(self, layers: Sequence[int]) -> Knockout:
@@ -70,15 +69,21 @@ class KnockoutOptions(QuestionOptions):
     engine: str = engine_option()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "flows", list(self.flows or STUDY_FLOWS))  # recorded as run, defaults included
         for flow in self.flows:
             Flow.parse(flow)
+        check_at_least("window", self.window, 1)
         check_choice("engine", self.engine, ENGINES)
 
 
 def knockout_variants(options: KnockoutOptions, model: Model) -> Variants:
     """Every flow × centre layer, each blocking its flow in the window around the centre."""
     flows = [Flow.parse(flow) for flow in options.flows]
+    widest = 2 * model.n_layers - 2  # any wider and the window around every centre holds all layers
+    if options.window > widest:
+        raise OptionError(f"window {options.window} (--window) blocks all {model.n_layers} layers of {model.name} "
+                          f"at every centre, so the sweep could show nothing; choose 1 to {widest}")
     centers = list(range(model.n_layers))
     variants = tuple(
         Variant((flow.name, center), (flow.knockout(knockout_window(center, options.window, model.n_layers)),))
@@ -86,14 +91,12 @@ def knockout_variants(options: KnockoutOptions, model: Model) -> Variants:
         for center in centers
     )
     parameters = {"flows": [flow.name for flow in flows], "window": options.window, "centers": centers}
-    return Variants(parameters, variants)
+    return Variants(parameters, variants, option="--flow")
 
 
 def knockout_rows(sweep: Sweep[KnockoutOptions], question: Question) -> list[dict]:
     """The (flow × centre layer) rows of one question; flows between groups it lacks are left out."""
-    groups = set(question.example.groups())
-    variants = [variant for variant in sweep.variants
-                if {variant.interventions[0].source, variant.interventions[0].target} <= groups]
+    variants = question.variants
     clean, probs = run_variants(sweep.model, question.example, variants, engine=sweep.options.engine)
     token = question.answer.first_token
     p_clean = clean.probs[token].item()
@@ -140,6 +143,7 @@ KNOCKOUT = Experiment(
     name="knockout",
     help="Attention-knockout sweep over flows × centre layers: Δp% of the answer per GQA category.",
     options=KnockoutOptions,
+    data=questions,
     work=PerQuestion(knockout_rows, knockout_variants),
     value="delta_pct",
     by=("category", "flow", "center"),

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mmscope.experiments.figures import curves
 from mmscope.experiments.options import QuestionOptions, check_choice, option
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions
 from mmscope.layout import Example
 from mmscope.model import Model
 
@@ -30,6 +30,7 @@ class LensOptions(QuestionOptions):
     lens: str = option("raw", "raw (no final norm, as in the study) or normed.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("lens", self.lens, LENSES)
 
 
@@ -77,6 +78,7 @@ LENS = Experiment(
     name="lens",
     help="Logit lens at the last position: p(answer), its capitalised form and the false option, per layer.",
     options=LensOptions,
+    data=questions,
     work=PerQuestion(lens_rows),
     value="prob",
     by=("category", "token", "layer"),

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from mmscope.errors import MMScopeError, known
+from mmscope.data.categories import check_categories
+from mmscope.errors import MMScopeError, known, suggest
 from mmscope.zoo import DEFAULT_MODEL
 
 O = TypeVar("O")
@@ -37,10 +38,24 @@ def option(default: Any = dataclasses.MISSING, help: str | None = None, *, flag:
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "listed_last": listed_last})
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of option `name` (`n_images` → `--n-images`)."""
+    return "--" + name.replace("_", "-")
+
+
 def check_choice(name: str, value: str, choices) -> None:
     """Refuse `value` for option `name` unless it is one of `choices`."""
     if value not in choices:
-        raise OptionError(f"unknown {name} {value!r}; known: {known(choices)}")
+        raise OptionError(f"unknown {name} {value!r} ({flag_of(name)}): known: {known(choices)}"
+                          f"{suggest(value, choices)}")
+
+
+def check_at_least(name: str, value: int | None, minimum: int, *, omitted: str | None = None) -> None:
+    """Refuse a number below `minimum` for option `name` (None passes: the option was omitted, which means
+    `omitted`, e.g. "all questions")."""
+    if value is not None and value < minimum:
+        hint = f", or omit it for {omitted}" if omitted else ""
+        raise OptionError(f"{name} {value} ({flag_of(name)}): must be at least {minimum}{hint}")
 
 
 def model_option() -> Any:
@@ -99,6 +114,12 @@ class QuestionOptions:
     out: Path | None = out_option()
     wandb: bool = wandb_option()
     seed: int = seed_option()
+
+    def __post_init__(self) -> None:
+        """Checks what needs no data or model; an experiment's own options extend it (calling this first)."""
+        check_at_least("limit", self.limit, 1, omitted="all questions")
+        if self.categories is not None:
+            check_categories(self.categories)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,7 @@ import pandas as pd
 from mmscope.experiments.engine import Variant
 from mmscope.experiments.figures import heatmap
 from mmscope.experiments.options import QuestionOptions, check_choice, limit_option, option
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions, Variants
 from mmscope.interventions import SITES, ActivationPatch
 from mmscope.model import Model
 
@@ -41,6 +41,7 @@ class PatchOptions(QuestionOptions):
     groups: list[str] | None = option(None, "Token groups to patch (repeatable).", flag="--group")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("site", self.site, SITES)
         object.__setattr__(self, "groups", list(self.groups or PATCH_GROUPS))  # recorded as run, defaults included
 
@@ -50,7 +51,8 @@ def patch_variants(options: PatchOptions, model: Model) -> Variants:
     layers = list(range(model.n_layers))
     variants = tuple(Variant((group, layer), (ActivationPatch(options.site, (layer,), group),))
                      for group in options.groups for layer in layers)
-    return Variants({"site": options.site, "groups": list(options.groups), "layers": layers}, variants)
+    return Variants({"site": options.site, "groups": list(options.groups), "layers": layers}, variants,
+                    option="--group")
 
 
 def corrupting_row(dataset, index: int) -> dict:
@@ -72,12 +74,9 @@ def patch_rows(sweep: Sweep[PatchOptions], question: Question) -> list[dict]:
     base = model.next_token_probs(pair)[:, token]
     p_clean, p_corrupted = base[0].item(), base[1].item()
     effect = p_clean - p_corrupted
-    groups = set(pair.groups())
     rows = []
-    for variant in sweep.variants:
+    for variant in question.variants:
         group, layer = variant.key
-        if group not in groups:
-            continue
         p_patched = model.next_token_probs(pair, variant.interventions)[1, token].item()
         rows.append({
             "corrupting_image_id": str(other["image_id"]), "site": sweep.options.site, "group": group,
@@ -108,6 +107,7 @@ PATCH = Experiment(
     name="patch",
     help="Clean → corrupted (another scene's image) activation patching: layer × token-group heatmap.",
     options=PatchOptions,
+    data=questions,
     work=PerQuestion(patch_rows, patch_variants),
     value="restored",
     by=("group", "layer"),

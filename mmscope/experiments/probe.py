@@ -26,6 +26,7 @@ import torch
 
 from mmscope.experiments.figures import curves
 from mmscope.experiments.options import (
+    check_at_least,
     check_choice,
     data_option,
     model_option,
@@ -61,6 +62,7 @@ class ProbeOptions:
 
     def __post_init__(self) -> None:
         check_choice("probe", self.probe_kind, PROBE_KINDS)
+        check_at_least("n_images", self.n_images, 1)
 
 
 def probe_rows(model: Model, task: str, dataset, pooling: str, config: ProbeConfig,
@@ -79,9 +81,13 @@ def probe_rows(model: Model, task: str, dataset, pooling: str, config: ProbeConf
     ]
 
 
-def probe_work(model: Model, options: ProbeOptions) -> Work:
-    """One unit per task × pooling, over the probe datasets of `--data`'s split."""
-    datasets = probe_datasets(options.data, options.split, options.n_images, options.seed)
+def probe_data(options: ProbeOptions) -> dict:
+    """The probe datasets of `--data`'s split: entailment statements and object labels over `--n-images`."""
+    return probe_datasets(options.data, options.split, options.n_images, options.seed)
+
+
+def probe_work(model: Model, options: ProbeOptions, datasets: dict) -> Work:
+    """One unit per task × pooling, over the probe datasets."""
     units = [(task, pooling) for task in datasets for pooling in POOLINGS[task]]
     config = ProbeConfig(kind=options.probe_kind, seed=options.seed)
 
@@ -128,6 +134,7 @@ PROBE = Experiment(
     name="probe",
     help="Layer-wise probes: image–text entailment (global) vs object recognition (local).",
     options=ProbeOptions,
+    data=probe_data,
     work=probe_work,
     value="accuracy",
     by=("curve", "layer"),

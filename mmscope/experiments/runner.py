@@ -4,20 +4,24 @@ An experiment is a declaration (`Experiment`): its options class, the work its r
 the rows each unit of work yields, the column its summary averages and the columns it groups by, its figure,
 and its findings (what the command prints). `run(experiment, options)` executes it:
 
-  1. seeds torch, loads the model, and asks the declaration for its `Work`: the units (questions, or probe
-     units), the rows function, and the interventions they apply;
-  2. opens the run folder (`RunDir`) with config.yaml — the experiment and its options (a rerun with other
-     options is refused), the interventions as dicts, the library versions;
+  1. reads and checks the experiment's data (`data(options)`) — before a model loads, so that a bad `--data`
+     fails at once; then seeds torch, loads the model, and asks the declaration for its `Work`: the units
+     (questions, or probe units), the rows function, and the interventions they apply (checked against the
+     model: layers in range, token groups its examples hold);
+  2. opens the run folder (`RunDir`, locked for this process) with config.yaml — the experiment and its options
+     (a rerun with other options is refused, naming them), the interventions as dicts, the library versions.
+     Nothing is written before this step, so a refused start leaves no trace;
   3. walks the units not yet done, storing each one's rows atomically, so a run killed at any point (SIGKILL
      included) continues where it stopped when started again and ends with the same table;
   4. writes results.parquet and summary.csv, draws the figure, logs to W&B when asked, and prints the report:
      the work's status lines, the findings, and where the figure is.
 
-Per-question sweeps (knockout, lens, truncate, patch) declare `work=PerQuestion(rows, variants)`: the runner
-loads the questions, prepares each as an `Example`, takes the clean greedy answer, skips a question answered
-wrongly unless `--include-all`, and starts each row with the question's ids (`row_ids`); the experiment's rows
-function sees one `Question` of its `Sweep`. An experiment over other units declares its own `Work` (probe: one
-unit per task × pooling).
+Per-question sweeps (knockout, lens, truncate, patch) declare `data=questions, work=PerQuestion(rows,
+variants)`: the runner prepares each question as an `Example`, takes the clean greedy answer, skips a question
+answered wrongly unless `--include-all`, and starts each row with the question's ids (`row_ids`); the
+experiment's rows function sees one `Question` of its `Sweep`, with the variants that question can run (a
+variant naming `object` needs a question with an object box; the report counts the questions that lacked one).
+An experiment over other units declares its own data and `Work` (probe: one unit per task × pooling).
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from tqdm.auto import tqdm
 import mmscope
 from mmscope.experiments.answers import CleanAnswer, clean_answer
 from mmscope.experiments.engine import Variant
-from mmscope.experiments.options import QuestionOptions, plain
+from mmscope.errors import known, suggest
+from mmscope.experiments.options import OptionError, QuestionOptions, plain
 from mmscope.experiments.runs import RunDir, summarize
 from mmscope.experiments.tracking import log_run
 from mmscope.experiments.workspace import load_questions
-from mmscope.layout import Example
+from mmscope.layout import BOX_GROUPS, Example
 from mmscope.model import Model
 
 O = TypeVar("O")
@@ -55,7 +60,7 @@ class Work:
     rows: Callable[[int], list[dict] | None]
     described: str  # what the header line counts, e.g. "12 questions"
     interventions: dict[str, Any] = field(default_factory=dict)  # config.yaml's record; {}: none applied
-    status: Callable[[dict[str, int]], list[str]] = lambda counts: []  # the report's first lines, from the counts
+    status: Callable[[RunDir], list[str]] = lambda run_dir: []  # the report's first lines, from the run folder
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,25 @@ class Variants:
 
     parameters: dict[str, Any]
     variants: tuple[Variant, ...]
+    option: str = ""  # the option the variants' token groups come from (e.g. "--flow"), for error messages
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """Every token group a variant names."""
+        return frozenset().union(*(variant.groups for variant in self.variants))
+
+    def check(self, model: Model, dataset) -> None:
+        """Refuse variants naming a token group the model's examples cannot hold, or one that needs object boxes
+        when no question of the data has one (every variant on it would be left out, in silence)."""
+        unknown = sorted(self.groups - set(model.groups))
+        if unknown:
+            raise OptionError(f"unknown token group {unknown[0]!r} ({self.option or 'variants'}): the examples of "
+                              f"{model.name} hold {known(model.groups)}{suggest(unknown[0], model.groups)}")
+        boxed = sorted(self.groups & BOX_GROUPS)
+        if boxed and not any(boxes_of(row) for row in dataset.select_columns(["object_boxes"])):
+            raise OptionError(f"token group {boxed[0]!r} ({self.option or 'variants'}) needs object boxes, and no "
+                              "question of the data has one (boxes come from the scene graphs: give --data a folder "
+                              "with them)")
 
     def record(self) -> dict[str, Any]:
         """config.yaml's record: the parameters, how many variants, and the first variant using each kind of
@@ -95,11 +119,23 @@ class Question:
     row: dict
     example: Example
     answer: CleanAnswer
+    variants: tuple[Variant, ...] = ()  # the sweep's variants whose token groups this question's example holds
+
+
+def questions(options: QuestionOptions):
+    """The questions of a per-question sweep (`--data`, `--split`, `--images`, `--categories`, `--limit`)."""
+    return load_questions(options.data, options.split, images=options.images, categories=options.categories,
+                          limit=options.limit)
+
+
+def boxes_of(row: dict) -> list[tuple[float, ...]]:
+    """The central objects' boxes of a GQA-format row (`[]` in its list marks an object the image lacks)."""
+    return [tuple(box) for box in row.get("object_boxes") or [] if len(box) == 4]
 
 
 def example_of(model: Model, row: dict) -> Example:
     """The Example of one GQA-format row: its image, question and (when known) the central objects' boxes."""
-    boxes = [tuple(box) for box in row.get("object_boxes") or [] if len(box) == 4]  # [] marks an absent object
+    boxes = boxes_of(row)
     meta = {key: row.get(key) for key in ("question_id", "image_id", "category", "answer")}
     return model.prepare(row["image"].convert("RGB"), row["question"], boxes=boxes or None, meta=meta)
 
@@ -117,7 +153,7 @@ def row_ids(index: int, row: dict) -> dict:
 
 def counts_line(counts: dict[str, int]) -> str:
     """A per-question sweep's status line: how many questions gave rows and how many were skipped."""
-    return f"{counts['used']} examples used, {counts['skipped']} skipped (answered wrongly or lacking a group)"
+    return f"{counts['used']} examples used, {counts['skipped']} skipped (answered wrongly)"
 
 
 @dataclass(frozen=True)
@@ -128,11 +164,10 @@ class PerQuestion(Generic[Q]):
     rows: Callable[[Sweep[Q], Question], list[dict]]
     variants: Callable[[Q, Model], Variants] | None = None
 
-    def __call__(self, model: Model, options: Q) -> Work:
-        dataset = load_questions(options.data, options.split, images=options.images,
-                                 categories=options.categories, limit=options.limit)
-        generated = self.variants(options, model) if self.variants is not None else None
-        sweep = Sweep(model, dataset, options, generated.variants if generated is not None else ())
+    def __call__(self, model: Model, options: Q, dataset) -> Work:
+        generated = self.variants(options, model) if self.variants is not None else Variants({}, ())
+        generated.check(model, dataset)
+        sweep = Sweep(model, dataset, options, generated.variants)
 
         def question_rows(index: int) -> list[dict] | None:
             row = dataset[index]
@@ -140,18 +175,33 @@ class PerQuestion(Generic[Q]):
             answer = clean_answer(model, example, row["answer"])
             if not answer.correct and not options.include_all:
                 return None
+            held = set(example.groups())
+            runnable = tuple(variant for variant in generated.variants if variant.groups <= held)
             ids = row_ids(index, row)
-            return [{**ids, **values} for values in self.rows(sweep, Question(index, row, example, answer))]
+            return [{**ids, **values} for values in self.rows(sweep, Question(index, row, example, answer, runnable))]
 
-        return Work(len(dataset), question_rows, f"{len(dataset)} questions",
-                    generated.record() if generated is not None else {}, lambda counts: [counts_line(counts)])
+        def status(run_dir: RunDir) -> list[str]:
+            lines = [counts_line(run_dir.counts())]
+            boxed = sorted(generated.groups & BOX_GROUPS)
+            if boxed:
+                used = run_dir.used()
+                boxes = dataset.select_columns(["object_boxes"]).select(used)
+                lacking = sum(not boxes_of(row) for row in boxes)
+                if lacking:
+                    lines.append(f"{lacking} of {len(used)} examples used have no object box: their variants on "
+                                 f"{known(boxed)} ({generated.option}) were left out")
+            return lines
+
+        record = generated.record() if self.variants is not None else {}
+        return Work(len(dataset), question_rows, f"{len(dataset)} questions", record, status)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Experiment(Generic[O]):
     """One experiment, declared: `mmscope <name>` builds `options` from its command line and `run` executes it.
 
-    `by` are the summary's group-by columns, the last one the layer axis (the figure's x, the W&B step);
+    `data(options)` reads and checks what the run walks over, before the model loads; `work(model, options,
+    data)` makes its `Work`. `by` are the summary's group-by columns, the last one the layer axis (the figure's x, the W&B step);
     `summarize` replaces the default summary (mean, 95% CI and n of `value` per group) where rows already are
     one per group. `figure` draws the summary into the given path; `findings` are the report's lines between
     the status and the figure; `prints_table` adds where results.parquet is.
@@ -160,7 +210,8 @@ class Experiment(Generic[O]):
     name: str
     help: str
     options: type[O]
-    work: Callable[[Model, O], Work]
+    data: Callable[[O], Any]
+    work: Callable[[Model, O, Any], Work]
     value: str
     by: tuple[str, ...]
     figure: Callable[[pd.DataFrame, Path, O], Path]
@@ -181,19 +232,20 @@ class Experiment(Generic[O]):
 
 def run(experiment: Experiment[O], options: O, echo: Callable[[str], None] = print) -> RunDir:
     """Execute `experiment` with `options` (steps in the module docstring); returns its run folder."""
+    data = experiment.data(options)
     torch.manual_seed(options.seed)
     model = mmscope.load(options.model)
-    work = experiment.work(model, options)
+    work = experiment.work(model, options, data)
     folder = options.out if options.out is not None else Path("runs") / experiment.name
     config = {"experiment": {"kind": experiment.name, **plain(options)}, "options": plain(options),
               "interventions": work.interventions}
-    run_dir = RunDir(folder, config)
-    echo(f"{experiment.name}: {model}, {work.described} → {run_dir.folder}")
-    pending = [index for index in range(work.size) if not run_dir.done(index)]
-    for index in tqdm(pending, desc=experiment.desc, unit="example"):
-        rows = work.rows(index)
-        run_dir.write_part(index, rows if rows is not None else [], skipped=rows is None)
-    echo("\n".join(report(experiment, options, run_dir, work.status(run_dir.counts()))))
+    with RunDir(folder, config) as run_dir:
+        echo(f"{experiment.name}: {model}, {work.described} → {run_dir.folder}")
+        pending = [index for index in range(work.size) if not run_dir.done(index)]
+        for index in tqdm(pending, desc=experiment.desc, unit="example"):
+            rows = work.rows(index)
+            run_dir.write_part(index, rows if rows is not None else [], skipped=rows is None)
+        echo("\n".join(report(experiment, options, run_dir, work.status(run_dir))))
     return run_dir
 
 

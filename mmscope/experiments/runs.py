@@ -8,18 +8,28 @@ Layout of `runs/<name>/`:
     summary.csv        per-layer means with 95% confidence intervals
     *.png              figures
 
+    run.lock, run.lock.json   held while a process writes the folder, and who that process is
+
 A sweep skips the examples whose part already exists, so the same command started again after any
 interruption — even SIGKILL — continues where it stopped, and the final table equals an uninterrupted run's.
-Starting a run in a folder whose config differs is refused rather than mixing two experiments.
+Starting a run in a folder that holds results of a different run (the experiment or an option that changes
+results differs) is refused, naming each difference, rather than mixing two experiments; a folder with a
+config but no results yet (a start that failed) takes the new config. One process writes a folder at a time:
+a second is refused, naming the first. The lock is the operating system's (`filelock`), so a writer killed
+even by SIGKILL leaves no stale lock behind.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
+import socket
+import time
 from pathlib import Path
 
+import filelock
 import pandas as pd
 import yaml
 
@@ -38,25 +48,92 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# Options that say where and how a run is kept, not what it computes: a rerun may change them.
+KEEPING = ("out", "wandb")
+
+
+class RunFolderError(MMScopeError, ValueError):
+    """A run folder that holds a different run, or cannot be read as one."""
+
+
+class RunLockedError(MMScopeError, RuntimeError):
+    """A run folder another process is writing."""
+
+
 class RunDir:
-    """One experiment's output folder. `config` must be plain data (YAML-serialisable)."""
+    """One experiment's output folder, held (locked) from construction until `close()` or the `with` block's end.
+
+    `config` must be plain data (YAML-serialisable); its `experiment` entry is what identifies the run."""
 
     def __init__(self, folder: str | Path, config: dict) -> None:
         self.folder = Path(folder)
         self.parts = self.folder / "parts"
-        self.parts.mkdir(parents=True, exist_ok=True)
         self.config = config
-        config_file = self.folder / "config.yaml"
-        if config_file.exists():
-            previous = yaml.safe_load(config_file.read_text())
-            if previous.get("experiment") != config.get("experiment"):
-                raise MMScopeError(
-                    f"{self.folder} holds a different run (config.yaml differs in 'experiment'); "
-                    "choose another --out or delete the folder"
-                )
-        else:
-            stored = {**config, "versions": library_versions()}
-            _atomic_write(config_file, yaml.safe_dump(stored, sort_keys=False).encode())
+        self.config_file = self.folder / "config.yaml"
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RunFolderError(f"run folder {self.folder} is a file; choose another --out")
+        self._check_same_run()  # before anything is written: a refused run leaves the folder as it was
+        self.parts.mkdir(parents=True, exist_ok=True)
+        self._lock = filelock.FileLock(self.folder / "run.lock", timeout=0)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise RunLockedError(f"run folder {self.folder} is being written by {self._holder()}; wait for it to "
+                                 "finish, or choose another --out") from None
+        try:
+            self._check_same_run()  # again, now that no other process can write it
+            _atomic_write(self.folder / "run.lock.json", json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            ).encode())
+            if not self.config_file.exists() or self._differences():  # new, or a start that failed: no results
+                stored = {**config, "versions": library_versions()}
+                _atomic_write(self.config_file, yaml.safe_dump(stored, sort_keys=False).encode())
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let other processes write the folder."""
+        self._lock.release()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _differences(self) -> list[str]:
+        """`option: old there, new now` for each setting of the run in the folder that differs from this one's."""
+        if not self.config_file.exists():
+            return []
+        try:
+            previous = yaml.safe_load(self.config_file.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise RunFolderError(f"{self.config_file} is not valid YAML ({' '.join(str(error).split())}); "
+                                 "delete the folder to start over") from None
+        before = (previous or {}).get("experiment") if isinstance(previous, dict) else None
+        if not isinstance(before, dict):
+            raise RunFolderError(f"{self.config_file} records no experiment; it is not an mmscope run folder's")
+        now = self.config.get("experiment", {})
+        keys = [key for key in dict.fromkeys([*before, *now]) if key not in KEEPING]
+        return [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in keys
+                if before.get(key) != now.get(key)]
+
+    def _check_same_run(self) -> None:
+        """Refuse a folder that holds results of a different run (a failed start, without results, is replaced)."""
+        differences = self._differences()
+        if differences and self.counts()["used"] + self.counts()["skipped"]:
+            raise RunFolderError(f"{self.folder} holds results of a different run ({'; '.join(differences)}); "
+                                 "rerun with those settings to continue it, choose another --out, or delete the "
+                                 "folder")
+
+    def _holder(self) -> str:
+        """Who holds the lock, as its holder recorded it."""
+        try:
+            holder = json.loads((self.folder / "run.lock.json").read_text())
+            return f"process {holder['pid']} on {holder['host']} (since {holder['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
 
     def part_path(self, index: int) -> Path:
         return self.parts / f"{index:06d}.parquet"
@@ -78,7 +155,11 @@ class RunDir:
 
     def counts(self) -> dict[str, int]:
         """Examples that produced rows, and examples skipped."""
-        return {"used": len(list(self.parts.glob("*.parquet"))), "skipped": len(list(self.parts.glob("*.skipped")))}
+        return {"used": len(self.used()), "skipped": len(list(self.parts.glob("*.skipped")))}
+
+    def used(self) -> list[int]:
+        """The indices of the units that produced rows, in order."""
+        return sorted(int(path.stem) for path in self.parts.glob("*.parquet"))
 
     def results(self) -> pd.DataFrame:
         """All rows so far, in example order, written to `results.parquet`."""

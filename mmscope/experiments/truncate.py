@@ -14,7 +14,7 @@ import pandas as pd
 from mmscope.experiments.engine import ENGINES, Variant, run_variants
 from mmscope.experiments.figures import curves
 from mmscope.experiments.options import QuestionOptions, check_choice, engine_option
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions, Variants
 from mmscope.interventions import Truncate
 from mmscope.model import Model
 
@@ -26,6 +26,7 @@ class TruncateOptions(QuestionOptions):
     engine: str = engine_option()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("engine", self.engine, ENGINES)
 
 
@@ -37,13 +38,13 @@ def truncate_variants(options: TruncateOptions, model: Model) -> Variants:
 
 def truncate_rows(sweep: Sweep[TruncateOptions], question: Question) -> list[dict]:
     """p(answer) and whether it is still the top token, exiting after each layer of one question."""
-    clean, probs = run_variants(sweep.model, question.example, sweep.variants, engine=sweep.options.engine)
+    clean, probs = run_variants(sweep.model, question.example, question.variants, engine=sweep.options.engine)
     token = question.answer.first_token
     p_clean = clean.probs[token].item()
     return [
         {"layer": layer, "p_clean": p_clean, "p_answer": variant_probs[token].item(),
          "top1": float(variant_probs.argmax().item() == token)}
-        for (layer,), variant_probs in zip((variant.key for variant in sweep.variants), probs, strict=True)
+        for (layer,), variant_probs in zip((variant.key for variant in question.variants), probs, strict=True)
     ]
 
 
@@ -64,6 +65,7 @@ TRUNCATE = Experiment(
     name="truncate",
     help="Early exit after each layer: p(answer) and whether it is still the top token.",
     options=TruncateOptions,
+    data=questions,
     work=PerQuestion(truncate_rows, truncate_variants),
     value="p_answer",
     by=("category", "layer"),

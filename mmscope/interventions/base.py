@@ -40,7 +40,8 @@ class Intervention:
     Subclasses are registered by class name for `from_dict`. Fields are normalised once, from their annotations,
     before `check` runs: a `tuple[int, ...]` field takes an int, a list, a range or any non-empty sequence of
     ints and stores a tuple (so the dataclass stays hashable); a token-group field (`Group`) takes a name or
-    positions; a `bool` field must be a bool. Anything else there is refused with the field's name.
+    positions; a `bool` field must be a bool, an `int` field an int. Anything else there is refused with the
+    field's name.
     """
 
     registry: ClassVar[dict[str, type[Intervention]]] = {}
@@ -71,6 +72,11 @@ class Intervention:
     def apply(self, ctx: Context) -> None:
         """Edit the running forward pass through `ctx`."""
         raise NotImplementedError
+
+    def groups(self) -> frozenset[str]:
+        """The token groups this intervention names (its group fields given by name): an example must hold each."""
+        return frozenset(getattr(self, name) for name, annotation in _field_types(type(self)).items()
+                         if _is_group(annotation) and isinstance(getattr(self, name), str))
 
     def affected_from(self, example: Example) -> int:
         """The first position of `example` (over all rows) whose activations this intervention reads or changes.
@@ -127,7 +133,17 @@ def _normalise(annotation, value, where: str):
         return _ints(value, where, "a token-group name or positions" if str in options else "ints")
     if annotation is bool and not isinstance(value, bool):
         raise InterventionError(f"{where} must be True or False; got {value!r}")
+    if int in options and not (float in options and isinstance(value, float)):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise InterventionError(f"{where} must be an int; got {value!r}")
+        return operator.index(value)  # a NumPy or torch integer as an int
     return value
+
+
+def _is_group(annotation) -> bool:
+    """Whether a field annotated so holds a token group (a name or positions, `Group`, possibly optional)."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    return str in options and _INTS in options
 
 
 def _is_union(annotation) -> bool:

@@ -1,0 +1,288 @@
+"""Every bad input gets one clear line: the CLI exits non-zero with `error: …` naming the input and no
+traceback, and leaves an existing run folder exactly as it was; the API raises an mmscope exception naming it.
+
+Each table row is one bad input and a piece of the message it must give. The CLI rows run against a finished
+run folder (`finished`), whose every file is compared before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+import mmscope
+from mmscope.cli import app
+from mmscope.errors import MMScopeError
+from mmscope.experiments.runs import RunDir
+from mmscope.interventions import ActivationPatch, Intervention, Knockout, Truncate
+
+runner = CliRunner()
+RUN = ["--limit", "1", "--categories", "ChooseAttr"]  # a sweep of one question
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mmscope.data import synthesize
+
+    folder = tmp_path_factory.mktemp("world")
+    synthesize(folder, 30, seed=7, image_size=64, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return mmscope.load("shapes-llava")
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    """A finished knockout run's folder: every refused command pointed at it must leave it as it was."""
+    folder = tmp_path_factory.mktemp("runs") / "knockout"
+    args = ["knockout", "--data", str(world), *RUN, "--flow", "image->last", "--window", "3", "--include-all",
+            "--out", str(folder)]
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (folder / "results.parquet").exists()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(world, tmp_path_factory):
+    """Bad files of every kind a command reads, by name."""
+    folder = tmp_path_factory.mktemp("bad-files")
+    checkpoint = Path(mmscope.zoo.EMBEDDED_MODELS["shapes-llava"])
+    made = {}
+
+    def model_with(name: str, damage) -> Path:
+        copy = folder / f"model-{name}"
+        copy.mkdir()
+        for file in checkpoint.iterdir():
+            if file.is_file():
+                (copy / file.name).write_bytes(file.read_bytes())
+        damage(copy)
+        return copy
+
+    made["no-config"] = model_with("no-config", lambda f: (f / "config.json").unlink())
+    made["truncated-weights"] = model_with(
+        "truncated-weights", lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:999]))
+    made["truncated-tokenizer"] = model_with(
+        "truncated-tokenizer", lambda f: (f / "tokenizer.json").write_text((f / "tokenizer.json").read_text()[:100]))
+    for name, text in {"misspelt": "windw: 3\n", "malformed": "window: [3\n", "list": "- 3\n",
+                       "bad-value": "window: wide\n"}.items():
+        made[f"config-{name}"] = folder / f"{name}.yaml"
+        made[f"config-{name}"].write_text(text)
+    made["a-file"] = folder / "a-file"
+    made["a-file"].write_text("not a folder")
+    made["empty-folder"] = folder / "empty"
+    made["empty-folder"].mkdir()
+    return made
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`, with its size and modification time."""
+    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+# (command line, a piece of the message). {world}, {run} and {name} (a bad file of `files`) are filled in; a
+# command that takes --out gets the finished run folder's.
+CLI_CASES = [
+    (["knockout", "--flow", "image"], "flow 'image' (--flow) must read 'source->target'"),
+    (["knockout", "--flow", "foo->last"], "unknown token group 'foo' (--flow)"),
+    (["knockout", "--flow", "imgae->last"], "did you mean 'image'?"),
+    (["patch", "--group", "foo"], "unknown token group 'foo' (--group)"),
+    (["knockout", "--window", "0"], "window 0 (--window): must be at least 1"),
+    (["knockout", "--window", "15"], "window 15 (--window) blocks all 8 layers of shapes-llava at every centre"),
+    (["knockout", "--limit", "0"], "limit 0 (--limit): must be at least 1, or omit it for all questions"),
+    (["knockout", "--limit", "-3"], "limit -3 (--limit): must be at least 1"),
+    (["evaluate", "--limit", "0"], "limit 0 (--limit): must be at least 1"),
+    (["evaluate", "--batch-size", "0"], "batch_size 0 (--batch-size): must be at least 1"),
+    (["knockout", "--engine", "turbo"], "unknown engine 'turbo' (--engine): known: prefix, naive"),
+    (["truncate", "--engine", "prefx"], "unknown engine 'prefx' (--engine): known: prefix, naive; did you mean 'prefix'?"),
+    (["lens", "--lens", "sideways"], "unknown lens 'sideways' (--lens): known: raw, normed"),
+    (["patch", "--site", "embedding"], "unknown site 'embedding' (--site): known: residual, attention, mlp"),
+    (["probe", "--probe", "svm"], "unknown probe 'svm' (--probe): known: linear, mlp"),
+    (["probe", "--n-images", "0"], "n_images 0 (--n-images): must be at least 1"),
+    (["knockout", "--categories", "colour"], "unknown category 'colour'"),
+    (["knockout", "--model", "shapes_llava"], "did you mean 'shapes-llava'?"),
+    (["knockout", "--model", "./no/such/folder"], "model folder './no/such/folder' does not exist"),
+    (["knockout", "--model", "{no-config}"], "has no config.json"),
+    (["knockout", "--model", "{truncated-weights}"], "model.safetensors in"),
+    (["knockout", "--model", "{truncated-tokenizer}"], "tokenizer.json is not valid JSON"),
+    (["knockout", "--model", "{empty-folder}"], "has no config.json"),
+    (["knockout", "--data", "/no/such/data"], "data folder '/no/such/data' does not exist"),
+    (["knockout", "--data", "{empty-folder}"], "is neither a synthetic world"),
+    (["knockout", "--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
+    (["knockout", "--config", "{config-misspelt}"], "unknown option(s) 'windw'; did you mean 'window'?"),
+    (["knockout", "--config", "{config-malformed}"], "is not valid YAML"),
+    (["knockout", "--config", "{config-list}"], "must hold a mapping of option: value, not a list"),
+    (["knockout", "--out", "{a-file}"], "is a file; choose another --out"),
+    (["knockout", "--out", "/dev/null/run"], "not a directory (/dev/null/run"),
+    (["knockout", "--flow", "image->last", "--include-all", "--window", "5", "--out", "{run}"],
+     "holds results of a different run (window: 3 there, 5 now)"),
+    (["knockout", "--flow", "last->last", "--include-all", "--window", "3", "--out", "{run}"],
+     "(flows: ['image->last'] there, ['last->last'] now)"),
+    (["knockout", "--flow", "image->last", "--window", "3", "--out", "{run}"],
+     "(include_all: True there, False now)"),
+    (["data", "show", "/no/such/folder"], "/no/such/folder"),
+]
+# Click's own usage errors: exit code 2, a message naming the option, no traceback (click frames them).
+USAGE_CASES = [
+    (["knockout", "--windw", "3"], "No such option: --windw"),
+    (["knockout", "--window", "abc"], "Invalid value for '--window'"),
+    (["knockout", "--config", "{config-bad-value}"], "Invalid value for '--window'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+]
+
+
+def filled(args: list[str], world: Path, run: Path, files: dict) -> list[str]:
+    filled = [arg.format(world=world, run=run, **files) if "{" in arg else arg for arg in args]
+    takes_data = filled[0] in ("knockout", "lens", "truncate", "patch", "probe", "evaluate")
+    if takes_data and "--data" not in filled:
+        filled += ["--data", str(world)]
+    if filled[0] in ("knockout", "lens", "truncate", "patch") and "--limit" not in filled:
+        filled += RUN
+    if filled[0] in ("knockout", "lens", "truncate", "patch", "probe") and "--out" not in filled:
+        filled += ["--out", str(run)]
+    return filled
+
+
+@pytest.mark.parametrize(("args", "message"), CLI_CASES, ids=[" ".join(args) for args, _ in CLI_CASES])
+def test_a_bad_command_line_says_what_is_wrong_in_one_line_and_leaves_the_run_folder_alone(
+        args, message, world, finished, files):
+    before = snapshot(finished)
+    result = runner.invoke(app, filled(args, world, finished, files))
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert snapshot(finished) == before
+
+
+@pytest.mark.parametrize(("args", "message"), USAGE_CASES, ids=[" ".join(args) for args, _ in USAGE_CASES])
+def test_a_misspelt_or_mistyped_option_is_a_usage_error_naming_it(args, message, world, finished, files):
+    before = snapshot(finished)
+    result = runner.invoke(app, filled(args, world, finished, files))
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", " ").split())
+    assert "Traceback" not in result.output
+    assert snapshot(finished) == before
+
+
+def test_debug_shows_the_traceback_and_the_exception_itself():
+    for args, env in ((["--debug", "knockout", "--window", "0"], {}), (["knockout", "--window", "0"],
+                                                                       {"MMSCOPE_DEBUG": "1"})):
+        result = runner.invoke(app, args, env=env)
+        assert isinstance(result.exception, MMScopeError), result.output
+        assert "window 0 (--window)" in str(result.exception)
+
+
+def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mmscope.cli", "knockout", "--limit", "0"],
+                            capture_output=True, text=True, env={**os.environ, "MMSCOPE_DEBUG": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: limit 0 (--limit): must be at least 1, or omit it for all "
+                                     "questions")
+
+
+def image(width=64, height=64) -> Image.Image:
+    return Image.new("RGB", (width, height), (90, 120, 200))
+
+
+def knockout(**fields) -> Knockout:
+    return Knockout(**{"source": "image", "target": "last", "layers": (3,), **fields})
+
+
+# (what to call with the embedded model and a prepared example, a piece of the message)
+API_CASES = [
+    (lambda m, e: knockout(layers="12"), "Knockout.layers"),
+    (lambda m, e: knockout(layers=()), "Knockout.layers"),
+    (lambda m, e: knockout(layers=[1.5]), "Knockout.layers"),
+    (lambda m, e: knockout(heads=[]), "Knockout.heads"),
+    (lambda m, e: knockout(keep_self="no"), "Knockout.keep_self must be True or False; got 'no'"),
+    (lambda m, e: Intervention.from_dict({"type": "Knockout", "source": "image", "target": "last",
+                                          "layers": "12"}), "Knockout.layers"),
+    (lambda m, e: Intervention.from_dict({"type": "Knockot"}), "unknown intervention type 'Knockot'"),
+    (lambda m, e: Intervention.from_dict({"type": "Truncate", "layer": 2, "depth": 3}), "Truncate has no field"),
+    (lambda m, e: ActivationPatch("embedding", (1,), "image"), "embedding"),
+    (lambda m, e: m.next_token_probs(e, [knockout(layers=(99,))]), "layer 99 out of range"),
+    (lambda m, e: m.next_token_probs(e, [Knockout("imgae", "last", (3,))]), "unknown token group 'imgae'"),
+    (lambda m, e: m.next_token_probs(e, knockout()), "pass [it]"),
+    (lambda m, e: m.next_token_probs(e, [knockout().to_dict()]), "got dict"),
+    (lambda m, e: m.next_token_probs(e, "image->last"), "got str"),
+    (lambda m, e: m.prepare(image(), ""), "question must be a non-empty string"),
+    (lambda m, e: m.prepare(image(), "What is it? " * 2000), "more than the 512 positions of shapes-llava's"),
+    (lambda m, e: m.prepare(image(), "What is it?", boxes=[]), "boxes is empty"),
+    (lambda m, e: m.prepare(image(), "What is it?", boxes=[(math.nan, 1, 2, 2)]), "nan"),
+    (lambda m, e: m.prepare("picture.png", "What is it?"), "picture.png"),
+    (lambda m, e: m.answer_prob(e, ""), "answer must be a non-empty string"),
+    (lambda m, e: Truncate("3"), "Truncate.layer must be an int; got '3'"),
+    (lambda m, e: Truncate(True), "Truncate.layer must be an int; got True"),
+    (lambda m, e: m.next_token_probs(e, [Truncate(8)]), "layer 8 out of range"),
+    (lambda m, e: mmscope.load("shapes_llava"), "did you mean 'shapes-llava'?"),
+    (lambda m, e: mmscope.load(attn_implementation="flash_attention_2"), "flash_attention_2"),
+]
+
+
+@pytest.mark.parametrize(("call", "message"), API_CASES, ids=[message for _, message in API_CASES])
+def test_a_bad_api_input_raises_an_mmscope_error_naming_it(call, message, embedded):
+    example = embedded.prepare(image(), "What color is the cube?")
+    with pytest.raises(MMScopeError) as raised:
+        call(embedded, example)
+    assert message in str(raised.value)
+
+
+def test_an_answer_of_unknown_words_warns_that_it_scores_as_the_unknown_token(embedded):
+    example = embedded.prepare(image(), "What color is the cube?")
+    with pytest.warns(UserWarning, match="answer 'zorbly' has words the tokenizer does not know"):
+        embedded.answer_prob(example, "zorbly")
+
+
+def test_a_start_that_failed_before_any_result_does_not_block_the_corrected_rerun(tmp_path):
+    config = {"experiment": {"kind": "knockout", "window": 100}}
+    with RunDir(tmp_path / "run", config):
+        pass  # the run failed here, before its first result
+    corrected = {"experiment": {"kind": "knockout", "window": 3}}
+    with RunDir(tmp_path / "run", corrected) as run_dir:
+        run_dir.write_part(0, [{"x": 1}])
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["experiment"]["window"] == 3
+    with pytest.raises(MMScopeError, match=r"holds results of a different run \(window: 3 there, 100 now\)"):
+        RunDir(tmp_path / "run", config)
+
+
+def test_where_and_how_a_run_is_kept_may_change_between_its_starts(tmp_path):
+    first = {"experiment": {"kind": "knockout", "out": "a", "wandb": False}}
+    with RunDir(tmp_path / "run", first) as run_dir:
+        run_dir.write_part(0, [{"x": 1}])
+    with RunDir(tmp_path / "run", {"experiment": {"kind": "knockout", "out": "b", "wandb": True}}) as run_dir:
+        assert run_dir.counts() == {"used": 1, "skipped": 0}
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    folder, config = tmp_path / "run", {"experiment": {"kind": "knockout"}}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mmscope.experiments.runs import RunDir; "
+         f"run = RunDir({str(folder)!r}, {config!r}); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MMScopeError, match=rf"is being written by process {holder.pid} on "):
+            RunDir(folder, config)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with RunDir(folder, config) as run_dir:  # the killed holder's lock died with it
+            assert json.loads((folder / "run.lock.json").read_text())["pid"] == os.getpid()
+            run_dir.write_part(0, [{"x": 1}])
+    finally:
+        holder.kill()
+        holder.wait()
