@@ -33,18 +33,23 @@ Training runs in LLaVA's two stages, with the roles adapted to a model trained f
 
 Everything is seeded; the same command on the same machine type gives the same checkpoint. At every validation
 the whole training state is written to `OUT/resume.pt`; the same command run again after a crash continues from
-there and ends with the same weights as an uninterrupted run. The result is an ordinary `save_pretrained`
-folder with a model card.
+there and ends with the same weights as an uninterrupted run. That file holds only tensors and plain data and is
+read with `torch.load(weights_only=True)`: one swapped into a shared run folder cannot run code. The result is
+an ordinary `save_pretrained` folder with a model card.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import pickle
 import platform
 import random
+import shutil
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
+from mmscope.errors import MMScopeError
 from mmscope.prompts import LLAVA_15
 from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
 
@@ -103,6 +109,10 @@ class TrainConfig:
     bf16: bool = True  # bfloat16 autocast (about twice as fast on CPUs with bf16 instructions)
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
+
+
+class TrainingStateError(MMScopeError, ValueError):
+    """`OUT/resume.pt` is not a training state this run can continue."""
 
 
 def prompt_of(question: str) -> str:
@@ -487,17 +497,78 @@ def _settings(config: TrainConfig) -> dict:
     return {k: v for k, v in asdict(config).items() if k not in ("out", "wandb")}
 
 
+# What `OUT/resume.pt` holds, with the type of each entry: tensors and plain data only.
+_STATE = {"settings": dict, "step": int, "history": list, "minutes": float, "modules": dict, "optimizer": dict,
+          "schedule": dict, "sampler_weights": list, "sampler_random": tuple, "torch_rng": torch.Tensor}
+
+
 def _load_resume(path: Path, config: TrainConfig) -> dict | None:
-    """The training state a crashed run left in `path`, or None; an error if it was made with other settings."""
+    """The training state a crashed run left in `path`, or None; a `TrainingStateError` if the file is not one
+    (it is read with `weights_only=True`: nothing in it is executed) or was made with other settings."""
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
-    settings = _settings(config)
-    if state["settings"] != settings:
-        different = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        raise ValueError(f"{path} holds an unfinished run with other settings ({', '.join(different)}); "
-                         "rerun with those, or delete the file to start over")
+
+    def refused(reason: str) -> TrainingStateError:
+        return TrainingStateError(f"{path} is not an mmscope training state ({reason}); delete it to start over")
+
+    if not path.is_file():
+        raise refused("not a file")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True)
+    except OSError as error:
+        raise refused(f"unreadable: {error.strerror or error}") from error
+    except pickle.UnpicklingError as error:
+        raise refused("it holds something other than tensors and plain data, which mmscope never unpickles, or is "
+                      "corrupt") from error
+    except EOFError as error:
+        raise refused("empty or cut short") from error
+    except Exception as error:  # torch's zip reader and unpickler raise many kinds
+        raise refused(f"corrupt or cut short: {_gist(error)}") from error
+    if not isinstance(state, dict):
+        raise refused(f"it holds a {type(state).__name__}, not a training state")
+    wrong = [f"{key} missing" if key not in state else f"{key} is a {type(state[key]).__name__}"
+             for key, kind in _STATE.items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise refused(", ".join(wrong))
+    different = _differences(state["settings"], _settings(config))
+    if different:
+        raise TrainingStateError(f"{path} holds an unfinished run with other settings ({'; '.join(different)}); "
+                                 "rerun with those, or delete the file to start over")
     return state
+
+
+def _differences(there: dict, now: dict, prefix: str = "") -> list[str]:
+    """`steps: 3000 there, 2000 now` for each setting that differs (nested ones as `spec.text_layers`)."""
+    unset = object()
+    lines = []
+    for key in [*now, *(key for key in there if key not in now)]:
+        old, new = there.get(key, unset), now.get(key, unset)
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            shown = ["not set" if value is unset else repr(value) for value in (old, new)]
+            lines.append(f"{prefix}{key}: {shown[0]} there, {shown[1]} now")
+    return lines
+
+
+def _gist(error: BaseException) -> str:
+    """An error's message on one line: its first sentence, at most 160 characters (or the error's type)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text.split(". ")[0] if text else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+@contextmanager
+def _restoring(path: Path) -> Iterator[None]:
+    """Turn a loaded state that does not fit the run's modules, optimizer or samplers into a
+    `TrainingStateError` naming the file."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise TrainingStateError(f"{path} is not an mmscope training state this run can continue "
+                                 f"({_gist(error)}); delete it to start over") from error
 
 
 def _save_resume(path: Path, state: dict) -> None:
@@ -543,8 +614,9 @@ def train(config: TrainConfig) -> Path:
     if resumed is None:
         history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
     else:
-        for name, module in modules.items():
-            module.load_state_dict(resumed["modules"][name])
+        with _restoring(out / RESUME):
+            for name, module in modules.items():
+                module.load_state_dict(resumed["modules"][name])
         history = resumed["history"]
     if config.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
@@ -560,11 +632,17 @@ def train(config: TrainConfig) -> Path:
     sampler = CategorySampler(train_rows["category"], config.focus, config.seed)
     first, before = 0, 0.0  # stage-2 steps and minutes already done
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        schedule.load_state_dict(resumed["schedule"])
-        sampler.weights = resumed["sampler_weights"]
-        sampler.random.setstate(resumed["sampler_random"])
-        torch.set_rng_state(resumed["torch_rng"])
+        with _restoring(out / RESUME):
+            optimizer.load_state_dict(resumed["optimizer"])
+            schedule.load_state_dict(resumed["schedule"])
+            if not 0 < resumed["step"] < config.steps:
+                raise ValueError(f"it stopped at step {resumed['step']} of {config.steps}")
+            if len(resumed["sampler_weights"]) != len(sampler.names):
+                raise ValueError(f"{len(resumed['sampler_weights'])} sampling weights for {len(sampler.names)} "
+                                 "categories")
+            sampler.weights = resumed["sampler_weights"]
+            sampler.random.setstate(resumed["sampler_random"])
+            torch.set_rng_state(resumed["torch_rng"])
         first, before = resumed["step"], resumed["minutes"]
     progress = tqdm(range(first, config.steps), desc="stage 2: answers", unit="step", initial=first,
                     total=config.steps)
@@ -642,8 +720,7 @@ def train(config: TrainConfig) -> Path:
 
 
 def _wandb_run(config: TrainConfig):
-    import os
-
+    
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
