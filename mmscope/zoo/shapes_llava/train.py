@@ -36,12 +36,16 @@ the whole training state is written to `OUT/resume.pt`; the same command run aga
 there and ends with the same weights as an uninterrupted run. That file holds only tensors and plain data and is
 read with `torch.load(weights_only=True)`: one swapped into a shared run folder cannot run code. The result is
 an ordinary `save_pretrained` folder with a model card.
+
+`train` checks its `TrainConfig` before it creates or writes anything: a value outside its range is refused
+with a `TrainConfigError` naming the option as `mmscope train` spells it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import platform
 import random
@@ -52,6 +56,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 from tqdm.auto import tqdm
@@ -80,7 +85,8 @@ def embedded_spec() -> TinyLlavaSpec:
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run."""
+    """Everything that determines a training run; `check()` refuses a value outside its range (`train` calls it
+    before it writes anything)."""
 
     out: str
     data: str | None = None  # a synthetic-world folder; generated into `out/world` when None
@@ -110,9 +116,92 @@ class TrainConfig:
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
 
+    def __post_init__(self) -> None:
+        # Folders are kept as strings (the config is saved as JSON); a `Path` is accepted and converted.
+        self.out = os.fspath(self.out) if isinstance(self.out, os.PathLike) else self.out
+        self.data = os.fspath(self.data) if isinstance(self.data, os.PathLike) else self.data
+
+    def check(self) -> None:
+        """Refuse the first value outside its valid range (`TrainConfigError`, named as the `mmscope train`
+        option); reads the file system but writes nothing."""
+        for name, minimum, note in _COUNTS:
+            value = getattr(self, name)
+            if not _is_int(value) or value < minimum:
+                _refuse(name, value, f"must be {'at least' if _is_int(value) else 'a whole number, at least'} "
+                                     f"{minimum}{note}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            _refuse("seed", self.seed, "must be a whole number from 0 to 2**63 - 1")
+        if not _is_real(self.lr) or not self.lr > 0:
+            _refuse("lr", self.lr, "must be a finite number above 0")
+        for name in ("weight_decay", *(f"{loss}_loss_weight" for loss in _LOSSES)):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                _refuse(name, value, "must be a finite number, at least 0" + (" (0 turns that loss off)"
+                                                                               if name != "weight_decay" else ""))
+        if not _is_real(self.focus) or not 0 <= self.focus <= 1:
+            _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
+        for name in ("freeze_vision", "bf16", "wandb"):
+            if not isinstance(getattr(self, name), bool):
+                _refuse(name, getattr(self, name), "must be True or False")
+        if not isinstance(self.spec, TinyLlavaSpec):
+            _refuse("spec", self.spec, "must be a TinyLlavaSpec")
+        layers, heads = self.spec.text_layers, self.spec.text_heads
+        for name in ("grounding_layer", "gather_layer"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= layers:
+                _refuse(name, value, f"must be 1..{layers}: the output of that many decoder layers (the spec has "
+                                     f"{layers})")
+        if not _is_int(self.attention_layer) or not 0 <= self.attention_layer < layers:
+            _refuse("attention_layer", self.attention_layer, f"must be 0..{layers - 1}: a 0-based decoder layer "
+                                                             f"(the spec has {layers})")
+        if not _is_int(self.attention_head) or not 0 <= self.attention_head < heads:
+            _refuse("attention_head", self.attention_head, f"must be 0..{heads - 1}: the spec's decoder layers have "
+                                                           f"{heads} heads")
+        if not isinstance(self.out, str):
+            _refuse("out", self.out, "must be a string: the folder's path")
+        if not self.out:
+            _refuse("out", self.out, "must name a folder (it is created if missing)")
+        out = Path(self.out).absolute()
+        existing = next(path for path in (out, *out.parents) if path.exists())
+        if not existing.is_dir():
+            where = "is" if existing == out else f"lies under {str(existing)!r}, which is"
+            _refuse("out", self.out, f"{where} a file, not a folder; give a folder (it is created if missing)")
+        if self.data is not None:
+            if not isinstance(self.data, str):
+                _refuse("data", self.data, "must be a string (the folder's path) or None")
+            if not self.data or not (Path(self.data) / "world.json").is_file():
+                _refuse("data", self.data, "is not a synthetic-world folder (it has no world.json); make one with "
+                                           "`mmscope data synth`, or omit --data to generate one next to --out")
+            if out.resolve() == Path(self.data).resolve():
+                _refuse("out", self.out, "is the --data folder; give another folder for the trained model")
+
+
+class TrainConfigError(MMScopeError, ValueError):
+    """A `TrainConfig` value outside its valid range."""
+
 
 class TrainingStateError(MMScopeError, ValueError):
     """`OUT/resume.pt` is not a training state this run can continue."""
+
+
+# Whole-number options: (name, minimum, what the minimum means).
+_COUNTS = (("steps", 1, ""), ("vision_steps", 0, " (0 skips stage 1, vision pre-training)"), ("batch_size", 1, ""),
+           ("vision_batch_size", 1, ""), ("n_scenes", 10, " (every split, 80/10/10 train/val/test, needs a scene)"),
+           ("eval_every", 1, ""), ("eval_questions", 1, ""), ("warmup", 1, ""))
+_LOSSES = ("patch", "grounding", "attention", "gather", "named")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float) and math.isfinite(value)
+
+
+def _refuse(name: str, value: Any, rule: str) -> NoReturn:
+    """`steps -1 (--steps): must be at least 1`."""
+    raise TrainConfigError(f"{name} {value!r} (--{name.replace('_', '-')}): {rule}")
 
 
 def prompt_of(question: str) -> str:
@@ -582,8 +671,8 @@ def train(config: TrainConfig) -> Path:
     """Train and save the model to `config.out`; returns the folder. Continues a crashed run found in it."""
     from mmscope.data.synthetic import load_synthetic, synthesize
 
+    config.check()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     started = time.time()
@@ -609,10 +698,11 @@ def train(config: TrainConfig) -> Path:
     naming = torch.nn.ModuleList(AuxiliaryHeads(config.spec.text_hidden, {"named": 2}) for _ in range(MAX_MENTIONS))
     modules = {"model": model, "auxiliary": auxiliary, "grounding": grounding, "gathering": gathering,
                "naming": naming}
+    out.mkdir(parents=True, exist_ok=True)
     run = _wandb_run(config) if config.wandb else None
 
     if resumed is None:
-        history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
+        history = pretrain_vision(model, train_images, targets, auxiliary, config, run) if config.vision_steps else []
     else:
         with _restoring(out / RESUME):
             for name, module in modules.items():
@@ -720,7 +810,8 @@ def train(config: TrainConfig) -> Path:
 
 
 def _wandb_run(config: TrainConfig):
-    
+    import os
+
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
