@@ -25,6 +25,7 @@ from mmscope.experiments.knockout import Flow
 from mmscope.experiments.runner import example_of
 from mmscope.experiments.workspace import load_questions
 from mmscope.interventions import ActivationPatch, Intervention, Knockout, Truncate, knockout_window
+from mmscope.zoo.shapes_llava.train import TrainingStateError
 
 runner = CliRunner()
 
@@ -279,7 +280,7 @@ def test_a_training_run_killed_midway_resumes_to_the_uninterrupted_weights(world
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (killed / "resume.pt").exists() and not (killed / "model.safetensors").exists()
-    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+    with pytest.raises(TrainingStateError, match=r"other settings \(lr: 0.0015 there, 0.01 now\); rerun with those"):
         invoke("train", "--out", str(killed), *settings, "--lr", "0.01")
     printed = invoke("train", "--out", str(killed), *settings)
     assert "resuming" in printed

@@ -33,25 +33,36 @@ Training runs in LLaVA's two stages, with the roles adapted to a model trained f
 
 Everything is seeded; the same command on the same machine type gives the same checkpoint. At every validation
 the whole training state is written to `OUT/resume.pt`; the same command run again after a crash continues from
-there and ends with the same weights as an uninterrupted run. The result is an ordinary `save_pretrained`
-folder with a model card.
+there and ends with the same weights as an uninterrupted run. That file holds only tensors and plain data and is
+read with `torch.load(weights_only=True)`: one swapped into a shared run folder cannot run code. The result is
+an ordinary `save_pretrained` folder with a model card.
+
+`train` checks its `TrainConfig` before it creates or writes anything: a value outside its range is refused
+with a `TrainConfigError` naming the option as `mmscope train` spells it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
+import pickle
 import platform
 import random
+import shutil
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 from tqdm.auto import tqdm
 
 from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
+from mmscope.errors import MMScopeError
 from mmscope.prompts import LLAVA_15
 from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
 
@@ -74,7 +85,8 @@ def embedded_spec() -> TinyLlavaSpec:
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run."""
+    """Everything that determines a training run; `check()` refuses a value outside its range (`train` calls it
+    before it writes anything)."""
 
     out: str
     data: str | None = None  # a synthetic-world folder; generated into `out/world` when None
@@ -103,6 +115,93 @@ class TrainConfig:
     bf16: bool = True  # bfloat16 autocast (about twice as fast on CPUs with bf16 instructions)
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
+
+    def __post_init__(self) -> None:
+        # Folders are kept as strings (the config is saved as JSON); a `Path` is accepted and converted.
+        self.out = os.fspath(self.out) if isinstance(self.out, os.PathLike) else self.out
+        self.data = os.fspath(self.data) if isinstance(self.data, os.PathLike) else self.data
+
+    def check(self) -> None:
+        """Refuse the first value outside its valid range (`TrainConfigError`, named as the `mmscope train`
+        option); reads the file system but writes nothing."""
+        for name, minimum, note in _COUNTS:
+            value = getattr(self, name)
+            if not _is_int(value) or value < minimum:
+                _refuse(name, value, f"must be {'at least' if _is_int(value) else 'a whole number, at least'} "
+                                     f"{minimum}{note}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            _refuse("seed", self.seed, "must be a whole number from 0 to 2**63 - 1")
+        if not _is_real(self.lr) or not self.lr > 0:
+            _refuse("lr", self.lr, "must be a finite number above 0")
+        for name in ("weight_decay", *(f"{loss}_loss_weight" for loss in _LOSSES)):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                _refuse(name, value, "must be a finite number, at least 0" + (" (0 turns that loss off)"
+                                                                               if name != "weight_decay" else ""))
+        if not _is_real(self.focus) or not 0 <= self.focus <= 1:
+            _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
+        for name in ("freeze_vision", "bf16", "wandb"):
+            if not isinstance(getattr(self, name), bool):
+                _refuse(name, getattr(self, name), "must be True or False")
+        if not isinstance(self.spec, TinyLlavaSpec):
+            _refuse("spec", self.spec, "must be a TinyLlavaSpec")
+        layers, heads = self.spec.text_layers, self.spec.text_heads
+        for name in ("grounding_layer", "gather_layer"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= layers:
+                _refuse(name, value, f"must be 1..{layers}: the output of that many decoder layers (the spec has "
+                                     f"{layers})")
+        if not _is_int(self.attention_layer) or not 0 <= self.attention_layer < layers:
+            _refuse("attention_layer", self.attention_layer, f"must be 0..{layers - 1}: a 0-based decoder layer "
+                                                             f"(the spec has {layers})")
+        if not _is_int(self.attention_head) or not 0 <= self.attention_head < heads:
+            _refuse("attention_head", self.attention_head, f"must be 0..{heads - 1}: the spec's decoder layers have "
+                                                           f"{heads} heads")
+        if not isinstance(self.out, str):
+            _refuse("out", self.out, "must be a string: the folder's path")
+        if not self.out:
+            _refuse("out", self.out, "must name a folder (it is created if missing)")
+        out = Path(self.out).absolute()
+        existing = next(path for path in (out, *out.parents) if path.exists())
+        if not existing.is_dir():
+            where = "is" if existing == out else f"lies under {str(existing)!r}, which is"
+            _refuse("out", self.out, f"{where} a file, not a folder; give a folder (it is created if missing)")
+        if self.data is not None:
+            if not isinstance(self.data, str):
+                _refuse("data", self.data, "must be a string (the folder's path) or None")
+            if not self.data or not (Path(self.data) / "world.json").is_file():
+                _refuse("data", self.data, "is not a synthetic-world folder (it has no world.json); make one with "
+                                           "`mmscope data synth`, or omit --data to generate one next to --out")
+            if out.resolve() == Path(self.data).resolve():
+                _refuse("out", self.out, "is the --data folder; give another folder for the trained model")
+
+
+class TrainConfigError(MMScopeError, ValueError):
+    """A `TrainConfig` value outside its valid range."""
+
+
+class TrainingStateError(MMScopeError, ValueError):
+    """`OUT/resume.pt` is not a training state this run can continue."""
+
+
+# Whole-number options: (name, minimum, what the minimum means).
+_COUNTS = (("steps", 1, ""), ("vision_steps", 0, " (0 skips stage 1, vision pre-training)"), ("batch_size", 1, ""),
+           ("vision_batch_size", 1, ""), ("n_scenes", 10, " (every split, 80/10/10 train/val/test, needs a scene)"),
+           ("eval_every", 1, ""), ("eval_questions", 1, ""), ("warmup", 1, ""))
+_LOSSES = ("patch", "grounding", "attention", "gather", "named")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float) and math.isfinite(value)
+
+
+def _refuse(name: str, value: Any, rule: str) -> NoReturn:
+    """`steps -1 (--steps): must be at least 1`."""
+    raise TrainConfigError(f"{name} {value!r} (--{name.replace('_', '-')}): {rule}")
 
 
 def prompt_of(question: str) -> str:
@@ -487,17 +586,78 @@ def _settings(config: TrainConfig) -> dict:
     return {k: v for k, v in asdict(config).items() if k not in ("out", "wandb")}
 
 
+# What `OUT/resume.pt` holds, with the type of each entry: tensors and plain data only.
+_STATE = {"settings": dict, "step": int, "history": list, "minutes": float, "modules": dict, "optimizer": dict,
+          "schedule": dict, "sampler_weights": list, "sampler_random": tuple, "torch_rng": torch.Tensor}
+
+
 def _load_resume(path: Path, config: TrainConfig) -> dict | None:
-    """The training state a crashed run left in `path`, or None; an error if it was made with other settings."""
+    """The training state a crashed run left in `path`, or None; a `TrainingStateError` if the file is not one
+    (it is read with `weights_only=True`: nothing in it is executed) or was made with other settings."""
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
-    settings = _settings(config)
-    if state["settings"] != settings:
-        different = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        raise ValueError(f"{path} holds an unfinished run with other settings ({', '.join(different)}); "
-                         "rerun with those, or delete the file to start over")
+
+    def refused(reason: str) -> TrainingStateError:
+        return TrainingStateError(f"{path} is not an mmscope training state ({reason}); delete it to start over")
+
+    if not path.is_file():
+        raise refused("not a file")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True)
+    except OSError as error:
+        raise refused(f"unreadable: {error.strerror or error}") from error
+    except pickle.UnpicklingError as error:
+        raise refused("it holds something other than tensors and plain data, which mmscope never unpickles, or is "
+                      "corrupt") from error
+    except EOFError as error:
+        raise refused("empty or cut short") from error
+    except Exception as error:  # torch's zip reader and unpickler raise many kinds
+        raise refused(f"corrupt or cut short: {_gist(error)}") from error
+    if not isinstance(state, dict):
+        raise refused(f"it holds a {type(state).__name__}, not a training state")
+    wrong = [f"{key} missing" if key not in state else f"{key} is a {type(state[key]).__name__}"
+             for key, kind in _STATE.items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise refused(", ".join(wrong))
+    different = _differences(state["settings"], _settings(config))
+    if different:
+        raise TrainingStateError(f"{path} holds an unfinished run with other settings ({'; '.join(different)}); "
+                                 "rerun with those, or delete the file to start over")
     return state
+
+
+def _differences(there: dict, now: dict, prefix: str = "") -> list[str]:
+    """`steps: 3000 there, 2000 now` for each setting that differs (nested ones as `spec.text_layers`)."""
+    unset = object()
+    lines = []
+    for key in [*now, *(key for key in there if key not in now)]:
+        old, new = there.get(key, unset), now.get(key, unset)
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            shown = ["not set" if value is unset else repr(value) for value in (old, new)]
+            lines.append(f"{prefix}{key}: {shown[0]} there, {shown[1]} now")
+    return lines
+
+
+def _gist(error: BaseException) -> str:
+    """An error's message on one line: its first sentence, at most 160 characters (or the error's type)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text.split(". ")[0] if text else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+@contextmanager
+def _restoring(path: Path) -> Iterator[None]:
+    """Turn a loaded state that does not fit the run's modules, optimizer or samplers into a
+    `TrainingStateError` naming the file."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise TrainingStateError(f"{path} is not an mmscope training state this run can continue "
+                                 f"({_gist(error)}); delete it to start over") from error
 
 
 def _save_resume(path: Path, state: dict) -> None:
@@ -511,8 +671,8 @@ def train(config: TrainConfig) -> Path:
     """Train and save the model to `config.out`; returns the folder. Continues a crashed run found in it."""
     from mmscope.data.synthetic import load_synthetic, synthesize
 
+    config.check()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     started = time.time()
@@ -538,13 +698,15 @@ def train(config: TrainConfig) -> Path:
     naming = torch.nn.ModuleList(AuxiliaryHeads(config.spec.text_hidden, {"named": 2}) for _ in range(MAX_MENTIONS))
     modules = {"model": model, "auxiliary": auxiliary, "grounding": grounding, "gathering": gathering,
                "naming": naming}
+    out.mkdir(parents=True, exist_ok=True)
     run = _wandb_run(config) if config.wandb else None
 
     if resumed is None:
-        history = pretrain_vision(model, train_images, targets, auxiliary, config, run)
+        history = pretrain_vision(model, train_images, targets, auxiliary, config, run) if config.vision_steps else []
     else:
-        for name, module in modules.items():
-            module.load_state_dict(resumed["modules"][name])
+        with _restoring(out / RESUME):
+            for name, module in modules.items():
+                module.load_state_dict(resumed["modules"][name])
         history = resumed["history"]
     if config.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
@@ -560,11 +722,17 @@ def train(config: TrainConfig) -> Path:
     sampler = CategorySampler(train_rows["category"], config.focus, config.seed)
     first, before = 0, 0.0  # stage-2 steps and minutes already done
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        schedule.load_state_dict(resumed["schedule"])
-        sampler.weights = resumed["sampler_weights"]
-        sampler.random.setstate(resumed["sampler_random"])
-        torch.set_rng_state(resumed["torch_rng"])
+        with _restoring(out / RESUME):
+            optimizer.load_state_dict(resumed["optimizer"])
+            schedule.load_state_dict(resumed["schedule"])
+            if not 0 < resumed["step"] < config.steps:
+                raise ValueError(f"it stopped at step {resumed['step']} of {config.steps}")
+            if len(resumed["sampler_weights"]) != len(sampler.names):
+                raise ValueError(f"{len(resumed['sampler_weights'])} sampling weights for {len(sampler.names)} "
+                                 "categories")
+            sampler.weights = resumed["sampler_weights"]
+            sampler.random.setstate(resumed["sampler_random"])
+            torch.set_rng_state(resumed["torch_rng"])
         first, before = resumed["step"], resumed["minutes"]
     progress = tqdm(range(first, config.steps), desc="stage 2: answers", unit="step", initial=first,
                     total=config.steps)
