@@ -292,8 +292,8 @@ def test_train_command_with_negative_steps_writes_nothing(world, tmp_path):
 
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["train", "--out", str(out), "--data", str(world), "--steps", "-1"])
-    assert isinstance(result.exception, TrainConfigError)
-    assert str(result.exception) == "steps -1 (--steps): must be at least 1"
+    assert result.exit_code == 2
+    assert result.stderr == "error: steps -1 (--steps): must be at least 1\n"
     assert not out.exists()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def finished(world, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def files(world, tmp_path_factory):
+def files(world, finished, tmp_path_factory):
     """Bad files of every kind a command reads, by name."""
     folder = tmp_path_factory.mktemp("bad-files")
     checkpoint = Path(mmscope.zoo.EMBEDDED_MODELS["shapes-llava"])
@@ -85,6 +86,11 @@ def files(world, tmp_path_factory):
     made["a-file"].write_text("not a folder")
     made["empty-folder"] = folder / "empty"
     made["empty-folder"].mkdir()
+    for name in ("damaged-part", "damaged-config"):
+        made[name] = Path(shutil.copytree(finished, folder / name))
+    part = next((made["damaged-part"] / "parts").glob("*.parquet"))
+    part.write_bytes(part.read_bytes()[:50])  # as a disk fault would leave it (writes themselves are atomic)
+    (made["damaged-config"] / "config.yaml").write_text("experiment: {kind: knockout\n")
     return made
 
 
@@ -134,7 +140,14 @@ CLI_CASES = [
      "(flows: ['image->last'] there, ['last->last'] now)"),
     (["knockout", "--flow", "image->last", "--window", "3", "--out", "{run}"],
      "(include_all: True there, False now)"),
+    (["knockout", "--flow", "image->last", "--include-all", "--window", "3", "--out", "{damaged-part}"],
+     "is damaged"),
+    (["knockout", "--out", "{damaged-config}"], "config.yaml is not valid YAML"),
     (["data", "show", "/no/such/folder"], "/no/such/folder"),
+    (["train", "--steps", "-1"], "steps -1 (--steps): must be at least 1"),
+    (["train", "--focus", "1.5"], "focus 1.5 (--focus): must lie in [0, 1]"),
+    (["train", "--data", "{empty-folder}"], "(--data): is not a synthetic-world folder"),
+    (["train", "--out", "{a-file}"], "(--out): is a file, not a folder"),
 ]
 # Click's own usage errors: exit code 2, a message naming the option, no traceback (click frames them).
 USAGE_CASES = [
@@ -152,7 +165,7 @@ def filled(args: list[str], world: Path, run: Path, files: dict) -> list[str]:
         filled += ["--data", str(world)]
     if filled[0] in ("knockout", "lens", "truncate", "patch") and "--limit" not in filled:
         filled += RUN
-    if filled[0] in ("knockout", "lens", "truncate", "patch", "probe") and "--out" not in filled:
+    if filled[0] in ("knockout", "lens", "truncate", "patch", "probe", "train") and "--out" not in filled:
         filled += ["--out", str(run)]
     return filled
 

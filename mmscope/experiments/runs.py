@@ -163,7 +163,7 @@ class RunDir:
 
     def results(self) -> pd.DataFrame:
         """All rows so far, in example order, written to `results.parquet`."""
-        frames = [pd.read_parquet(path) for path in sorted(self.parts.glob("*.parquet"))]
+        frames = [_read_part(path) for path in sorted(self.parts.glob("*.parquet"))]
         frames = [frame for frame in frames if len(frame)]
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         table.to_parquet(self.folder / "results.parquet", index=False)
@@ -177,6 +177,15 @@ def summarize(table: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
     half_width = 1.96 * summary["std"].fillna(0.0) / summary["n"].clip(lower=1) ** 0.5
     summary["ci_low"], summary["ci_high"] = summary["mean"] - half_width, summary["mean"] + half_width
     return summary.drop(columns="std")
+
+
+def _read_part(path: Path) -> pd.DataFrame:
+    """One finished example's rows; a damaged part file is an error naming it (deleting it recomputes it)."""
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise RunFolderError(f"result part {path} is damaged ({' '.join(str(error).split())[:120]}); delete it "
+                             "and run the same command again to recompute it") from None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
