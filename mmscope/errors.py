@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class MMScopeError(Exception):
     """Base class of every error mmscope raises on purpose."""
@@ -33,3 +35,10 @@ class InterventionError(MMScopeError, ValueError):
 def known(options) -> str:
     """`a, b, c` — the valid choices, for error messages."""
     return ", ".join(str(option) for option in options)
+
+
+def suggest(name: str, options) -> str:
+    """`; did you mean 'x'?` when `name` is close to one of `options` (case aside), else "" — for error messages."""
+    by_lower = {str(option).lower(): str(option) for option in options}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
