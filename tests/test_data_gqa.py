@@ -160,6 +160,15 @@ def test_categories_selects_rows_and_unknown_names_are_rejected(gqa):
         load_gqa(questions, categories=["ChoseAttr"])
 
 
+@pytest.mark.parametrize(("name", "hint"), [("ChooseAtr", "; did you mean 'ChooseAttr'?"),
+                                            ("queryattr", "; did you mean 'QueryAttr'?"), ("colour", "")])
+def test_an_unknown_category_suggests_the_closest_name(gqa, name, hint):
+    with pytest.raises(UnknownCategoryError) as error:
+        load_gqa(gqa / "questions/val_balanced_questions.json", categories=[name])
+    assert str(error.value) == (f"unknown category {name!r}; known: ChooseAttr, ChooseCat, ChooseRel, CompareAttr, "
+                                f"LogicalObj, QueryAttr{hint}")
+
+
 def test_sharded_all_questions_files_load_together(tmp_path):
     items = list(QUESTIONS.items())
     shards = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mmscope.data.errors import UnknownCategoryError
-from mmscope.errors import known
+from mmscope.errors import known, suggest
 
 CATEGORIES: tuple[str, ...] = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
 
@@ -37,13 +37,15 @@ def category_of(detailed_type: str) -> str | None:
 
 
 def check_category(name: str, where: str = "") -> str:
-    """Return `name` if it is one of `CATEGORIES`; otherwise raise an error naming it and the valid names.
+    """Return `name` if it is one of `CATEGORIES`; otherwise raise an error naming it, the valid names and the
+    closest one.
 
     `where` (a file, a CSV row …) is added to the message so the bad value can be found.
     """
     if name not in CATEGORIES:
         place = f" in {where}" if where else ""
-        raise UnknownCategoryError(f"unknown category {name!r}{place}; known: {known(CATEGORIES)}")
+        raise UnknownCategoryError(f"unknown category {name!r}{place}; known: {known(CATEGORIES)}"
+                                   f"{suggest(name, CATEGORIES)}")
     return name
 
 
