@@ -95,11 +95,23 @@ def image_path(images: Path | None, file_name: str) -> str:
     return str(images / file_name) if images is not None else file_name
 
 
+def invalid_json(what: str, path: Path, error: Exception, after: str | None = None) -> MalformedFileError:
+    """The error for a file ijson cannot parse, in one line: the `what` and path, the last entry read before it
+    broke (when known) and the parser's reason ("premature EOF" said as what it means: a truncated file)."""
+    detail = error.args[0] if error.args else ""
+    detail = (detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)).strip()
+    detail = detail.splitlines()[0] if detail else type(error).__name__
+    if "premature EOF" in detail or "Incomplete JSON" in detail:
+        detail = "the file ends part-way (truncated?)"
+    place = f" after entry {after!r}" if after is not None else ""
+    return MalformedFileError(f"{what} {path} is not valid JSON{place}: {detail}")
+
+
 def iter_json_object(path: Path, what: str) -> Iterator[tuple[str, object]]:
     """Stream the (key, value) pairs of a file holding one big JSON object, without loading it whole.
 
     `what` describes the file for error messages ("questions file" …). Raises `MalformedFileError` naming the
-    file if it is not a JSON object or is cut off / invalid part-way.
+    file if it is not a JSON object or is cut off / invalid part-way (then also naming the last entry read).
     """
     with path.open("rb") as handle:
         first = handle.read(64).lstrip()[:1]
@@ -107,10 +119,12 @@ def iter_json_object(path: Path, what: str) -> Iterator[tuple[str, object]]:
             found = repr(first.decode(errors="replace")) if first else "an empty file"
             raise MalformedFileError(f"{what} {path}: expected a JSON object ({{id: record, …}}), found {found}")
         handle.seek(0)
+        key = None
         try:
-            yield from ijson.kvitems(handle, "", use_float=True)
+            for key, value in ijson.kvitems(handle, "", use_float=True):
+                yield key, value
         except ijson.JSONError as error:
-            raise MalformedFileError(f"{what} {path} is not valid JSON: {error}") from None
+            raise invalid_json(what, path, error, key) from None
 
 
 @functools.cache
