@@ -258,6 +258,32 @@ def test_a_scene_graph_object_without_x_names_file_image_and_object(tmp_path):
                                   "number, found None")
 
 
+@pytest.mark.parametrize("content", [b"not a jpeg at all", b"", "truncated"])
+def test_an_image_file_that_is_not_an_image_fails_on_access_naming_the_file(tmp_path, content):
+    root = write_gqa(tmp_path)
+    broken = root / "images" / "2375429.jpg"
+    broken.write_bytes(broken.read_bytes()[:400] if content == "truncated" else content)
+    dataset = load_gqa(root / "questions/val_balanced_questions.json", images=root / "images")
+    rows = {row_id: index for index, row_id in enumerate(dataset["question_id"])}
+    assert dataset[rows["05451384"]]["image"].size == (500, 375)
+    index = rows["0123"]
+    for read in (lambda: dataset[index], lambda: dataset["image"][index], lambda: dataset[index:]["image"],
+                 lambda: list(dataset), lambda: dataset.with_format("torch")[:]):
+        with pytest.raises(MalformedFileError, match=r"is not a readable image \(") as error:
+            read()
+        assert clear_error(error, f"image file {broken.resolve()}").endswith(
+            "replace it, or delete it and load with on_missing_image='skip' to drop its rows")
+
+
+def test_an_image_deleted_after_loading_is_a_missing_image(tmp_path):
+    root = write_gqa(tmp_path)
+    dataset = load_gqa(root / "questions/val_balanced_questions.json", images=root / "images")
+    (root / "images" / "2375429.jpg").unlink()
+    with pytest.raises(MissingImageError, match=r"2375429.jpg no longer exists") as error:
+        list(dataset)
+    clear_error(error)
+
+
 def test_unknown_on_missing_image_policy_is_rejected(gqa):
     with pytest.raises(ValueError, match=r"unknown on_missing_image 'ignore'; known: error, skip"):
         load_gqa(gqa / "questions/val_balanced_questions.json", on_missing_image="ignore")

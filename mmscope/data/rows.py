@@ -21,7 +21,9 @@ where a question came from:
 The image rule: without an images folder a row carries only `image_path`, the bare file name GQA's images
 folder would hold (`{image_id}.jpg`); with one, `image_path` is the absolute path and the extra `image` column
 opens that file on access. Every image must then exist: a missing one is an error naming the question and the
-path, or, with `on_missing_image="skip"`, its questions are dropped with a warning that counts them.
+path, or, with `on_missing_image="skip"`, its questions are dropped with a warning that counts them. Images are
+decoded only when a row is read (opening 100k of them up front would take minutes); a file that is there but is
+not a readable image then raises `MalformedFileError` naming it (see `ImageFile`), never a PIL error.
 
 Large files are read incrementally (`iter_json_object`: each of GQA's JSON files is one big object) and their
 rows streamed into a memory-mapped Arrow file in batches (`generate_dataset`) instead of being held in Python
@@ -42,6 +44,7 @@ from pathlib import Path
 
 import datasets
 import ijson
+import PIL.Image
 import pyarrow as pa
 from datasets import Dataset, Features, Value
 
@@ -172,6 +175,28 @@ def generate_dataset(
     return Dataset.from_file(str(path))
 
 
+class ImageFile(datasets.Image):
+    """The `image` column's feature: `datasets.Image`, except that when a row is read, a file that is not a
+    readable image raises `MalformedFileError` naming it (and one deleted since loading `MissingImageError`)."""
+
+    def decode_example(self, value, token_per_repo_id=None) -> PIL.Image.Image:
+        """The PIL image of `value` (datasets' {path, bytes} record), decoded now."""
+        try:
+            return super().decode_example(value, token_per_repo_id)
+        except FileNotFoundError:
+            raise MissingImageError(f"image file {_image_source(value)} no longer exists "
+                                    "(deleted after the dataset was loaded?)") from None
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+            reason = "PIL cannot identify its format" if isinstance(error, PIL.UnidentifiedImageError) else error
+            raise MalformedFileError(f"image file {_image_source(value)} is not a readable image ({reason}); "
+                                     "replace it, or delete it and load with on_missing_image='skip' to drop "
+                                     "its rows") from None
+
+
+def _image_source(value: object) -> str:
+    return str(value.get("path") or "(image bytes)") if isinstance(value, dict) else str(value)
+
+
 def check_on_missing_image(on_missing_image: str) -> None:
     """Reject an `on_missing_image` policy other than "error" and "skip"."""
     if on_missing_image not in ON_MISSING_IMAGE:
@@ -207,5 +232,5 @@ def attach_images(
             stacklevel=3,
         )
     features = dataset.features.copy()
-    features["image"] = datasets.Image()
+    features["image"] = ImageFile()
     return dataset.map(lambda batch: {"image": batch["image_path"]}, batched=True, features=features)
