@@ -13,6 +13,7 @@ from data_fixtures import QUESTIONS, SCENE_GRAPHS, STUDY_FOLDER, clear_error, qu
 
 from mmscope.data import CATEGORIES, count_answers, load_gqa, load_study_csvs
 from mmscope.data.errors import (
+    DataError,
     DataFileNotFoundError,
     MalformedFileError,
     MissingImageError,
@@ -95,6 +96,11 @@ def test_categories_selects_rows_and_unknown_names_are_rejected(gqa):
         "02452198", "201307251"]
     with pytest.raises(UnknownCategoryError, match=r"unknown category 'ChoseAttr'; known: ChooseAttr, ChooseCat"):
         load_gqa(questions, categories=["ChoseAttr"])
+
+
+def test_an_empty_category_selection_is_refused(gqa):
+    with pytest.raises(DataError, match=r"an empty category selection selects no questions; name some of ChooseAttr"):
+        load_gqa(gqa / "questions/val_balanced_questions.json", categories=[])
 
 
 @pytest.mark.parametrize(("name", "hint"), [("ChooseAtr", "; did you mean 'ChooseAttr'?"),

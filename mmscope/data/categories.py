@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mmscope.data.errors import UnknownCategoryError
+from mmscope.data.errors import DataError, UnknownCategoryError
 from mmscope.errors import known, suggest
 
 CATEGORIES: tuple[str, ...] = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
@@ -50,9 +50,13 @@ def check_category(name: str, where: str = "") -> str:
 
 
 def check_categories(names: Iterable[str] | None) -> tuple[str, ...]:
-    """Validate a user's category selection; None means all six."""
+    """Validate a user's category selection; None means all six, an empty one is refused (it selects nothing)."""
     if names is None:
         return CATEGORIES
     if isinstance(names, str):
         names = (names,)
-    return tuple(check_category(name) for name in names)
+    selected = tuple(check_category(name) for name in names)
+    if not selected:
+        raise DataError(f"an empty category selection selects no questions; name some of {known(CATEGORIES)}, "
+                        "or none at all for all six")
+    return selected
