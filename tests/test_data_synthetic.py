@@ -321,6 +321,10 @@ def test_refuses_to_overwrite_and_rejects_bad_settings(tmp_path, world):
 def test_load_synthetic_names_unknown_splits_and_non_worlds(tmp_path, world):
     with pytest.raises(DataError, match=r"unknown split 'dev' .*; known: train, val, test"):
         load_synthetic(world.root, "dev")
+    with pytest.raises(DataError) as error:
+        load_synthetic(world.root, "tset")
+    assert clear_error(error) == (f"unknown split 'tset' of the synthetic world {world.root}; known: train, val, test; "
+                                  "did you mean 'test'?")
     with pytest.raises(DataFileNotFoundError, match=r"is not a synthetic world: .*world.json is missing"):
         load_synthetic(tmp_path, "train")
 

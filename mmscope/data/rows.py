@@ -49,7 +49,7 @@ import pyarrow as pa
 from datasets import Dataset, Features, Value
 
 from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError, MissingImageError
-from mmscope.errors import known
+from mmscope.errors import known, suggest
 
 ON_MISSING_IMAGE = ("error", "skip")
 _BATCH_ROWS = 10_000
@@ -195,6 +195,12 @@ class ImageFile(datasets.Image):
 
 def _image_source(value: object) -> str:
     return str(value.get("path") or "(image bytes)") if isinstance(value, dict) else str(value)
+
+
+def check_split(split: str, splits, where: str) -> None:
+    """Refuse a split name that is not one of `splits` (those `where` holds), naming them and the closest."""
+    if split not in splits:
+        raise DataError(f"unknown split {split!r} of {where}; known: {known(splits)}{suggest(split, splits)}")
 
 
 def check_on_missing_image(on_missing_image: str) -> None:

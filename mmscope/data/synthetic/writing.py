@@ -20,6 +20,7 @@ from mmscope.data.categories import DETAILED_TYPE_TO_CATEGORY
 from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError
 from mmscope.data.gqa import load_gqa
 from mmscope.data.render import render
+from mmscope.data.rows import check_split
 from mmscope.data.synthetic.questions import ANSWERS, TYPE_GROUPS, Question, QuestionSampler
 from mmscope.data.synthetic.scenes import (
     COLORS,
@@ -248,9 +249,7 @@ def load_synthetic(
     `category=None` (pass `categories=CATEGORIES` to drop them).
     """
     out_dir = Path(out_dir)
-    splits = world_splits(out_dir)
-    if split not in splits:
-        raise DataError(f"unknown split {split!r} of the synthetic world {out_dir}; known: {known(splits)}")
+    check_split(split, world_splits(out_dir), f"the synthetic world {out_dir}")
     return load_gqa(
         out_dir / "questions" / f"{split}_balanced_questions.json",
         out_dir / "sceneGraphs" / f"{split}_sceneGraphs.json",
