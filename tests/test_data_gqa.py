@@ -9,78 +9,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from data_fixtures import STUDY_FOLDER
-from PIL import Image
+from data_fixtures import QUESTIONS, SCENE_GRAPHS, STUDY_FOLDER, clear_error, question, write_gqa
 
-from mmscope.data import CATEGORIES, load_gqa, load_study_csvs
+from mmscope.data import CATEGORIES, count_answers, load_gqa, load_study_csvs
 from mmscope.data.errors import (
+    DataError,
     DataFileNotFoundError,
     MalformedFileError,
     MissingImageError,
     UnknownCategoryError,
 )
-
-
-def step(operation, argument, dependencies=()):
-    return {"operation": operation, "dependencies": list(dependencies), "argument": argument}
-
-
-def question(image_id, text, answer, detailed, program, full_answer=""):
-    return {
-        "imageId": image_id, "question": text, "answer": answer, "fullAnswer": full_answer, "isBalanced": True,
-        "groups": {"global": None, "local": "x"}, "entailed": [], "equivalent": [],
-        "types": {"structural": "s", "semantic": "t", "detailed": detailed},
-        "annotations": {"question": {}, "answer": {}, "fullAnswer": {}}, "semantic": program, "semanticStr": "",
-    }
-
-
-QUESTIONS = {
-    "05451384": question("2354786", "Is the jar full or empty?", "empty", "chooseAttr",
-                         [step("select", "jar (496168)"), step("choose", "empty|full", [0])], "The jar is empty."),
-    "201307251": question("2354786", "Is the surfer to the left or to the right of the surfboard?", "right",
-                          "relChooser", [step("select", "surfboard (429134)"),
-                                         step("choose rel", "surfer,to the right of|to the left of,s (429128)", [0])]),
-    "0123": question("2375429", "Which kind of animal is this, a cat or a bird?", "bird", "categoryThisChoose",
-                     [step("select", "animal (2489116)"), step("choose name", "bird|cat", [0])]),
-    "777": question("2375429", "What do the marker and the post have in common?", "color", "twoCommon",
-                    [step("select", "marker (177848)"), step("select", "post (177850) "), step("common", "", [0, 1])]),
-    "0888": question("2375429", "Is there any grass or mud that is not brown?", "no", "existThatOrC",
-                     [step("select", "grass (3899215)"), step("filter color", "not(brown)", [0]),
-                      step("exist", "?", [1]), step("select", "mud (-) "), step("filter color", "not(brown)", [3]),
-                      step("exist", "?", [4]), step("or", "", [2, 5])]),
-    "02452198": question("2354786", "On which side of the photo is the curtain?", "Right", "positionQuery",
-                         [step("select", "curtain (681425)"), step("query", "hposition", [0])]),
-    "999": question("2354786", "What color is the jar?", "brown", "directOf",
-                    [step("select", "jar (496168)"), step("query", "color", [0])]),
-}
-
-SCENE_GRAPHS = {
-    "2354786": {"width": 500, "height": 375, "objects": {
-        "496168": {"name": "jar", "x": 253, "y": 291, "w": 60, "h": 105, "attributes": ["empty"], "relations": []},
-        "429134": {"name": "surfboard", "x": 258, "y": 157, "w": 43, "h": 22, "attributes": [], "relations": []},
-        "429128": {"name": "surfer", "x": 290, "y": 77, "w": 74, "h": 110, "attributes": [],
-                   "relations": [{"name": "to the right of", "object": "429134"}]},
-        "681425": {"name": "curtain", "x": 337, "y": 23, "w": 162, "h": 310, "attributes": [], "relations": []},
-    }},
-    "2375429": {"width": 405, "height": 500, "objects": {
-        "2489116": {"name": "bird", "x": 111, "y": 71, "w": 198, "h": 323, "attributes": [], "relations": []},
-        "177848": {"name": "marker", "x": 10, "y": 20, "w": 30, "h": 40, "attributes": ["white"], "relations": []},
-        "177850": {"name": "post", "x": 50, "y": 60, "w": 70, "h": 80, "attributes": ["white"], "relations": []},
-        "3899215": {"name": "grass", "x": 32, "y": 312, "w": 214, "h": 147, "attributes": [], "relations": []},
-    }},
-}
-
-
-def write_gqa(root: Path, questions=QUESTIONS, graphs=SCENE_GRAPHS, images=("2354786", "2375429")) -> Path:
-    """A GQA folder in the official layout: questions/, sceneGraphs/, images/."""
-    for folder in ("questions", "sceneGraphs", "images"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    (root / "questions" / "val_balanced_questions.json").write_text(json.dumps(questions))
-    (root / "sceneGraphs" / "val_sceneGraphs.json").write_text(json.dumps(graphs))
-    for image_id in images:
-        Image.new("RGB", (graphs[image_id]["width"], graphs[image_id]["height"]), "white").save(
-            root / "images" / f"{image_id}.jpg")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +98,20 @@ def test_categories_selects_rows_and_unknown_names_are_rejected(gqa):
         load_gqa(questions, categories=["ChoseAttr"])
 
 
+def test_an_empty_category_selection_is_refused(gqa):
+    with pytest.raises(DataError, match=r"an empty category selection selects no questions; name some of ChooseAttr"):
+        load_gqa(gqa / "questions/val_balanced_questions.json", categories=[])
+
+
+@pytest.mark.parametrize(("name", "hint"), [("ChooseAtr", "; did you mean 'ChooseAttr'?"),
+                                            ("queryattr", "; did you mean 'QueryAttr'?"), ("colour", "")])
+def test_an_unknown_category_suggests_the_closest_name(gqa, name, hint):
+    with pytest.raises(UnknownCategoryError) as error:
+        load_gqa(gqa / "questions/val_balanced_questions.json", categories=[name])
+    assert str(error.value) == (f"unknown category {name!r}; known: ChooseAttr, ChooseCat, ChooseRel, CompareAttr, "
+                                f"LogicalObj, QueryAttr{hint}")
+
+
 def test_sharded_all_questions_files_load_together(tmp_path):
     items = list(QUESTIONS.items())
     shards = []
@@ -194,11 +146,52 @@ def test_truncated_json_names_the_file(tmp_path):
         load_gqa(broken)
 
 
+def test_a_file_cut_off_mid_record_names_the_file_and_the_last_question_read(tmp_path):
+    broken = tmp_path / "val_balanced_questions.json"
+    text = json.dumps(QUESTIONS)
+    broken.write_text(text[: text.index('"0123"') + 40])
+    for read in (load_gqa, count_answers):
+        with pytest.raises(MalformedFileError) as error:
+            read(broken)
+        assert clear_error(error, broken) == (f"questions file {broken} is not valid JSON after entry '201307251': "
+                                              "the file ends part-way (truncated?)")
+
+
+def test_invalid_bytes_are_one_line_naming_the_file(tmp_path):
+    broken = tmp_path / "val_balanced_questions.json"
+    broken.write_bytes(b'{"1": {"imageId": "1", "question": "\xff"}}')
+    with pytest.raises(MalformedFileError, match=r"is not valid JSON: lexical error: invalid bytes in UTF8") as error:
+        load_gqa(broken)
+    clear_error(error, broken)
+
+
+@pytest.mark.parametrize("text", ["", "  \n"])
+def test_an_empty_questions_file_is_named(tmp_path, text):
+    empty = tmp_path / "val_balanced_questions.json"
+    empty.write_text(text)
+    with pytest.raises(MalformedFileError) as error:
+        load_gqa(empty)
+    assert clear_error(error, empty).endswith("expected a JSON object ({id: record, …}), found an empty file")
+
+
 def test_a_json_list_instead_of_an_object_is_rejected(tmp_path):
     wrong = tmp_path / "questions.json"
     wrong.write_text(json.dumps(list(QUESTIONS.values())))
     with pytest.raises(MalformedFileError, match=r"questions.json: expected a JSON object .* found '\['"):
         load_gqa(wrong)
+
+
+def test_a_record_without_a_question_or_with_bad_types_names_the_question(tmp_path):
+    bad = tmp_path / "questions.json"
+    bad.write_text(json.dumps({"0042": {k: v for k, v in QUESTIONS["777"].items() if k != "question"}}))
+    with pytest.raises(MalformedFileError, match=r"question '0042': missing field\(s\) question; found ") as error:
+        load_gqa(bad)
+    clear_error(error, bad)
+    bad.write_text(json.dumps({"0042": {**QUESTIONS["777"], "types": "twoCommon"}}))
+    for read in (load_gqa, count_answers):
+        with pytest.raises(MalformedFileError, match=r"question '0042': 'types' must be a record") as error:
+            read(bad)
+        clear_error(error, bad)
 
 
 def test_a_record_without_image_id_names_the_question(tmp_path):
@@ -247,6 +240,54 @@ def test_a_scene_graph_without_boxes_names_image_and_object(tmp_path):
     root = write_gqa(tmp_path, graphs=graphs)
     with pytest.raises(MalformedFileError, match=r"image '2375429', object '177850', field 'w'"):
         load_gqa(root / "questions/val_balanced_questions.json", root / "sceneGraphs/val_sceneGraphs.json")
+
+
+@pytest.mark.parametrize("cut", ["", "truncated"])
+def test_an_empty_or_truncated_scene_graph_file_is_named(tmp_path, cut):
+    root = write_gqa(tmp_path)
+    graphs = root / "sceneGraphs/val_sceneGraphs.json"
+    graphs.write_text(json.dumps(SCENE_GRAPHS)[:-30] if cut else "")
+    with pytest.raises(MalformedFileError) as error:
+        load_gqa(root / "questions/val_balanced_questions.json", graphs)
+    expected = "is not valid JSON after entry '2354786': the file ends part-way" if cut else "found an empty file"
+    assert expected in clear_error(error, f"scene-graph file {graphs}")
+
+
+def test_a_scene_graph_object_without_x_names_file_image_and_object(tmp_path):
+    graphs = json.loads(json.dumps(SCENE_GRAPHS))
+    del graphs["2354786"]["objects"]["429134"]["x"]
+    root = write_gqa(tmp_path, graphs=graphs)
+    path = root / "sceneGraphs/val_sceneGraphs.json"
+    with pytest.raises(MalformedFileError) as error:
+        load_gqa(root / "questions/val_balanced_questions.json", path)
+    assert clear_error(error) == (f"scene-graph file {path}, image '2354786', object '429134', field 'x': expected a "
+                                  "number, found None")
+
+
+@pytest.mark.parametrize("content", [b"not a jpeg at all", b"", "truncated"])
+def test_an_image_file_that_is_not_an_image_fails_on_access_naming_the_file(tmp_path, content):
+    root = write_gqa(tmp_path)
+    broken = root / "images" / "2375429.jpg"
+    broken.write_bytes(broken.read_bytes()[:400] if content == "truncated" else content)
+    dataset = load_gqa(root / "questions/val_balanced_questions.json", images=root / "images")
+    rows = {row_id: index for index, row_id in enumerate(dataset["question_id"])}
+    assert dataset[rows["05451384"]]["image"].size == (500, 375)
+    index = rows["0123"]
+    for read in (lambda: dataset[index], lambda: dataset["image"][index], lambda: dataset[index:]["image"],
+                 lambda: list(dataset), lambda: dataset.with_format("torch")[:]):
+        with pytest.raises(MalformedFileError, match=r"is not a readable image \(") as error:
+            read()
+        assert clear_error(error, f"image file {broken.resolve()}").endswith(
+            "replace it, or delete it and load with on_missing_image='skip' to drop its rows")
+
+
+def test_an_image_deleted_after_loading_is_a_missing_image(tmp_path):
+    root = write_gqa(tmp_path)
+    dataset = load_gqa(root / "questions/val_balanced_questions.json", images=root / "images")
+    (root / "images" / "2375429.jpg").unlink()
+    with pytest.raises(MissingImageError, match=r"2375429.jpg no longer exists") as error:
+        list(dataset)
+    clear_error(error)
 
 
 def test_unknown_on_missing_image_policy_is_rejected(gqa):

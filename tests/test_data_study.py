@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from data_fixtures import STUDY_FOLDER
+from data_fixtures import STUDY_FOLDER, clear_error
 from PIL import Image
 
 from mmscope.data import CATEGORIES, load_study_csvs
@@ -136,3 +138,66 @@ def test_missing_images_are_an_error_or_skipped_with_a_count(tmp_path, study):
     with pytest.warns(UserWarning, match=rf"skipped {absent} of 5525 questions"):
         kept = load_study_csvs(STUDY_FOLDER, images, on_missing_image="skip")
     assert len(kept) == 5525 - absent and kept[0]["image"].size == (8, 8)
+
+
+def broken_copy(tmp_path: Path, category: str, edit) -> Path:
+    """A copy of the study folder whose `category` CSV text is replaced by `edit(text)`; returns that CSV."""
+    path = next(copy_of_study(tmp_path).glob(f"*_{category}.csv"))
+    path.write_text(edit(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda text: "", "is empty: expected a header line, then one row per question"),
+    (lambda text: "\n", "is empty: expected a header line, then one row per question"),
+    (lambda text: text.splitlines(keepends=True)[0], "has a header but no rows; a LogicalObj file lists its questions"),
+])
+def test_an_empty_study_csv_is_named(tmp_path, edit, message):
+    path = broken_copy(tmp_path, "LogicalObj", edit)
+    with pytest.raises(MalformedFileError) as error:
+        load_study_csvs(path.parent)
+    assert clear_error(error) == f"study CSV {path} {message}"
+
+
+def test_a_truncated_study_csv_names_the_file_and_the_row(tmp_path):
+    path = broken_copy(tmp_path, "QueryAttr", lambda text: text[: text.index("\n", len(text) // 2) + 30])
+    with pytest.raises(MalformedFileError, match=r", row \d+: \d+ fields where the header has \d+ \(a truncated file") \
+            as error:
+        load_study_csvs(path.parent)
+    clear_error(error, f"study CSV {path}")
+
+
+def test_an_extra_field_an_unclosed_quote_or_bytes_that_are_not_utf8_are_named(tmp_path):
+    frame = pd.read_csv(next(STUDY_FOLDER.glob("*_ChooseCat.csv")), dtype=str, keep_default_na=False)
+    rows = [list(frame.columns), *frame.values.tolist()]
+    rows[2].append("extra")
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    path = broken_copy(tmp_path, "ChooseCat", lambda _: text.getvalue())
+    with pytest.raises(MalformedFileError, match=rf", row 2: {frame.shape[1] + 1} fields where the header has "
+                                                 rf"{frame.shape[1]} ") as error:
+        load_study_csvs(path.parent)
+    clear_error(error, f"study CSV {path}")
+    path.write_text(path.read_text().split("\n")[0] + '\n1,2\n"123,unclosed\n', encoding="utf-8")
+    with pytest.raises(MalformedFileError) as error:
+        load_study_csvs(path.parent)
+    assert clear_error(error) == (f"study CSV {path}, row 2: cannot be parsed (unexpected end of data; an unclosed "
+                                  "quote?)")
+    path.write_bytes(b"question_id,img_id\n\xff\xfe,1\n")
+    with pytest.raises(MalformedFileError, match=r"is not UTF-8 text: 'utf-8' codec can't decode") as error:
+        load_study_csvs(path.parent)
+    clear_error(error, f"study CSV {path}")
+
+
+def test_a_repeated_column_or_a_row_without_answer_is_named(tmp_path):
+    path = broken_copy(tmp_path, "CompareAttr", lambda text: text.replace("img_id", "question", 1))
+    with pytest.raises(MalformedFileError, match=r"column\(s\) 'question' appear twice") as error:
+        load_study_csvs(path.parent)
+    clear_error(error, f"study CSV {path}")
+    frame = pd.read_csv(STUDY_FOLDER / path.name, dtype=str, keep_default_na=False)
+    frame.loc[4, "answer"] = ""
+    frame.to_csv(path, index=False)
+    with pytest.raises(MalformedFileError, match=r"row 5 \(question '\d+'\): no answer; the study's CSVs hold "
+                                                 r"questions answered correctly") as error:
+        load_study_csvs(path.parent)
+    clear_error(error, f"study CSV {path}")

@@ -7,11 +7,11 @@ import re
 from collections import Counter, defaultdict
 
 import pytest
-from data_fixtures import synthetic_world
+from data_fixtures import clear_error, synthetic_world
 from PIL import Image
 
 from mmscope.data import CATEGORIES, category_of, load_synthetic, synthesize
-from mmscope.data.errors import DataError, DataFileNotFoundError
+from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError
 from mmscope.data.synthetic.questions import BUCKETS, OTHER
 
 
@@ -321,5 +321,23 @@ def test_refuses_to_overwrite_and_rejects_bad_settings(tmp_path, world):
 def test_load_synthetic_names_unknown_splits_and_non_worlds(tmp_path, world):
     with pytest.raises(DataError, match=r"unknown split 'dev' .*; known: train, val, test"):
         load_synthetic(world.root, "dev")
+    with pytest.raises(DataError) as error:
+        load_synthetic(world.root, "tset")
+    assert clear_error(error) == (f"unknown split 'tset' of the synthetic world {world.root}; known: train, val, test; "
+                                  "did you mean 'test'?")
     with pytest.raises(DataFileNotFoundError, match=r"is not a synthetic world: .*world.json is missing"):
         load_synthetic(tmp_path, "train")
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("", "is empty"),
+    ('{"format": "mmscope synthetic GQA world", "splits": {"train": {"scenes"', "is not valid JSON (Expecting ':' "),
+    ('{"format": "mmscope synthetic GQA world"}', "needs 'splits' (split name -> counts), as `mmscope data synth` "
+                                                  "writes it; found keys format"),
+    ("[1, 2]", "needs 'splits' (split name -> counts), as `mmscope data synth` writes it; found list"),
+])
+def test_a_broken_world_json_is_named(tmp_path, text, problem):
+    (tmp_path / "world.json").write_text(text)
+    with pytest.raises(MalformedFileError) as error:
+        load_synthetic(tmp_path, "train")
+    assert clear_error(error).startswith(f"world file {tmp_path / 'world.json'} {problem}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mmscope.data.errors import UnknownCategoryError
-from mmscope.errors import known
+from mmscope.data.errors import DataError, UnknownCategoryError
+from mmscope.errors import known, suggest
 
 CATEGORIES: tuple[str, ...] = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
 
@@ -37,20 +37,26 @@ def category_of(detailed_type: str) -> str | None:
 
 
 def check_category(name: str, where: str = "") -> str:
-    """Return `name` if it is one of `CATEGORIES`; otherwise raise an error naming it and the valid names.
+    """Return `name` if it is one of `CATEGORIES`; otherwise raise an error naming it, the valid names and the
+    closest one.
 
     `where` (a file, a CSV row …) is added to the message so the bad value can be found.
     """
     if name not in CATEGORIES:
         place = f" in {where}" if where else ""
-        raise UnknownCategoryError(f"unknown category {name!r}{place}; known: {known(CATEGORIES)}")
+        raise UnknownCategoryError(f"unknown category {name!r}{place}; known: {known(CATEGORIES)}"
+                                   f"{suggest(name, CATEGORIES)}")
     return name
 
 
 def check_categories(names: Iterable[str] | None) -> tuple[str, ...]:
-    """Validate a user's category selection; None means all six."""
+    """Validate a user's category selection; None means all six, an empty one is refused (it selects nothing)."""
     if names is None:
         return CATEGORIES
     if isinstance(names, str):
         names = (names,)
-    return tuple(check_category(name) for name in names)
+    selected = tuple(check_category(name) for name in names)
+    if not selected:
+        raise DataError(f"an empty category selection selects no questions; name some of {known(CATEGORIES)}, "
+                        "or none at all for all six")
+    return selected

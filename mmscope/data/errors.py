@@ -24,7 +24,8 @@ class MissingImageError(DataFileNotFoundError):
 
 
 class MalformedFileError(DataError):
-    """A file that is not valid JSON/CSV, or a record that lacks a field the format requires."""
+    """A file that is not valid JSON/CSV or not a readable image, or a record that lacks a field the format
+    requires."""
 
 
 class UnknownCategoryError(DataError):

@@ -53,24 +53,30 @@ def read_box_index(path: Path) -> BoxIndex:
             for graph in read_scene_graphs(path)}
 
 
+def detailed_type_of(record: object, place: str) -> str:
+    """The `types.detailed` of a question record ("" when absent), once the record and its `types` are checked
+    to be records; `place` names the file and question for errors."""
+    if not isinstance(record, dict):
+        raise MalformedFileError(f"{place}: expected a record, found {type(record).__name__}")
+    types = record.get("types") or {}
+    if not isinstance(types, dict):
+        raise MalformedFileError(f"{place}: 'types' must be a record {{structural, semantic, detailed}}, "
+                                 f"found {types!r}")
+    return str(types.get("detailed") or "")
+
+
 def question_row(
     question_id: str, record: object, where: str, boxes: BoxIndex | None, images: Path | None
 ) -> dict:
     """One GQA question record as a row of `QUESTION_FEATURES`. `where` names the file for errors."""
     place = f"{where}, question {question_id!r}"
-    if not isinstance(record, dict):
-        raise MalformedFileError(f"{place}: expected a record, found {type(record).__name__}")
+    detailed_type = detailed_type_of(record, place)
     missing = [key for key, kinds in (("imageId", (str, int)), ("question", str))
                if not isinstance(record.get(key), kinds)]
     if missing:
         raise MalformedFileError(f"{place}: missing field(s) {', '.join(missing)}; found {', '.join(sorted(record))}")
     image_id = str(record["imageId"])
     answer = str(record.get("answer") or "").strip().lower()
-    types = record.get("types") or {}
-    if not isinstance(types, dict):
-        raise MalformedFileError(f"{place}: 'types' must be a record {{structural, semantic, detailed}}, "
-                                 f"found {types!r}")
-    detailed_type = str(types.get("detailed") or "")
     program = record.get("semantic") or []
     try:
         objects = central_objects(program)
@@ -188,9 +194,6 @@ def count_answers(questions: str | Path) -> dict[str, Counter]:
     path = existing_file(questions, "questions file")
     counts: dict[str, Counter] = {}
     for question_id, record in iter_json_object(path, "questions file"):
-        if not isinstance(record, dict):
-            raise MalformedFileError(f"questions file {path}, question {question_id!r}: expected a record, "
-                                     f"found {type(record).__name__}")
-        category = category_of(str((record.get("types") or {}).get("detailed") or "")) or "(other)"
-        counts.setdefault(category, Counter())[str(record.get("answer") or "").strip().lower()] += 1
+        category = category_of(detailed_type_of(record, f"questions file {path}, question {question_id!r}"))
+        counts.setdefault(category or "(other)", Counter())[str(record.get("answer") or "").strip().lower()] += 1
     return counts

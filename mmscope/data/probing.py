@@ -47,6 +47,7 @@ from mmscope.data.rows import (
     file_stamp,
     generate_dataset,
     image_path,
+    invalid_json,
 )
 from mmscope.data.scene_graphs import GraphObject, SceneGraph, read_scene_graphs
 
@@ -330,10 +331,12 @@ def _coco_items(path: Path, key: str, what: str) -> Iterator[dict]:
         try:
             yield from ijson.items(handle, f"{key}.item", use_float=True)
         except ijson.JSONError as error:
-            raise MalformedFileError(f"{what} {path} is not valid JSON: {error}") from None
+            raise invalid_json(what, path, error) from None
 
 
-def _coco_field(record: dict, field_name: str, path: Path, key: str):
+def _coco_field(record: object, field_name: str, path: Path, key: str):
+    if not isinstance(record, dict):
+        raise MalformedFileError(f"COCO file {path}: the records of {key!r} must be objects, found {record!r}")
     if field_name not in record:
         raise MalformedFileError(f"COCO file {path}: a record of {key!r} lacks {field_name!r} "
                                  f"(has {', '.join(sorted(record))})")

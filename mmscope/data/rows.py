@@ -21,7 +21,9 @@ where a question came from:
 The image rule: without an images folder a row carries only `image_path`, the bare file name GQA's images
 folder would hold (`{image_id}.jpg`); with one, `image_path` is the absolute path and the extra `image` column
 opens that file on access. Every image must then exist: a missing one is an error naming the question and the
-path, or, with `on_missing_image="skip"`, its questions are dropped with a warning that counts them.
+path, or, with `on_missing_image="skip"`, its questions are dropped with a warning that counts them. Images are
+decoded only when a row is read (opening 100k of them up front would take minutes); a file that is there but is
+not a readable image then raises `MalformedFileError` naming it (see `ImageFile`), never a PIL error.
 
 Large files are read incrementally (`iter_json_object`: each of GQA's JSON files is one big object) and their
 rows streamed into a memory-mapped Arrow file in batches (`generate_dataset`) instead of being held in Python
@@ -42,11 +44,12 @@ from pathlib import Path
 
 import datasets
 import ijson
+import PIL.Image
 import pyarrow as pa
 from datasets import Dataset, Features, Value
 
 from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError, MissingImageError
-from mmscope.errors import known
+from mmscope.errors import known, suggest
 
 ON_MISSING_IMAGE = ("error", "skip")
 _BATCH_ROWS = 10_000
@@ -95,11 +98,23 @@ def image_path(images: Path | None, file_name: str) -> str:
     return str(images / file_name) if images is not None else file_name
 
 
+def invalid_json(what: str, path: Path, error: Exception, after: str | None = None) -> MalformedFileError:
+    """The error for a file ijson cannot parse, in one line: the `what` and path, the last entry read before it
+    broke (when known) and the parser's reason ("premature EOF" said as what it means: a truncated file)."""
+    detail = error.args[0] if error.args else ""
+    detail = (detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)).strip()
+    detail = detail.splitlines()[0] if detail else type(error).__name__
+    if "premature EOF" in detail or "Incomplete JSON" in detail:
+        detail = "the file ends part-way (truncated?)"
+    place = f" after entry {after!r}" if after is not None else ""
+    return MalformedFileError(f"{what} {path} is not valid JSON{place}: {detail}")
+
+
 def iter_json_object(path: Path, what: str) -> Iterator[tuple[str, object]]:
     """Stream the (key, value) pairs of a file holding one big JSON object, without loading it whole.
 
     `what` describes the file for error messages ("questions file" …). Raises `MalformedFileError` naming the
-    file if it is not a JSON object or is cut off / invalid part-way.
+    file if it is not a JSON object or is cut off / invalid part-way (then also naming the last entry read).
     """
     with path.open("rb") as handle:
         first = handle.read(64).lstrip()[:1]
@@ -107,10 +122,12 @@ def iter_json_object(path: Path, what: str) -> Iterator[tuple[str, object]]:
             found = repr(first.decode(errors="replace")) if first else "an empty file"
             raise MalformedFileError(f"{what} {path}: expected a JSON object ({{id: record, …}}), found {found}")
         handle.seek(0)
+        key = None
         try:
-            yield from ijson.kvitems(handle, "", use_float=True)
+            for key, value in ijson.kvitems(handle, "", use_float=True):
+                yield key, value
         except ijson.JSONError as error:
-            raise MalformedFileError(f"{what} {path} is not valid JSON: {error}") from None
+            raise invalid_json(what, path, error, key) from None
 
 
 @functools.cache
@@ -158,6 +175,34 @@ def generate_dataset(
     return Dataset.from_file(str(path))
 
 
+class ImageFile(datasets.Image):
+    """The `image` column's feature: `datasets.Image`, except that when a row is read, a file that is not a
+    readable image raises `MalformedFileError` naming it (and one deleted since loading `MissingImageError`)."""
+
+    def decode_example(self, value, token_per_repo_id=None) -> PIL.Image.Image:
+        """The PIL image of `value` (datasets' {path, bytes} record), decoded now."""
+        try:
+            return super().decode_example(value, token_per_repo_id)
+        except FileNotFoundError:
+            raise MissingImageError(f"image file {_image_source(value)} no longer exists "
+                                    "(deleted after the dataset was loaded?)") from None
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+            reason = "PIL cannot identify its format" if isinstance(error, PIL.UnidentifiedImageError) else error
+            raise MalformedFileError(f"image file {_image_source(value)} is not a readable image ({reason}); "
+                                     "replace it, or delete it and load with on_missing_image='skip' to drop "
+                                     "its rows") from None
+
+
+def _image_source(value: object) -> str:
+    return str(value.get("path") or "(image bytes)") if isinstance(value, dict) else str(value)
+
+
+def check_split(split: str, splits, where: str) -> None:
+    """Refuse a split name that is not one of `splits` (those `where` holds), naming them and the closest."""
+    if split not in splits:
+        raise DataError(f"unknown split {split!r} of {where}; known: {known(splits)}{suggest(split, splits)}")
+
+
 def check_on_missing_image(on_missing_image: str) -> None:
     """Reject an `on_missing_image` policy other than "error" and "skip"."""
     if on_missing_image not in ON_MISSING_IMAGE:
@@ -193,5 +238,5 @@ def attach_images(
             stacklevel=3,
         )
     features = dataset.features.copy()
-    features["image"] = datasets.Image()
+    features["image"] = ImageFile()
     return dataset.map(lambda batch: {"image": batch["image_path"]}, batched=True, features=features)

@@ -13,10 +13,10 @@ and a repeated object (GQA sometimes selects the same object twice) is listed on
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
 from datasets import Dataset
 
 from mmscope.data.categories import CATEGORIES, category_of, check_categories, check_category
@@ -85,25 +85,60 @@ def _int(value: str, where: str, column: str) -> int:
         raise MalformedFileError(f"{where}: column {column!r} must be a number, found {value!r}") from None
 
 
+def _csv_records(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and records of a study CSV, every row checked to have exactly the header's fields.
+
+    Raises `MalformedFileError` naming the file (and the row) for an empty file, a repeated column name, an
+    unparsable line (an unclosed quote …) or a row with fewer or more fields than the header (a truncated file).
+    """
+    header, records = None, []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, strict=True)
+        try:
+            header = reader.fieldnames
+            for record in reader:
+                records.append(record)
+        except csv.Error as error:
+            where = f"row {len(records) + 1}" if header is not None else "header line"
+            raise MalformedFileError(
+                f"study CSV {path}, {where}: cannot be parsed ({error}; an unclosed quote?)") from None
+        except UnicodeDecodeError as error:
+            raise MalformedFileError(f"study CSV {path} is not UTF-8 text: {error}") from None
+    if not header:
+        raise MalformedFileError(f"study CSV {path} is empty: expected a header line, then one row per question")
+    if len(set(header)) < len(header):
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        raise MalformedFileError(f"study CSV {path}: column(s) {', '.join(map(repr, repeated))} appear twice")
+    for number, record in enumerate(records, start=1):
+        extra, absent = len(record.get(None, ())), sum(value is None for value in record.values())
+        if extra or absent:
+            raise MalformedFileError(f"study CSV {path}, row {number}: {len(header) + extra - absent} fields where "
+                                     f"the header has {len(header)} (a truncated file, or a comma in an unquoted "
+                                     "value?)")
+    return header, records
+
+
 def read_study_csv(path: Path, category: str, images: Path | None) -> list[dict]:
     """The rows of one study CSV, checked against its category's columns and detailed types."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise MalformedFileError(f"study CSV {path} cannot be parsed: {error}") from None
+    header, records = _csv_records(path)
     needed = required_columns(category)
-    missing = [column for column in needed if column not in frame.columns]
+    missing = [column for column in needed if column not in header]
     if missing:
         raise MalformedFileError(
             f"study CSV {path} lacks column(s) {', '.join(map(repr, missing))}; a {category} file needs: "
             f"{', '.join(needed)}"
         )
+    if not records:
+        raise MalformedFileError(f"study CSV {path} has a header but no rows; a {category} file lists its questions")
     rows = []
-    for number, row in enumerate(frame.to_dict("records"), start=1):
+    for number, row in enumerate(records, start=1):
         where = f"study CSV {path}, row {number} (question {row['question_id']!r})"
         if category_of(row["type_detailed"]) != category:
             raise DataError(f"{where}: type_detailed {row['type_detailed']!r} does not belong to {category} "
                             f"(its category: {category_of(row['type_detailed'])})")
+        if not row["answer"].strip():
+            raise MalformedFileError(f"{where}: no answer; the study's CSVs hold questions answered correctly, "
+                                     "each with its answer")
         objects = []
         for prefix in _OBJECT_PREFIXES[category]:
             object_id = row[f"{prefix} id"].strip()

@@ -1,5 +1,9 @@
 """Where experiment data comes from: a user's folder, or the embedded model's own synthetic world
-(`mmscope.zoo.embedded_world`, regenerated once into the user's cache folder)."""
+(`mmscope.zoo.embedded_world`, regenerated once into the user's cache folder).
+
+Everything an experiment will need from the data is checked here, before any model work: the folder and split
+exist, every question has an answer and an image, and the sizes asked for make sense.
+"""
 
 from __future__ import annotations
 
@@ -7,42 +11,93 @@ from pathlib import Path
 
 from mmscope.data import entailment_dataset, load_gqa, load_study_csvs, load_synthetic, object_recognition_dataset
 from mmscope.data.categories import check_categories
-from mmscope.data.errors import DataFileNotFoundError
+from mmscope.data.errors import DataError, DataFileNotFoundError
+from mmscope.data.rows import check_split
+from mmscope.errors import known
 from mmscope.zoo import embedded_world
 
+_QUESTION_FILES = ("_balanced_questions.json", "_all_questions.json")
+_SCENE_GRAPH_FILES = ("_sceneGraphs.json",)
 
-def _first_existing(*paths: Path) -> Path | None:
-    return next((path for path in paths if path.exists()), None)
+
+def _data_folder(data: Path | None) -> Path:
+    """`--data` as a folder that exists; None means the embedded model's world."""
+    data = Path(data) if data is not None else embedded_world()
+    if not data.is_dir():
+        raise DataFileNotFoundError(f"data folder {str(data)!r} does not exist")
+    return data
+
+
+def _split_files(data: Path, subfolder: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Split -> file of a GQA folder: `{split}{suffix}` in `data/subfolder` or in `data` itself (earlier places,
+    then earlier suffixes, win)."""
+    files: dict[str, Path] = {}
+    for folder in (data / subfolder, data):
+        for suffix in suffixes:
+            for path in sorted(folder.glob(f"*{suffix}")):
+                files.setdefault(path.name.removesuffix(suffix), path)
+    return files
+
+
+def _at_least_one(value: int | None, name: str, flag: str, otherwise: str = "") -> None:
+    if value is not None and value < 1:
+        raise DataError(f"{name} {value} ({flag}): must be at least 1{otherwise}")
+
+
+def _check_answered(dataset, source: Path, categories: tuple[str, ...]) -> None:
+    """Refuse a question set an experiment cannot score: no questions at all, or questions without an answer."""
+    if not len(dataset):
+        raise DataError(f"{source} holds no questions of {known(categories)} (questions without types.detailed, "
+                        "such as GQA's test and challenge files, belong to no category)")
+    answers = dataset["answer"]
+    unanswered = [index for index, answer in enumerate(answers) if not answer]
+    if unanswered:
+        first = dataset.select_columns(["question_id"])[unanswered[0]]["question_id"]
+        raise DataError(f"{len(unanswered)} of {len(answers)} questions in {source} have no answer (the first: "
+                        f"question {first!r}); experiments score answers, so they need a split with answers "
+                        "(GQA's test and challenge files carry none)")
 
 
 def load_questions(data: Path | None, split: str = "test", *, images: Path | None = None,
                    categories=None, limit: int | None = None):
-    """Questions of the six categories from any supported source, at most `limit` per category.
+    """Questions of the six categories from any supported source, at most `limit` per category, each with its
+    answer and image.
 
     `data` may be a synthetic-world folder (with world.json), a GQA folder (questions/, sceneGraphs/, images/ or
     the files side by side), or the study's CSV folder (with `images` pointing at GQA's images); None means the
     embedded model's held-out test split.
+
+    Raises (all `MMScopeError`s, before anything is loaded where they can): an unknown split (with the known
+    ones), a folder without images, `limit` < 1, questions without an answer, or no questions at all.
     """
+    _at_least_one(limit, "limit", "--limit", ", or omit it for all questions")
     categories = check_categories(categories)
-    data = Path(data) if data is not None else embedded_world()
-    if not data.is_dir():
-        raise DataFileNotFoundError(f"data folder {str(data)!r} does not exist")
+    data = _data_folder(data)
     if (data / "world.json").exists():
         dataset = load_synthetic(data, split, categories=categories)
+        source = data / "questions" / f"{split}_balanced_questions.json"
     elif list(data.glob("GQA_*.csv")):
+        if images is None:
+            raise DataError(f"{data} is the study's CSV folder: its questions name GQA images but the folder does "
+                            "not hold them; pass the GQA images folder too (--images)")
         dataset = load_study_csvs(data, images=images, categories=categories)
+        source = data
     else:
-        questions = _first_existing(*(folder / f"{split}_{kind}_questions.json"
-                                      for folder in (data / "questions", data) for kind in ("balanced", "all")))
-        if questions is None:
+        questions = _split_files(data, "questions", _QUESTION_FILES)
+        if not questions:
             raise DataFileNotFoundError(
                 f"{data} is neither a synthetic world (world.json), the study's CSV folder (GQA_*.csv), nor a GQA "
-                f"folder with {split}_balanced_questions.json"
+                "folder ({split}_balanced_questions.json or {split}_all_questions.json, in questions/ or itself)"
             )
-        scene_graphs = _first_existing(data / "sceneGraphs" / f"{split}_sceneGraphs.json",
-                                       data / f"{split}_sceneGraphs.json")
-        dataset = load_gqa(questions, scene_graphs, images or _first_existing(data / "images"),
+        check_split(split, questions, f"the GQA folder {data}")
+        images = images or (data / "images" if (data / "images").is_dir() else None)
+        if images is None:
+            raise DataFileNotFoundError(f"the GQA folder {data} has no images/ folder; pass the GQA images folder "
+                                        "(--images)")
+        source = questions[split]
+        dataset = load_gqa(source, _split_files(data, "sceneGraphs", _SCENE_GRAPH_FILES).get(split), images,
                            categories=categories)
+    _check_answered(dataset, source, categories)
     if limit is not None:
         seen: dict[str, int] = {}
         keep = []
@@ -57,15 +112,20 @@ def load_questions(data: Path | None, split: str = "test", *, images: Path | Non
 def probe_datasets(data: Path | None, split: str = "test", n_images: int = 300, seed: int = 0) -> dict:
     """The probing study's two datasets from one split's scene graphs: entailment pairs and object labels,
     each over the first `n_images` images."""
-    data = Path(data) if data is not None else embedded_world()
-    scene_graphs = _first_existing(data / "sceneGraphs" / f"{split}_sceneGraphs.json",
-                                   data / f"{split}_sceneGraphs.json")
-    if scene_graphs is None:
-        raise DataFileNotFoundError(f"no {split}_sceneGraphs.json in {data} or {data / 'sceneGraphs'}")
-    images = _first_existing(data / "images")
-    objects = object_recognition_dataset(scene_graphs, images)
+    _at_least_one(n_images, "n_images", "--n-images")
+    data = _data_folder(data)
+    scene_graphs = _split_files(data, "sceneGraphs", _SCENE_GRAPH_FILES)
+    if not scene_graphs:
+        raise DataFileNotFoundError(f"no scene-graph files ({split}_sceneGraphs.json …) in {data} or "
+                                    f"{data / 'sceneGraphs'}")
+    check_split(split, scene_graphs, f"the scene graphs in {data}")
+    images = data / "images"
+    if not images.is_dir():
+        raise DataFileNotFoundError(f"{data} has no images/ folder; the probe datasets need the images "
+                                    "({imageId}.jpg) their scene graphs describe")
+    objects = object_recognition_dataset(scene_graphs[split], images)
     objects = objects.select(range(min(n_images, len(objects))))
     keep = set(objects["image_id"])
-    entailment = entailment_dataset(scene_graphs, images, seed=seed)
+    entailment = entailment_dataset(scene_graphs[split], images, seed=seed)
     entailment = entailment.filter(lambda image_id: image_id in keep, input_columns="image_id")
     return {"entailment": entailment, "objects": objects}

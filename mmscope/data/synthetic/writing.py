@@ -17,9 +17,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from mmscope.data.categories import DETAILED_TYPE_TO_CATEGORY
-from mmscope.data.errors import DataError, DataFileNotFoundError
+from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError
 from mmscope.data.gqa import load_gqa
 from mmscope.data.render import render
+from mmscope.data.rows import check_split
 from mmscope.data.synthetic.questions import ANSWERS, TYPE_GROUPS, Question, QuestionSampler
 from mmscope.data.synthetic.scenes import (
     COLORS,
@@ -214,6 +215,27 @@ def synthesize(
     return files
 
 
+def world_splits(out_dir: Path) -> list[str]:
+    """The split names a synthetic world's `world.json` lists, checked to be there and well formed."""
+    world_file = out_dir / "world.json"
+    if not world_file.is_file():
+        raise DataFileNotFoundError(f"{out_dir} is not a synthetic world: {world_file} is missing "
+                                    "(create one with mmscope.data.synthesize or `mmscope data synth`)")
+    text = world_file.read_bytes()
+    try:
+        world = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"is not valid JSON ({error})" if text.strip() else "is empty"
+        raise MalformedFileError(f"world file {world_file} {problem}; write the world again (`mmscope data synth "
+                                 "--overwrite` with its --n-scenes and --seed)") from None
+    splits = world.get("splits") if isinstance(world, dict) else None
+    if not isinstance(splits, dict) or not splits:
+        found = f"keys {known(sorted(world)) or '(none)'}" if isinstance(world, dict) else type(world).__name__
+        raise MalformedFileError(f"world file {world_file} needs 'splits' (split name -> counts), as "
+                                 f"`mmscope data synth` writes it; found {found}")
+    return list(splits)
+
+
 def load_synthetic(
     out_dir: str | Path,
     split: str = "train",
@@ -227,13 +249,7 @@ def load_synthetic(
     `category=None` (pass `categories=CATEGORIES` to drop them).
     """
     out_dir = Path(out_dir)
-    world_file = out_dir / "world.json"
-    if not world_file.is_file():
-        raise DataFileNotFoundError(f"{out_dir} is not a synthetic world: {world_file} is missing "
-                                    "(create one with mmscope.data.synthesize or `mmscope data synth`)")
-    splits = json.loads(world_file.read_text())["splits"]
-    if split not in splits:
-        raise DataError(f"unknown split {split!r} of the synthetic world {out_dir}; known: {known(splits)}")
+    check_split(split, world_splits(out_dir), f"the synthetic world {out_dir}")
     return load_gqa(
         out_dir / "questions" / f"{split}_balanced_questions.json",
         out_dir / "sceneGraphs" / f"{split}_sceneGraphs.json",
