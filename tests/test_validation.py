@@ -22,9 +22,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import mmscope
+from data_fixtures import STUDY_FOLDER
 from mmscope.cli import app
 from mmscope.errors import MMScopeError
 from mmscope.experiments.runs import RunDir
+from mmscope.experiments.workspace import load_questions
 from mmscope.interventions import ActivationPatch, Intervention, Knockout, Truncate
 
 runner = CliRunner()
@@ -86,6 +88,8 @@ def files(world, finished, tmp_path_factory):
     made["a-file"].write_text("not a folder")
     made["empty-folder"] = folder / "empty"
     made["empty-folder"].mkdir()
+    made["no-boxes"] = Path(shutil.copytree(world, folder / "no-boxes", ignore=shutil.ignore_patterns("world.json")))
+    shutil.rmtree(made["no-boxes"] / "sceneGraphs")  # a GQA folder without scene graphs: no question has a box
     for name in ("damaged-part", "damaged-config"):
         made[name] = Path(shutil.copytree(finished, folder / name))
     part = next((made["damaged-part"] / "parts").glob("*.parquet"))
@@ -143,6 +147,10 @@ CLI_CASES = [
     (["knockout", "--flow", "image->last", "--include-all", "--window", "3", "--out", "{damaged-part}"],
      "is damaged"),
     (["knockout", "--out", "{damaged-config}"], "config.yaml is not valid YAML"),
+    (["knockout", "--data", "{study}"], "is the study's CSV folder"),
+    (["knockout", "--split", "tset"], "unknown split 'tset' of the synthetic world"),
+    (["knockout", "--categories", "ChooseAtr"], "did you mean 'ChooseAttr'?"),
+    (["knockout", "--flow", "object->question", "--data", "{no-boxes}"], "token group 'object' (--flow) needs object boxes"),
     (["data", "show", "/no/such/folder"], "/no/such/folder"),
     (["train", "--steps", "-1"], "steps -1 (--steps): must be at least 1"),
     (["train", "--focus", "1.5"], "focus 1.5 (--focus): must lie in [0, 1]"),
@@ -159,7 +167,7 @@ USAGE_CASES = [
 
 
 def filled(args: list[str], world: Path, run: Path, files: dict) -> list[str]:
-    filled = [arg.format(world=world, run=run, **files) if "{" in arg else arg for arg in args]
+    filled = [arg.format(world=world, run=run, study=STUDY_FOLDER, **files) if "{" in arg else arg for arg in args]
     takes_data = filled[0] in ("knockout", "lens", "truncate", "patch", "probe", "evaluate")
     if takes_data and "--data" not in filled:
         filled += ["--data", str(world)]
@@ -244,6 +252,8 @@ API_CASES = [
     (lambda m, e: m.next_token_probs(e, [Truncate(8)]), "layer 8 out of range"),
     (lambda m, e: mmscope.load("shapes_llava"), "did you mean 'shapes-llava'?"),
     (lambda m, e: mmscope.load(attn_implementation="flash_attention_2"), "flash_attention_2"),
+    (lambda m, e: load_questions(None, limit=0), "limit 0 (--limit)"),
+    (lambda m, e: load_questions(None, categories=[]), "an empty category selection"),
 ]
 
 
