@@ -217,6 +217,11 @@ class Model:
         if context is not None and length > context:
             raise InputError(f"question {question[:40]!r}… makes a prompt of {length} tokens, more than the "
                              f"{context} positions of {self.name or 'the model'}'s context; shorten it")
+        unknown = self.tokenizer.unk_token_id
+        if unknown is not None and bool((encoding.inputs["input_ids"] == unknown).any()):
+            # One text for every question, so that a sweep warns once, not once per question.
+            warnings.warn(f"a question has words the tokenizer of {self.name or 'the model'} does not know; the "
+                          f"model reads each as {self.tokenizer.unk_token!r}", stacklevel=2)
         layout = token_layout(self.adapter, prompt, spans, encoding, image, boxes)
         info = {"question": question, "image_size": (image.width, image.height), "boxes": boxes, **(meta or {})}
         return Example(inputs=encoding.inputs, layouts=[layout], prompts=[prompt], meta=[info])
@@ -231,7 +236,9 @@ class Model:
         """Every token-group name this model's examples can hold: those of a blank image's example with a box
         (boxes add `object` and `other_patches`; an example prepared without boxes lacks those two)."""
         blank = Image.new("RGB", (64, 64), (128, 128, 128))
-        return tuple(self.prepare(blank, "What is this?", boxes=[(16, 16, 32, 32)]).groups())
+        with warnings.catch_warnings():  # its words may be unknown to the model's tokenizer; the groups are not
+            warnings.simplefilter("ignore")
+            return tuple(self.prepare(blank, "What is this?", boxes=[(16, 16, 32, 32)]).groups())
 
     def batch(self, examples: Sequence[Example]) -> Example:
         """Left-pad several prepared examples into one batch."""

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -242,10 +243,10 @@ API_CASES = [
     (lambda m, e: m.next_token_probs(e, [knockout().to_dict()]), "got dict"),
     (lambda m, e: m.next_token_probs(e, "image->last"), "got str"),
     (lambda m, e: m.prepare(image(), ""), "question must be a non-empty string"),
-    (lambda m, e: m.prepare(image(), "What is it? " * 2000), "more than the 512 positions of shapes-llava's"),
-    (lambda m, e: m.prepare(image(), "What is it?", boxes=[]), "boxes is empty"),
-    (lambda m, e: m.prepare(image(), "What is it?", boxes=[(math.nan, 1, 2, 2)]), "nan"),
-    (lambda m, e: m.prepare("picture.png", "What is it?"), "picture.png"),
+    (lambda m, e: m.prepare(image(), "What color is the cube? " * 2000), "more than the 512 positions of shapes-llava's"),
+    (lambda m, e: m.prepare(image(), "What color is the cube?", boxes=[]), "boxes is empty"),
+    (lambda m, e: m.prepare(image(), "What color is the cube?", boxes=[(math.nan, 1, 2, 2)]), "nan"),
+    (lambda m, e: m.prepare("picture.png", "What color is the cube?"), "picture.png"),
     (lambda m, e: m.answer_prob(e, ""), "answer must be a non-empty string"),
     (lambda m, e: Truncate("3"), "Truncate.layer must be an int; got '3'"),
     (lambda m, e: Truncate(True), "Truncate.layer must be an int; got True"),
@@ -265,10 +266,15 @@ def test_a_bad_api_input_raises_an_mmscope_error_naming_it(call, message, embedd
     assert message in str(raised.value)
 
 
-def test_an_answer_of_unknown_words_warns_that_it_scores_as_the_unknown_token(embedded):
+def test_unknown_words_warn_that_the_model_reads_them_as_the_unknown_token(embedded):
     example = embedded.prepare(image(), "What color is the cube?")
     with pytest.warns(UserWarning, match="answer 'zorbly' has words the tokenizer does not know"):
         embedded.answer_prob(example, "zorbly")
+    with pytest.warns(UserWarning, match="a question has words the tokenizer of shapes-llava does not know"):
+        embedded.prepare(image(), "What colour is the zorbly?")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embedded.prepare(image(), "What color is the cube?")
 
 
 def test_a_start_that_failed_before_any_result_does_not_block_the_corrected_rerun(tmp_path):
