@@ -24,7 +24,7 @@ import yaml
 from safetensors import SafetensorError
 
 from mmscope.data.cli import app as data_app
-from mmscope.errors import MMScopeError, known, suggest
+from mmscope.errors import MMScopeError, known, suggest, yaml_problem
 from mmscope.experiments.evaluate import EVALUATE
 from mmscope.experiments.knockout import KNOCKOUT
 from mmscope.experiments.lens import LENS
@@ -133,7 +133,7 @@ def _config_file(ctx: typer.Context, value: Path | None) -> Path | None:
     try:
         loaded = yaml.safe_load(value.read_text())
     except yaml.YAMLError as error:
-        raise ConfigFileError(f"config file {str(value)!r} is not valid YAML: {one_line(error)}") from None
+        raise ConfigFileError(f"config file {str(value)!r} is not valid YAML ({yaml_problem(error)})") from None
     loaded = {} if loaded is None else loaded
     if isinstance(loaded, dict) and isinstance(loaded.get("options"), dict):
         loaded = loaded["options"]  # a run's config.yaml works as well

@@ -42,3 +42,12 @@ def suggest(name: str, options) -> str:
     by_lower = {str(option).lower(): str(option) for option in options}
     close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
     return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML parser error as one short line: `line 2, column 1: expected ',' or ']'` (PyYAML's own message spans
+    several lines and quotes the stream)."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"

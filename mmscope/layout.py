@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from mmscope.errors import InputError, LayoutError, known
+from mmscope.errors import InputError, LayoutError, known, suggest
 
 if TYPE_CHECKING:
     from mmscope.models.adapter import Adapter
@@ -75,7 +75,8 @@ class Example:
         if isinstance(group, str):
             layout = self.layouts[row]
             if group not in layout:
-                raise LayoutError(f"unknown token group {group!r}; known: {known(sorted(layout))}")
+                raise LayoutError(f"unknown token group {group!r}; known: {known(sorted(layout))}"
+                                  f"{suggest(group, layout)}")
             return torch.tensor(layout[group], dtype=torch.long)
         length = self.seq_len - self.padding[row]
         bad = [p for p in group if not -length <= p < length]

@@ -112,7 +112,7 @@ def load(
                              f"truncated ({error}); save the checkpoint again") from error
     except (OSError, ValueError) as error:
         hint = suggest(str(name_or_path), EMBEDDED_MODELS) if not Path(source).exists() else ""
-        first = str(error).strip().split("\n")[0]
+        first = str(error).strip().split("\n")[0].rstrip(".")
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}{hint}") from error
     return Model(bind(hf_model.to(device).eval(), processor), name=str(name_or_path))
 

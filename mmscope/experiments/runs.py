@@ -33,7 +33,7 @@ import filelock
 import pandas as pd
 import yaml
 
-from mmscope.errors import MMScopeError
+from mmscope.errors import MMScopeError, yaml_problem
 
 VERSIONED = ("mmscope", "torch", "transformers", "nnsight", "datasets", "wandb", "einops")
 
@@ -109,7 +109,7 @@ class RunDir:
         try:
             previous = yaml.safe_load(self.config_file.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise RunFolderError(f"{self.config_file} is not valid YAML ({' '.join(str(error).split())}); "
+            raise RunFolderError(f"{self.config_file} is not valid YAML ({yaml_problem(error)}); "
                                  "delete the folder to start over") from None
         before = (previous or {}).get("experiment") if isinstance(previous, dict) else None
         if not isinstance(before, dict):
