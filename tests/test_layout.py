@@ -92,10 +92,10 @@ def test_bad_inputs_get_one_clear_error_naming_the_input(tiny, examples):
     with pytest.raises(InputError, match="question must be a non-empty string"):
         tiny.prepare(scene(), "   ")
     with pytest.raises(InputError, match="image must be a PIL.Image.Image; got str"):
-        tiny.prepare("photo.jpg", "Is it red?")
+        tiny.prepare("photo.jpg", "Is the cube red?")
     with pytest.raises(InputError, match=r"box \(30, 20, 20, 20\) .* outside the 40x30 image"):
-        tiny.prepare(scene(), "Is it red?", boxes=[(30, 20, 20, 20)])
+        tiny.prepare(scene(), "Is the cube red?", boxes=[(30, 20, 20, 20)])
     with pytest.raises(InputError, match=r"box \(5, 5, nan, 4\) has a value that is not a finite number"):
-        tiny.prepare(scene(), "Is it red?", boxes=[(5, 5, float("nan"), 4)])
+        tiny.prepare(scene(), "Is the cube red?", boxes=[(5, 5, float("nan"), 4)])
     with pytest.raises(InputError, match="boxes is empty"):
-        tiny.prepare(scene(), "Is it red?", boxes=[])
+        tiny.prepare(scene(), "Is the cube red?", boxes=[])

@@ -19,8 +19,15 @@ import pandas as pd
 
 from mmscope.experiments.engine import ENGINES, Variant, run_variants
 from mmscope.experiments.figures import curves
-from mmscope.experiments.options import OptionError, QuestionOptions, check_at_least, check_choice, engine_option, option
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions, Variants
+from mmscope.experiments.options import (
+    OptionError,
+    QuestionOptions,
+    check_at_least,
+    check_choice,
+    engine_option,
+    option,
+)
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
 from mmscope.interventions import Knockout, knockout_window
 from mmscope.model import Model
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmscope.data.errors import DataError
 from mmscope.experiments.engine import Variant
 from mmscope.experiments.figures import heatmap
 from mmscope.experiments.options import QuestionOptions, check_choice, limit_option, option
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions, Variants
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
 from mmscope.interventions import SITES, ActivationPatch
 from mmscope.model import Model
 
@@ -61,7 +62,8 @@ def corrupting_row(dataset, index: int) -> dict:
         other = dataset[(index + offset) % len(dataset)]
         if other["image_id"] != dataset[index]["image_id"]:
             return other
-    raise ValueError("patching needs at least two different images in the data")
+    raise DataError(f"patching needs at least two different images in the data; all {len(dataset)} questions "
+                    f"are about image {dataset[index]['image_id']!r}")
 
 
 def patch_rows(sweep: Sweep[PatchOptions], question: Question) -> list[dict]:

@@ -178,7 +178,8 @@ class PerQuestion(Generic[Q]):
             held = set(example.groups())
             runnable = tuple(variant for variant in generated.variants if variant.groups <= held)
             ids = row_ids(index, row)
-            return [{**ids, **values} for values in self.rows(sweep, Question(index, row, example, answer, runnable))]
+            question = Question(index, row, example, answer, runnable)
+            return [{**ids, **values} for values in self.rows(sweep, question)]
 
         def status(run_dir: RunDir) -> list[str]:
             lines = [counts_line(run_dir.counts())]
@@ -201,8 +202,8 @@ class Experiment(Generic[O]):
     """One experiment, declared: `mmscope <name>` builds `options` from its command line and `run` executes it.
 
     `data(options)` reads and checks what the run walks over, before the model loads; `work(model, options,
-    data)` makes its `Work`. `by` are the summary's group-by columns, the last one the layer axis (the figure's x, the W&B step);
-    `summarize` replaces the default summary (mean, 95% CI and n of `value` per group) where rows already are
+    data)` makes its `Work`. `by` are the summary's group-by columns, the last one the layer axis (the figure's
+    x, the W&B step); `summarize` replaces the default summary (mean, 95% CI and n of `value` per group) where rows already are
     one per group. `figure` draws the summary into the given path; `findings` are the report's lines between
     the status and the figure; `prints_table` adds where results.parquet is.
     """

@@ -14,7 +14,7 @@ import pandas as pd
 from mmscope.experiments.engine import ENGINES, Variant, run_variants
 from mmscope.experiments.figures import curves
 from mmscope.experiments.options import QuestionOptions, check_choice, engine_option
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions, Variants
+from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
 from mmscope.interventions import Truncate
 from mmscope.model import Model
 
