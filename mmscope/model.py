@@ -234,11 +234,16 @@ class Model:
     @functools.cached_property
     def groups(self) -> tuple[str, ...]:
         """Every token-group name this model's examples can hold: those of a blank image's example with a box
-        (boxes add `object` and `other_patches`; an example prepared without boxes lacks those two)."""
+        (boxes add `object` and `other_patches`; an example prepared without boxes lacks those two, and so does
+        every example of a family whose image tokens are not patches, such as Kosmos-2's latent queries)."""
         blank = Image.new("RGB", (64, 64), (128, 128, 128))
         with warnings.catch_warnings():  # its words may be unknown to the model's tokenizer; the groups are not
             warnings.simplefilter("ignore")
-            return tuple(self.prepare(blank, "What is this?", boxes=[(16, 16, 32, 32)]).groups())
+            try:
+                example = self.prepare(blank, "What is this?", boxes=[(16, 16, 32, 32)])
+            except InputError:  # the family places no boxes
+                example = self.prepare(blank, "What is this?")
+        return tuple(example.groups())
 
     def batch(self, examples: Sequence[Example]) -> Example:
         """Left-pad several prepared examples into one batch."""

@@ -72,6 +72,18 @@ def test_loaded_through_mmscope_with_the_family_adapter(loaded):
     assert loaded.model.n_layers == len(loaded.family.layers(loaded.plain))
 
 
+def test_the_groups_a_sweep_checks_against_are_those_of_a_real_example_with_a_box(loaded):
+    model, image = loaded.model, scene(*IMAGES[0], seed=1)
+    if loaded.family.name == "kosmos2":  # latent queries, not patches: no box groups
+        with pytest.raises(InputError, match="boxes cannot select them"):
+            model.prepare(image, QUESTIONS[0], boxes=[(5, 5, 10, 8)])
+        example, boxed = model.prepare(image, QUESTIONS[0]), set()
+    else:
+        example, boxed = model.prepare(image, QUESTIONS[0], boxes=[(5, 5, 10, 8)]), {"object", "other_patches"}
+    assert set(model.groups) == set(example.groups())
+    assert {"image", "question", "last"} | boxed <= set(model.groups)
+
+
 def processor_image_count(loaded, layout, width, height) -> int:
     """The processor's own count of image-feature tokens for an image of this size."""
     processor = loaded.model.processor
