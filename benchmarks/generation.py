@@ -70,10 +70,10 @@ def questions(model_name: str, n: int, folder: Path) -> list[tuple[Image.Image, 
             for i in range(n)]
 
 
-def timed(model: mmscope.Model, answer) -> tuple[list[str], float]:
-    """`answer()` and its wall time (GPU work finished)."""
+def timed(model: mmscope.Model, answer, *args) -> tuple[list[str], float]:
+    """The answers `answer(*args)` gives and its wall time (GPU work finished)."""
     begin = time.perf_counter()
-    answers = answer()
+    answers = answer(*args)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return answers if isinstance(answers, list) else [answers], time.perf_counter() - begin
@@ -112,16 +112,17 @@ def main() -> None:
     # The paths take turns per batch, so load from other processes falls on both alike.
     cached, uncached, seconds = [], [], {"cached": 0.0, "uncached": 0.0}
     for batch in batches:
-        answers, spent = timed(model, lambda: model.generate_answer(batch, max_new_tokens=args.max_new_tokens))
+        answers, spent = timed(model, model.generate_answer, batch, (), args.max_new_tokens)
         cached += answers
         seconds["cached"] += spent
-        answers, spent = timed(model, lambda: model._generate_uncached(batch, (), args.max_new_tokens))
+        answers, spent = timed(model, model._generate_uncached, batch, (), args.max_new_tokens)
         uncached += answers
         seconds["uncached"] += spent
     for name, spent in seconds.items():
         print(f"{name + ':':10}{spent:8.2f} s wall, {1000 * spent / len(examples):8.1f} ms per question")
     equal = cached == uncached
-    differing = [(i, ours, theirs) for i, (ours, theirs) in enumerate(zip(cached, uncached, strict=True)) if ours != theirs]
+    both = enumerate(zip(cached, uncached, strict=True))
+    differing = [(i, ours, theirs) for i, (ours, theirs) in both if ours != theirs]
     print(f"answers: {cached[:4]}{' …' if len(cached) > 4 else ''}; {len(differing)} differ {differing[:3]}")
     speedup = seconds["uncached"] / seconds["cached"]
     print(f"generation_speedup {speedup:.2f} answers_equal {equal}")
