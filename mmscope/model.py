@@ -30,7 +30,7 @@ from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.tracing.tracer import skip_context, skippable
 from PIL import Image
 from safetensors import SafetensorError
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, DynamicCache
 
 from mmscope.context import Context, Restriction, Sites
 from mmscope.errors import InputError, InterventionError, MMScopeError, ModelLoadError, known, suggest
@@ -375,20 +375,71 @@ class Model:
     def generate_answer(
         self, example: Example, interventions: Sequence[Intervention] = (), max_new_tokens: int = 8
     ) -> str | list[str]:
-        """Greedy answer(s), stripped; interventions apply at every step (their positions stay the prompt's)."""
-        stop = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        """Greedy answer(s), stripped. Interventions apply at every step, over the whole sequence so far (their
+        positions stay the prompt's); without any, the steps share a key/value cache — a prefill, then one token
+        per step — and give the answers of the uncached steps."""
+        check_interventions(interventions)
+        if interventions or self.adapter.forward_position_ids(example.inputs) is None:
+            return self._generate_uncached(example, interventions, max_new_tokens)
+        return self._greedy(example, self._cached_steps(), max_new_tokens)
+
+    def _generate_uncached(
+        self, example: Example, interventions: Sequence[Intervention], max_new_tokens: int
+    ) -> str | list[str]:
+        """Greedy answer(s) by one full forward (`run`, under `interventions`) per generated token."""
+        return self._greedy(example, self._uncached_steps(example, interventions), max_new_tokens)
+
+    def _uncached_steps(
+        self, example: Example, interventions: Sequence[Intervention]
+    ) -> Callable[[Example, int], torch.Tensor]:
+        """Next-token logits `[B, V]` of `example` extended by `step` tokens: one full forward (`run`) each."""
         last = torch.tensor([layout["last"][0] for layout in example.layouts])
+
+        def next_logits(current: Example, step: int) -> torch.Tensor:
+            def readout(ctx: Context) -> torch.Tensor:
+                logits = ctx.logits()
+                return logits[torch.arange(len(last)), (last + step).to(logits.device)]
+
+            return self.run(current, interventions, readout)
+
+        return next_logits
+
+    def _cached_steps(self) -> Callable[[Example, int], torch.Tensor]:
+        """Next-token logits `[B, V]` of the plain model, keeping a key/value cache: step 0 runs the whole prompt,
+        every later step only the token the step before appended — with the attention mask, token types and
+        position ids a full forward over the sequence so far would give it."""
+        cache = DynamicCache(config=self.adapter.text_config)
+
+        def next_logits(current: Example, step: int) -> torch.Tensor:
+            cached = {self.adapter.cache_keyword: cache, "use_cache": True}
+            with torch.no_grad():
+                if step == 0:
+                    return self.hf(**self.model_inputs(current), **cached).logits[:, -1]
+                return self.adapter.decode_forward({**self._decode_inputs(current), **cached}).logits[:, -1]
+
+        return next_logits
+
+    def _decode_inputs(self, example: Example) -> dict[str, torch.Tensor]:
+        """The inputs of a cached forward over the last token of `example`, on the model's device: its column of
+        every sequence input and position ids, the whole attention mask, no image inputs (the cache holds them)."""
+        full = example.inputs
+        inputs = {key: full[key][:, -1:] for key in self.adapter.sequence_keys}
+        inputs["attention_mask"] = full["attention_mask"]
+        inputs["position_ids"] = self.adapter.forward_position_ids(full)[..., -1:]
+        return {key: value.to(self.device) for key, value in inputs.items()}
+
+    def _greedy(
+        self, example: Example, next_logits: Callable[[Example, int], torch.Tensor], max_new_tokens: int
+    ) -> str | list[str]:
+        """Greedy decoding with `next_logits(sequence so far, step) -> [B, V]`: a row stops at eos or pad and is
+        padded from then on; answers are decoded without those and special tokens, stripped."""
+        stop = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        pad = torch.tensor(self.tokenizer.pad_token_id)
         generated = torch.empty(len(example), 0, dtype=torch.long)
         done = torch.zeros(len(example), dtype=torch.bool)
         current = example
         for step in range(max_new_tokens):
-
-            def readout(ctx: Context, step=step) -> torch.Tensor:
-                logits = ctx.logits()
-                return logits[torch.arange(len(last)), (last + step).to(logits.device)].argmax(-1)
-
-            token = self.run(current, interventions, readout).cpu()
-            token = torch.where(done, torch.tensor(self.tokenizer.pad_token_id), token)
+            token = torch.where(done, pad, next_logits(current, step).argmax(-1).cpu())
             generated = torch.cat([generated, token[:, None]], dim=1)
             done |= torch.tensor([t in stop for t in token.tolist()])
             if done.all():

@@ -109,6 +109,17 @@ class Adapter:
         """Position ids for a left-padded batch, so padding does not shift positions (None: the model's own)."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def forward_position_ids(self, inputs: dict) -> torch.Tensor | None:
+        """The position ids `[..., B, T]` a forward over an example's `inputs` uses: `position_ids` of its
+        attention mask, or where the adapter passes none, those the model computes (None: not known — a cached
+        decode then cannot continue them, and greedy answers run uncached)."""
+        return self.position_ids(inputs["attention_mask"])
+
+    def decode_forward(self, inputs: dict):
+        """The forward of one cached decode step over `inputs` — the new tokens' columns, the whole attention
+        mask, position ids and the cache, no image inputs (the cache holds what the image did): the model's own."""
+        return self.model(**inputs)
+
     def patch_rectangles(self, image: Image.Image, inputs: dict) -> torch.Tensor:
         """`[n_image_tokens, 4]` rectangles `(x0, y0, x1, y1)` in original pixels, in image-token order.
 

@@ -63,6 +63,17 @@ class Kosmos2Adapter(Adapter):
     def position_ids(self, attention_mask: torch.Tensor) -> None:
         return None
 
+    def forward_position_ids(self, inputs: dict) -> torch.Tensor:
+        """The positions the model counts from `input_ids`: from `padding_idx + 1` at the first non-padding token,
+        padding tokens kept at `padding_idx` (so a cached decode continues each row's own count)."""
+        embed = self.model.text_model.model.embed_positions
+        return embed.create_position_ids_from_input_ids(inputs["input_ids"], embed.padding_idx)
+
+    def decode_forward(self, inputs: dict):
+        """Through the text model, as Kosmos-2's own `generate` decodes: the whole model's forward insists on image
+        inputs, which its text model drops once the cache holds the prompt."""
+        return self.model.text_model(**inputs)
+
     def patch_rectangles(self, image, inputs) -> torch.Tensor:
         raise InputError(
             "Kosmos-2's image tokens are latent queries over the whole image, not patches; boxes cannot select them"

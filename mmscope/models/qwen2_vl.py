@@ -50,6 +50,14 @@ class QwenVLAdapter(Adapter):
     def position_ids(self, attention_mask: torch.Tensor) -> None:
         return None
 
+    def forward_position_ids(self, inputs: dict) -> torch.Tensor:
+        """The model's multimodal rotary positions `[3, B, T]`, as its forward computes them from the inputs."""
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"],
+        )
+        return positions
+
     def patch_rectangles(self, image, inputs) -> torch.Tensor:
         """Rectangles of the merged blocks: the image is resized (no crop, no pad) to the patch grid."""
         _, rows, cols = inputs["image_grid_thw"][0].tolist()
