@@ -306,3 +306,19 @@ def test_a_path_is_kept_as_a_string_and_vision_steps_zero_skips_stage_one(world,
     assert (config.out, config.data) == (str(tmp_path / "out"), str(world))
     history = json.loads((train(config) / "training.json").read_text())["history"]
     assert [record.get("step") for record in history] == [1]  # no vision steps
+
+
+def test_the_generated_world_is_reused_when_it_matches_regenerated_when_cut_short_refused_otherwise(tmp_path):
+    world = tmp_path / "out-world"
+    config = dataclasses.replace(tiny_config(tmp_path / "out", world), data=None, n_scenes=10, seed=5)
+    recipe._generated_world(world, config)  # generated
+    recorded = json.loads((world / "world.json").read_text())
+    assert (recorded["seed"], recorded["n_scenes"], recorded["image_size"]) == (5, 10, 64)
+    stamp = (world / "world.json").stat().st_mtime_ns
+    recipe._generated_world(world, config)  # a rerun reuses it
+    assert (world / "world.json").stat().st_mtime_ns == stamp
+    with pytest.raises(TrainConfigError, match=r"holds a generated world of other settings \(seed: 5 there, 6 now\)"):
+        recipe._generated_world(world, dataclasses.replace(config, seed=6))
+    (world / "world.json").unlink()  # as a crash during generation leaves it
+    recipe._generated_world(world, config)
+    assert json.loads((world / "world.json").read_text())["splits"] == recorded["splits"]

@@ -667,9 +667,31 @@ def _save_resume(path: Path, state: dict) -> None:
     partial.replace(path)
 
 
+def _generated_world(world: Path, config: TrainConfig) -> None:
+    """The world `train` generates next to `out` when no `--data` is given: reused when a complete one of the
+    same settings is there (a rerun, or a resumed run), regenerated when one was cut short (world.json, written
+    last, is missing), refused when it was made with other settings."""
+    from mmscope.data.synthetic import synthesize
+
+    wanted = {"seed": config.seed, "n_scenes": config.n_scenes, "image_size": config.spec.image_size}
+    try:
+        recorded = json.loads((world / "world.json").read_text())
+    except FileNotFoundError:
+        synthesize(world, config.n_scenes, seed=config.seed, image_size=config.spec.image_size, overwrite=True)
+        return
+    except (OSError, ValueError):
+        recorded = {}
+    recorded = {key: recorded.get(key) for key in wanted} if isinstance(recorded, dict) else {}
+    if recorded != wanted:
+        different = "; ".join(f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in wanted.items()
+                              if recorded.get(key) != value)
+        raise TrainConfigError(f"{world} holds a generated world of other settings ({different}); delete it to "
+                               "generate this one, or pass it as --data to train on it")
+
+
 def train(config: TrainConfig) -> Path:
     """Train and save the model to `config.out`; returns the folder. Continues a crashed run found in it."""
-    from mmscope.data.synthetic import load_synthetic, synthesize
+    from mmscope.data.synthetic import load_synthetic
 
     config.check()
     out = Path(config.out)
@@ -678,8 +700,8 @@ def train(config: TrainConfig) -> Path:
     started = time.time()
     resumed = _load_resume(out / RESUME, config)
     world = Path(config.data) if config.data else out.parent / f"{out.name}-world"
-    if not config.data and not (resumed and (world / "world.json").exists()):
-        synthesize(world, config.n_scenes, seed=config.seed, image_size=config.spec.image_size)
+    if not config.data:
+        _generated_world(world, config)
     train_rows = load_synthetic(world, "train")
     val_rows = load_synthetic(world, "val")
     corpus = list(train_rows["question"]) + list(train_rows["answer"])
