@@ -83,7 +83,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help=f"Show an error's full traceback (also: "
                                         f"{DEBUG_VARIABLE}=1).")) -> None:
@@ -132,7 +131,7 @@ def _config_file(ctx: typer.Context, value: Path | None) -> Path | None:
         raise ConfigFileError(f"config file {str(value)!r} does not exist")
     try:
         loaded = yaml.safe_load(value.read_text())
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigFileError(f"config file {str(value)!r} is not valid YAML ({yaml_problem(error)})") from None
     loaded = {} if loaded is None else loaded
     if isinstance(loaded, dict) and isinstance(loaded.get("options"), dict):
