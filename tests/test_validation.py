@@ -244,7 +244,7 @@ API_CASES = [
     (lambda m, e: m.next_token_probs(e, [knockout().to_dict()]), "got dict"),
     (lambda m, e: m.next_token_probs(e, "image->last"), "got str"),
     (lambda m, e: m.prepare(image(), ""), "question must be a non-empty string"),
-    (lambda m, e: m.prepare(image(), "What color is the cube? " * 2000), "more than the 512 positions of shapes-llava's"),
+    (lambda m, e: m.prepare(image(), "What color is the cube? " * 100), "more than the 512 positions of shapes-llava's"),
     (lambda m, e: m.prepare(image(), "What color is the cube?", boxes=[]), "boxes is empty"),
     (lambda m, e: m.prepare(image(), "What color is the cube?", boxes=[(math.nan, 1, 2, 2)]), "nan"),
     (lambda m, e: m.prepare("picture.png", "What color is the cube?"), "picture.png"),
