@@ -50,12 +50,13 @@ def check_choice(name: str, value: str, choices) -> None:
                           f"{suggest(value, choices)}")
 
 
-def check_at_least(name: str, value: int | None, minimum: int, *, omitted: str | None = None) -> None:
-    """Refuse a number below `minimum` for option `name` (None passes: the option was omitted, which means
-    `omitted`, e.g. "all questions")."""
+def check_at_least(name: str, value: int | None, minimum: int, *, omitted: str | None = None,
+                   error: type[MMScopeError] = OptionError) -> None:
+    """Refuse a number below `minimum` for option `name` with `error` (None passes: the option was omitted,
+    which means `omitted`, e.g. "all questions")."""
     if value is not None and value < minimum:
         hint = f", or omit it for {omitted}" if omitted else ""
-        raise OptionError(f"{name} {value} ({flag_of(name)}): must be at least {minimum}{hint}")
+        raise error(f"{name} {value} ({flag_of(name)}): must be at least {minimum}{hint}")
 
 
 def model_option() -> Any:

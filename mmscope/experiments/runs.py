@@ -81,11 +81,11 @@ class RunDir:
             raise RunLockedError(f"run folder {self.folder} is being written by {self._holder()}; wait for it to "
                                  "finish, or choose another --out") from None
         try:
-            self._check_same_run()  # again, now that no other process can write it
+            differences = self._check_same_run()  # again, now that no other process can write it
             _atomic_write(self.folder / "run.lock.json", json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
             ).encode())
-            if not self.config_file.exists() or self._differences():  # new, or a start that failed: no results
+            if not self.config_file.exists() or differences:  # new, or a start that failed: no results
                 stored = {**config, "versions": library_versions()}
                 _atomic_write(self.config_file, yaml.safe_dump(stored, sort_keys=False).encode())
         except BaseException:
@@ -119,13 +119,15 @@ class RunDir:
         return [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in keys
                 if before.get(key) != now.get(key)]
 
-    def _check_same_run(self) -> None:
-        """Refuse a folder that holds results of a different run (a failed start, without results, is replaced)."""
+    def _check_same_run(self) -> list[str]:
+        """Refuse a folder that holds results of a different run; the differences from a start that failed, which
+        left no results and which this run replaces (none: the same run, or a new folder)."""
         differences = self._differences()
-        if differences and self.counts()["used"] + self.counts()["skipped"]:
+        if differences and any(self.counts().values()):
             raise RunFolderError(f"{self.folder} holds results of a different run ({'; '.join(differences)}); "
                                  "rerun with those settings to continue it, choose another --out, or delete the "
                                  "folder")
+        return differences
 
     def _holder(self) -> str:
         """Who holds the lock, as its holder recorded it."""

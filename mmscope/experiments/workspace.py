@@ -14,6 +14,7 @@ from mmscope.data.categories import check_categories
 from mmscope.data.errors import DataError, DataFileNotFoundError
 from mmscope.data.rows import check_split
 from mmscope.errors import known
+from mmscope.experiments.options import check_at_least
 from mmscope.zoo import embedded_world
 
 _QUESTION_FILES = ("_balanced_questions.json", "_all_questions.json")
@@ -37,11 +38,6 @@ def _split_files(data: Path, subfolder: str, suffixes: tuple[str, ...]) -> dict[
             for path in sorted(folder.glob(f"*{suffix}")):
                 files.setdefault(path.name.removesuffix(suffix), path)
     return files
-
-
-def _at_least_one(value: int | None, name: str, flag: str, otherwise: str = "") -> None:
-    if value is not None and value < 1:
-        raise DataError(f"{name} {value} ({flag}): must be at least 1{otherwise}")
 
 
 def _check_answered(dataset, source: Path, categories: tuple[str, ...]) -> None:
@@ -70,7 +66,7 @@ def load_questions(data: Path | None, split: str = "test", *, images: Path | Non
     Raises (all `MMScopeError`s, before anything is loaded where they can): an unknown split (with the known
     ones), a folder without images, `limit` < 1, questions without an answer, or no questions at all.
     """
-    _at_least_one(limit, "limit", "--limit", ", or omit it for all questions")
+    check_at_least("limit", limit, 1, omitted="all questions", error=DataError)
     categories = check_categories(categories)
     data = _data_folder(data)
     if (data / "world.json").exists():
@@ -112,7 +108,7 @@ def load_questions(data: Path | None, split: str = "test", *, images: Path | Non
 def probe_datasets(data: Path | None, split: str = "test", n_images: int = 300, seed: int = 0) -> dict:
     """The probing study's two datasets from one split's scene graphs: entailment pairs and object labels,
     each over the first `n_images` images."""
-    _at_least_one(n_images, "n_images", "--n-images")
+    check_at_least("n_images", n_images, 1, error=DataError)
     data = _data_folder(data)
     scene_graphs = _split_files(data, "sceneGraphs", _SCENE_GRAPH_FILES)
     if not scene_graphs:
