@@ -62,3 +62,20 @@ def examples(tiny):
     second = tiny.prepare(scene(48, 36, seed=2), "What color is this object of the cube left of the sphere?",
                           boxes=[(30, 20, 12, 10)])
     return first, second, tiny.batch([first, second])
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small synthetic world in the embedded model's geometry (scenes it never saw: a different seed), shared by
+    the experiment and validation tests."""
+    from mmscope.data import synthesize
+
+    folder = tmp_path_factory.mktemp("world")
+    synthesize(folder, 60, seed=123, image_size=64, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The shipped demo model, loaded once."""
+    return mmscope.load("shapes-llava")

@@ -157,6 +157,17 @@ def scaled_logits(family: Family, model, inputs, layer: int, positions_per_row, 
     return forward_with_hooks(family, model, inputs, hooks=[(family.layers(model)[layer], scale)])
 
 
+PLACES = ("top-left", "bottom-right", "centre")
+
+
+def placed_box(where: str, width: int, height: int, corner=(12, 9), centre=(14, 12)) -> tuple[float, ...]:
+    """An `(x, y, w, h)` box of size `corner` in the top-left or bottom-right corner of a `width` x `height` image,
+    or of size `centre` in its middle — the placements the box-to-patch tests try."""
+    if where == "centre":
+        return (width / 2 - centre[0] / 2, height / 2 - centre[1] / 2, *centre)
+    return {"top-left": (0, 0, *corner), "bottom-right": (width - corner[0], height - corner[1], *corner)}[where]
+
+
 def pixel_change(image_processor, image: Image.Image, box) -> torch.Tensor:
     """`|pixel_values(white box on black) - pixel_values(black)|` as the real image processor computes them, in
     its own output shape: where a box `(x, y, w, h)` of an `image`-sized picture lands after pad/resize/crop."""

@@ -19,7 +19,6 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-import mmscope
 from mmscope.cli import app
 from mmscope.experiments.knockout import Flow
 from mmscope.experiments.runner import example_of
@@ -27,21 +26,6 @@ from mmscope.experiments.workspace import load_questions
 from mmscope.interventions import ActivationPatch, Intervention, Knockout, Truncate, knockout_window
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """A small synthetic world in the embedded model's geometry (scenes it never saw: a different seed)."""
-    from mmscope.data import synthesize
-
-    folder = tmp_path_factory.mktemp("world")
-    synthesize(folder, 60, seed=123, image_size=64, progress=False)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def embedded():
-    return mmscope.load("shapes-llava")
 
 
 def invoke(*args: str) -> str:

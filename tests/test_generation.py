@@ -37,21 +37,6 @@ def loaded(request, tmp_path_factory) -> Loaded:
     return load_family(request.param, tmp_path_factory)
 
 
-@pytest.fixture(scope="session")
-def embedded():
-    return mmscope.load("shapes-llava")
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """A few synthetic scenes in the embedded model's geometry."""
-    from mmscope.data import synthesize
-
-    folder = tmp_path_factory.mktemp("world")
-    synthesize(folder, 12, seed=7, image_size=64, progress=False)
-    return folder
-
-
 def forbid_cached_steps(model, monkeypatch) -> None:
     def refuse():
         raise AssertionError("the cached decode ran")

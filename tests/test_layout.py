@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import scene
-from oracle import pixel_change
+from oracle import PLACES, pixel_change, placed_box
 
 import mmscope
 from mmscope.errors import InputError, InterventionError, LayoutError
@@ -59,16 +59,12 @@ def expected_object_patches(model, image, box):
 
 
 @pytest.mark.parametrize("size", [(64, 40), (40, 64)])
-@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+@pytest.mark.parametrize("where", PLACES)
 @pytest.mark.parametrize("fixture", ["tiny", "padded"])
 def test_object_patches_for_corner_and_centre_boxes_match_the_processed_pixels(request, size, where, fixture):
     model = request.getfixturevalue("tiny") if fixture == "tiny" else mmscope.load(request.getfixturevalue("padded_folder"))
     width, height = size
-    box = {
-        "top-left": (0, 0, 14, 14),
-        "bottom-right": (width - 14, height - 14, 14, 14),
-        "centre": (width / 2 - 9, height / 2 - 9, 18, 18),
-    }[where]
+    box = placed_box(where, width, height, corner=(14, 14), centre=(18, 18))
     image = scene(width, height)
     example = model.prepare(image, "Is the cube red?", boxes=[box])
     first_image = example.layout["image"][0]

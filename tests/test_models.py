@@ -15,7 +15,16 @@ import pytest
 import torch
 from conftest import scene
 from families import FAMILIES, IMAGES, QUESTIONS, Loaded, byte_tokenizer, family_params, load_family
-from oracle import knockout_logits, layer_outputs, pairs, patched_logits, pixel_change, plain_inputs
+from oracle import (
+    PLACES,
+    knockout_logits,
+    layer_outputs,
+    pairs,
+    patched_logits,
+    pixel_change,
+    placed_box,
+    plain_inputs,
+)
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 
 import mmscope
@@ -224,15 +233,11 @@ def test_llava_next_groups_follow_the_models_own_packing(llava_next, size):
 
 
 @pytest.mark.parametrize("size", [(40, 30), (30, 50), (60, 20)])
-@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+@pytest.mark.parametrize("where", PLACES)
 def test_llava_next_boxes_select_patches_in_the_base_and_high_resolution_grids(llava_next, size, where):
     model = llava_next.model
     width, height = size
-    box = {
-        "top-left": (0, 0, 12, 9),
-        "bottom-right": (width - 12, height - 9, 12, 9),
-        "centre": (width / 2 - 7, height / 2 - 6, 14, 12),
-    }[where]
+    box = placed_box(where, width, height)
     image = scene(width, height)
     layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
     change = changed_features(model, image, box)
@@ -267,15 +272,11 @@ def merged_block_change(model, image, box):
 
 
 @pytest.mark.parametrize("size", [(40, 30), (30, 50)])
-@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+@pytest.mark.parametrize("where", PLACES)
 def test_qwen_boxes_select_the_merged_blocks_they_cover(tmp_path_factory, size, where):
     model = load_family("qwen2_vl", tmp_path_factory).model  # one geometry for the three generations
     width, height = size
-    box = {
-        "top-left": (0, 0, 12, 9),
-        "bottom-right": (width - 12, height - 9, 12, 9),
-        "centre": (width / 2 - 7, height / 2 - 6, 14, 12),
-    }[where]
+    box = placed_box(where, width, height)
     image = scene(width, height)
     layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
     change = merged_block_change(model, image, box)
@@ -336,11 +337,11 @@ def test_paligemma_positions_and_teacher_forced_answers_follow_the_model(paligem
 
 
 @pytest.mark.parametrize("name", ["gemma3", "paligemma"])
-@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+@pytest.mark.parametrize("where", PLACES)
 def test_gemma_boxes_select_the_cells_of_the_squashed_grid(name, where, tmp_path_factory):
     model = load_family(name, tmp_path_factory).model
     width, height = 40, 30
-    box = {"top-left": (0, 0, 12, 9), "bottom-right": (28, 21, 12, 9), "centre": (13, 9, 14, 12)}[where]
+    box = placed_box(where, width, height)
     image = scene(width, height)
     layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
     change = pixel_change(model.processor.image_processor, image, box)
@@ -377,15 +378,11 @@ def test_idefics3_batch_of_images_with_different_tile_counts_equals_single_runs(
 
 
 @pytest.mark.parametrize("size", [(40, 30), (60, 20)])
-@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+@pytest.mark.parametrize("where", PLACES)
 def test_idefics3_boxes_select_cells_in_every_tile_and_the_global_view(tmp_path_factory, size, where):
     model = load_family("idefics3", tmp_path_factory).model  # SmolVLM's geometry is the same
     width, height = size
-    box = {
-        "top-left": (0, 0, 12, 9),
-        "bottom-right": (width - 12, height - 9, 12, 9),
-        "centre": (width / 2 - 7, height / 2 - 6, 14, 12),
-    }[where]
+    box = placed_box(where, width, height)
     image = scene(width, height)
     layout = model.prepare(image, QUESTIONS[0], boxes=[box]).layout
     change = pixel_change(model.processor.image_processor, image, box)
@@ -439,11 +436,11 @@ def test_emu3_image_tokens_are_vq_codes_with_row_newlines_from_the_models_own_to
     assert all(token.startswith("<|visual token") for token in visual), "image tokens are vocabulary entries"
 
 
-@pytest.mark.parametrize("where", ["top-left", "bottom-right", "centre"])
+@pytest.mark.parametrize("where", PLACES)
 def test_emu3_boxes_select_the_codes_of_the_cells_they_cover(emu3, where):
     model = emu3.model
     width, height = 40, 30
-    box = {"top-left": (0, 0, 12, 9), "bottom-right": (28, 21, 12, 9), "centre": (13, 9, 14, 12)}[where]
+    box = placed_box(where, width, height)
     image = scene(width, height)
     example = model.prepare(image, QUESTIONS[0], boxes=[box])
     layout = example.layout

@@ -35,20 +35,6 @@ RUN = ["--limit", "1", "--categories", "ChooseAttr"]  # a sweep of one question
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mmscope.data import synthesize
-
-    folder = tmp_path_factory.mktemp("world")
-    synthesize(folder, 30, seed=7, image_size=64, progress=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return mmscope.load("shapes-llava")
-
-
-@pytest.fixture(scope="module")
 def finished(world, tmp_path_factory):
     """A finished knockout run's folder: every refused command pointed at it must leave it as it was."""
     folder = tmp_path_factory.mktemp("runs") / "knockout"
