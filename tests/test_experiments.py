@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+import mmscope
 from mmscope.cli import app
 from mmscope.experiments.knockout import Flow
 from mmscope.experiments.runner import example_of
