@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 import mmscope
 from mmscope.experiments.engine import Variant, clean_pass, plan, run_variants
@@ -49,17 +50,66 @@ QUESTIONS = (
 FLOWS = (("image", "last"), ("question", "last"), ("last", "last"), ("image", "question"))
 
 
-def build_model(folder: Path, width: int, layers: int, device: str, dtype: str) -> mmscope.Model:
-    """A random LLaVA with LLaVA-1.5 sequence geometry and `width`-wide decoder, saved and loaded as usual."""
-    heads = min(32, max(1, width // 16))
+GEOMETRIES = {  # decoder width, heads, MLP width, vocabulary; vision tower width, layers, heads
+    "small": None,  # --width wide, width // 16 heads, MLP 11008/4096 x width, the prompts' words; a 2-layer tower
+    "7b": dict(width=4096, heads=32, intermediate=11008, vocab=32000, vision=(1024, 24, 16)),  # LLaVA-1.5-7B
+}
+
+
+def build_model(folder: Path, width: int, layers: int, device: str, dtype: str, *, heads: int | None = None,
+                intermediate: int | None = None, vocab: int | None = None,
+                vision: tuple[int, int, int] = (64, 2, 4)) -> mmscope.Model:
+    """A random LLaVA with LLaVA-1.5 sequence geometry and a `width`-wide decoder, saved and loaded as usual
+    (`vocab`: pad the prompts' words with filler words up to that many tokens)."""
+    vision_hidden, vision_layers, vision_heads = vision
     spec = TinyLlavaSpec(
-        image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=4,
-        text_hidden=width, text_layers=layers, text_heads=heads, intermediate=round(width * 11008 / 4096),
+        image_size=336, patch_size=14, vision_hidden=vision_hidden, vision_layers=vision_layers,
+        vision_heads=vision_heads, text_hidden=width, text_layers=layers,
+        text_heads=heads or min(32, max(1, width // 16)), intermediate=intermediate or round(width * 11008 / 4096),
         max_positions=2048,
     )
-    model, processor = build_llava(build_word_tokenizer(QUESTIONS), spec)
+    tokenizer = build_word_tokenizer(QUESTIONS)
+    if vocab and vocab > len(tokenizer):
+        tokenizer = build_word_tokenizer(QUESTIONS, [f"filler{i}" for i in range(vocab - len(tokenizer))])
+    model, processor = build_llava(tokenizer, spec)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))  # saved as loaded: half the disk at 7B
     save_llava(model, processor, folder)
+    del model
     return mmscope.load(folder, device=device, dtype=dtype)
+
+
+def model_from(args, folder: Path) -> mmscope.Model:
+    """The benchmark model the command line asks for (`--geometry`, `--width`, `--layers`, device, dtype)."""
+    geometry = GEOMETRIES[args.geometry] or {"width": args.width}
+    return build_model(folder, layers=args.layers, device=args.device, dtype=args.dtype, **geometry)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="small",
+                        help="7b: LLaVA-1.5-7B's decoder (width 4096, 32 heads, MLP 11008, vocabulary 32000) and "
+                             "CLIP ViT-L tower, random weights (for a GPU); small: --width")
+    parser.add_argument("--width", type=int, default=64, help="decoder hidden size (geometry small)")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers")
+    parser.add_argument("--memory-budget-mb", type=float, default=None,
+                        help="what one suffix pass may hold (default: about one batch-1 forward)")
+    parser.add_argument("--layer-overhead", type=float, default=None,
+                        help="the planner's cost of one more pass per layer, in positions (default by device)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine more threads mostly wait)")
+
+
+def random_image() -> Image.Image:
+    return Image.fromarray((torch.rand(375, 500, 3) * 255).byte().numpy())
+
+
+def forward_peak(model: mmscope.Model, example) -> float:
+    """Peak memory (MiB) of one batch-1 forward over `example`, above the level before it."""
+    with PeakMemory(model.device) as memory:
+        model.next_token_probs(example)
+    return memory.mib
 
 
 def sweep(model: mmscope.Model, k: int) -> list[Variant]:
@@ -132,10 +182,12 @@ class Measured:
     peak_mib: float = 0.0
     probs: list = field(default_factory=list)
 
-    def run(self, model, example, variants, engine: str, budget: float) -> None:
+    def run(self, model, example, variants, engine: str, budget: float | None = None,
+            overhead: float | None = None, source=None) -> None:
         with PeakMemory(model.device) as memory:
             begin, cpu = time.perf_counter(), time.process_time()
-            clean, probs = run_variants(model, example, variants, engine=engine, memory_budget_mb=budget)
+            clean, probs = run_variants(model, example, variants, engine=engine, memory_budget_mb=budget,
+                                        layer_overhead=overhead, source=source)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - begin
@@ -144,72 +196,79 @@ class Measured:
         self.probs.append(torch.cat([clean.probs[None], probs]).cpu())
 
 
-def token_layers(model, examples, variants, budget: float) -> tuple[int, int, int]:
-    """Position × layer steps of the naive loop and of the prefix engine (clean pass + suffixes + fallbacks),
-    and the number of batched forwards the prefix engine runs."""
+def token_layers(model, examples, variants, budget: float | None, overhead: float | None) -> tuple[int, int, int]:
+    """Position × layer steps of the naive loop and of the prefix engine (clean pass + suffixes from their
+    first layers + fallbacks), and the number of forwards the prefix engine runs."""
     naive = prefix = forwards = 0
     for example in examples:
         length = example.seq_len
         naive += (1 + len(variants)) * length * model.n_layers
         prefix += length * model.n_layers
-        batches = plan(model, example, clean_pass(model, example), variants, budget)
+        batches = plan(model, example, clean_pass(model, example), variants, budget, overhead)
         for batch in batches:
-            prefix += len(batch.variants) * (length - batch.start) * model.n_layers
-        forwards += 1 + sum(1 if batch.start else len(batch.variants) for batch in batches)
+            prefix += len(batch.variants) * (length - batch.start) * (model.n_layers - batch.first_layer)
+        forwards += 1 + len(batches)
     return naive, prefix, forwards
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--width", type=int, default=64, help="decoder hidden size")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers")
+    add_model_arguments(parser)
     parser.add_argument("--examples", type=int, default=3)
     parser.add_argument("--window", type=int, default=9, help="knockout window k")
-    parser.add_argument("--memory-budget-mb", type=float, default=1024)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared machine more threads mostly wait)")
     parser.add_argument("--profile", action="store_true", help="also profile the prefix engine (cProfile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as folder:
-        model = build_model(Path(folder), args.width, args.layers, args.device, args.dtype)
-    examples = [
-        model.prepare(Image.fromarray((torch.rand(375, 500, 3) * 255).byte().numpy()), QUESTIONS[i % len(QUESTIONS)])
-        for i in range(args.examples)
-    ]
+        model = model_from(args, Path(folder))
+    examples = [model.prepare(random_image(), QUESTIONS[i % len(QUESTIONS)]) for i in range(args.examples)]
     variants = sweep(model, args.window)
     lengths = sorted({example.seq_len for example in examples})
-    print(f"random LLaVA, {model.n_layers} layers x width {args.width} ({model.n_heads} heads), on {model.device} "
+    config = model.adapter.text_config
+    print(f"random LLaVA, {model.n_layers} layers x width {config.hidden_size} ({model.n_heads} heads, MLP "
+          f"{config.intermediate_size}, vocabulary {config.vocab_size}), {model.hf.dtype} on {model.device} "
           f"({torch.get_num_threads()} threads); "
           f"{len(examples)} examples of {lengths} positions ({len(examples[0].layout['image'])} image tokens), "
           f"{len(variants)} variants each ({len(FLOWS)} flows x {model.n_layers} centres, k={args.window})")
     model.next_token_probs(examples[0])  # warm-up, charged to neither engine
+    one_forward = forward_peak(model, examples[0])
 
     # The engines take turns per example, so load from other processes falls on both alike.
     prefix, naive = Measured(), Measured()
-    for example in examples:
-        prefix.run(model, example, variants, "prefix", args.memory_budget_mb)
-        naive.run(model, example, variants, "naive", args.memory_budget_mb)
-    for name, measured in (("prefix engine", prefix), ("naive loop", naive)):
-        print(f"{name + ':':15}{measured.seconds:8.2f} s wall {measured.cpu:8.2f} s CPU  "
-              f"peak memory {measured.peak_mib:8.1f} MiB")
-    naive_steps, prefix_steps, forwards = token_layers(model, examples, variants, args.memory_budget_mb)
+    for example in tqdm(examples, desc="examples", leave=False):
+        prefix.run(model, example, variants, "prefix", args.memory_budget_mb, args.layer_overhead)
+        naive.run(model, example, variants, "naive")
+    report(prefix, naive, one_forward, len(variants) * len(examples))
+    naive_steps, prefix_steps, forwards = token_layers(model, examples, variants, args.memory_budget_mb,
+                                                       args.layer_overhead)
     speedup, bound = naive.seconds / prefix.seconds, naive_steps / prefix_steps
-    max_dp = max((ours - theirs).abs().max().item() for ours, theirs in zip(prefix.probs, naive.probs, strict=True))
+    max_dp = max_difference(prefix, naive)
     print(f"token-layers: naive {naive_steps:,} in {len(examples) * (1 + len(variants))} forwards; "
           f"prefix {prefix_steps:,} in {forwards} forwards")
-    print(f"speed-up {speedup:.1f}x wall, {naive.cpu / prefix.cpu:.1f}x CPU (token-layer bound {bound:.1f}x); "
-          f"max |dp| between engines {max_dp:.2e}")
+    print(f"speed-up {speedup:.1f}x wall, {naive.cpu / prefix.cpu:.1f}x CPU (token-layer bound {bound:.1f}x, "
+          f"{speedup / bound:.0%} of it); max |dp| between engines {max_dp:.2e}")
     if args.profile:
         profiler = cProfile.Profile()
         for example in examples:
             profiler.runcall(run_variants, model, example, variants, memory_budget_mb=args.memory_budget_mb)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
     print(f"speedup {speedup:.2f} bound {bound:.2f} max_abs_dp {max_dp:.3e}")
+
+
+def report(prefix: Measured, naive: Measured, one_forward: float, n_variants: int) -> None:
+    """Each engine's time, variants per second and peak memory, against one batch-1 forward's peak."""
+    print(f"one batch-1 forward: peak memory {one_forward:8.1f} MiB")
+    for name, measured in (("prefix engine", prefix), ("naive loop", naive)):
+        print(f"{name + ':':15}{measured.seconds:8.2f} s wall {measured.cpu:8.2f} s CPU  "
+              f"{n_variants / measured.seconds:8.1f} variants/s  peak memory {measured.peak_mib:8.1f} MiB "
+              f"({measured.peak_mib / one_forward:.2f}x one forward)")
+
+
+def max_difference(prefix: Measured, naive: Measured) -> float:
+    """The largest difference in any probability between the engines (clean runs included)."""
+    return max((ours - theirs).abs().max().item() for ours, theirs in zip(prefix.probs, naive.probs, strict=True))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Inside an nnsight trace, a `Context` reads and edits the model's real intermedia
     ctx.skip(layer)                # run layer `layer` as the identity
     ctx.logits()                   # [B, T, V] the model's logits
     ctx.positions("image")         # (rows, cols) to index any [B, T, ...] site: ctx.residual(3)[ctx.positions("image")]
+    ctx.source                     # the ActivationCache of another run (clean → corrupted patching), if given
 
 Values are the live tensors of the forward pass: editing them in place changes what flows on. Sites must be
 touched in forward order within one intervention (layer 2 before layer 3; a layer's mask before its output),
@@ -20,6 +21,9 @@ an edit tried inline becomes an `Intervention` by moving its lines into `apply(c
 A sweep engine may run several variants as rows of one forward over only the positions after a cached prefix.
 It then gives each variant a context `restricted` to its rows (`Restriction`): sites are that row slice, from
 the forward's first position on; positions count from that position; mask edits change those rows only.
+
+`ActivationCache` holds the sites of one run of one example (`Model.cache`), as the source a patch reads from
+(`ctx.source`): TransformerLens' `run_with_cache` and its clean cache.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ class Sites:
 
 @dataclass
 class Restriction:
-    """One variant's share of a batched forward: its `rows` of the running batch, and `offset`, the forward's
-    first position (earlier positions come from a cache).
+    """One variant's share of a batched forward: its `rows` of the running batch (of `batch_rows` rows), and
+    `offset`, the forward's first position (earlier positions come from a cache).
 
     `masks` is shared by every variant of one forward: per layer, the batch's private copy of the attention
     mask that each variant writes its own rows into (copied once per layer, not once per variant).
@@ -75,6 +79,33 @@ class Restriction:
     rows: slice
     offset: int = 0
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    batch_rows: int | None = None  # None: more rows than `rows` (a layer skip would reach other variants)
+
+
+@dataclass
+class ActivationCache:
+    """Sites of one run of a one-row `example`: `(site, layer) -> [1, T, D]` (a site of `SITES`, "residual" being
+    the stream after the layer). Built by `Model.cache`; a patch reads it as `ctx.source`."""
+
+    example: Example
+    activations: dict[tuple[str, int], torch.Tensor]
+    probs: torch.Tensor | None = None  # [V] the run's next-token probabilities at the last prompt position
+
+    def site(self, site: str, layer: int) -> torch.Tensor:
+        """The cached `[1, T, D]` activation of `site` at `layer`."""
+        found = self.activations.get((site, layer))
+        if found is None:
+            held = sorted({name for name, _ in self.activations})
+            raise InterventionError(
+                f"the source cache holds no {site!r} activation at layer {layer}; it holds {known(held)} at "
+                f"layers {known(sorted({at for _, at in self.activations}))} — cache it with model.cache(example, "
+                f"sites=[{site!r}])"
+            )
+        return found
+
+    def positions(self, group: Group) -> torch.Tensor:
+        """Positions `[n]` of `group` in the cached example."""
+        return self.example.positions(group, 0)
 
 
 class Context:
@@ -83,8 +114,10 @@ class Context:
     Attributes: `example` (the running `Example`), `n_layers`, `n_heads`, `batch_size`, `seq_len`.
     """
 
-    def __init__(self, sites: Sites, example: Example, restriction: Restriction | None = None) -> None:
+    def __init__(self, sites: Sites, example: Example, restriction: Restriction | None = None,
+                 source: ActivationCache | None = None) -> None:
         self._sites = sites
+        self._source = source
         self.example = example
         self.n_layers = sites.n_layers
         self.n_heads = sites.n_heads
@@ -112,10 +145,25 @@ class Context:
             cols.append(found)
         return torch.cat(rows), torch.cat(cols)
 
+    @property
+    def offset(self) -> int:
+        """The forward's first position (0 but in an engine's suffix pass, whose earlier positions are cached)."""
+        return self._restriction.offset if self._restriction else 0
+
+    @property
+    def source(self) -> ActivationCache:
+        """The activations of another run this forward may read from (clean → corrupted patching)."""
+        if self._source is None:
+            raise InterventionError(
+                "this intervention reads a source run, and none was given: cache the clean run with "
+                "`cache = model.cache(clean)` and pass `source=cache`"
+            )
+        return self._source
+
     def row_positions(self, group: Group, row: int) -> torch.Tensor:
         """Positions `[n]` of `group` in batch row `row`, counted from the forward's first position."""
         found = self.example.positions(group, row)
-        offset = self._restriction.offset if self._restriction else 0
+        offset = self.offset
         if offset and len(found) and int(found.min()) < offset:
             raise InterventionError(
                 f"group {group!r} of row {row} starts at position {int(found.min())}, before this forward's first "
@@ -174,16 +222,17 @@ class Context:
             mask = self._write_rows(layer, self._received_mask(layer), mask)
         attention.inputs = (args, {**kwargs, "attention_mask": mask})
 
-    def skip(self, layer: int) -> None:
-        """Run decoder layer `layer` as the identity (its input passes on unchanged)."""
-        if self._restriction is not None:
-            rows = self._restriction.rows
+    def skip(self, layer: int, output: torch.Tensor | None = None) -> None:
+        """Run decoder layer `layer` as the identity (its input passes on unchanged), or make it return `output`."""
+        restriction = self._restriction
+        if restriction is not None and restriction.batch_rows != restriction.rows.stop - restriction.rows.start:
+            rows = restriction.rows
             raise InterventionError(
                 f"cannot skip layer {layer} for rows {rows.start}..{rows.stop - 1} only: a skipped layer skips for "
                 "the whole batch; run this intervention in a forward of its own"
             )
         envoy = self._sites.layer(layer)
-        envoy.skip(envoy.input)
+        envoy.skip(envoy.input if output is None else output)
 
     # --- restriction to rows ----------------------------------------------------------------------------------
     def _own_rows(self, value: torch.Tensor) -> torch.Tensor:

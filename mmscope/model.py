@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, DynamicCache
 
-from mmscope.context import Context, Restriction, Sites
+from mmscope.context import SITES, ActivationCache, Context, Restriction, Sites
 from mmscope.errors import InputError, InterventionError, MMScopeError, ModelLoadError, known, suggest
 from mmscope.interventions import Intervention
 from mmscope.layout import Example, check_image, collate, token_layout
@@ -268,9 +268,16 @@ class Model:
         return Example(inputs, example.layouts, example.prompts, example.padding, example.meta)
 
     # --- running ---------------------------------------------------------------------------------------------
-    def context(self, example: Example, restriction: Restriction | None = None) -> Context:
-        """The `Context` interventions and readouts see for a forward pass over `example`."""
-        return Context(self.sites, example, restriction)
+    def check_layer(self, layer: int) -> int:
+        """`layer`, or an InterventionError when the model has no such decoder layer."""
+        self.sites.layer(layer)
+        return layer
+
+    def context(self, example: Example, restriction: Restriction | None = None,
+                source: ActivationCache | None = None) -> Context:
+        """The `Context` interventions and readouts see for a forward pass over `example` (with `source`: the
+        activations of another run, which a `CachedPatch` reads)."""
+        return Context(self.sites, example, restriction, source)
 
     def trace(self, example: Example) -> Trace:
         """An nnsight trace of one forward pass over `example`, for edits written inline:
@@ -291,11 +298,13 @@ class Model:
         example: Example,
         interventions: Sequence[Intervention] = (),
         readout: Callable[[Context], object] | None = None,
+        source: ActivationCache | None = None,
     ):
         """One forward pass with `interventions` applied in order; returns `readout(ctx)` (default: logits
-        at each row's last prompt position, `[B, V]`, float32)."""
+        at each row's last prompt position, `[B, V]`, float32). `source`: another run's activations
+        (`cache`), which patches read as `ctx.source`."""
         check_interventions(interventions)
-        ctx = self.context(example)
+        ctx = self.context(example, source=source)
         readout = readout or last_logits
         applied = [(intervention, ctx) for intervention in interventions]
         return self.run_inputs(self.model_inputs(example), applied, lambda: readout(ctx))
@@ -318,10 +327,29 @@ class Model:
                 result = nnsight.save(readout())
         return result
 
-    def next_token_probs(self, example: Example, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
+    def next_token_probs(self, example: Example, interventions: Sequence[Intervention] = (),
+                         source: ActivationCache | None = None) -> torch.Tensor:
         """Softmax over the vocabulary at the last prompt position: `[V]` for one example, `[B, V]` for a batch."""
-        probs = self.run(example, interventions).softmax(-1)
+        probs = self.run(example, interventions, source=source).softmax(-1)
         return probs[0] if len(example) == 1 else probs
+
+    def cache(self, example: Example, sites: Sequence[str] = SITES, layers: Sequence[int] | None = None,
+              interventions: Sequence[Intervention] = ()) -> ActivationCache:
+        """The activations of `sites` at `layers` (default: every layer) in one forward over a one-row `example`
+        (under `interventions`): the source a `CachedPatch` reads (TransformerLens' `run_with_cache`)."""
+        if len(example) != 1:
+            raise InputError(f"cache takes one example (a batch of 1); got a batch of {len(example)}")
+        unknown = [site for site in sites if site not in SITES]
+        if unknown:
+            raise InputError(f"unknown site(s) {unknown}; known: {known(SITES)}")
+        layers = range(self.n_layers) if layers is None else sorted({self.check_layer(layer) for layer in layers})
+        pairs = [(site, layer) for layer in layers for site in ("attention", "mlp", "residual") if site in sites]
+
+        def readout(ctx: Context) -> tuple[dict, torch.Tensor]:
+            return {pair: ctx.site(*pair).clone() for pair in pairs}, last_logits(ctx)[0]
+
+        activations, logits = self.run(example, interventions, readout)
+        return ActivationCache(example, activations, logits.softmax(-1))
 
     def answer_tokens(self, example: Example, answers: str | Sequence[str]) -> list[list[int]]:
         """Token ids of each row's answer as the model would write it after the prompt."""

@@ -50,7 +50,8 @@ def test_commands_are_listed_in_their_order():
                                                       "--engine": "prefix"}),
     ("lens", ["--lens"], {"--limit": 20, "--lens": "raw"}),
     ("truncate", ["--engine"], {"--limit": 20, "--engine": "prefix"}),
-    ("patch", ["--site", "--group"], {"--limit": 10, "--site": "residual", "--group": None}),
+    ("patch", ["--site", "--group", "--engine"], {"--limit": 10, "--site": "residual", "--group": None,
+                                                  "--engine": "prefix"}),
 ])
 def test_sweep_commands_take_the_shared_options_around_their_own(command, own, defaults):
     options = options_of(command)

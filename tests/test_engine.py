@@ -13,12 +13,23 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import scene
+from PIL import ImageOps
 
 import mmscope
 from mmscope.errors import InputError, InterventionError
 from mmscope.experiments.engine import ENGINES, Variant, clean_pass, plan, run_variants
 from mmscope.experiments.shared_prefix import SharedPrefixCache
-from mmscope.interventions import ActivationPatch, Context, Intervention, Knockout, SkipLayers, knockout_window
+from mmscope.interventions import (
+    SITES,
+    ActivationPatch,
+    CachedPatch,
+    Context,
+    Intervention,
+    Knockout,
+    SkipLayers,
+    Truncate,
+    knockout_window,
+)
 
 TOLERANCE = 1e-6
 AFTER_PREFIX = (("image", "last"), ("question", "last"), ("last", "last"), ("image", "question"),
@@ -55,12 +66,15 @@ def starts(model, example, variants, budget=1024) -> dict[tuple, int]:
     return {variants[index].key: batch.start for batch in batches for index in batch.variants}
 
 
+@pytest.mark.parametrize("overhead", [0, None])
 @pytest.mark.parametrize("which", ["short", "long", "left-padded"])
-def test_knockouts_after_the_prefix_run_as_suffix_passes_and_equal_the_naive_loop(tiny, examples, which):
+def test_knockouts_after_the_prefix_run_as_suffix_passes_and_equal_the_naive_loop(tiny, examples, which, overhead):
+    """With no cost per pass (overhead 0) every row starts at its window's first layer; by default the planner
+    groups them (on this 4-layer model, mostly from layer 0)."""
     short, long, batch = examples
     example = {"short": short, "long": long, "left-padded": batch.select([0])}[which]
     variants = sweep(tiny, AFTER_PREFIX)
-    clean, probs, naive_clean, naive = both_engines(tiny, example, variants)
+    clean, probs, naive_clean, naive = both_engines(tiny, example, variants, layer_overhead=overhead)
     assert torch.allclose(clean.probs, naive_clean.probs, atol=TOLERANCE, rtol=0)
     assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
     assert (naive - naive_clean.probs).abs().amax(-1).min() > 1e-6, "every knockout must change the output"
@@ -75,13 +89,46 @@ def test_a_sweep_raises_no_deprecation_warning_from_transformers(tiny, examples)
         run_variants(tiny, examples[0], sweep(tiny, AFTER_PREFIX[:1]))
 
 
-def test_knockouts_reaching_into_the_prefix_fall_back_to_full_forwards_and_equal_the_naive_loop(tiny, examples):
+def test_knockouts_into_the_image_start_inside_it_at_their_first_target_and_layer(tiny, examples):
+    """LLaVA's decoder takes the image in its input embeddings and attends causally: a suffix may start at any
+    position, so a knockout whose targets are image or object patches starts at its first target."""
     example = examples[1]
     variants = sweep(tiny, INTO_PREFIX + AFTER_PREFIX[:2])
-    _, probs, _, naive = both_engines(tiny, example, variants)
+    _, probs, _, naive = both_engines(tiny, example, variants, layer_overhead=0)
     assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
-    for (flow, _), start in starts(tiny, example, variants).items():
-        assert (start == 0) == (flow.split("->")[1] in ("image", "object")), flow
+    for batch in plan(tiny, example, clean_pass(tiny, example), variants, layer_overhead=0):
+        for index in batch.variants:
+            knockout = variants[index].interventions[0]
+            assert batch.start == int(example.positions(knockout.target, 0).min()), variants[index].key
+            assert batch.first_layer == min(knockout.layers), variants[index].key
+
+
+def test_the_planner_weighs_layers_a_row_did_not_need_against_one_more_pass(tiny, examples):
+    """With no cost per pass every row runs from its own first layer; with a prohibitive one, all rows of a start
+    share one pass from the earliest. Both give the naive loop's probabilities."""
+    example = examples[0]
+    variants = sweep(tiny, AFTER_PREFIX[:2], k=1)  # one layer each: first layers 0, 1, 2, 3
+    clean = clean_pass(tiny, example)
+    free = plan(tiny, example, clean, variants, layer_overhead=0)
+    costly = plan(tiny, example, clean, variants, layer_overhead=1e9)
+    assert sorted(batch.first_layer for batch in free) == [0, 1, 2, 3]
+    assert [(batch.first_layer, len(batch.variants)) for batch in costly] == [(0, len(variants))]
+    naive = run_variants(tiny, example, variants, engine="naive")[1]
+    for overhead in (0, 1e9):
+        probs = run_variants(tiny, example, variants, layer_overhead=overhead)[1]
+        assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+
+
+def test_early_exits_and_skipped_layers_start_from_the_cached_stream_and_equal_the_naive_loop(tiny, examples):
+    example = examples[0]
+    variants = [Variant(("exit", layer), (Truncate(layer),)) for layer in range(tiny.n_layers)]
+    variants += [Variant(("skip", 2), (SkipLayers((2,)),)), Variant(("skip", 1, 3), (SkipLayers((1, 3)),))]
+    _, probs, naive_clean, naive = both_engines(tiny, example, variants)
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    assert (naive[:-3] - naive_clean.probs).abs().amax(-1).min() > 1e-6
+    batches = plan(tiny, example, clean_pass(tiny, example), variants)
+    assert sorted(len(batch.variants) for batch in batches) == [1] * len(variants)
+    assert sorted(batch.first_layer for batch in batches) == [1, 1, 2, 2, 3, 4]  # exiting after the last: clean
 
 
 def test_head_subsets_equal_the_naive_loop(tiny, examples):
@@ -210,11 +257,30 @@ def test_other_families_equal_the_naive_loop_and_share_the_prefix_only_where_att
     variants = sweep(model, AFTER_PREFIX[:4], centers=(1, 2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, probs, _, naive = both_engines(model, example, variants)
+        _, probs, _, naive = both_engines(model, example, variants, layer_overhead=0)
         suffix_starts = starts(model, example, variants).values()
     assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
     assert any(suffix_starts) == shared
     assert any("prefix engine" in str(warning.message) for warning in caught) == (family == "gemma3")
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl", "idefics3", "paligemma", "gemma3"])
+def test_other_families_patch_from_a_clean_cache_as_the_naive_loop_does(family, tmp_path_factory):
+    """The same question about an inverted image; residual and attention patches of every group at every layer
+    (Qwen3's deepstack and PaliGemma's prefix keep image positions out of suffix passes)."""
+    from families import IMAGES, QUESTIONS, load_family
+
+    model = load_family(family, tmp_path_factory).model
+    clean = model.prepare(scene(*IMAGES[1], seed=2), QUESTIONS[1])
+    corrupted = model.prepare(ImageOps.invert(scene(*IMAGES[1], seed=2)), QUESTIONS[1])
+    variants = patches(model, "residual", ("image", "question", "last")) + patches(model, "attention", ("image",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Gemma3's full-forward warning
+        run, probs = run_variants(model, corrupted, variants, source=clean, layer_overhead=0)
+        naive_run, naive = run_variants(model, corrupted, variants, source=clean, engine="naive")
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(run.source.probs, naive_run.source.probs, atol=TOLERANCE, rtol=0)
+    assert (naive - naive_run.probs).abs().amax(-1).max() > 10 * TOLERANCE
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
@@ -232,3 +298,74 @@ def test_in_half_precision_the_prefix_engine_equals_the_naive_loop_within_that_p
     assert (probs - naive).abs().max() <= tolerance
     assert (clean.probs - naive_clean.probs).abs().max() <= tolerance
     assert (naive - naive_clean.probs).abs().amax(-1).max() > 0.5, "the knockouts must still matter"
+
+
+PATCH_GROUPS = ("image", "object", "question", "last")
+
+
+def patch_pair(model, question="Is the cube red or blue?", box=(5, 5, 10, 8)):
+    """One question asked of two images of the same size (clean, corrupted; every pixel differs): the same
+    positions in both."""
+    clean, corrupted = scene(seed=1), ImageOps.invert(scene(seed=1))
+    return model.prepare(clean, question, boxes=[box]), model.prepare(corrupted, question, boxes=[box])
+
+
+def patches(model, site, groups=PATCH_GROUPS) -> list[Variant]:
+    return [Variant((group, layer), (CachedPatch(site, (layer,), group),))
+            for group in groups for layer in range(model.n_layers)]
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_patches_from_a_clean_cache_equal_the_naive_loop_and_row_to_row_patching(tiny, site):
+    """Three computations of every (group, layer) patch: the engine, the naive loop (a cached clean run, one full
+    forward per patch) and, independently of any cache, ActivationPatch in a [clean, corrupted] batch."""
+    clean, corrupted = patch_pair(tiny)
+    variants = patches(tiny, site)
+    run, probs = run_variants(tiny, corrupted, variants, source=clean)
+    naive_run, naive = run_variants(tiny, corrupted, variants, source=clean, engine="naive")
+    assert torch.allclose(probs, naive, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(run.source.probs, tiny.next_token_probs(clean), atol=TOLERANCE, rtol=0)
+    assert torch.allclose(run.probs, naive_run.probs, atol=TOLERANCE, rtol=0)
+    pair = tiny.batch([clean, corrupted])
+    for variant, patched in zip(variants, probs, strict=True):
+        (patch,) = variant.interventions
+        row_to_row = tiny.next_token_probs(pair, [ActivationPatch(site, patch.layers, patch.positions)])[1]
+        assert torch.allclose(patched, row_to_row, atol=TOLERANCE, rtol=0), variant.key
+    assert (naive - run.probs).abs().amax(-1).max() > 10 * TOLERANCE, "the patches must matter"
+    if site == "residual":  # the last position's final stream patched: the clean run's answer, exactly
+        assert torch.allclose(probs[variants.index(variants[-1])], run.source.probs, atol=TOLERANCE, rtol=0)
+
+
+def test_a_residual_patch_of_the_whole_image_starts_after_it_on_the_clean_runs_keys(tiny):
+    """Patching every image position's stream leaves the image carrying the clean run's values from that layer
+    on (the text before it being the same): those rows start after the image, reading the clean run's cache in
+    later layers. An object patch covers only some image positions and starts at its first one."""
+    clean, corrupted = patch_pair(tiny)
+    variants = patches(tiny, "residual")
+    run = clean_pass(tiny, corrupted)
+    run.source = clean_pass(tiny, clean)
+    image_end = max(corrupted.layout["image"]) + 1
+    for batch in plan(tiny, corrupted, run, variants, layer_overhead=0):
+        for row, index in enumerate(batch.variants):
+            group, layer = variants[index].key
+            if group == "image":
+                assert (batch.start, batch.from_source, batch.omitted[row]) == (image_end, True, 0)
+                assert batch.first_layers[row] == layer + 1
+            else:
+                assert (batch.start, batch.from_source) == (int(corrupted.positions(group, 0).min()), False)
+                assert batch.first_layers[row] == layer
+
+
+def test_a_cached_patch_needs_a_source_with_the_group_and_the_site(tiny):
+    clean, corrupted = patch_pair(tiny)
+    with pytest.raises(InputError, match="pass source="):
+        run_variants(tiny, corrupted, patches(tiny, "mlp", ("last",)))
+    with pytest.raises(InterventionError, match="pass `source=cache`"):
+        tiny.next_token_probs(corrupted, [CachedPatch("mlp", (1,), "last")])
+    cache = tiny.cache(clean, sites=["residual"], layers=[0, 1])
+    with pytest.raises(InterventionError, match="holds no 'mlp' activation at layer 1"):
+        tiny.next_token_probs(corrupted, [CachedPatch("mlp", (1,), "last")], source=cache)
+    longer = tiny.prepare(scene(seed=1), "Is the cube red or blue or red?", boxes=[(5, 5, 10, 8)])
+    with pytest.raises(InterventionError, match="positions in the source example but"):
+        tiny.next_token_probs(corrupted, [CachedPatch("residual", (1,), "question")], source=tiny.cache(longer))
+    assert torch.allclose(cache.site("residual", 1)[0], tiny.hidden_states(clean)[2, 0], atol=1e-6, rtol=0)

@@ -24,7 +24,7 @@ from mmscope.cli import app
 from mmscope.experiments.knockout import Flow
 from mmscope.experiments.runner import example_of
 from mmscope.experiments.workspace import load_questions
-from mmscope.interventions import ActivationPatch, Intervention, Knockout, Truncate, knockout_window
+from mmscope.interventions import ActivationPatch, CachedPatch, Intervention, Knockout, Truncate, knockout_window
 
 runner = CliRunner()
 
@@ -138,13 +138,14 @@ def test_patch_command_writes_its_heatmap_and_its_probabilities_match_the_core_a
     config = yaml.safe_load((tmp_path / "patch" / "config.yaml").read_text())
     assert config["interventions"]["parameters"] == {
         "site": "residual", "groups": ["image", "object", "question", "last"], "layers": list(range(embedded.n_layers))}
-    assert recorded_example(config, "ActivationPatch") == (["image", 0], ActivationPatch("residual", (0,), "image"))
+    assert recorded_example(config, "CachedPatch") == (["image", 0], CachedPatch("residual", (0,), "image"))
     table = pd.read_parquet(tmp_path / "patch" / "results.parquet")
     row = table[(table["group"] == "image") & (table["layer"] == 1)].iloc[0]
     dataset = load_questions(world, "test", limit=2)
     question = dataset[int(row["example"])]
     assert str(question["question_id"]) == row["question_id"]
-    # The pair as the experiment builds it: the clean example, and the same question about the corrupting image.
+    # The pair as the experiment builds it: the clean example, and the same question about the corrupting image;
+    # its probabilities computed independently of the engine and of any cache, as a [clean, corrupted] batch.
     clean = example_of(embedded, question)
     assert row["corrupting_image_id"] != row["image_id"]
     corrupting = next(other["image"] for other in dataset if str(other["image_id"]) == row["corrupting_image_id"])

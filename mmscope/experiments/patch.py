@@ -10,8 +10,9 @@ into the corrupted run, and we measure how much of the clean answer's probabilit
 removed. Examples where the corruption barely changes p (|p_clean − p_corrupted| < 0.05) are dropped from the
 ratio, as the ratio is meaningless there; their raw probabilities stay in the table.
 
-The pair is a batch of two, which the sweep engine (one example at a time) does not take: every variant runs
-as one forward of the pair.
+Every (group, layer) patch is a `CachedPatch` variant of the corrupted example, reading the clean run as its
+source: the sweep engine runs the clean and the corrupted example once each and every patch from the first
+position and layer it touches (`--engine naive`: one full forward per patch from a cached clean run).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 import pandas as pd
 
 from mmscope.data.errors import DataError
-from mmscope.experiments.engine import Variant
+from mmscope.experiments.engine import ENGINES, Variant, run_variants
 from mmscope.experiments.figures import heatmap
-from mmscope.experiments.options import QuestionOptions, check_choice, limit_option, option
+from mmscope.experiments.options import QuestionOptions, check_choice, engine_option, limit_option, option
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
-from mmscope.interventions import SITES, ActivationPatch
+from mmscope.interventions import SITES, CachedPatch
 from mmscope.model import Model
 
 PATCH_GROUPS = ("image", "object", "question", "last")
@@ -35,22 +36,24 @@ MIN_EFFECT = 0.05
 
 @dataclass(frozen=True)
 class PatchOptions(QuestionOptions):
-    """`mmscope patch`: fewer questions by default, the site patched and the token groups."""
+    """`mmscope patch`: fewer questions by default, the site patched, the token groups, the sweep engine."""
 
     limit: int | None = limit_option(10)
     site: str = option("residual", "residual, attention or mlp.")
     groups: list[str] | None = option(None, "Token groups to patch (repeatable).", flag="--group")
+    engine: str = engine_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("site", self.site, SITES)
+        check_choice("engine", self.engine, ENGINES)
         object.__setattr__(self, "groups", list(self.groups or PATCH_GROUPS))  # recorded as run, defaults included
 
 
 def patch_variants(options: PatchOptions, model: Model) -> Variants:
-    """Every token group × layer, each patching the clean row's `site` into the corrupted row."""
+    """Every token group × layer, each patching the clean run's `site` into the corrupted run."""
     layers = list(range(model.n_layers))
-    variants = tuple(Variant((group, layer), (ActivationPatch(options.site, (layer,), group),))
+    variants = tuple(Variant((group, layer), (CachedPatch(options.site, (layer,), group),))
                      for group in options.groups for layer in layers)
     return Variants({"site": options.site, "groups": list(options.groups), "layers": layers}, variants,
                     option="--group")
@@ -71,15 +74,14 @@ def patch_rows(sweep: Sweep[PatchOptions], question: Question) -> list[dict]:
     model, clean = sweep.model, question.example
     other = corrupting_row(sweep.dataset, question.index)
     corrupted = model.prepare(other["image"].convert("RGB"), question.row["question"], boxes=clean.meta[0]["boxes"])
-    pair = model.batch([clean, corrupted])
+    run, probs = run_variants(model, corrupted, question.variants, source=clean, engine=sweep.options.engine)
     token = question.answer.first_token
-    base = model.next_token_probs(pair)[:, token]
-    p_clean, p_corrupted = base[0].item(), base[1].item()
+    p_clean, p_corrupted = run.source.probs[token].item(), run.probs[token].item()
     effect = p_clean - p_corrupted
     rows = []
-    for variant in question.variants:
+    for variant, patched in zip(question.variants, probs, strict=True):
         group, layer = variant.key
-        p_patched = model.next_token_probs(pair, variant.interventions)[1, token].item()
+        p_patched = patched[token].item()
         rows.append({
             "corrupting_image_id": str(other["image_id"]), "site": sweep.options.site, "group": group,
             "layer": layer, "p_clean": p_clean, "p_corrupted": p_corrupted, "p_patched": p_patched,

@@ -2,12 +2,13 @@
 
 from mmscope.interventions.base import SITES, Context, Intervention
 from mmscope.interventions.knockout import Knockout, knockout_window
-from mmscope.interventions.patch import ActivationPatch
+from mmscope.interventions.patch import ActivationPatch, CachedPatch
 from mmscope.interventions.truncate import SkipLayers, Truncate
 
 __all__ = [
     "SITES",
     "ActivationPatch",
+    "CachedPatch",
     "Context",
     "Intervention",
     "Knockout",

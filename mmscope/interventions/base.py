@@ -11,8 +11,10 @@ nnsight then interleaves them with the forward pass, so every intervention may t
 order and edits to the same site chain (the second sees what the first wrote).
 
 A sweep engine may run several variants as rows of one forward over only the positions after a cached prefix
-(see `mmscope.context`). An intervention may declare, through `affected_from`, the first position it reads or
-changes; the engine only runs it on a suffix that starts at or before that position.
+and only the layers from some layer on (see `mmscope.context`). An intervention may declare, through
+`affected_from`, the first position it reads or changes and, through `first_layer`, the first layer; the engine
+only runs it on a suffix that starts at or before that position and that layer. `whole_batch` marks one whose
+edits reach every row of a forward (a layer skip): the engine gives it a forward of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Intervention:
     """
 
     registry: ClassVar[dict[str, type[Intervention]]] = {}
+    whole_batch: ClassVar[bool] = False  # its edits reach every row of a forward (e.g. a layer skip)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -87,6 +90,26 @@ class Intervention:
         where the claim always holds.
         """
         return 0
+
+    def first_layer(self) -> int:
+        """The first decoder layer whose sites this intervention reads or changes.
+
+        Every earlier layer computes exactly as in the run without it, so a sweep engine may take the stream
+        entering this layer from a cache and start the forward there. The default, 0, claims nothing.
+        """
+        return 0
+
+    def source_sites(self) -> frozenset[tuple[str, int]]:
+        """The `(site, layer)` activations it reads from a source run (`ctx.source`); none by default."""
+        return frozenset()
+
+    def source_prefix(self, example: Example, source: Example, agree_before: int) -> tuple[int, int] | None:
+        """`(m, layer)` where, in `example` run with this intervention, every position before m carries exactly
+        the `source` run's residual stream after `layer` and in every later layer, and nothing at or after m is
+        edited — given that the two runs' inputs agree before position `agree_before`. An engine may then run the
+        positions from m on from the layer after `layer`, with the source's keys and values before m and without
+        applying this intervention. None (the default): no such claim."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """`{"type": ClassName, field: value, ...}` with tuples as lists — JSON/YAML ready."""

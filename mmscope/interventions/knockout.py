@@ -66,3 +66,7 @@ class Knockout(Intervention):
         """The earliest target position: only targets' attention changes, and earlier positions never read them."""
         targets = [example.positions(self.target, row) for row in range(len(example))]
         return min((int(found.min()) for found in targets if len(found)), default=example.seq_len)
+
+    def first_layer(self) -> int:
+        """The first blocked layer: earlier layers compute as in the clean run."""
+        return min(self.layers)

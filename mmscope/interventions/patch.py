@@ -1,19 +1,26 @@
 """Activation patching: copy a site's activation at chosen positions from one run into another.
 
-Clean and corrupted prompts run side by side in one batch (`model.batch([clean, corrupted])`); the patch reads
-the source row's activation and writes it into the other rows at the same site, layer and token group. If the
+Two ways, the same edit. `CachedPatch` writes a cached run's activation (`ctx.source`, an `ActivationCache` of
+the clean example from `model.cache(clean)`) into the running one — TransformerLens' `generic_activation_patch
+(model, corrupted, clean_cache, ...)` shape, which the sweep engine runs as variants of the corrupted example:
+the clean run once, each patch from the first position and layer it touches. `ActivationPatch` runs clean and
+corrupted prompts side by side in one batch (`model.batch([clean, corrupted])`), reads the source row's
+activation and writes it into the other rows at the same site, layer and token group, for users who batch
+their own pairs. If the
 metric moves back toward the clean value, the patched activation carries the information the corruption took
 away (Meng et al. 2022; Heimersheim & Nanda 2024 discuss pitfalls such as choosing the metric and the
 direction — clean→corrupted "denoising" vs corrupted→clean "noising").
 
 Sites: "residual" (the stream after the layer), "attention" and "mlp" (each block's output before it is added
-to the stream). The group must have as many positions in the source row as in each target row.
+to the stream). The group must have as many positions in the source as in each row patched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import torch
 
 from mmscope.errors import InterventionError
 from mmscope.interventions.base import SITES, Context, Group, Intervention
@@ -72,3 +79,70 @@ class ActivationPatch(Intervention):
         targets = self._targets(len(example))
         touched = [example.positions(self.positions, row) for row in (self.source_row, *targets)]
         return min((int(found.min()) for found in touched if len(found)), default=example.seq_len)
+
+    def first_layer(self) -> int:
+        return min(self.layers)
+
+
+@dataclass(frozen=True)
+class CachedPatch(Intervention):
+    """Overwrite `site` at `positions` in every row with the source run's activation there (`ctx.source`).
+
+        cache = model.cache(clean)                            # every site of every layer of the clean run
+        probs = model.next_token_probs(corrupted, [CachedPatch("residual", 12, "image")], source=cache)
+
+    The group must have as many positions in the source example as in each row. In an engine's suffix pass,
+    positions before the forward's first one are left alone: the engine starts there only where they already
+    hold the source's values (`source_prefix`).
+    """
+
+    site: str
+    layers: tuple[int, ...]
+    positions: Group
+
+    def check(self) -> None:
+        if self.site not in SITES:
+            raise InterventionError(f"unknown site {self.site!r}; known: {', '.join(SITES)}")
+
+    def apply(self, ctx: Context) -> None:
+        source = ctx.source
+        from_positions = source.positions(self.positions)
+        for layer in sorted(self.layers):
+            activation = ctx.site(self.site, layer)
+            value = source.site(self.site, layer)[0, from_positions]
+            for row in range(ctx.batch_size):
+                destination = ctx.example.positions(self.positions, row)
+                if len(destination) != len(from_positions):
+                    raise InterventionError(
+                        f"group {self.positions!r} has {len(from_positions)} positions in the source example but "
+                        f"{len(destination)} in row {row}"
+                    )
+                live = destination >= ctx.offset
+                activation[row, destination[live] - ctx.offset] = value[live].to(activation.device, activation.dtype)
+
+    def affected_from(self, example: Example) -> int:
+        """The earliest patched position."""
+        touched = [example.positions(self.positions, row) for row in range(len(example))]
+        return min((int(found.min()) for found in touched if len(found)), default=example.seq_len)
+
+    def first_layer(self) -> int:
+        return min(self.layers)
+
+    def source_sites(self) -> frozenset[tuple[str, int]]:
+        return frozenset((self.site, layer) for layer in self.layers)
+
+    def source_prefix(self, example: Example, source: Example, agree_before: int) -> tuple[int, int] | None:
+        """A residual patch makes its group carry the source's stream after its first layer; positions before
+        `agree_before` carry it anyway. Every position before the first one that is neither then computes exactly
+        the source's values in later layers (attention being causal) — a claim made only when the group lies
+        wholly before that position (as every image position does, patched in an image swap)."""
+        if self.site != "residual" or len(example) != 1 or example.seq_len != source.seq_len:
+            return None
+        patched = example.positions(self.positions, 0)
+        if not torch.equal(patched, source.positions(self.positions, 0)):
+            return None
+        covered = torch.zeros(example.seq_len + 1, dtype=torch.bool)
+        covered[:agree_before] = True
+        covered[patched] = True
+        prefix = int((~covered).nonzero()[0])
+        return (prefix, min(self.layers)) if len(patched) and int(patched.max()) < prefix else None

@@ -9,6 +9,7 @@ layers the computation cannot do without.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from mmscope.interventions.base import Context, Intervention
 
@@ -18,10 +19,14 @@ class SkipLayers(Intervention):
     """Skip the decoder layers in `layers`: each passes its input on unchanged."""
 
     layers: tuple[int, ...]
+    whole_batch: ClassVar[bool] = True
 
     def apply(self, ctx: Context) -> None:
         for layer in sorted(set(self.layers)):
             ctx.skip(layer)
+
+    def first_layer(self) -> int:
+        return min(self.layers)
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,13 @@ class Truncate(Intervention):
     """Exit after decoder layer `layer`: every later layer is skipped; final norm and lm_head still apply."""
 
     layer: int
+    whole_batch: ClassVar[bool] = True
 
     def apply(self, ctx: Context) -> None:
         ctx.check_layer(self.layer)
         for later in range(self.layer + 1, ctx.n_layers):
             ctx.skip(later)
+
+    def first_layer(self) -> int:
+        """The first skipped layer: every earlier one computes as in the clean run."""
+        return self.layer + 1

@@ -46,6 +46,9 @@ class Adapter:
     image_token: str | None = None  # the prompt's image placeholder (default: the processor's image token)
     template: PromptTemplate = LLAVA_15
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask")
+    # Whether the decoder's input embeddings carry all the image information (no features are added inside the
+    # decoder), so a sweep engine may recompute image positions from them and a cached layer input.
+    image_in_input_embeddings: bool = True
 
     def __init__(self, model, processor) -> None:
         self.model = model

@@ -68,6 +68,9 @@ class GenericAdapter(Adapter):
             the tokenized text.
         rectangles: `(processor, model, image, inputs) -> [n, 4]` patch rectangles, for boxes.
         model_positions: let the model compute position ids (e.g. multimodal rotary positions).
+        image_in_input_embeddings: the decoder's input embeddings carry all the image information (nothing is
+            added inside the decoder), so the sweep engine may recompute image positions from them (default
+            False: suffix passes start only after the image).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class GenericAdapter(Adapter):
         image_inputs: Callable | None = None,
         rectangles: Callable | None = None,
         model_positions: bool = False,
+        image_in_input_embeddings: bool = False,
     ) -> None:
         super().__init__(model, processor)
         self.layers, self.final_norm, self.lm_head = layers, final_norm, lm_head
@@ -96,6 +100,7 @@ class GenericAdapter(Adapter):
         self.image_token, self.sequence_keys = image_token, tuple(sequence_keys)
         self.image_id, self.find_image, self.image_text = image_id, find_image, image_text
         self.image_inputs, self.rectangles, self.model_positions = image_inputs, rectangles, model_positions
+        self.image_in_input_embeddings = image_in_input_embeddings
 
     @functools.cached_property
     def image_token_id(self) -> int | None:

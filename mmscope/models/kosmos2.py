@@ -33,6 +33,7 @@ class Kosmos2Adapter(Adapter):
     mlp: str = "ffn"
     template: PromptTemplate = KOSMOS2_VQA
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "image_embeds_position_mask")
+    image_in_input_embeddings: bool = False  # the text model writes the image features in itself
 
     def placeholder(self) -> str:
         return ""  # the processor puts the image before the prompt

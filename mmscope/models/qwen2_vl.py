@@ -43,6 +43,11 @@ class QwenVLAdapter(Adapter):
     def placeholder(self) -> str:
         return f"<|vision_start|>{self.processor.image_token}<|vision_end|>"
 
+    @property
+    def image_in_input_embeddings(self) -> bool:
+        """False for Qwen3-VL, whose decoder adds "deepstack" visual features to image positions in early layers."""
+        return not getattr(self.model.config.vision_config, "deepstack_visual_indexes", None)
+
     @classmethod
     def load_processor(cls, source: str):
         return load_processor_without_video(source)
