@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from knockout_sweep import QUESTIONS, build_model
+from knockout_sweep import QUESTIONS, add_model_arguments, model_from
 from PIL import Image
 
 from mmscope.experiments.engine import Variant, run_variants
@@ -55,28 +55,25 @@ def authors(model, example, variants) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - started, delta_pct(clean.probs, probs, token)
 
 
-def ours(model, example, variants) -> tuple[float, torch.Tensor]:
+def ours(model, example, variants, budget=None, overhead=None) -> tuple[float, torch.Tensor]:
     """mmscope's clean answer (cached greedy decode), then the prefix engine."""
     started = time.perf_counter()
     model.generate_answer(example)  # the sweep's clean answer (its correctness filter)
-    clean, probs = run_variants(model, example, variants, engine="prefix")
+    clean, probs = run_variants(model, example, variants, engine="prefix", memory_budget_mb=budget,
+                                layer_overhead=overhead)
     token = int(clean.probs.argmax())  # the greedy answer's first token, as generate's
     return time.perf_counter() - started, delta_pct(clean.probs, probs, token)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--width", type=int, default=64, help="decoder hidden size")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers")
+    add_model_arguments(parser)
     parser.add_argument("--window", type=int, default=9, help="knockout window k")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        model = build_model(Path(folder), args.width, args.layers, args.device, args.dtype)
+        model = model_from(args, Path(folder))
     image = Image.fromarray((torch.rand(375, 500, 3) * 255).byte().numpy())
     example = model.prepare(image, QUESTIONS[0], boxes=[(120, 80, 150, 120)])
     variants = study_variants(model.n_layers, args.window)
@@ -85,7 +82,7 @@ def main() -> None:
           f"{len(variants)} variants (6 study flows x {model.n_layers} centres, k={args.window})")
     model.next_token_probs(example)  # warm-up, charged to neither
     theirs_seconds, theirs_dp = authors(model, example, variants)
-    ours_seconds, ours_dp = ours(model, example, variants)
+    ours_seconds, ours_dp = ours(model, example, variants, args.memory_budget_mb, args.layer_overhead)
     max_ddp = (theirs_dp - ours_dp).abs().max().item()
     print(f"authors' protocol: {theirs_seconds:8.2f} s   mmscope: {ours_seconds:8.2f} s   "
           f"max |Δp% difference| {max_ddp:.2e}")

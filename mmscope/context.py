@@ -80,6 +80,7 @@ class Restriction:
     offset: int = 0
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
     batch_rows: int | None = None  # None: more rows than `rows` (a layer skip would reach other variants)
+    converted: dict = field(default_factory=dict)  # the received masks as additive tensors, shared likewise
 
 
 @dataclass
@@ -128,7 +129,9 @@ class Context:
                 f"rows {restriction.rows} do not hold the {self.batch_size} row(s) of this context's example"
             )
         self._restriction = restriction
-        self._converted: dict[int, tuple[object, torch.Tensor]] = {}  # id(mask as received) -> (it, additive)
+        # id(mask as received) -> (it, additive); one conversion serves every variant of a batched forward
+        self._converted: dict[int, tuple[object, torch.Tensor]] = restriction.converted if restriction else {}
+        self._seen: tuple | None = None  # (layer, args, kwargs): the attention inputs last read
 
     # --- where things are -------------------------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
@@ -217,9 +220,11 @@ class Context:
         Call it right after `attention_mask(layer)`, before touching any later site.
         """
         attention = self._sites.attention(layer)
-        args, kwargs = attention.inputs
+        seen, self._seen = self._seen, None
+        # The inputs `attention_mask(layer)` just read are still the module's (no other edit runs in between).
+        args, kwargs = seen[1:] if seen is not None and seen[0] == layer else attention.inputs
         if self._restriction is not None:
-            mask = self._write_rows(layer, self._received_mask(layer), mask)
+            mask = self._write_rows(layer, self._additive(args, kwargs), mask)
         attention.inputs = (args, {**kwargs, "attention_mask": mask})
 
     def skip(self, layer: int, output: torch.Tensor | None = None) -> None:
@@ -241,6 +246,11 @@ class Context:
     def _received_mask(self, layer: int) -> torch.Tensor:
         """The whole batch's mask at `layer` as an additive tensor, converted once per mask object received."""
         args, kwargs = self._sites.attention(layer).inputs
+        self._seen = (layer, args, kwargs)
+        return self._additive(args, kwargs)
+
+    def _additive(self, args, kwargs) -> torch.Tensor:
+        """The mask in an attention's inputs as an additive tensor, converted once per mask object."""
         received = kwargs.get("attention_mask")
         cached = self._converted.get(id(received))
         if cached is not None and cached[0] is received:

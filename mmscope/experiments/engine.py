@@ -279,8 +279,9 @@ def suffix_pass(model: Model, example: Example, clean: CleanRun, batch: Batch,
             "use_cache": True,
         }
     masks: dict[int, torch.Tensor] = {}  # per layer, the one mask copy every row's edits write into
+    converted: dict = {}
     source = clean.source.activations if clean.source is not None else None
-    contexts = [model.context(example, Restriction(slice(row, row + 1), start, masks, rows), source)
+    contexts = [model.context(example, Restriction(slice(row, row + 1), start, masks, rows, converted), source)
                 for row in range(rows)]
     whole = model.context(example)  # unrestricted: its logits are every variant row's
     omitted = batch.omitted or (None,) * rows

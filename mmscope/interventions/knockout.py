@@ -57,9 +57,12 @@ class Knockout(Intervention):
             bad = [h for h in self.heads if not 0 <= h < ctx.n_heads]
             if bad:
                 raise InterventionError(f"heads {bad} out of range; the model has heads 0..{ctx.n_heads - 1}")
-        blocked = pair_mask(ctx.example, self.target, self.source, self.keep_self)
+        blocked = None  # the edges, built once for the queries and keys this forward's masks have
         for layer in sorted(self.layers):
             mask = ctx.attention_mask(layer)
+            if blocked is None or blocked.shape[-2:] != mask.shape[-2:]:
+                blocked = pair_mask(ctx.example, self.target, self.source, self.keep_self, *mask.shape[-2:])
+                blocked = blocked.to(mask.device)
             ctx.set_attention_mask(layer, block(mask, blocked, self.heads, ctx.n_heads, may_empty_rows=not self.keep_self))
 
     def affected_from(self, example: Example) -> int:

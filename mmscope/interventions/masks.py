@@ -10,32 +10,41 @@ from __future__ import annotations
 import torch
 
 
-def pair_mask(example, target, source, keep_self: bool = True) -> torch.Tensor:
-    """Boolean `[B, T, T]`: True at (target query, source key) pairs to block.
+def pair_mask(example, target, source, keep_self: bool = True, queries: int | None = None,
+              keys: int | None = None) -> torch.Tensor:
+    """Boolean `[B, Q, K]`: True at (target query, source key) pairs to block, for the last `queries` of the first
+    `keys` positions as queries (default: every position, `[B, T, T]`).
 
     With `keep_self` the diagonal is never blocked; without it (e.g. a last → last knockout) `block` still
     keeps the diagonal of any row that the edit would otherwise mask completely.
     """
-    size = example.seq_len
-    blocked = torch.zeros(len(example), size, size, dtype=torch.bool)
+    keys = example.seq_len if keys is None else keys
+    queries = keys if queries is None else queries
+    first = keys - queries
+    blocked = torch.zeros(len(example), queries, keys, dtype=torch.bool)
     for row in range(len(example)):
         targets, sources = example.positions(target, row), example.positions(source, row)
-        blocked[row, targets.unsqueeze(1), sources.unsqueeze(0)] = True
+        targets = targets[(targets >= first) & (targets < keys)] - first
+        blocked[row, targets.unsqueeze(1), sources[sources < keys].unsqueeze(0)] = True
     if keep_self:
-        blocked &= ~torch.eye(size, dtype=torch.bool)
+        diagonal = torch.arange(queries)
+        blocked[:, diagonal, diagonal + first] = False
     return blocked
 
 
 def block(mask: torch.Tensor, blocked: torch.Tensor, heads: tuple[int, ...] | None, n_heads: int,
           may_empty_rows: bool = True) -> torch.Tensor:
-    """A copy of additive `mask [B, h, Q, K]` with the dtype minimum where `blocked [B, T, T]` is True.
+    """A copy of additive `mask [B, h, Q, K]` with the dtype minimum where `blocked` is True: `[B, T, T]` over
+    all positions, or `[B, Q, K]` already aligned with the mask (`pair_mask(..., queries=Q, keys=K)`).
 
-    Queries of `mask` are the last Q of the T positions (Q < T when keys come from a cache); `heads` restricts
+    Queries of `mask` are the last Q of the K positions (Q < K when keys come from a cache); `heads` restricts
     the block to some heads, expanding the mask to `[B, n_heads, Q, K]`. `may_empty_rows=False` (the diagonal
     is never in `blocked`) skips the guard that restores the diagonal of rows the edit would empty.
     """
     queries, keys = mask.shape[-2], mask.shape[-1]
-    edges = blocked[:, keys - queries : keys, :keys].to(mask.device).unsqueeze(1)  # [B, 1, Q, K]
+    aligned = blocked.shape[-2:] == (queries, keys)
+    edges = blocked if aligned else blocked[:, keys - queries : keys, :keys]
+    edges = (edges if edges.device == mask.device else edges.to(mask.device)).unsqueeze(1)  # [B, 1, Q, K]
     if heads is not None:
         chosen = torch.zeros(n_heads, dtype=torch.bool, device=mask.device)
         chosen[list(heads)] = True
