@@ -236,6 +236,10 @@ def test_bad_engine_budget_and_batches_are_named(tiny, examples):
         run_variants(tiny, examples[2], [])
     with pytest.raises(InputError, match="memory_budget_mb must be positive"):
         run_variants(tiny, examples[0], [], memory_budget_mb=0)
+    with pytest.raises(InputError, match="layer_overhead must be at least 0; got -1"):
+        run_variants(tiny, examples[0], [], layer_overhead=-1)
+    with pytest.raises(InputError, match="the source is one example"):
+        run_variants(tiny, examples[0], [], source=examples[2])
     clean, probs = run_variants(tiny, examples[0], [])
     assert probs.shape == (0, len(clean.probs))
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import mmscope
 from mmscope.experiments.answers import CleanAnswer, clean_answer
+from mmscope.experiments.distributed import World
 from mmscope.experiments.engine import Variant
 from mmscope.errors import known, suggest
 from mmscope.experiments.options import OptionError, QuestionOptions, plain
@@ -232,21 +233,41 @@ class Experiment(Generic[O]):
 
 
 def run(experiment: Experiment[O], options: O, echo: Callable[[str], None] = print) -> RunDir:
-    """Execute `experiment` with `options` (steps in the module docstring); returns its run folder."""
+    """Execute `experiment` with `options` (steps in the module docstring); returns its run folder. Under a
+    launcher (torchrun, accelerate launch, srun) each rank runs its share (`mmscope.experiments.distributed`)."""
+    world = World.from_environment()
+    world.start()
+    try:
+        return _run(experiment, options, echo, world)
+    finally:
+        world.finish()
+
+
+def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], world: World) -> RunDir:
     data = experiment.data(options)
     torch.manual_seed(options.seed)
-    model = mmscope.load(options.model)
+    model = mmscope.load(options.model, device=world.device())
     work = experiment.work(model, options, data)
     folder = options.out if options.out is not None else Path("runs") / experiment.name
     config = {"experiment": {"kind": experiment.name, **plain(options)}, "options": plain(options),
               "interventions": work.interventions}
-    with RunDir(folder, config) as run_dir:
-        echo(f"{experiment.name}: {model}, {work.described} → {run_dir.folder}")
+    run_dir = world.first_on_main(lambda: RunDir(folder, config), lambda: RunDir(folder, config, hold=False))
+    with run_dir:
+        shared = f" (rank 0 of {world.size}, each rank a share)" if world.sharded else ""
+        if world.main:
+            echo(f"{experiment.name}: {model}, {work.described} → {run_dir.folder}{shared}")
         pending = [index for index in range(work.size) if not run_dir.done(index)]
-        for index in tqdm(pending, desc=experiment.desc, unit="example"):
-            rows = work.rows(index)
-            run_dir.write_part(index, rows if rows is not None else [], skipped=rows is None)
-        echo("\n".join(report(experiment, options, run_dir, work.status(run_dir))))
+        before = work.size - len(pending)
+        # One bar, on rank 0, over every rank's units: it counts the parts in the folder.
+        with tqdm(total=len(pending), desc=experiment.desc, unit="example", disable=not world.main) as bar:
+            for index in world.share(pending):
+                rows = work.rows(index)
+                run_dir.write_part(index, rows if rows is not None else [], skipped=rows is None)
+                bar.update(sum(run_dir.counts().values()) - before - bar.n if world.sharded else 1)
+            world.barrier()
+            bar.update(len(pending) - bar.n)
+        if world.main:
+            echo("\n".join(report(experiment, options, run_dir, work.status(run_dir))))
     return run_dir
 
 

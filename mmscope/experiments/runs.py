@@ -63,13 +63,21 @@ class RunLockedError(MMScopeError, RuntimeError):
 class RunDir:
     """One experiment's output folder, held (locked) from construction until `close()` or the `with` block's end.
 
+    `hold=False` opens a folder another rank of the same sharded run holds, to write parts into (nothing checked
+    or written beyond them).
+
     `config` must be plain data (YAML-serialisable); its `experiment` entry is what identifies the run."""
 
-    def __init__(self, folder: str | Path, config: dict) -> None:
+    def __init__(self, folder: str | Path, config: dict, hold: bool = True) -> None:
         self.folder = Path(folder)
         self.parts = self.folder / "parts"
         self.config = config
         self.config_file = self.folder / "config.yaml"
+        self._lock = None
+        if not hold:  # a rank of a sharded run: rank 0 checked the folder and holds it; this one writes parts
+            if not self.parts.is_dir():
+                raise RunFolderError(f"run folder {self.folder} has no parts/ folder; rank 0 should have made it")
+            return
         if self.folder.exists() and not self.folder.is_dir():
             raise RunFolderError(f"run folder {self.folder} is a file; choose another --out")
         self._check_same_run()  # before anything is written: a refused run leaves the folder as it was
@@ -94,7 +102,8 @@ class RunDir:
 
     def close(self) -> None:
         """Let other processes write the folder."""
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> RunDir:
         return self
