@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ def load(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str = "eager",
     adapter: Callable[..., Adapter] | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Model:
     """Load a VLM (`AutoModelForImageTextToText` + its processor) and wrap it with nnsight.
 
@@ -83,14 +87,24 @@ def load(
         adapter: for a family mmscope does not know, what binds the model and its processor into an adapter:
             an `Adapter` subclass, or e.g. `functools.partial(GenericAdapter, layers=..., lm_head=...)`
             (default: the registered adapter of the checkpoint's model type).
+        device_map: spread the model over several devices, as accelerate's big-model inference does: "auto"
+            (or "balanced", "sequential"), or a dict of module name → device ("cpu", a GPU index, "disk"), with
+            `max_memory` (device → limit) and `offload_folder` (for "disk"; default: a temporary folder). Every
+            intervention and the sweep engine work as on one device. Not with `device`.
     """
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ModelLoadError(
             f"attn_implementation {attn_implementation!r} is not supported: knockout edits an additive attention "
             f"mask, which {attn_implementation} does not take; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
         )
+    if device_map is not None and device is not None:
+        raise ModelLoadError(f"pass device ({device!r}) or device_map ({device_map!r}), not both")
     source = resolve(name_or_path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and device_map is None else "cpu"))
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map, "max_memory": max_memory,
+                     "offload_folder": str(offload_folder or tempfile.mkdtemp(prefix="mmscope-offload-"))}
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None and device.type == "cpu":
@@ -99,7 +113,7 @@ def load(
         _check_json_files(Path(source))
     try:
         hf_model = AutoModelForImageTextToText.from_pretrained(
-            source, attn_implementation=attn_implementation, dtype=dtype or "auto"
+            source, attn_implementation=attn_implementation, dtype=dtype or "auto", **placement
         )
         bind = adapter or adapter_for(hf_model)
         family = getattr(bind, "func", bind)  # an adapter class, or a functools.partial of one
@@ -114,7 +128,8 @@ def load(
         hint = suggest(str(name_or_path), EMBEDDED_MODELS) if not Path(source).exists() else ""
         first = str(error).strip().split("\n")[0].rstrip(".")
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}{hint}") from error
-    return Model(bind(hf_model.to(device).eval(), processor), name=str(name_or_path))
+    placed = hf_model if device_map is not None else hf_model.to(device)  # accelerate placed a mapped one
+    return Model(bind(placed.eval(), processor), name=str(name_or_path))
 
 
 def _check_json_files(folder: Path) -> None:
@@ -188,6 +203,12 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the model's device or, for a model spread over devices (`device_map`), the first
+        one its map names (offloaded parts run on the CPU; accelerate moves each layer's inputs where it runs)."""
+        mapped = getattr(self.hf, "hf_device_map", None)
+        if mapped and len(set(mapped.values())) > 1:
+            first = next(iter(mapped.values()))
+            return torch.device("cpu" if first == "disk" else f"cuda:{first}" if isinstance(first, int) else first)
         return next(self.hf.parameters()).device
 
     # --- inputs -----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from mmscope.zoo.shapes_llava.train import TrainConfig
 
 runner = CliRunner()
 QUESTIONS = ["--model", "--data", "--images", "--split", "--categories", "--limit"]
-KEEPING = ["--include-all", "--out", "--wandb", "--seed", "--config"]
+KEEPING = ["--include-all", "--out", "--wandb", "--seed", "--device-map", "--config"]
 
 
 def options_of(command: str) -> dict[str, click.Parameter]:

@@ -14,6 +14,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from mmscope.experiments.distributed import RankError, World
 
@@ -98,3 +99,41 @@ def test_the_world_is_read_from_the_launcher_environment_and_shares_units_disjoi
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name)
     assert World.from_environment() == World(0, 1, 0)
+
+
+def test_a_model_spread_over_the_cpu_and_the_disk_gives_the_one_device_results(tmp_path):
+    """accelerate's hooks under nnsight: some layers and the lm_head offloaded to disk (loaded to the CPU at each
+    forward). Knockouts through both engines and patches from a clean cache equal the unmapped model's."""
+    from PIL import Image
+
+    import mmscope
+    from mmscope.experiments.engine import Variant, run_variants
+    from mmscope.interventions import CachedPatch, Knockout
+
+    plain = mmscope.load("shapes-llava")
+    layers = {f"model.language_model.layers.{layer}": "disk" if layer % 3 == 1 else "cpu"
+              for layer in range(plain.n_layers)}
+    placement = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+                 "model.language_model.embed_tokens": "cpu", **layers, "model.language_model.norm": "cpu",
+                 "model.language_model.rotary_emb": "cpu", "lm_head": "disk"}
+    mapped = mmscope.load("shapes-llava", device_map=placement, offload_folder=tmp_path)
+    assert mapped.hf.lm_head.weight.device.type == "meta" and hasattr(mapped.hf.lm_head, "_hf_hook")
+    with pytest.raises(mmscope.errors.ModelLoadError, match="not both"):
+        mmscope.load("shapes-llava", device="cpu", device_map="auto")
+
+    def pair(model):
+        return [model.prepare(Image.new("RGB", (64, 64), colour), "What color is the cube?", boxes=[(16, 16, 32, 32)])
+                for colour in ((200, 30, 30), (30, 30, 200))]
+
+    knockouts = [Variant((flow, layer), (Knockout(*flow.split("->"), (layer, layer + 1)),))
+                 for flow in ("image->last", "image->question", "object->question") for layer in range(7)]
+    patches = [Variant((group, layer), (CachedPatch("residual", (layer,), group),))
+               for group in ("image", "object", "last") for layer in range(8)]
+    (clean, corrupted), (mapped_clean, mapped_corrupted) = pair(plain), pair(mapped)
+    for engine in ("prefix", "naive"):
+        expected = run_variants(plain, clean, knockouts, engine=engine)[1]
+        assert torch.allclose(run_variants(mapped, mapped_clean, knockouts, engine=engine)[1], expected, atol=1e-6)
+    expected = run_variants(plain, corrupted, patches, source=clean)[1]
+    assert torch.allclose(run_variants(mapped, mapped_corrupted, patches, source=mapped_clean)[1], expected, atol=1e-6)
+    assert (expected - plain.next_token_probs(corrupted)).abs().max() > 0.01, "the patches must matter"
+    assert mapped.generate_answer(mapped_clean) == plain.generate_answer(clean)

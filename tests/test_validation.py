@@ -99,6 +99,7 @@ CLI_CASES = [
     (["knockout", "--flow", "imgae->last"], "did you mean 'image'?"),
     (["patch", "--group", "foo"], "unknown token group 'foo' (--group)"),
     (["knockout", "--window", "0"], "window 0 (--window): must be at least 1"),
+    (["lens", "--device-map", "everywhere"], "device_map 'everywhere' (--device-map): use one of auto, balanced"),
     (["knockout", "--window", "15"], "window 15 (--window) blocks all 8 layers of shapes-llava at every centre"),
     (["knockout", "--limit", "0"], "limit 0 (--limit): must be at least 1, or omit it for all questions"),
     (["knockout", "--limit", "-3"], "limit -3 (--limit): must be at least 1"),

@@ -203,7 +203,7 @@ def clean_pass(model: Model, example: Example, keep: frozenset[tuple[str, int]] 
             mask = ctx.attention_mask(layer)
             if not any(mask is other for other in seen):
                 seen.append(mask)
-                reach = torch.maximum(reach, latest_key(mask))
+                reach = torch.maximum(reach, latest_key(mask).to(reach.device))  # layers may sit on other devices
             for site in order:
                 if (site, layer) in keep:
                     kept[site, layer] = ctx.site(site, layer).clone()
@@ -256,7 +256,8 @@ class LayerStart:
             ctx.skip(first - 1, self.stream(first, len(self.first_layers)))
         for layer in sorted(set(self.first_layers) - {first}):
             rows = [row for row, own in enumerate(self.first_layers) if own == layer]
-            ctx.residual(layer - 1)[rows] = self.stream(layer, len(rows))
+            residual = ctx.residual(layer - 1)
+            residual[rows] = self.stream(layer, len(rows)).to(residual.device)
 
 
 def suffix_pass(model: Model, example: Example, clean: CleanRun, batch: Batch,

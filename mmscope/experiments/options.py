@@ -14,6 +14,7 @@ back as defaults).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,29 @@ def seed_option() -> Any:
     return option(0, "Random seed.", listed_last=True)
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_option() -> Any:
+    """`--device-map`: one model over several devices (accelerate)."""
+    return option(None, f"Spread the model over devices: {', '.join(DEVICE_MAPS)}, or a JSON file of module "
+                        "name -> device (a GPU index, cpu or disk).", listed_last=True)
+
+
+def check_device_map(value: str | None) -> None:
+    """A strategy accelerate knows, or a JSON file that exists."""
+    if value is not None and value not in DEVICE_MAPS and not (value.endswith(".json") and Path(value).is_file()):
+        raise OptionError(f"device_map {value!r} (--device-map): use one of {', '.join(DEVICE_MAPS)} or the path "
+                          "of a JSON file mapping module names to devices")
+
+
+def device_map_of(value: str | None) -> str | dict | None:
+    """What `mmscope.load(device_map=...)` takes for `--device-map`."""
+    if value is None or value in DEVICE_MAPS:
+        return value
+    return json.loads(Path(value).read_text())
+
+
 def engine_option() -> Any:
     """`--engine`: how a sweep runs an example's variants (`mmscope.experiments.engine`)."""
     return option("prefix", "Sweep engine: prefix (shared prefix cache, batched) or naive.")
@@ -115,10 +139,12 @@ class QuestionOptions:
     out: Path | None = out_option()
     wandb: bool = wandb_option()
     seed: int = seed_option()
+    device_map: str | None = device_map_option()
 
     def __post_init__(self) -> None:
         """Checks what needs no data or model; an experiment's own options extend it (calling this first)."""
         check_at_least("limit", self.limit, 1, omitted="all questions")
+        check_device_map(self.device_map)
         if self.categories is not None:
             check_categories(self.categories)
 

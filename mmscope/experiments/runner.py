@@ -41,7 +41,7 @@ from mmscope.experiments.answers import CleanAnswer, clean_answer
 from mmscope.experiments.distributed import World
 from mmscope.experiments.engine import Variant
 from mmscope.errors import known, suggest
-from mmscope.experiments.options import OptionError, QuestionOptions, plain
+from mmscope.experiments.options import OptionError, QuestionOptions, device_map_of, plain
 from mmscope.experiments.runs import RunDir, summarize
 from mmscope.experiments.tracking import log_run
 from mmscope.experiments.workspace import load_questions
@@ -246,7 +246,12 @@ def run(experiment: Experiment[O], options: O, echo: Callable[[str], None] = pri
 def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], world: World) -> RunDir:
     data = experiment.data(options)
     torch.manual_seed(options.seed)
-    model = mmscope.load(options.model, device=world.device())
+    device_map = device_map_of(getattr(options, "device_map", None))
+    if device_map is not None and world.sharded:
+        raise OptionError("--device-map spreads one model over this machine's devices; it does not combine with "
+                          f"{world.size} ranks — launch one process per model")
+    placement = {"device_map": device_map} if device_map is not None else {"device": world.device()}
+    model = mmscope.load(options.model, **placement)
     work = experiment.work(model, options, data)
     folder = options.out if options.out is not None else Path("runs") / experiment.name
     config = {"experiment": {"kind": experiment.name, **plain(options)}, "options": plain(options),

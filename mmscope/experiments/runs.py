@@ -49,7 +49,7 @@ def library_versions() -> dict[str, str]:
 
 
 # Options that say where and how a run is kept, not what it computes: a rerun may change them.
-KEEPING = ("out", "wandb")
+KEEPING = ("out", "wandb", "device_map")  # settings a rerun may change: where it writes, logs and runs
 
 
 class RunFolderError(MMScopeError, ValueError):
