@@ -41,7 +41,7 @@ from mmscope.experiments.answers import CleanAnswer, clean_answer
 from mmscope.experiments.distributed import World
 from mmscope.experiments.engine import Variant
 from mmscope.errors import known, suggest
-from mmscope.experiments.options import OptionError, QuestionOptions, device_map_of, plain
+from mmscope.experiments.options import OptionError, QuestionOptions, column_mapping, device_map_of, plain
 from mmscope.experiments.runs import RunDir, summarize
 from mmscope.experiments.tracking import log_run
 from mmscope.experiments.workspace import load_questions
@@ -124,9 +124,10 @@ class Question:
 
 
 def questions(options: QuestionOptions):
-    """The questions of a per-question sweep (`--data`, `--split`, `--images`, `--categories`, `--limit`)."""
+    """The questions of a per-question sweep (`--data`, `--columns`, `--split`, `--images`, `--categories`,
+    `--limit`)."""
     return load_questions(options.data, options.split, images=options.images, categories=options.categories,
-                          limit=options.limit)
+                          limit=options.limit, columns=column_mapping(options.columns))
 
 
 def boxes_of(row: dict) -> list[tuple[float, ...]]:
