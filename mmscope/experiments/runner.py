@@ -88,8 +88,8 @@ class Variants:
         boxed = sorted(self.groups & BOX_GROUPS)
         if boxed and not any(boxes_of(row) for row in dataset.select_columns(["object_boxes"])):
             raise OptionError(f"token group {boxed[0]!r} ({self.option or 'variants'}) needs object boxes, and no "
-                              "question of the data has one (boxes come from the scene graphs: give --data a folder "
-                              "with them)")
+                              "question of the data has one (boxes come from the scene graphs, or a table's boxes "
+                              "column: give --data a folder with them, or map one with --columns boxes=COLUMN)")
 
     def record(self) -> dict[str, Any]:
         """config.yaml's record: the parameters, how many variants, and the first variant using each kind of
