@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmscope.cli import app
+from mmscope.data.errors import DataError
 from mmscope.data.table import ONE_GROUP
 from mmscope.experiments.workspace import load_questions
 
@@ -241,3 +242,15 @@ def test_a_bad_columns_option_is_refused_naming_the_flag():
     assert result.exit_code == 2
     assert "unknown column role 'questoin' (--columns): known: question_id, image, image_id, question, answer, " \
            "category, boxes; did you mean 'question'?" in " ".join(result.output.split())
+
+
+def test_categories_select_among_the_tables_own_groups(source, tmp_path):
+    table = build_jsonl(source, tmp_path)
+    columns = dict(part.split("=") for part in table.columns.split(","))
+    with pytest.warns(UserWarning):
+        chosen = load_questions(table.path, categories=["LogicalObj"], limit=2, columns=columns)
+    assert chosen["question_id"] == table.ids["LogicalObj"][:2]
+    with pytest.warns(UserWarning), pytest.raises(DataError) as error:
+        load_questions(table.path, categories=["LogicalObject"], columns=columns)
+    assert str(error.value) == ("unknown category 'LogicalObject' of the table; its categories: ChooseAttr, "
+                                "LogicalObj; did you mean 'LogicalObj'?")
