@@ -22,7 +22,7 @@ from mmscope.experiments.patch import PATCH_GROUPS, PatchOptions
 from mmscope.zoo.shapes_llava.train import TrainConfig
 
 runner = CliRunner()
-QUESTIONS = ["--model", "--data", "--images", "--split", "--categories", "--limit"]
+QUESTIONS = ["--model", "--data", "--columns", "--images", "--split", "--categories", "--limit"]
 KEEPING = ["--include-all", "--out", "--wandb", "--seed", "--device-map", "--config"]
 
 
@@ -71,7 +71,7 @@ def test_probe_evaluate_and_train_keep_their_options_and_defaults():
     assert (probe["--n-images"].default, probe["--probe"].default, probe["--probe"].name) == (300, "linear",
                                                                                               "probe_kind")
     evaluate = options_of("evaluate")
-    assert list(evaluate) == ["--model", "--data", "--split", "--limit", "--batch-size", "--blank", "--card"]
+    assert list(evaluate) == ["--model", "--data", "--columns", "--split", "--limit", "--batch-size", "--blank", "--card"]
     assert evaluate["--blank"].secondary_opts == ["--no-blank"] and evaluate["--blank"].default is True
     assert evaluate["--card"].is_flag and not evaluate["--card"].secondary_opts
     assert (evaluate["--limit"].default, evaluate["--batch-size"].default) == (None, 32)

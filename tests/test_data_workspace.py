@@ -84,8 +84,11 @@ def test_an_unknown_gqa_split_lists_the_splits_of_the_folder(tmp_path, split, hi
 def test_a_folder_without_questions_or_images_is_named(tmp_path):
     with pytest.raises(DataFileNotFoundError) as error:
         load_questions(tmp_path, "val")
-    assert clear_error(error).startswith(f"{tmp_path} is neither a synthetic world (world.json), the study's CSV "
-                                         "folder (GQA_*.csv), nor a GQA folder")
+    message = clear_error(error)
+    assert message.startswith(f"{tmp_path} is neither a synthetic world (world.json), the study's CSV folder "
+                              "(GQA_*.csv), a GQA folder")
+    assert message.endswith("nor a table of questions (a .jsonl, .csv or .parquet file, metadata.jsonl, a saved "
+                            "dataset)")
     with pytest.raises(DataFileNotFoundError, match=r"data folder '.*nowhere' does not exist"):
         load_questions(tmp_path / "nowhere")
     root = write_gqa(tmp_path / "gqa")

@@ -17,7 +17,7 @@ import pandas as pd
 import mmscope
 from mmscope.data import CATEGORIES
 from mmscope.experiments.answers import Accuracy, accuracy, greedy_answers
-from mmscope.experiments.options import Command, check_at_least, option
+from mmscope.experiments.options import Command, check_at_least, column_mapping, columns_option, option
 from mmscope.experiments.workspace import load_questions
 from mmscope.model import resolve
 from mmscope.zoo import DEFAULT_MODEL
@@ -29,7 +29,9 @@ class EvaluateOptions:
     """`mmscope evaluate`: the model, the questions, the batch size, and what else to measure or write."""
 
     model: str = option(DEFAULT_MODEL, "Embedded model name, checkpoint folder or hub id.")
-    data: Path | None = option(None, "Synthetic-world or GQA folder (default: the embedded test split).")
+    data: Path | None = option(None, "Synthetic-world or GQA folder, or a table of questions (default: the "
+                                     "embedded test split).")
+    columns: str | None = columns_option()
     split: str = option("test", "Which split of --data.")
     limit: int | None = option(None, "Evaluate at most N questions per category.")
     batch_size: int = option(32)
@@ -39,6 +41,7 @@ class EvaluateOptions:
     def __post_init__(self) -> None:
         check_at_least("limit", self.limit, 1, omitted="all questions")
         check_at_least("batch_size", self.batch_size, 1)
+        column_mapping(self.columns)
 
 
 def accuracy_table(results: dict[str, Accuracy]) -> str:
@@ -58,7 +61,8 @@ def accuracy_table(results: dict[str, Accuracy]) -> str:
 
 def evaluate(options: EvaluateOptions, echo: Callable[[str], None]) -> None:
     """Print the accuracy table; with `card`, write it into the model card too."""
-    dataset = load_questions(options.data, options.split, limit=options.limit)  # a bad --data fails before loading
+    # A bad --data fails before the model loads.
+    dataset = load_questions(options.data, options.split, limit=options.limit, columns=column_mapping(options.columns))
     model = mmscope.load(options.model)
     results = {"image": accuracy(dataset, greedy_answers(model, dataset, batch_size=options.batch_size))}
     if options.blank:

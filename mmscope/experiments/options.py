@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from mmscope.data.categories import check_categories
+from mmscope.data.table import TABLE_COLUMNS
 from mmscope.errors import MMScopeError, known, suggest
 from mmscope.zoo import DEFAULT_MODEL
 
@@ -44,10 +44,10 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_choice(name: str, value: str, choices) -> None:
-    """Refuse `value` for option `name` unless it is one of `choices`."""
+def check_choice(name: str, value: str, choices, *, flag: str | None = None) -> None:
+    """Refuse `value` for option `name` (given by `flag`, `--name` by default) unless it is one of `choices`."""
     if value not in choices:
-        raise OptionError(f"unknown {name} {value!r} ({flag_of(name)}): known: {known(choices)}"
+        raise OptionError(f"unknown {name} {value!r} ({flag or flag_of(name)}): known: {known(choices)}"
                           f"{suggest(value, choices)}")
 
 
@@ -67,8 +67,32 @@ def model_option() -> Any:
 
 def data_option() -> Any:
     """`--data`: where the questions or scene graphs come from."""
-    return option(None, "Synthetic-world folder, GQA folder, or the study's CSV folder "
+    return option(None, "Synthetic-world folder, GQA folder, or the study's CSV folder, or a table of questions: "
+                        "a JSONL/CSV/Parquet file or folder, a saved dataset, an image folder with metadata.jsonl "
                         "(default: the embedded model's held-out test split).")
+
+
+def columns_option() -> Any:
+    """`--columns`: which columns of a table of questions fill which role."""
+    return option(None, f"For a table --data: role=column pairs where its names differ, e.g. "
+                        f"question=q,answer=label (roles: {', '.join(TABLE_COLUMNS)}).")
+
+
+def column_mapping(text: str | None) -> dict[str, str]:
+    """`--columns question=q,answer=label` as {role: column}; a part that is not role=column, an unknown role or
+    a role named twice is refused, naming the flag."""
+    mapping: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        role, equals, column = (piece.strip() for piece in part.partition("="))
+        if not equals or not role or not column:
+            raise OptionError(f"columns part {part.strip()!r} (--columns) must read role=column, e.g. question=q")
+        check_choice("column role", role, TABLE_COLUMNS, flag="--columns")
+        if role in mapping:
+            raise OptionError(f"column role {role!r} is mapped twice (--columns)")
+        mapping[role] = column
+    return mapping
 
 
 def split_option() -> Any:
@@ -130,9 +154,11 @@ class QuestionOptions:
 
     model: str = model_option()
     data: Path | None = data_option()
+    columns: str | None = columns_option()
     images: Path | None = option(None, "GQA images folder, for the study's CSVs.")
     split: str = split_option()
-    categories: list[str] | None = option(None, "Categories to run (repeatable; default all six).")
+    categories: list[str] | None = option(None, "Categories to run (repeatable; default all: GQA's six, or a "
+                                                "table's own).")
     limit: int | None = limit_option(20)
     include_all: bool = option(False, "Keep questions the model answers wrongly.", flag="--include-all",
                                listed_last=True)
@@ -142,11 +168,11 @@ class QuestionOptions:
     device_map: str | None = device_map_option()
 
     def __post_init__(self) -> None:
-        """Checks what needs no data or model; an experiment's own options extend it (calling this first)."""
+        """Checks what needs no data or model; an experiment's own options extend it (calling this first).
+        `--categories` depends on the data (GQA's six, or a table's own): `load_questions` checks it."""
         check_at_least("limit", self.limit, 1, omitted="all questions")
         check_device_map(self.device_map)
-        if self.categories is not None:
-            check_categories(self.categories)
+        column_mapping(self.columns)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -41,7 +41,7 @@ from mmscope.experiments.answers import CleanAnswer, clean_answer
 from mmscope.experiments.distributed import World
 from mmscope.experiments.engine import Variant
 from mmscope.errors import known, suggest
-from mmscope.experiments.options import OptionError, QuestionOptions, device_map_of, plain
+from mmscope.experiments.options import OptionError, QuestionOptions, column_mapping, device_map_of, plain
 from mmscope.experiments.runs import RunDir, summarize
 from mmscope.experiments.tracking import log_run
 from mmscope.experiments.workspace import load_questions
@@ -88,8 +88,8 @@ class Variants:
         boxed = sorted(self.groups & BOX_GROUPS)
         if boxed and not any(boxes_of(row) for row in dataset.select_columns(["object_boxes"])):
             raise OptionError(f"token group {boxed[0]!r} ({self.option or 'variants'}) needs object boxes, and no "
-                              "question of the data has one (boxes come from the scene graphs: give --data a folder "
-                              "with them)")
+                              "question of the data has one (boxes come from the scene graphs, or a table's boxes "
+                              "column: give --data a folder with them, or map one with --columns boxes=COLUMN)")
 
     def record(self) -> dict[str, Any]:
         """config.yaml's record: the parameters, how many variants, and the first variant using each kind of
@@ -124,9 +124,10 @@ class Question:
 
 
 def questions(options: QuestionOptions):
-    """The questions of a per-question sweep (`--data`, `--split`, `--images`, `--categories`, `--limit`)."""
+    """The questions of a per-question sweep (`--data`, `--columns`, `--split`, `--images`, `--categories`,
+    `--limit`)."""
     return load_questions(options.data, options.split, images=options.images, categories=options.categories,
-                          limit=options.limit)
+                          limit=options.limit, columns=column_mapping(options.columns))
 
 
 def boxes_of(row: dict) -> list[tuple[float, ...]]:
