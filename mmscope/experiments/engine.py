@@ -340,7 +340,7 @@ def plan(model: Model, example: Example, clean: CleanRun, variants: Sequence[Var
         if first >= n_layers:
             batches.append(Batch(start, (index,), (n_layers,), from_source, (omitted,)))
         elif start == 0 or any(intervention.whole_batch for intervention in interventions):
-            batches.append(Batch(start, (index,), (first,)))  # a forward of its own
+            batches.append(Batch(start, (index,), (first,), from_source, (omitted,)))  # a forward of its own
         else:
             groups.setdefault((start, from_source), []).append((first, index, omitted))
     overhead = layer_overhead if layer_overhead is not None else LAYER_OVERHEAD.get(model.device.type,
