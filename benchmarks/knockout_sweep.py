@@ -196,18 +196,25 @@ class Measured:
         self.probs.append(torch.cat([clean.probs[None], probs]).cpu())
 
 
+def planned_steps(model, example, clean, variants, budget: float | None, overhead: float | None) -> tuple[int, int]:
+    """Position × layer steps of the engine's batches for `example` (each from its start and first layer) given
+    its clean pass, and how many batches the engine runs."""
+    batches = plan(model, example, clean, variants, budget, overhead)
+    steps = sum(len(batch.variants) * (example.seq_len - batch.start) * (model.n_layers - batch.first_layer)
+                for batch in batches)
+    return steps, len(batches)
+
+
 def token_layers(model, examples, variants, budget: float | None, overhead: float | None) -> tuple[int, int, int]:
     """Position × layer steps of the naive loop and of the prefix engine (clean pass + suffixes from their
     first layers + fallbacks), and the number of forwards the prefix engine runs."""
     naive = prefix = forwards = 0
     for example in examples:
-        length = example.seq_len
-        naive += (1 + len(variants)) * length * model.n_layers
-        prefix += length * model.n_layers
-        batches = plan(model, example, clean_pass(model, example), variants, budget, overhead)
-        for batch in batches:
-            prefix += len(batch.variants) * (length - batch.start) * (model.n_layers - batch.first_layer)
-        forwards += 1 + len(batches)
+        full = example.seq_len * model.n_layers
+        steps, batches = planned_steps(model, example, clean_pass(model, example), variants, budget, overhead)
+        naive += (1 + len(variants)) * full
+        prefix += full + steps
+        forwards += 1 + batches
     return naive, prefix, forwards
 
 
@@ -226,11 +233,7 @@ def main() -> None:
     examples = [model.prepare(random_image(), QUESTIONS[i % len(QUESTIONS)]) for i in range(args.examples)]
     variants = sweep(model, args.window)
     lengths = sorted({example.seq_len for example in examples})
-    config = model.adapter.text_config
-    print(f"random LLaVA, {model.n_layers} layers x width {config.hidden_size} ({model.n_heads} heads, MLP "
-          f"{config.intermediate_size}, vocabulary {config.vocab_size}), {model.hf.dtype} on {model.device} "
-          f"({torch.get_num_threads()} threads); "
-          f"{len(examples)} examples of {lengths} positions ({len(examples[0].layout['image'])} image tokens), "
+    print(f"{described(model)}; {len(examples)} examples of {lengths} positions ({len(examples[0].layout['image'])} image tokens), "
           f"{len(variants)} variants each ({len(FLOWS)} flows x {model.n_layers} centres, k={args.window})")
     model.next_token_probs(examples[0])  # warm-up, charged to neither engine
     one_forward = forward_peak(model, examples[0])
@@ -243,18 +246,35 @@ def main() -> None:
     report(prefix, naive, one_forward, len(variants) * len(examples))
     naive_steps, prefix_steps, forwards = token_layers(model, examples, variants, args.memory_budget_mb,
                                                        args.layer_overhead)
-    speedup, bound = naive.seconds / prefix.seconds, naive_steps / prefix_steps
-    max_dp = max_difference(prefix, naive)
-    print(f"token-layers: naive {naive_steps:,} in {len(examples) * (1 + len(variants))} forwards; "
-          f"prefix {prefix_steps:,} in {forwards} forwards")
-    print(f"speed-up {speedup:.1f}x wall, {naive.cpu / prefix.cpu:.1f}x CPU (token-layer bound {bound:.1f}x, "
-          f"{speedup / bound:.0%} of it); max |dp| between engines {max_dp:.2e}")
+    speedup, bound, max_dp = compare(prefix, naive, (naive_steps, len(examples) * (1 + len(variants))),
+                                     (prefix_steps, forwards))
     if args.profile:
         profiler = cProfile.Profile()
         for example in examples:
             profiler.runcall(run_variants, model, example, variants, memory_budget_mb=args.memory_budget_mb)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
     print(f"speedup {speedup:.2f} bound {bound:.2f} max_abs_dp {max_dp:.3e}")
+
+
+def described(model: mmscope.Model) -> str:
+    """The benchmark model in one line: depth, widths, vocabulary, dtype, device, threads."""
+    config = model.adapter.text_config
+    return (f"random LLaVA, {model.n_layers} layers x width {config.hidden_size} ({model.n_heads} heads, MLP "
+            f"{config.intermediate_size}, vocabulary {config.vocab_size}), {model.hf.dtype} on {model.device} "
+            f"({torch.get_num_threads()} threads)")
+
+
+def compare(prefix: Measured, naive: Measured, naive_work: tuple[int, int],
+            prefix_work: tuple[int, int]) -> tuple[float, float, float]:
+    """Print each engine's token-layers and forwards (`(steps, forwards)` each) and the speed-up against the
+    token-layer bound; returns the speed-up, the bound and the largest probability difference."""
+    speedup, bound = naive.seconds / prefix.seconds, naive_work[0] / prefix_work[0]
+    max_dp = max_difference(prefix, naive)
+    print(f"token-layers: naive {naive_work[0]:,} in {naive_work[1]} forwards; "
+          f"prefix {prefix_work[0]:,} in {prefix_work[1]} forwards")
+    print(f"speed-up {speedup:.1f}x wall, {naive.cpu / prefix.cpu:.1f}x CPU (token-layer bound {bound:.1f}x, "
+          f"{speedup / bound:.0%} of it); max |dp| between engines {max_dp:.2e}")
+    return speedup, bound, max_dp
 
 
 def report(prefix: Measured, naive: Measured, one_forward: float, n_variants: int) -> None:

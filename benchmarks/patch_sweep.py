@@ -21,10 +21,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-from knockout_sweep import QUESTIONS, Measured, add_model_arguments, forward_peak, max_difference, model_from, random_image, report
+from knockout_sweep import (
+    QUESTIONS,
+    Measured,
+    add_model_arguments,
+    compare,
+    described,
+    forward_peak,
+    model_from,
+    planned_steps,
+    random_image,
+    report,
+)
 from tqdm.auto import tqdm
 
-from mmscope.experiments.engine import Variant, clean_pass, plan
+from mmscope.experiments.engine import Variant, clean_pass
 from mmscope.interventions import CachedPatch
 
 GROUPS = ("image", "object", "question", "last")
@@ -42,15 +53,13 @@ def token_layers(model, pairs, variants, budget, overhead) -> tuple[int, int, in
     of the engine (two clean passes and each batch from its start and first layer), and the engine's forwards."""
     naive = prefix = forwards = 0
     for clean, corrupted in pairs:
-        length = corrupted.seq_len
-        naive += (2 + len(variants)) * length * model.n_layers
-        prefix += 2 * length * model.n_layers
+        full = corrupted.seq_len * model.n_layers
         run = clean_pass(model, corrupted)
         run.source = clean_pass(model, clean)
-        batches = plan(model, corrupted, run, variants, budget, overhead)
-        for batch in batches:
-            prefix += len(batch.variants) * (length - batch.start) * (model.n_layers - batch.first_layer)
-        forwards += 2 + len(batches)
+        steps, batches = planned_steps(model, corrupted, run, variants, budget, overhead)
+        naive += (2 + len(variants)) * full
+        prefix += 2 * full + steps
+        forwards += 2 + batches
     return naive, prefix, forwards
 
 
@@ -70,11 +79,8 @@ def main() -> None:
         question = QUESTIONS[index % len(QUESTIONS)]
         pairs.append(tuple(model.prepare(random_image(), question, boxes=[BOX]) for _ in range(2)))
     variants = sweep(model, args.site)
-    config = model.adapter.text_config
     corrupted = pairs[0][1]
-    print(f"random LLaVA, {model.n_layers} layers x width {config.hidden_size} ({model.n_heads} heads, MLP "
-          f"{config.intermediate_size}, vocabulary {config.vocab_size}), {model.hf.dtype} on {model.device} "
-          f"({torch.get_num_threads()} threads); {len(pairs)} clean/corrupted pairs of {corrupted.seq_len} positions "
+    print(f"{described(model)}; {len(pairs)} clean/corrupted pairs of {corrupted.seq_len} positions "
           f"({len(corrupted.layout['image'])} image tokens, {len(corrupted.layout['object'])} under the box), "
           f"{len(variants)} patches each ({args.site}: {len(GROUPS)} groups x {model.n_layers} layers)")
     model.next_token_probs(corrupted)  # warm-up, charged to neither engine
@@ -87,12 +93,8 @@ def main() -> None:
     report(prefix, naive, one_forward, len(variants) * len(pairs))
     naive_steps, prefix_steps, forwards = token_layers(model, pairs, variants, args.memory_budget_mb,
                                                        args.layer_overhead)
-    speedup, bound = naive.seconds / prefix.seconds, naive_steps / prefix_steps
-    max_dp = max_difference(prefix, naive)
-    print(f"token-layers: naive {naive_steps:,} in {len(pairs) * (2 + len(variants))} forwards; "
-          f"prefix {prefix_steps:,} in {forwards} forwards")
-    print(f"speed-up {speedup:.1f}x wall, {naive.cpu / prefix.cpu:.1f}x CPU (token-layer bound {bound:.1f}x, "
-          f"{speedup / bound:.0%} of it); max |dp| between engines {max_dp:.2e}")
+    speedup, _, max_dp = compare(prefix, naive, (naive_steps, len(pairs) * (2 + len(variants))),
+                                 (prefix_steps, forwards))
     print(f"patch_speedup {speedup:.2f} max_abs_dp {max_dp:.3e}")
 
 
