@@ -194,9 +194,8 @@ class Context:
 
     def site(self, site: str, layer: int) -> torch.Tensor:
         """One of `SITES` ("residual", "attention", "mlp") at `layer`, `[B, T, D]`."""
+        check_site(site)
         readers = {"residual": self.residual, "attention": self.attention_output, "mlp": self.mlp_output}
-        if site not in readers:
-            raise InterventionError(f"unknown site {site!r}; known: {known(SITES)}")
         return readers[site](layer)
 
     def logits(self) -> torch.Tensor:
@@ -271,6 +270,13 @@ class Context:
             masks[layer] = private
         private[rows] = part
         return private
+
+
+def check_site(site: str) -> str:
+    """`site`, or an InterventionError when it is not one of `SITES`."""
+    if site not in SITES:
+        raise InterventionError(f"unknown site {site!r}; known: {known(SITES)}")
+    return site
 
 
 def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:

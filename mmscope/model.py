@@ -100,7 +100,7 @@ def load(
     if device_map is not None and device is not None:
         raise ModelLoadError(f"pass device ({device!r}) or device_map ({device_map!r}), not both")
     source = resolve(name_or_path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() and device_map is None else "cpu"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # with a map: for the dtype
     placement = {}
     if device_map is not None:
         placement = {"device_map": device_map, "max_memory": max_memory,
@@ -289,11 +289,6 @@ class Model:
         return Example(inputs, example.layouts, example.prompts, example.padding, example.meta)
 
     # --- running ---------------------------------------------------------------------------------------------
-    def check_layer(self, layer: int) -> int:
-        """`layer`, or an InterventionError when the model has no such decoder layer."""
-        self.sites.layer(layer)
-        return layer
-
     def context(self, example: Example, restriction: Restriction | None = None,
                 source: ActivationCache | None = None) -> Context:
         """The `Context` interventions and readouts see for a forward pass over `example` (with `source`: the
@@ -363,7 +358,9 @@ class Model:
         unknown = [site for site in sites if site not in SITES]
         if unknown:
             raise InputError(f"unknown site(s) {unknown}; known: {known(SITES)}")
-        layers = range(self.n_layers) if layers is None else sorted({self.check_layer(layer) for layer in layers})
+        layers = range(self.n_layers) if layers is None else sorted(set(layers))
+        for layer in layers:
+            self.sites.layer(layer)  # refuses a layer the model lacks
         pairs = [(site, layer) for layer in layers for site in ("attention", "mlp", "residual") if site in sites]
 
         def readout(ctx: Context) -> tuple[dict, torch.Tensor]:

@@ -102,7 +102,6 @@ class World:
         if not self.sharded:
             return make()
         verdict: list[str | None] = [None]
-        result = None
         if self.main:
             try:
                 result = make()

@@ -24,6 +24,7 @@ import operator
 import types
 import typing
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmscope.context import SITES, Context, Group
@@ -32,7 +33,7 @@ from mmscope.errors import InterventionError, known
 if TYPE_CHECKING:
     from mmscope.layout import Example
 
-__all__ = ["SITES", "Context", "Group", "Intervention"]
+__all__ = ["SITES", "Context", "Group", "Intervention", "earliest"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,14 @@ class Intervention:
         if unknown:
             raise InterventionError(f"{name} has no field(s) {unknown}; fields: {known(sorted(names))}")
         return cls(**{key: _frozen(value) for key, value in data.items()})
+
+
+def earliest(example: Example, group: Group, rows: Iterable[int] | None = None) -> int:
+    """The first position of `group` over `rows` of `example` (default: every row); the sequence length where
+    none holds it — what an `affected_from` claims for an edit of that group."""
+    rows = range(len(example)) if rows is None else rows
+    found = [example.positions(group, row) for row in rows]
+    return min((int(positions.min()) for positions in found if len(positions)), default=example.seq_len)
 
 
 _FIELD_TYPES: dict[type, dict[str, Any]] = {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmscope.errors import InterventionError
-from mmscope.interventions.base import Context, Group, Intervention
+from mmscope.interventions.base import Context, Group, Intervention, earliest
 from mmscope.interventions.masks import block, pair_mask
 
 if TYPE_CHECKING:
@@ -67,8 +67,7 @@ class Knockout(Intervention):
 
     def affected_from(self, example: Example) -> int:
         """The earliest target position: only targets' attention changes, and earlier positions never read them."""
-        targets = [example.positions(self.target, row) for row in range(len(example))]
-        return min((int(found.min()) for found in targets if len(found)), default=example.seq_len)
+        return earliest(example, self.target)
 
     def first_layer(self) -> int:
         """The first blocked layer: earlier layers compute as in the clean run."""

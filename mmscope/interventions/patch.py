@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmscope.context import check_site
 from mmscope.errors import InterventionError
-from mmscope.interventions.base import SITES, Context, Group, Intervention
+from mmscope.interventions.base import Context, Group, Intervention, earliest
 
 if TYPE_CHECKING:
     from mmscope.layout import Example
@@ -40,8 +41,7 @@ class ActivationPatch(Intervention):
     target_rows: tuple[int, ...] | None = None
 
     def check(self) -> None:
-        if self.site not in SITES:
-            raise InterventionError(f"unknown site {self.site!r}; known: {', '.join(SITES)}")
+        check_site(self.site)
 
     def apply(self, ctx: Context) -> None:
         targets = self._targets(ctx.batch_size)
@@ -76,9 +76,7 @@ class ActivationPatch(Intervention):
 
     def affected_from(self, example: Example) -> int:
         """The earliest patched position, in the source row (read) or a target row (written)."""
-        targets = self._targets(len(example))
-        touched = [example.positions(self.positions, row) for row in (self.source_row, *targets)]
-        return min((int(found.min()) for found in touched if len(found)), default=example.seq_len)
+        return earliest(example, self.positions, (self.source_row, *self._targets(len(example))))
 
     def first_layer(self) -> int:
         return min(self.layers)
@@ -101,8 +99,7 @@ class CachedPatch(Intervention):
     positions: Group
 
     def check(self) -> None:
-        if self.site not in SITES:
-            raise InterventionError(f"unknown site {self.site!r}; known: {', '.join(SITES)}")
+        check_site(self.site)
 
     def apply(self, ctx: Context) -> None:
         source = ctx.source
@@ -122,8 +119,7 @@ class CachedPatch(Intervention):
 
     def affected_from(self, example: Example) -> int:
         """The earliest patched position."""
-        touched = [example.positions(self.positions, row) for row in range(len(example))]
-        return min((int(found.min()) for found in touched if len(found)), default=example.seq_len)
+        return earliest(example, self.positions)
 
     def first_layer(self) -> int:
         return min(self.layers)
