@@ -237,6 +237,16 @@ def test_a_missing_mapped_column_is_named_with_the_columns_present(tmp_path):
             "--columns question=COLUMN") in " ".join(result.output.split())
 
 
+def test_a_list_of_answers_is_refused_not_compared_as_text(tmp_path):
+    """VQAv2 keeps ten annotators' answers per question: read as text, none would ever match the model's."""
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "question": "Is it red?", "answer": ["yes", "yes", "no"]}) + "\n")
+    result = runner.invoke(app, ["evaluate", "--data", str(path)])
+    assert result.exit_code == 2
+    assert (f"error: the table {path}, question '0': the answer ['yes', 'yes', 'no'] is a list, not one value; map "
+            "a column of one answer per row with --columns answer=COLUMN") in " ".join(result.output.split())
+
+
 def test_a_bad_columns_option_is_refused_naming_the_flag():
     result = runner.invoke(app, ["knockout", "--columns", "question=q,questoin=text"])
     assert result.exit_code == 2

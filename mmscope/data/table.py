@@ -178,7 +178,12 @@ def boxes_value(value: object, place: str) -> list[list[float]]:
     return [[float(v) for v in box] for box in boxes]
 
 
-def _text(value: object) -> str:
+def _text(value: object, role: str, place: str) -> str:
+    """A cell as stripped text ("" for none). A list or mapping (several annotators' answers, say) is refused:
+    its text form would be compared as one answer and never match."""
+    if isinstance(value, list | tuple | dict):
+        raise MalformedFileError(f"{place}: the {role} {value!r:.60} is a {type(value).__name__}, not one value; map "
+                                 f"a column of one {role} per row with --columns {role}=COLUMN")
     return "" if value is None else str(value).strip()
 
 
@@ -208,8 +213,8 @@ def load_table(path: str | Path, split: str = "test", *, columns: Mapping[str, s
         DataFileNotFoundError: `path` does not exist or holds no table.
         DataError: an unknown split or column role, a mapped or required column the table lacks (naming the
             columns present), repeated question ids, or no usable row.
-        MalformedFileError: an unreadable table, an image column of another type, or a box that is not
-            `[x, y, w, h]`.
+        MalformedFileError: an unreadable table, an image column of another type, a box that is not
+            `[x, y, w, h]`, or a list where one value belongs (e.g. several answers to one question).
     """
     path = Path(path)
     if not path.exists():
@@ -221,16 +226,18 @@ def load_table(path: str | Path, split: str = "test", *, columns: Mapping[str, s
     text = {role: source[column] for role, column in found.items() if role != "image"}
     rows, keep, unusable = [], [], Counter()
     for index, image in enumerate(_image_cells(images)):
-        question_id = _text(text["question_id"][index]) if "question_id" in text else str(index)
-        question, answer = _text(text["question"][index]), _text(text["answer"][index]).lower()
-        category = _text(text["category"][index]) if "category" in text else None
+        row = f"{where}, row {index}"
+        question_id = _text(text["question_id"][index], "question_id", row) if "question_id" in text else str(index)
+        place = f"{where}, question {question_id!r}"
+        question = _text(text["question"][index], "question", place)
+        answer = _text(text["answer"][index], "answer", place).lower()
+        category = _text(text["category"][index], "category", place) if "category" in text else None
         reason = unusable_reason(question, answer, image, category)
         if reason is not None:
             unusable[reason] += 1
             continue
-        place = f"{where}, question {question_id!r}"
         boxes = boxes_value(text["boxes"][index], place) if "boxes" in text else []
-        image_id = (_text(text["image_id"][index]) if "image_id" in text
+        image_id = (_text(text["image_id"][index], "image_id", place) if "image_id" in text
                     else Path(image["path"]).stem if image["path"] else question_id)
         keep.append(index)
         rows.append({
