@@ -96,6 +96,9 @@ def test_the_world_is_read_from_the_launcher_environment_and_shares_units_disjoi
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(RankError, match="RANK=3 is outside WORLD_SIZE=3"):
         World.from_environment()
+    monkeypatch.setenv("RANK", "first")
+    with pytest.raises(RankError, match="RANK='first': a launcher sets these to whole numbers"):
+        World.from_environment()
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name)
     assert World.from_environment() == World(0, 1, 0)

@@ -53,10 +53,13 @@ class World:
     def from_environment(cls) -> World:
         """The rank, world size and local rank a launcher (torchrun, accelerate, srun with torchrun's variables)
         put in the environment."""
-        environ = os.environ
-        size = int(environ.get("WORLD_SIZE", "1"))
-        rank = int(environ.get("RANK", "0"))
-        local = int(environ.get("LOCAL_RANK", rank))
+        values = {name: os.environ.get(name) for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        bad = [f"{name}={value!r}" for name, value in values.items()
+               if value is not None and not value.strip().isdigit()]
+        if bad:
+            raise RankError(f"{', '.join(bad)}: a launcher sets these to whole numbers; unset them to run one process")
+        size, rank = int(values["WORLD_SIZE"] or 1), int(values["RANK"] or 0)
+        local = int(values["LOCAL_RANK"] or rank)
         if not 0 <= rank < size:
             raise RankError(f"RANK={rank} is outside WORLD_SIZE={size}")
         return cls(rank, size, local)
