@@ -22,7 +22,8 @@ from mmscope.experiments.patch import PATCH_GROUPS, PatchOptions
 from mmscope.zoo.shapes_llava.train import TrainConfig
 
 runner = CliRunner()
-QUESTIONS = ["--model", "--data", "--columns", "--images", "--split", "--categories", "--limit"]
+QUESTIONS = ["--model", "--data", "--columns", "--images", "--split", "--categories", "--limit", "--protocol",
+             "--answer-tokens", "--answer-match", "--ci"]
 KEEPING = ["--include-all", "--out", "--wandb", "--seed", "--device-map", "--config"]
 
 
@@ -46,9 +47,9 @@ def test_commands_are_listed_in_their_order():
 
 
 @pytest.mark.parametrize(("command", "own", "defaults"), [
-    ("knockout", ["--flow", "--window", "--engine"], {"--limit": 20, "--flow": None, "--window": 9,
-                                                      "--engine": "prefix"}),
-    ("lens", ["--lens"], {"--limit": 20, "--lens": "raw"}),
+    ("knockout", ["--flow", "--window", "--reference", "--engine"], {"--limit": 20, "--flow": None, "--window": None,
+                                                                     "--engine": "prefix", "--protocol": "default"}),
+    ("lens", ["--lens", "--lens-axis"], {"--limit": 20, "--lens": None, "--lens-axis": None}),
     ("truncate", ["--engine"], {"--limit": 20, "--engine": "prefix"}),
     ("patch", ["--site", "--group", "--engine"], {"--limit": 10, "--site": "residual", "--group": None,
                                                   "--engine": "prefix"}),
@@ -94,7 +95,7 @@ def test_help_shows_each_options_type_and_text():
         ("--data", "path", "Synthetic-world folder, GQA folder, or the study's CSV folder"),
         ("--limit", "int", "At most N questions per category."),
         ("--flow", "list[str]", "source->target (repeatable; default: the study's six flows)."),
-        ("--window", "int", "Window k of layers blocked around each centre layer."),
+        ("--window", "int", "Window k of layers blocked around each centre layer (default: about a third"),
         ("--engine", "str", "Sweep engine: prefix (shared prefix cache, batched) or naive."),
         ("--include-all", "bool", "Keep questions the model answers wrongly."),
         ("--config", "path", "YAML file of option values."),

@@ -1,8 +1,8 @@
 """The model's answers and when they count as correct: greedy decoding through the path every experiment uses.
 
 A question counts as answered correctly when the greedy answer, stripped, lower-cased and without a final
-full stop, equals the label — the study's filter for which questions enter a sweep, and what `mmscope
-evaluate` counts. With `blank=True` the image is replaced by a blank one of the same size: a model that really
+full stop, equals the label — the filter for which questions enter a sweep, and what `mmscope evaluate`
+counts. The study's own filter (`--answer-match lower`) keeps a final full stop, and decoded 128 tokens. With `blank=True` the image is replaced by a blank one of the same size: a model that really
 reads the image falls to chance on binary choices.
 """
 
@@ -18,9 +18,16 @@ from mmscope.layout import Example
 from mmscope.model import Model
 
 
-def normalise(answer: str) -> str:
-    """The form in which an answer is compared with its label."""
-    return answer.strip().lower().rstrip(".")
+MATCHES = ("lenient", "lower")
+
+
+def normalise(answer: str, match: str = "lenient") -> str:
+    """The form in which an answer is compared with its label: `lenient` strips, lower-cases and drops a final
+    full stop; `lower` only strips and lower-cases (the study's `answer.strip().lower()`)."""
+    if match not in MATCHES:
+        raise ValueError(f"unknown answer match {match!r}; known: {', '.join(MATCHES)}")
+    text = answer.strip().lower()
+    return text.rstrip(".") if match == "lenient" else text
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,15 @@ class CleanAnswer:
     first_token: int
 
 
-def clean_answer(model: Model, example: Example, label: str) -> CleanAnswer:
-    """The greedy answer to one example without interventions; an empty answer is scored by the label's
+def clean_answer(model: Model, example: Example, label: str, *, max_new_tokens: int | None = None,
+                 match: str | None = None) -> CleanAnswer:
+    """The greedy answer (up to `max_new_tokens`, default 8) to one example without interventions, correct when
+    it matches the label under `match` (`normalise`; default lenient); an empty answer is scored by the label's
     first token."""
-    text = model.generate_answer(example)
+    text = model.generate_answer(example, max_new_tokens=max_new_tokens or 8)
     scored = text if text.strip() else label
-    return CleanAnswer(text, normalise(text) == normalise(label), model.answer_tokens(example, scored)[0][0])
+    correct = normalise(text, match or "lenient") == normalise(label, match or "lenient")
+    return CleanAnswer(text, correct, model.answer_tokens(example, scored)[0][0])
 
 
 @dataclass(frozen=True)

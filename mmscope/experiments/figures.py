@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -10,20 +12,39 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+if TYPE_CHECKING:
+    from mmscope.experiments.references import Reference
+
 
 def curves(summary: pd.DataFrame, path: Path, *, x: str, hue: str, panel: str | None, ylabel: str,
-           title: str, zero_line: bool = False) -> Path:
-    """Plot `mean` against `x` with a `ci_low`–`ci_high` band, one line per `hue`, one panel per `panel`."""
+           title: str, zero_line: bool = False, overlay: Sequence[Reference] | None = None) -> Path:
+    """Plot `mean` against `x` with a `ci_low`–`ci_high` band, one line per `hue`, one panel per `panel`.
+
+    `overlay`: published curves, drawn dashed in the colour of the `hue` they name (black when none) on the panel
+    they name (every panel when none), at the same relative depth when they come from a model of other depth.
+    """
+    depth = int(summary[x].max()) + 1
     panels = sorted(summary[panel].unique()) if panel else [None]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(rows, columns, figsize=(max(4.2 * columns, 6.5), 3.2 * rows + 0.8), squeeze=False,
+                                sharey=True)
     for axis, name in zip(axes.flat, panels, strict=False):
         part = summary if name is None else summary[summary[panel] == name]
+        colours = {}
         for label, curve in part.groupby(hue, sort=True):
             curve = curve.sort_values(x)
-            axis.plot(curve[x], curve["mean"], label=str(label), linewidth=1.6)
+            (line,) = axis.plot(curve[x], curve["mean"], label=str(label), linewidth=1.6)
+            colours[label] = line.get_color()
             axis.fill_between(curve[x], curve["ci_low"], curve["ci_high"], alpha=0.2)
+        for reference in overlay or ():
+            if reference.category is not None and name is not None and reference.category != name:
+                continue
+            rescaled = reference.n_layers is not None and reference.n_layers != depth
+            label = reference.label + (f" ({reference.flow}" if reference.flow else " (")
+            label += f", {reference.n_layers} layers at relative depth)" if rescaled else ")"
+            axis.plot(reference.centers_for(depth), reference.mean, linestyle="--", linewidth=1.4,
+                      color=colours.get(reference.flow, "black"), label=label)
         if zero_line:
             axis.axhline(0, color="grey", linewidth=0.8)
         axis.set_title(str(name) if name is not None else title, fontsize=10)
@@ -33,9 +54,16 @@ def curves(summary: pd.DataFrame, path: Path, *, x: str, hue: str, panel: str | 
         axis.set_ylabel(ylabel)
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    legend = {}  # one legend for every panel, below them: label -> handle
+    for axis in axes.flat[: len(panels)]:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    columns_of_legend = max(1, min(len(legend), columns + 1))
+    figure.legend(list(legend.values()), list(legend), loc="lower center", ncol=columns_of_legend, fontsize=8,
+                  frameon=False)
+    legend_rows = -(-len(legend) // columns_of_legend)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, min(0.45, 0.28 * legend_rows / figure.get_figheight() + 0.02), 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

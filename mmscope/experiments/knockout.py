@@ -12,6 +12,7 @@ All variants of one example run through the sweep engine, which computes the sha
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pandas as pd
 
 from mmscope.experiments.engine import ENGINES, Variant, run_variants
 from mmscope.experiments.figures import curves
+from mmscope.experiments.references import REFERENCES, read_reference
 from mmscope.experiments.options import (
     OptionError,
     QuestionOptions,
@@ -72,7 +74,10 @@ class KnockoutOptions(QuestionOptions):
 
     flows: list[str] | None = option(None, "source->target (repeatable; default: the study's six flows).",
                                      flag="--flow")
-    window: int = option(9, "Window k of layers blocked around each centre layer.")
+    window: int | None = option(None, "Window k of layers blocked around each centre layer (default: about a "
+                                      "third of the model's depth, at most the study's 9).")
+    reference: str | None = option(None, "A published curve to draw over the run's: a CSV of centre layer and "
+                                         f"mean Δp% (see the README), or a shipped one: {', '.join(REFERENCES)}.")
     engine: str = engine_option()
 
     def __post_init__(self) -> None:
@@ -82,6 +87,23 @@ class KnockoutOptions(QuestionOptions):
             Flow.parse(flow)
         check_at_least("window", self.window, 1)
         check_choice("engine", self.engine, ENGINES)
+        if self.reference is not None:
+            read_reference(self.reference)  # a bad file fails before the model loads
+
+    def configure(self, model: Model):
+        """The protocol's knobs, and the window: when not given, `default_window` of the model's depth."""
+        options, lines = super().configure(model)
+        if options.window is None:
+            options = dataclasses.replace(options, window=default_window(model.n_layers))
+            lines = [*lines, f"window {options.window} (the default for {model.n_layers} layers: about a third of "
+                             "the depth, at most the study's 9)"]
+        return options, lines
+
+
+def default_window(n_layers: int) -> int:
+    """The default knockout window for a model of `n_layers`: the study's 9 on its 32- and 40-layer models; on a
+    shallower one a third of its depth (rounded down, at least 1), so that centres still differ."""
+    return max(1, min(9, n_layers // 3))
 
 
 def knockout_variants(options: KnockoutOptions, model: Model) -> Variants:
@@ -128,9 +150,13 @@ def knockout_rows(sweep: Sweep[KnockoutOptions], question: Question) -> list[dic
 
 
 def knockout_figure(summary: pd.DataFrame, path: Path, options: KnockoutOptions) -> Path:
-    """Mean Δp% ± 95% CI against the centre layer, one curve per flow, one panel per category."""
+    """Mean Δp% ± 95% CI against the centre layer, one curve per flow, one panel per category; with
+    `--reference`, the published curve dashed over the panels and flow it names."""
+    overlay = read_reference(options.reference) if options.reference is not None else None
+    band = "bootstrap" if options.ci == "bootstrap" else "normal"
     return curves(summary, path, x="center", hue="flow", panel="category", ylabel="Δp (%)",
-                  title=f"Attention knockout, window {options.window}", zero_line=True)
+                  title=f"Attention knockout, window {options.window} (95% CI, {band})", zero_line=True,
+                  overlay=overlay)
 
 
 def knockout_findings(table: pd.DataFrame, summary: pd.DataFrame, options: KnockoutOptions) -> list[str]:
@@ -143,7 +169,10 @@ def knockout_findings(table: pd.DataFrame, summary: pd.DataFrame, options: Knock
                for c in findings.index]
         for flow in table["flow"].unique()  # in the order the flows were asked for
     }, index=findings.index)
-    return ["", "Largest mean drop of p(answer) per category and flow (centre layer, Δp %):", merged.to_string()]
+    lines = ["", "Largest mean drop of p(answer) per category and flow (centre layer, Δp %):", merged.to_string()]
+    if options.reference is not None:
+        lines += ["", f"reference curve drawn dashed: {options.reference}"]
+    return lines
 
 
 KNOCKOUT = Experiment(

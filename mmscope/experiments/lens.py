@@ -1,9 +1,18 @@
 """Logit lens at the last position: at which layer does the answer become readable?
 
-The residual stream after each layer is projected onto the vocabulary with the unembedding (`lm_head`), with
-the final norm ("normed") or without it ("raw" — what the cross-modal information-flow study did), and the
-probability of the answer token is tracked: lower-case, its capitalised variant when the vocabulary has one,
-and for choose questions the false option. The answer appears first in lower case in the study's LLaVA runs.
+The residual stream at the last position is projected onto the vocabulary with the unembedding (`lm_head`),
+with the final norm ("normed") or without it ("raw" — what the cross-modal information-flow study did), and the
+probability of four tokens is tracked, as the study's code does: the first token of the gold answer in lower
+case (`answer`) and capitalised (`Answer`), and for choose questions the false option in both forms
+(`false_option`, `False_option`). The study found the lower-case answer readable first, in middle layers, and
+the capitalised one — what LLaVA writes — later. Both are the gold answer's, not the model's greedy token, so
+the two cases can be told apart whichever the model writes (tokens with the same id give the same curve).
+
+The x axis (`--lens-axis`):
+  * `layers`: L points, layer ℓ = the stream after decoder layer ℓ;
+  * `hidden-states`: L + 1 points, as transformers' `hidden_states` — 0 = the input embeddings, ℓ = after
+    decoder layer ℓ − 1, L = the final-normed output (so its point is the model's own next-token distribution,
+    whatever the lens).
 The lens only reads activations: it applies no intervention.
 """
 
@@ -13,70 +22,90 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from mmscope.experiments.figures import curves
-from mmscope.experiments.options import QuestionOptions, check_choice, option
+from mmscope.experiments.options import QuestionOptions, option
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions
 from mmscope.layout import Example
 from mmscope.model import Model
 
-LENSES = ("raw", "normed")
-
-
 @dataclass(frozen=True)
 class LensOptions(QuestionOptions):
-    """`mmscope lens`: which lens."""
+    """`mmscope lens`: which lens, on which axis."""
 
-    lens: str = option("raw", "raw (no final norm, as in the study) or normed.")
+    lens: str | None = option(None, "raw (no final norm, as in the study; the default) or normed.")
+    lens_axis: str | None = option(None, "layers (L points: after each decoder layer; the default protocol's) or "
+                                         "hidden-states (L+1: embeddings, after each layer, the final-normed "
+                                         "output; the study's).")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("lens", self.lens, LENSES)
 
-
-def tracked_tokens(model: Model, example: Example, row: dict, answer_token: int) -> dict[str, int]:
-    """Token ids the lens follows: the answer, its capitalised form, and the false option (when distinct)."""
-    tokens = {"answer": answer_token}
-    capitalised = model.answer_tokens(example, row["answer"].capitalize())[0][0]
-    if capitalised != answer_token and capitalised != model.tokenizer.unk_token_id:
-        tokens["answer_capitalised"] = capitalised
-    false_option = row.get("false_option")
-    if false_option:
-        false_token = model.answer_tokens(example, false_option)[0][0]
-        if false_token != answer_token:
-            tokens["false_option"] = false_token
+def tracked_tokens(model: Model, example: Example, row: dict) -> dict[str, int]:
+    """Token ids the lens follows: the first token of the gold answer in lower case and capitalised, and of the
+    false option in both forms where the question has one (the same id may appear under two names)."""
+    tokens = {}
+    for name, text in (("answer", row["answer"]), ("false_option", row.get("false_option"))):
+        if text and text.strip():
+            lower = text.strip().lower()
+            tokens[name] = model.answer_tokens(example, lower)[0][0]
+            tokens[name[0].upper() + name[1:]] = model.answer_tokens(example, lower.capitalize())[0][0]
     return tokens
 
 
+def lens_probs(model: Model, example: Example, lens: str, axis: str) -> torch.Tensor:
+    """p(vocabulary) at the last position of one example `[points, V]` on the lens axis `axis`."""
+    states = model.hidden_states(example)[:, 0, -1]  # [L + 1, D]: the embeddings, then after each layer
+    if axis == "layers":
+        return model.unembed(states[1:], normed=lens == "normed").softmax(-1)
+    below = model.unembed(states[:-1], normed=lens == "normed")  # embeddings … after layer L - 2
+    top = model.unembed(states[-1:], normed=True)  # the final-normed output: the model's own logits
+    return torch.cat([below, top]).softmax(-1)
+
+
 def lens_rows(sweep: Sweep[LensOptions], question: Question) -> list[dict]:
-    """p(token) after each layer for every tracked token of one question."""
-    model, lens = sweep.model, sweep.options.lens
-    states = model.hidden_states(question.example)[1:, 0, -1]  # [L, D] after each decoder layer, last position
-    probs = model.unembed(states, normed=lens == "normed").softmax(-1)
+    """p(token) at each point of the lens axis for every tracked token of one question."""
+    model, options = sweep.model, sweep.options
+    probs = lens_probs(model, question.example, options.lens, options.lens_axis)
     return [
-        {"lens": lens, "layer": layer, "token": name, "token_id": token, "prob": probs[layer, token].item()}
-        for name, token in tracked_tokens(model, question.example, question.row, question.answer.first_token).items()
-        for layer in range(model.n_layers)
+        {"generated": question.answer.text, "lens": options.lens, "axis": options.lens_axis, "layer": layer,
+         "token": name, "token_id": token, "prob": probs[layer, token].item()}
+        for name, token in tracked_tokens(model, question.example, question.row).items()
+        for layer in range(len(probs))
     ]
 
 
 def lens_figure(summary: pd.DataFrame, path: Path, options: LensOptions) -> Path:
     """Mean p(token) ± 95% CI against the layer, one curve per tracked token, one panel per category."""
+    axis = "0 = embeddings, L = final output" if options.lens_axis == "hidden-states" else "after each layer"
     return curves(summary, path, x="layer", hue="token", panel="category", ylabel="probability",
-                  title=f"Logit lens at the last position ({options.lens})")
+                  title=f"Logit lens at the last position ({options.lens}; {axis})")
 
 
 def lens_findings(table: pd.DataFrame, summary: pd.DataFrame, options: LensOptions) -> list[str]:
-    """Which lens, and the mean p(answer) per category × layer."""
-    answer = summary[summary["token"] == "answer"].pivot(index="category", columns="layer", values="mean")
+    """Which lens and axis, the mean p(token) per token × layer over all categories, the layer where each
+    token's mean peaks, and the mean p(answer) and p(Answer) per category × layer."""
     note = ("raw lens: hidden states go straight to lm_head, without the final norm, as in the study"
             if options.lens == "raw" else "normed lens: hidden states pass the final norm before lm_head")
-    return [note, "", "Mean p(answer) by layer:", answer.to_string(float_format=lambda v: f"{v:.3f}")]
+    if options.lens_axis == "hidden-states":
+        note += "; layer 0 = embeddings, ℓ = after decoder layer ℓ-1, the last = the final-normed output"
+    else:
+        note += "; layer ℓ = after decoder layer ℓ"
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    pooled = table.pivot_table(index="token", columns="layer", values="prob", aggfunc="mean")
+    order = [token for token in ("answer", "Answer", "false_option", "False_option") if token in pooled.index]
+    pooled = pooled.loc[order]
+    peaks = ", ".join(f"{token} → {int(pooled.loc[token].idxmax())}" for token in order)
+    lines = [note, "", "Mean p(token) by layer, all categories:", pooled.to_string(float_format=fmt), "",
+             f"peak layer: {peaks}"]
+    for token in ("answer", "Answer"):
+        part = summary[summary["token"] == token].pivot(index="category", columns="layer", values="mean")
+        lines += ["", f"Mean p({token}) by category and layer:", part.to_string(float_format=fmt)]
+    return lines
 
 
 LENS = Experiment(
     name="lens",
-    help="Logit lens at the last position: p(answer), its capitalised form and the false option, per layer.",
+    help="Logit lens at the last position: p(answer) in lower case and capitalised, and the false option, per layer.",
     options=LensOptions,
     data=questions,
     work=PerQuestion(lens_rows),

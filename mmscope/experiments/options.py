@@ -18,11 +18,15 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from mmscope.data.table import TABLE_COLUMNS
 from mmscope.errors import MMScopeError, known, suggest
+from mmscope.experiments import protocol as protocols
 from mmscope.zoo import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from mmscope.model import Model
 
 O = TypeVar("O")
 
@@ -143,6 +147,21 @@ def device_map_of(value: str | None) -> str | dict | None:
     return json.loads(Path(value).read_text())
 
 
+def protocol_option() -> Any:
+    """`--protocol`: whose choices the knobs take when not given (`mmscope.experiments.protocol`)."""
+    return option("default", "default, or study: every knob not given as the cross-modal information-flow "
+                             "study's code does it (see the README's table of knobs).")
+
+
+def check_knobs(options) -> None:
+    """Each protocol knob the options hold is unset (None: its protocol's) or one of its choices."""
+    check_choice("protocol", options.protocol, protocols.PROTOCOLS)
+    for knob, choices in protocols.CHOICES.items():
+        value = getattr(options, knob, None)
+        if value is not None:
+            check_choice(knob.replace("_", " "), value, choices, flag=flag_of(knob))
+
+
 def engine_option() -> Any:
     """`--engine`: how a sweep runs an example's variants (`mmscope.experiments.engine`)."""
     return option("prefix", "Sweep engine: prefix (shared prefix cache, batched) or naive.")
@@ -164,6 +183,14 @@ class QuestionOptions:
                                listed_last=True)
     out: Path | None = out_option()
     wandb: bool = wandb_option()
+    protocol: str = protocol_option()
+    answer_tokens: int | None = option(None, "Greedy answer length in tokens (default: the protocol's: 8; the "
+                                             "study's 128).")
+    answer_match: str | None = option(None, "When an answer is correct: lenient (stripped, lower case, no final "
+                                            "full stop; the default protocol's) or lower (the study's "
+                                            "strip().lower()).")
+    ci: str | None = option(None, "Confidence band of the means: normal (the default protocol's) or bootstrap "
+                                  "(seaborn's 95% percentile bootstrap, the study's).")
     seed: int = seed_option()
     device_map: str | None = device_map_option()
 
@@ -171,8 +198,15 @@ class QuestionOptions:
         """Checks what needs no data or model; an experiment's own options extend it (calling this first).
         `--categories` depends on the data (GQA's six, or a table's own): `load_questions` checks it."""
         check_at_least("limit", self.limit, 1, omitted="all questions")
+        check_at_least("answer_tokens", self.answer_tokens, 1)
+        check_knobs(self)
         check_device_map(self.device_map)
         column_mapping(self.columns)
+
+    def configure(self, model: Model):
+        """These options with what was left to the protocol or the model decided, and the run header's lines
+        saying what was chosen (an experiment's options extend it, calling this first)."""
+        return protocols.configure(self, model)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -174,7 +174,8 @@ class PerQuestion(Generic[Q]):
         def question_rows(index: int) -> list[dict] | None:
             row = dataset[index]
             example = example_of(model, row)
-            answer = clean_answer(model, example, row["answer"])
+            answer = clean_answer(model, example, row["answer"], max_new_tokens=options.answer_tokens,
+                                  match=options.answer_match)
             if not answer.correct and not options.include_all:
                 return None
             held = set(example.groups())
@@ -224,9 +225,12 @@ class Experiment(Generic[O]):
     prints_table: bool = False
     config_file: ClassVar[bool] = True  # its command takes --config (a run's own config.yaml works)
 
-    def summary(self, table: pd.DataFrame) -> pd.DataFrame:
-        """The summary table of a finished run's results."""
-        return self.summarize(table) if self.summarize is not None else summarize(table, list(self.by), self.value)
+    def summary(self, table: pd.DataFrame, options: O) -> pd.DataFrame:
+        """The summary table of a finished run's results (its confidence bands as `--ci` asks, seeded)."""
+        if self.summarize is not None:
+            return self.summarize(table)
+        return summarize(table, list(self.by), self.value, ci=getattr(options, "ci", None) or "normal",
+                         seed=getattr(options, "seed", 0))
 
     def main(self, options: O, echo: Callable[[str], None]) -> None:
         """The command: run with `options`, reporting through `echo`."""
@@ -253,6 +257,8 @@ def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], wor
                           f"{world.size} ranks — launch one process per model")
     placement = {"device_map": device_map} if device_map is not None else {"device": world.device()}
     model = mmscope.load(options.model, **placement)
+    configure = getattr(options, "configure", None)  # knobs left to the protocol or the model (QuestionOptions)
+    options, chosen = configure(model) if configure is not None else (options, [])
     work = experiment.work(model, options, data)
     folder = options.out if options.out is not None else Path("runs") / experiment.name
     config = {"experiment": {"kind": experiment.name, **plain(options)}, "options": plain(options),
@@ -262,6 +268,8 @@ def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], wor
         shared = f" (rank 0 of {world.size}, each rank a share)" if world.sharded else ""
         if world.main:
             echo(f"{experiment.name}: {model}, {work.described} → {run_dir.folder}{shared}")
+            for line in chosen:
+                echo(f"  {line}")
         pending = [index for index in range(work.size) if not run_dir.done(index)]
         before = work.size - len(pending)
         # One bar, on rank 0, over every rank's units: it counts the parts in the folder.
@@ -283,7 +291,7 @@ def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Seque
     if table.empty:
         warnings.warn(f"{run_dir.folder}: no rows (every example was skipped)", stacklevel=2)
         return list(status)
-    summary = experiment.summary(table)
+    summary = experiment.summary(table, options)
     summary.to_csv(run_dir.folder / "summary.csv", index=False)
     figure = experiment.figure(summary, run_dir.folder / f"{experiment.name}.png", options)
     results = run_dir.folder / "results.parquet"

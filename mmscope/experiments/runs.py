@@ -5,7 +5,7 @@ Layout of `runs/<name>/`:
     config.yaml        everything needed to re-run (model, data, interventions as dicts, seed, versions)
     parts/NNNNNN.parquet   the rows of one finished example, written atomically (temp file + rename)
     results.parquet    all rows, in example order (rebuilt from the parts at the end)
-    summary.csv        per-layer means with 95% confidence intervals
+    summary.csv        per-layer means with 95% confidence intervals (normal or bootstrap)
     *.png              figures
 
     run.lock, run.lock.json   held while a process writes the folder, and who that process is
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import filelock
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -181,13 +182,40 @@ class RunDir:
         return table
 
 
-def summarize(table: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
-    """Mean, 95% confidence interval (normal approximation) and count of `value` per group of `by`."""
+CI_METHODS = ("normal", "bootstrap")
+BOOTSTRAP_SAMPLES = 1000  # seaborn's default n_boot
+
+
+def summarize(table: pd.DataFrame, by: list[str], value: str, ci: str = "normal", seed: int = 0) -> pd.DataFrame:
+    """Mean, 95% confidence interval and count of `value` per group of `by`.
+
+    `ci="normal"`: mean ± 1.96 standard errors. `ci="bootstrap"`: the 2.5th and 97.5th percentiles of the means of
+    1000 resamples with replacement (seaborn's default error band, which the study's figures use), drawn from
+    `numpy.random.default_rng(seed)` group after group in the summary's order — the same seed, the same band.
+    """
+    if ci not in CI_METHODS:
+        raise ValueError(f"unknown confidence-interval method {ci!r}; known: {', '.join(CI_METHODS)}")
     grouped = table.groupby(by, sort=True)[value]
     summary = grouped.agg(mean="mean", std="std", n="count").reset_index()
-    half_width = 1.96 * summary["std"].fillna(0.0) / summary["n"].clip(lower=1) ** 0.5
-    summary["ci_low"], summary["ci_high"] = summary["mean"] - half_width, summary["mean"] + half_width
+    if ci == "normal":
+        half_width = 1.96 * summary["std"].fillna(0.0) / summary["n"].clip(lower=1) ** 0.5
+        summary["ci_low"], summary["ci_high"] = summary["mean"] - half_width, summary["mean"] + half_width
+    else:
+        generator = np.random.default_rng(seed)
+        bands = [bootstrap_interval(values.to_numpy(dtype=float), generator) for _, values in grouped]
+        summary["ci_low"], summary["ci_high"] = [band[0] for band in bands], [band[1] for band in bands]
     return summary.drop(columns="std")
+
+
+def bootstrap_interval(values: np.ndarray, generator: np.random.Generator,
+                       samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of the mean of `values` (NaNs left out, as seaborn does)."""
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    means = values[generator.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def _read_part(path: Path) -> pd.DataFrame:
