@@ -33,6 +33,7 @@ from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep,
 from mmscope.interventions import Knockout, knockout_window
 from mmscope.model import Model
 
+CONTROL_GROUP = "random_patches"  # as many image patches as the object's, drawn at random outside it (seeded)
 STUDY_FLOWS = (
     "image->last",
     "question->last",
@@ -170,8 +171,35 @@ def knockout_findings(table: pd.DataFrame, summary: pd.DataFrame, options: Knock
         for flow in table["flow"].unique()  # in the order the flows were asked for
     }, index=findings.index)
     lines = ["", "Largest mean drop of p(answer) per category and flow (centre layer, Δp %):", merged.to_string()]
+    lines += control_findings(summary)
     if options.reference is not None:
         lines += ["", f"reference curve drawn dashed: {options.reference}"]
+    return lines
+
+
+def control_findings(summary: pd.DataFrame) -> list[str]:
+    """Per category, the object flow's largest mean drop beside its matched random-patch control's at the same
+    centre: whether the object's patches matter more than any patches of that many."""
+    lines = []
+    for flow in sorted(summary["flow"].unique()):
+        source, _, target = flow.partition("->")
+        control = f"{CONTROL_GROUP}->{target}"
+        if source != "object" or control not in set(summary["flow"]):
+            continue
+        rows = []
+        for category, part in summary.groupby("category", sort=True):
+            own = part[part["flow"] == flow]
+            worst = own.loc[own["mean"].idxmin()]
+            matched = part[(part["flow"] == control) & (part["center"] == worst["center"])]
+            if matched.empty:
+                continue
+            rows.append({"category": category, "centre": int(worst["center"]), flow: worst["mean"],
+                         control: matched["mean"].iloc[0],
+                         "difference": worst["mean"] - matched["mean"].iloc[0]})
+        if rows:
+            table = pd.DataFrame(rows).set_index("category")
+            lines += ["", f"{flow} against its control (as many random patches outside the object), at the object "
+                          "flow's worst centre (mean Δp %):", table.to_string(float_format=lambda v: f"{v:+.1f}")]
     return lines
 
 
