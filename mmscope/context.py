@@ -302,11 +302,7 @@ class Context:
 
     def vision_site(self, site: str, layer: int) -> torch.Tensor:
         """One of `VISION_SITES` at vision layer `layer` (the projector: layer 0)."""
-        if site not in VISION_SITES:
-            raise InterventionError(f"unknown vision site {site!r}; known: {known(VISION_SITES)}")
-        if site == "projector":
-            if layer != 0:
-                raise InterventionError(f"the projector is one site, layer 0; got layer {layer}")
+        if check_vision_site(site, (layer,)) == "projector":
             return self.projector_output()
         readers = {"vision_residual": self.vision_residual, "vision_attention": self.vision_attention_output,
                    "vision_mlp": self.vision_mlp_output}
@@ -409,6 +405,16 @@ def check_site(site: str) -> str:
     """`site`, or an InterventionError when it is not one of `SITES`."""
     if site not in SITES:
         raise InterventionError(f"unknown site {site!r}; known: {known(SITES)}")
+    return site
+
+
+def check_vision_site(site: str, layers: tuple[int, ...]) -> str:
+    """`site`, or an InterventionError when it is not one of `VISION_SITES` or is the projector at a layer
+    other than 0."""
+    if site not in VISION_SITES:
+        raise InterventionError(f"unknown vision site {site!r}; known: {known(VISION_SITES)}")
+    if site == "projector" and set(layers) != {0}:
+        raise InterventionError(f"the projector is one site, layer 0; got layers {list(layers)}")
     return site
 
 

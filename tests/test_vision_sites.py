@@ -13,8 +13,9 @@ import operator
 import pytest
 import torch
 from conftest import scene
-from families import FAMILIES, QUESTIONS, family_params, load_family
+from families import QUESTIONS, family_params, load_family
 from oracle import LLAVA, forward_with_hooks, plain_model
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmscope.errors import InterventionError, UnsupportedModelError
 from mmscope.experiments.engine import Variant, run_variants
@@ -45,7 +46,9 @@ class Case:
         if site == "projector":
             return operator.attrgetter(self.tower[3])(self.plain)
         module = self.layer(layer)
-        return module if site == "vision_residual" else getattr(module, self.tower[1 if site == "vision_attention" else 2])
+        if site == "vision_residual":
+            return module
+        return getattr(module, self.tower[1] if site == "vision_attention" else self.tower[2])
 
     def hooked(self, pre_hooks=(), hooks=()) -> torch.Tensor:
         return forward_with_hooks(self.family, self.plain, self.batch.inputs, pre_hooks, hooks)
@@ -117,9 +120,30 @@ def test_vision_sites_read_what_hooks_capture(case):
         ctx.projector_output().clone()))
     for value, pair in zip(readers, [*pairs[:3], pairs[-1]], strict=True):
         torch.testing.assert_close(value, captured[pair], atol=0, rtol=0)
+    residual = captured["vision_residual", 0]
+    if VISION_FAMILIES[case.name] == "clip":  # [tiles, CLS + g*g patches, D_v]
+        vision = case.plain.config.vision_config
+        n_tiles = len(case.batch.inputs["pixel_values"])  # LLaVA: one per image
+        if case.name == "llava_next":  # each image's base view and high-resolution tiles
+            n_tiles = sum(image_size_to_num_patches(size, case.plain.config.image_grid_pinpoints, vision.image_size)
+                          for size in case.batch.inputs["image_sizes"].tolist())
+            assert n_tiles > len(case.batch.inputs["pixel_values"])
+        assert residual.shape[:2] == (n_tiles, (vision.image_size // vision.patch_size) ** 2 + 1)
+    else:  # [sum over images of t*h*w patches, D_v]
+        assert residual.shape[0] == int(case.batch.inputs["image_grid_thw"].prod(-1).sum())
+    alone = case.model.prepare(scene(40, 30, seed=1), QUESTIONS[0])
+    cache = case.model.cache(alone, sites=["vision_residual", "projector"], layers=[], vision_layers=[n - 1])
+    assert set(cache.activations) == {("vision_residual", n - 1), ("projector", 0)}
+    captured.clear()
+    forward_with_hooks(case.family, case.plain, alone.inputs, hooks=[
+        (case.module("vision_residual", n - 1), capture(("vision_residual", n - 1))),
+        (case.module("projector"), capture(("projector", 0)))])
+    for pair, value in captured.items():
+        torch.testing.assert_close(cache.site(*pair), value, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(("site", "factor"), [("vision_residual", 0.0), ("vision_attention", 2.5), ("vision_mlp", -1.0)])
+@pytest.mark.parametrize(("site", "factor"),
+                         [("vision_residual", 0.0), ("vision_attention", 2.5), ("vision_mlp", -1.0)])
 def test_scaling_a_vision_site_matches_the_hook(case, site, factor):
     tokens = (0, 2, 5)
 
@@ -192,6 +216,30 @@ def test_vision_knockout_matches_the_mask_hook(clip_case, sources, targets):
     assert (residual - clean).abs().max() > 1e-3  # the targets read less (a CLS target reaches no logit here)
 
 
+def test_vision_knockout_under_sdpa_matches_the_eager_mask_hook(tiny_sdpa, tiny_folder):
+    """SDPA takes the same additive mask: the knockout there equals the eager model's hooked forward."""
+    example = tiny_sdpa.prepare(scene(seed=5), QUESTIONS[0])
+    pairs = [(q, k) for q in range(1, 17) for k in (1, 2, 3)]
+    plain = plain_model(tiny_folder)
+    attention = operator.attrgetter(TOWERS["clip"][0])(plain)[0].self_attn
+    expected = forward_with_hooks(LLAVA, plain, example.inputs, pre_hooks=[(attention, knockout_hook(pairs))])
+    got = tiny_sdpa.run(example, [VisionKnockout((1, 2, 3), "patches", 0)], readout=lambda ctx: ctx.logits().float())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_vision_tokens_index_each_site_in_its_own_layout(case):
+    """CLIP's vision layers hold CLS at 0, its projector only the patches; Qwen's have no CLS at all."""
+    if VISION_FAMILIES[case.name] == "clip":
+        cls = case.model.run(case.batch, readout=lambda ctx: ctx.vision_residual(0)[ctx.vision_tokens("cls")].clone())
+        direct = case.model.run(case.batch, readout=lambda ctx: ctx.vision_residual(0)[:, [0]].clone())
+        torch.testing.assert_close(cls, direct, atol=0, rtol=0)
+        with pytest.raises(InterventionError, match="the projector's features have no CLS token"):
+            case.model.run(case.batch, [VisionScale("projector", 0, "cls")])
+    else:
+        with pytest.raises(InterventionError, match="have no CLS token; known: patches or positions"):
+            case.model.run(case.batch, [VisionScale("vision_residual", 0, "cls")])
+
+
 def test_vision_and_decoder_interventions_compose_in_one_forward(clip_case):
     case = clip_case
     example = case.batch
@@ -212,7 +260,8 @@ def test_vision_and_decoder_interventions_compose_in_one_forward(clip_case):
         tensor(output)[:, [1, 4]] *= 0.0
 
     decoder_attention = case.family.layers(case.plain)[1].self_attn
-    expected = case.hooked(pre_hooks=[(decoder_attention, decoder_edit)], hooks=[(case.module("vision_residual"), scale)])
+    expected = case.hooked(pre_hooks=[(decoder_attention, decoder_edit)],
+                           hooks=[(case.module("vision_residual"), scale)])
     # the decoder edit first in the list: each intervention runs in its own forward order
     got = case.logits([Knockout("image", "last", layers=[1]), VisionScale("vision_residual", 0, (1, 4))])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -324,4 +373,3 @@ def test_families_without_vision_sites_refuse_in_one_line(name, tmp_path_factory
         assert "llava, llava_next, qwen_vl" in message
     with pytest.raises(UnsupportedModelError, match=f"model.cache.*the {family} family"):
         loaded.model.cache(example, sites=["vision_residual"])
-    assert FAMILIES[name]

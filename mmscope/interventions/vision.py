@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmscope.context import VISION_SITES
-from mmscope.errors import InterventionError, known
+from mmscope.context import check_vision_site
+from mmscope.errors import InterventionError
 from mmscope.interventions.base import Context, Group, Intervention
 from mmscope.interventions.masks import block
 
@@ -83,14 +83,6 @@ class VisionKnockout(VisionIntervention):
         if self.keep_self:
             blocked.fill_diagonal_(False)
         return blocked
-
-
-def check_vision_site(site: str, layers: tuple[int, ...]) -> None:
-    """Refuse a site outside `VISION_SITES`, and a projector edit at a layer other than 0."""
-    if site not in VISION_SITES:
-        raise InterventionError(f"unknown vision site {site!r}; known: {known(VISION_SITES)}")
-    if site == "projector" and set(layers) != {0}:
-        raise InterventionError(f"the projector is one site, layer 0; got layers {list(layers)}")
 
 
 @dataclass(frozen=True)
