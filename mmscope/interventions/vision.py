@@ -16,6 +16,10 @@ refuse it.
 (site, layers, tokens)` overwrites it with another run's value (`ctx.source`, from `model.cache(clean,
 sites=["vision_residual"])`) — the clean → corrupted patching of `CachedPatch`, one stage earlier.
 
+What to watch for: LLaVA-1.5 and LLaVA-NeXT read the image features off the second-to-last vision layer
+(`vision_feature_layer=-2`), so an edit in the last vision layer changes nothing downstream, and they drop the
+CLS token before the projector, so a CLS edit reaches the decoder only through the vision layers after it.
+
 A sweep engine reuses the clean prefix of the decoder; an image edit changes every image position from the
 decoder's first layer on, so each of these claims `first_layer() == 0` and `affected_from() == 0`: the engine
 gives it a full forward.
