@@ -13,6 +13,15 @@ Inside an nnsight trace, a `Context` reads and edits the model's real intermedia
     ctx.positions("image")         # (rows, cols) to index any [B, T, ...] site: ctx.residual(3)[ctx.positions("image")]
     ctx.source                     # the ActivationCache of another run (clean → corrupted patching), if given
 
+and inside the vision tower, which runs before the decoder (families with vision sites: LLaVA-1.5, LLaVA-NeXT,
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL; the others refuse them, naming the family):
+
+    ctx.vision_residual(layer)     # [B_images, N, D_v] (CLIP) or [sum patches, D_v] (Qwen): after vision layer `layer`
+    ctx.vision_attention_output(layer), ctx.vision_mlp_output(layer)   # the same shape, before the residual add
+    ctx.projector_output()         # the multimodal projector's output: the image features the decoder reads
+    ctx.vision_attention_mask(layer) / ctx.set_vision_attention_mask(layer, mask)   # [B_images, 1, N, N] (CLIP)
+    ctx.vision_tokens("patches")   # an index into any vision site: ctx.vision_residual(0)[ctx.vision_tokens("cls")]
+
 Values are the live tensors of the forward pass: editing them in place changes what flows on. Sites must be
 touched in forward order within one intervention (layer 2 before layer 3; a layer's mask before its output),
 as the forward pass reaches them. The same `Context` is what `with model.trace(example) as ctx:` yields, so
@@ -42,6 +51,7 @@ if TYPE_CHECKING:
 
 Group = str | tuple[int, ...]
 SITES = ("residual", "attention", "mlp")
+VISION_SITES = ("vision_residual", "vision_attention", "vision_mlp", "projector")  # the projector is layer 0
 
 
 class Sites:
@@ -54,6 +64,7 @@ class Sites:
         self.decoder = attribute_path(envoy, adapter.layers.rsplit(".", 1)[0])  # the parent of the layers
         self.n_layers = len(self.layers)
         self.n_heads = adapter.text_config.num_attention_heads
+        self.envoy = envoy
 
     def layer(self, layer: int):
         if not 0 <= layer < self.n_layers:
@@ -65,6 +76,24 @@ class Sites:
 
     def mlp(self, layer: int):
         return attribute_path(self.layer(layer), self.adapter.mlp)
+
+    def vision_layers(self, asked: str):
+        """The vision tower's layers, or the family's refusal of `asked` where it has none."""
+        if self.adapter.vision_layers is None:
+            raise self.adapter.no_vision_sites(asked)
+        return attribute_path(self.envoy, self.adapter.vision_layers)
+
+    def vision_layer(self, layer: int, asked: str):
+        layers = self.vision_layers(asked)
+        if not 0 <= layer < len(layers):
+            raise InterventionError(f"{asked}: vision layer {layer} out of range; the vision tower has layers "
+                                    f"0..{len(layers) - 1}")
+        return layers[layer]
+
+    def projector(self, asked: str):
+        if self.adapter.projector is None:
+            raise self.adapter.no_vision_sites(asked)
+        return attribute_path(self.envoy, self.adapter.projector)
 
 
 @dataclass
@@ -86,7 +115,8 @@ class Restriction:
 @dataclass
 class ActivationCache:
     """Sites of one run of a one-row `example`: `(site, layer) -> [1, T, D]` (a site of `SITES`, "residual" being
-    the stream after the layer). Built by `Model.cache`; a patch reads it as `ctx.source`."""
+    the stream after the layer) and, for vision sites (`VISION_SITES`), `(site, layer) ->` the site as the
+    context reads it (the projector as layer 0). Built by `Model.cache`; a patch reads it as `ctx.source`."""
 
     example: Example
     activations: dict[tuple[str, int], torch.Tensor]
@@ -132,6 +162,7 @@ class Context:
         # id(mask as received) -> (it, additive); one conversion serves every variant of a batched forward
         self._converted: dict[int, tuple[object, torch.Tensor]] = restriction.converted if restriction else {}
         self._seen: tuple | None = None  # (layer, args, kwargs): the attention inputs last read
+        self._seen_vision: tuple | None = None  # likewise for a vision layer's attention
 
     # --- where things are -------------------------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
@@ -238,6 +269,104 @@ class Context:
         envoy = self._sites.layer(layer)
         envoy.skip(envoy.input if output is None else output)
 
+    # --- the vision tower ------------------------------------------------------------------------------------
+    @property
+    def n_vision_layers(self) -> int:
+        """The number of layers (blocks) of the vision tower."""
+        return len(self._sites.vision_layers("ctx.n_vision_layers"))
+
+    def vision_residual(self, layer: int) -> torch.Tensor:
+        """Hidden states after vision layer `layer`: `[B_images, N, D_v]` for a CLIP tower (LLaVA-1.5: one row
+        per image; LLaVA-NeXT: one per tile, each image's base view then its high-resolution tiles; N = 1 + g*g,
+        the CLS token at 0, then the patches row-major), `[sum of patches over images, D_v]` for Qwen-VL's
+        blocks (images one after another, no CLS; Qwen2.5-VL's in window order). Index with `vision_tokens`."""
+        return self._vision(self._sites.vision_layer(layer, f"ctx.vision_residual({layer})").output)
+
+    def vision_attention_output(self, layer: int) -> torch.Tensor:
+        """Self-attention output of vision layer `layer` before its residual add, shaped as `vision_residual`."""
+        asked = f"ctx.vision_attention_output({layer})"
+        return self._vision(attribute_path(self._sites.vision_layer(layer, asked), self._adapter.vision_attention)
+                            .output)
+
+    def vision_mlp_output(self, layer: int) -> torch.Tensor:
+        """MLP output of vision layer `layer` before its residual add, shaped as `vision_residual`."""
+        asked = f"ctx.vision_mlp_output({layer})"
+        return self._vision(attribute_path(self._sites.vision_layer(layer, asked), self._adapter.vision_mlp).output)
+
+    def projector_output(self) -> torch.Tensor:
+        """The multimodal projector's output, the image features that enter the language model: `[B_images,
+        g*g, D]` for LLaVA (CLS dropped; LLaVA-NeXT: per tile, before unpadding and row newlines are added),
+        `[sum of merged tokens, D]` for Qwen-VL's merger (Qwen2.5-VL's in window order; Qwen3-VL's deepstack
+        features are not in it)."""
+        return self._vision(self._sites.projector("ctx.projector_output()").output)
+
+    def vision_site(self, site: str, layer: int) -> torch.Tensor:
+        """One of `VISION_SITES` at vision layer `layer` (the projector: layer 0)."""
+        if check_vision_site(site, (layer,)) == "projector":
+            return self.projector_output()
+        readers = {"vision_residual": self.vision_residual, "vision_attention": self.vision_attention_output,
+                   "vision_mlp": self.vision_mlp_output}
+        return readers[site](layer)
+
+    def vision_tokens(self, tokens: Group = "patches", site: str = "vision_residual"):
+        """An index into vision `site` selecting `tokens` of every image: "patches", "cls" (CLIP towers), or
+        positions within each image's sequence there — `ctx.vision_residual(0)[ctx.vision_tokens("cls")]`.
+        The vision layers' sites share one layout; the projector's output has its own (CLIP: the patches
+        without CLS; Qwen: merged tokens), so index it with `site="projector"`."""
+        if self._adapter.vision_layers is None:
+            raise self._adapter.no_vision_sites(f"ctx.vision_tokens({tokens!r})")
+        return self._adapter.vision_index(tokens, self.example.inputs, projected=site == "projector")
+
+    def vision_positions(self, tokens: Group = "patches") -> torch.Tensor:
+        """Positions `[n]` of `tokens` within one image's vision sequence, the same in every image (e.g. the
+        queries and keys of a vision knockout in each image's `[N, N]` attention)."""
+        if self._adapter.vision_layers is None:
+            raise self._adapter.no_vision_sites(f"ctx.vision_positions({tokens!r})")
+        return self._adapter.vision_positions(tokens, self.example.inputs)
+
+    def vision_attention_mask(self, layer: int) -> torch.Tensor:
+        """The additive mask vision layer `layer`'s self-attention receives, `[B_images, 1, N, N]`: zeros where
+        the tower passed None (it attends everywhere). Never edit it in place; hand a new one to
+        `set_vision_attention_mask`."""
+        attention = self._vision_attention(layer, f"ctx.vision_attention_mask({layer})")
+        args, kwargs = attention.inputs
+        self._seen_vision = (layer, args, kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        received = kwargs.get("attention_mask")
+        if received is None:
+            return hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], hidden.shape[1])
+        return additive_mask(received, hidden)
+
+    def set_vision_attention_mask(self, layer: int, mask: torch.Tensor) -> None:
+        """Make vision layer `layer`'s self-attention use the additive `mask` (`[B_images, 1 or H, N, N]`);
+        call it right after `vision_attention_mask(layer)`, before touching any later site."""
+        attention = self._vision_attention(layer, f"ctx.set_vision_attention_mask({layer})")
+        seen, self._seen_vision = self._seen_vision, None
+        args, kwargs = seen[1:] if seen is not None and seen[0] == layer else attention.inputs
+        attention.inputs = (args, {**kwargs, "attention_mask": mask})
+
+    @property
+    def _adapter(self) -> Adapter:
+        return self._sites.adapter
+
+    def _vision_attention(self, layer: int, asked: str):
+        envoy = self._sites.vision_layer(layer, asked)
+        refusal = self._adapter.vision_mask_refusal()
+        if refusal is not None:
+            raise InterventionError(f"{asked}: the {self._adapter.family} family's vision attention mask cannot be "
+                                    f"edited faithfully: {refusal}")
+        return attribute_path(envoy, self._adapter.vision_attention)
+
+    def _vision(self, value) -> torch.Tensor:
+        """A vision site's tensor; refused in a forward restricted to some rows (an engine's suffix pass, where
+        the vision tower does not run and its rows are images, not batch rows)."""
+        if self._restriction is not None:
+            raise InterventionError(
+                "vision sites are read in a full forward only: this context is restricted to some rows of a sweep "
+                "engine's pass; an intervention on them must claim first_layer() == 0 and affected_from() == 0"
+            )
+        return _first(value)
+
     # --- restriction to rows ----------------------------------------------------------------------------------
     def _own_rows(self, value: torch.Tensor) -> torch.Tensor:
         return value if self._restriction is None else value[self._restriction.rows]  # a view: edits reach on
@@ -276,6 +405,16 @@ def check_site(site: str) -> str:
     """`site`, or an InterventionError when it is not one of `SITES`."""
     if site not in SITES:
         raise InterventionError(f"unknown site {site!r}; known: {known(SITES)}")
+    return site
+
+
+def check_vision_site(site: str, layers: tuple[int, ...]) -> str:
+    """`site`, or an InterventionError when it is not one of `VISION_SITES` or is the projector at a layer
+    other than 0."""
+    if site not in VISION_SITES:
+        raise InterventionError(f"unknown vision site {site!r}; known: {known(VISION_SITES)}")
+    if site == "projector" and set(layers) != {0}:
+        raise InterventionError(f"the projector is one site, layer 0; got layers {list(layers)}")
     return site
 
 

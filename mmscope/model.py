@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, DynamicCache
 
-from mmscope.context import SITES, ActivationCache, Context, Restriction, Sites
+from mmscope.context import SITES, VISION_SITES, ActivationCache, Context, Restriction, Sites
 from mmscope.errors import InputError, InterventionError, MMScopeError, ModelLoadError, known, suggest
 from mmscope.interventions import Intervention
 from mmscope.layout import Example, check_image, collate, token_layout
@@ -350,21 +350,32 @@ class Model:
         return probs[0] if len(example) == 1 else probs
 
     def cache(self, example: Example, sites: Sequence[str] = SITES, layers: Sequence[int] | None = None,
-              interventions: Sequence[Intervention] = ()) -> ActivationCache:
+              interventions: Sequence[Intervention] = (), vision_layers: Sequence[int] | None = None
+              ) -> ActivationCache:
         """The activations of `sites` at `layers` (default: every layer) in one forward over a one-row `example`
-        (under `interventions`): the source a `CachedPatch` reads (TransformerLens' `run_with_cache`)."""
+        (under `interventions`): the source a `CachedPatch` reads (TransformerLens' `run_with_cache`). Vision
+        sites (`VISION_SITES`: "vision_residual", "vision_attention", "vision_mlp", "projector") are cached at
+        `vision_layers` (default: every vision layer; the projector at layer 0), for a `VisionCachedPatch`."""
         if len(example) != 1:
             raise InputError(f"cache takes one example (a batch of 1); got a batch of {len(example)}")
-        unknown = [site for site in sites if site not in SITES]
+        unknown = [site for site in sites if site not in SITES + VISION_SITES]
         if unknown:
-            raise InputError(f"unknown site(s) {unknown}; known: {known(SITES)}")
+            raise InputError(f"unknown site(s) {unknown}; known: {known(SITES + VISION_SITES)}")
         layers = range(self.n_layers) if layers is None else sorted(set(layers))
         for layer in layers:
             self.sites.layer(layer)  # refuses a layer the model lacks
         pairs = [(site, layer) for layer in layers for site in ("attention", "mlp", "residual") if site in sites]
+        vision = [site for site in ("vision_attention", "vision_mlp", "vision_residual") if site in sites]
+        if vision:
+            count = len(self.sites.vision_layers(f"model.cache(sites={vision})"))
+            vision_layers = range(count) if vision_layers is None else sorted(set(vision_layers))
+        # forward order: the vision tower's layers, the projector, then the decoder's
+        vision_pairs = [(site, layer) for layer in (vision_layers if vision else ()) for site in vision]
+        vision_pairs += [("projector", 0)] if "projector" in sites else []
 
         def readout(ctx: Context) -> tuple[dict, torch.Tensor]:
-            return {pair: ctx.site(*pair).clone() for pair in pairs}, last_logits(ctx)[0]
+            found = {pair: ctx.vision_site(*pair).clone() for pair in vision_pairs}
+            return found | {pair: ctx.site(*pair).clone() for pair in pairs}, last_logits(ctx)[0]
 
         activations, logits = self.run(example, interventions, readout)
         return ActivationCache(example, activations, logits.softmax(-1))

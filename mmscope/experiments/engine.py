@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from mmscope.context import ActivationCache, Context, Restriction
+from mmscope.context import VISION_SITES, ActivationCache, Context, Restriction
 from mmscope.errors import InputError, known
 from mmscope.experiments.shared_prefix import SharedPrefixCache, shareable, shared_prefix_attention_in
 from mmscope.interventions import Intervention
@@ -156,7 +156,10 @@ def run_variants(
         clean = CleanRun(model.next_token_probs(example))
         cache = None
         if source is not None:
-            cache = model.cache(source, sorted({site for site, _ in needed}), sorted({layer for _, layer in needed}))
+            vision = {pair for pair in needed if pair[0] in VISION_SITES}
+            cache = model.cache(source, sorted({site for site, _ in needed}),
+                                sorted({layer for _, layer in needed - vision}),
+                                vision_layers=sorted({layer for site, layer in vision if site != "projector"}))
             clean.source = CleanRun(cache.probs, activations=cache)
         probs = []
         for variant in variants:
@@ -194,9 +197,14 @@ def clean_pass(model: Model, example: Example, keep: frozenset[tuple[str, int]] 
     order = ("attention", "mlp", "residual")  # the order a layer computes its sites in
 
     def readout() -> tuple:
+        # sites in forward order: the vision tower's (a source for vision patches), then the decoder's
+        within = {"vision_attention": 0, "vision_mlp": 1, "vision_residual": 2, "projector": 3}
+        vision = sorted((pair for pair in keep if pair[0] in VISION_SITES),
+                        key=lambda pair: (pair[0] == "projector", pair[1], within[pair[0]]))
+        kept = {pair: ctx.vision_site(*pair).clone() for pair in vision}
         kwargs = model.sites.decoder.inputs[1]
         reach = torch.full((example.seq_len,), -1, device=model.device)
-        seen, states, kept = [], [], {}  # layers usually share one mask object: measure each once
+        seen, states = [], []  # layers usually share one mask object: measure each once
         for layer in range(model.n_layers):
             if streams:
                 states.append(model.sites.layer(layer).input)

@@ -4,6 +4,7 @@ from mmscope.interventions.base import SITES, Context, Intervention
 from mmscope.interventions.knockout import Knockout, knockout_window
 from mmscope.interventions.patch import ActivationPatch, CachedPatch
 from mmscope.interventions.truncate import SkipLayers, Truncate
+from mmscope.interventions.vision import VisionCachedPatch, VisionKnockout, VisionScale
 
 __all__ = [
     "SITES",
@@ -14,5 +15,8 @@ __all__ = [
     "Knockout",
     "SkipLayers",
     "Truncate",
+    "VisionCachedPatch",
+    "VisionKnockout",
+    "VisionScale",
     "knockout_window",
 ]

@@ -49,6 +49,13 @@ class Adapter:
     # Whether the decoder's input embeddings carry all the image information (no features are added inside the
     # decoder), so a sweep engine may recompute image positions from them and a cached layer input.
     image_in_input_embeddings: bool = True
+    # Sites inside the vision tower (`ctx.vision_residual(layer)` …). None: mmscope has none for the family, and
+    # every vision site is refused naming it. Paths as above: `vision_layers` and `projector` on the model,
+    # `vision_attention` and `vision_mlp` on one vision layer.
+    vision_layers: str | None = None
+    vision_attention: str = "self_attn"
+    vision_mlp: str = "mlp"
+    projector: str | None = None  # the multimodal projector: its output is the image features the decoder reads
 
     def __init__(self, model, processor) -> None:
         self.model = model
@@ -123,6 +130,29 @@ class Adapter:
         mask, position ids and the cache, no image inputs (the cache holds what the image did): the model's own."""
         return self.model(**inputs)
 
+    def no_vision_sites(self, asked: str) -> UnsupportedModelError:
+        """The error for `asked` (e.g. "ctx.vision_residual(0)") in a family without vision-tower sites."""
+        return UnsupportedModelError(
+            f"{asked}: the {self.family} family has no vision-tower sites in mmscope; families with them: "
+            f"{known(vision_families())}"
+        )
+
+    def vision_mask_refusal(self) -> str | None:
+        """Why the vision attention's additive mask cannot be edited faithfully (None: it can, as the
+        `attention_mask` keyword of every vision layer's attention)."""
+        return "its vision attention takes no attention mask"
+
+    def vision_index(self, tokens: str | tuple[int, ...], inputs: dict, projected: bool = False):
+        """An index into any vision site (`site[index]`; the projector's output where `projected`) selecting
+        `tokens` of every image: "patches", "cls", or positions within each image's sequence there (see
+        `Context.vision_residual` and `Context.projector_output` for the layouts)."""
+        raise self.no_vision_sites(f"vision tokens {tokens!r}")
+
+    def vision_positions(self, tokens: str | tuple[int, ...], inputs: dict, projected: bool = False) -> torch.Tensor:
+        """Positions `[n]` of `tokens` within one image's vision sequence (its projected features where
+        `projected`), the same in every image (what a vision knockout blocks in each image's attention)."""
+        raise self.no_vision_sites(f"vision tokens {tokens!r}")
+
     def patch_rectangles(self, image: Image.Image, inputs: dict) -> torch.Tensor:
         """`[n_image_tokens, 4]` rectangles `(x0, y0, x1, y1)` in original pixels, in image-token order.
 
@@ -154,6 +184,11 @@ def adapter_for(model) -> type[Adapter]:
             "to use another model."
         )
     return _REGISTRY[model_type]
+
+
+def vision_families() -> list[str]:
+    """The families whose adapters have vision-tower sites."""
+    return sorted({adapter.family for adapter in _REGISTRY.values() if adapter.vision_layers is not None})
 
 
 def supported_families() -> dict[str, str]:

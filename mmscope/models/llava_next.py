@@ -22,6 +22,7 @@ from einops import rearrange
 from transformers.image_processing_utils import select_best_resolution
 
 from mmscope.models.adapter import Adapter, register
+from mmscope.models.clip import ClipVisionTower
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,10 @@ def anyres_rectangles(width: int, height: int, image_processor, config) -> torch
 
 
 @register("llava_next")
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(ClipVisionTower, Adapter):
+    """Vision sites: one row of the CLIP tower's batch per tile — each image's base view, then its
+    high-resolution tiles (row-major), images in batch order."""
+
     family: str = "llava_next"
 
     def image_groups(self, input_ids, inputs) -> dict[str, torch.Tensor]:

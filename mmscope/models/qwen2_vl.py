@@ -9,6 +9,13 @@ Position ids are three-dimensional (time, row, column for image tokens; equal fo
 model from `input_ids`, `mm_token_type_ids` and `image_grid_thw` — with left padding handled through the
 attention mask — so the adapter passes none. Qwen3-VL also adds "deepstack" visual features to the image
 positions after its first decoder layers; `ctx.residual(layer)` is the layer's output before that addition.
+
+The vision tower runs its blocks on one flattened sequence `[sum of t*h*w patches over images, D_v]` (no CLS
+token), images one after another, each image's patches in the processor's order (every `merge x merge` block of
+patches contiguous); Qwen2.5-VL's blocks hold them permuted into its attention windows, and its merger's output
+too (the model restores the order after the merger). Its attention takes no mask: transformers splits the
+sequence into each image's (or window's) block by `cu_seqlens` and attends within each with no mask, so a
+vision knockout is refused rather than approximated.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from mmscope.errors import InterventionError
 from mmscope.models.adapter import Adapter, register
 from mmscope.models.processors import load_processor_without_video
 from mmscope.prompts import IMAGE, QUESTION, PromptTemplate
@@ -39,6 +47,10 @@ class QwenVLAdapter(Adapter):
     family: str = "qwen_vl"
     template: PromptTemplate = QWEN_CHAT
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids")
+    vision_layers: str | None = "model.visual.blocks"
+    vision_attention: str = "attn"
+    vision_mlp: str = "mlp"
+    projector: str | None = "model.visual.merger"
 
     def placeholder(self) -> str:
         return f"<|vision_start|>{self.processor.image_token}<|vision_end|>"
@@ -47,6 +59,42 @@ class QwenVLAdapter(Adapter):
     def image_in_input_embeddings(self) -> bool:
         """False for Qwen3-VL, whose decoder adds "deepstack" visual features to image positions in early layers."""
         return not getattr(self.model.config.vision_config, "deepstack_visual_indexes", None)
+
+    def vision_mask_refusal(self) -> str:
+        return ("its vision attention takes no attention mask: transformers attends within each image's (or "
+                "window's) block of the flattened sequence, split by cu_seqlens, with attention_mask=None")
+
+    def vision_positions(self, tokens: str | tuple[int, ...], inputs: dict, projected: bool = False) -> torch.Tensor:
+        """Positions within each image's patch sequence, or its merged tokens where `projected` ("patches": all,
+        where every image has as many)."""
+        lengths = self._vision_lengths(inputs, projected)
+        if tokens == "patches":
+            if len(set(lengths.tolist())) > 1:
+                raise InterventionError(f"images of {lengths.tolist()} patches have no common 'patches' positions; "
+                                        "give positions")
+            return torch.arange(int(lengths[0]))
+        if isinstance(tokens, str):
+            raise InterventionError(f"unknown vision tokens {tokens!r} for the {self.family} family, whose vision "
+                                    "sequences have no CLS token; known: patches or positions")
+        outside = [token for token in tokens if not 0 <= token < int(lengths.min())]
+        if outside:
+            raise InterventionError(f"vision tokens {outside} out of range; the smallest image has patches "
+                                    f"0..{int(lengths.min()) - 1}")
+        return torch.tensor(tokens)
+
+    def vision_index(self, tokens: str | tuple[int, ...], inputs: dict, projected: bool = False) -> torch.Tensor:
+        """Rows `[n]` of the flattened vision sites (of the merger's output where `projected`): "patches" (every
+        row), or positions within each image's sequence, in every image."""
+        lengths = self._vision_lengths(inputs, projected)
+        if tokens == "patches":
+            return torch.arange(int(lengths.sum()))
+        starts = lengths.cumsum(0) - lengths
+        return (starts[:, None] + self.vision_positions(tokens, inputs, projected)[None, :]).flatten()
+
+    def _vision_lengths(self, inputs: dict, projected: bool) -> torch.Tensor:
+        """Each image's rows in the vision blocks (`t*h*w` patches) or, `projected`, in the merger's output."""
+        lengths = inputs["image_grid_thw"].prod(-1)
+        return lengths // self.model.config.vision_config.spatial_merge_size**2 if projected else lengths
 
     @classmethod
     def load_processor(cls, source: str):
