@@ -74,6 +74,45 @@ def red_mask_tokens(image_size, boxes, pad_colour=None) -> set[int]:
             if red[row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH].any()}
 
 
+def red_cells_of(mask: Image.Image, patch: int) -> torch.Tensor:
+    """`[rows, cols]`: which `patch`-px cells of a PIL mask hold an exactly red pixel."""
+    pixels = torch.tensor(list(mask.getdata())).reshape(mask.height, mask.width, 3)
+    red = (pixels == torch.tensor([255, 0, 0])).all(-1)
+    return red.reshape(mask.height // patch, patch, mask.width // patch, patch).any(3).any(1)
+
+
+def llava_next_red_mask_tokens(image_size, boxes, pinpoints, tile=16, patch=4) -> list[bool]:
+    """The study's rule through LLaVA-NeXT's any-res view, per image token: the base view squashes the mask to one
+    tile; the high-resolution view fits it (bicubic) into the best pinpoint, pads it centred with black, cuts
+    tiles and stitches their cells; LLaVA-NeXT's unpad keeps the grid rows (or columns) that show the image,
+    and a newline token (never red) ends each row."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    width, height = image_size
+    mask = Image.new("RGB", image_size, (0, 0, 0))
+    draw = ImageDraw.Draw(mask)
+    for x, y, w, h in boxes:
+        draw.rectangle((x, y, x + w, y + h), fill=(255, 0, 0))
+    base = red_cells_of(mask.resize((tile, tile), Image.Resampling.BICUBIC), patch)
+    best_height, best_width = select_best_resolution((height, width), pinpoints)
+    if best_width / width < best_height / height:
+        fitted = (best_width, min(-(-height * best_width // width), best_height))
+    else:
+        fitted = (min(-(-width * best_height // height), best_width), best_height)
+    canvas = Image.new("RGB", (best_width, best_height), (0, 0, 0))
+    canvas.paste(mask.resize(fitted, Image.Resampling.BICUBIC),
+                 ((best_width - fitted[0]) // 2, (best_height - fitted[1]) // 2))
+    grid = red_cells_of(canvas, patch)  # the tiles' cells, stitched back in place
+    rows, cols = grid.shape
+    if width / height > cols / rows:
+        kept = int(round(height * (cols / width), 7))
+        grid = grid[(rows - kept) // 2 : rows - (rows - kept) // 2]
+    else:
+        kept = int(round(width * (rows / height), 7))
+        grid = grid[:, (cols - kept) // 2 : cols - (cols - kept) // 2]
+    return base.flatten().tolist() + [cell for row in grid.tolist() for cell in [*row, False]]
+
+
 def tokenizer_image_token(prompt: str, tokenizer, image_ids: list[int]) -> list[int]:
     """LLaVA's `tokenizer_image_token`, with the placeholder's one image token replaced by the image-token run."""
     chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
@@ -160,6 +199,22 @@ def test_red_mask_spills_one_pixel_past_a_box_ending_on_a_patch_boundary(llava):
     assert overlap["object"] == [overlap["image"][5]]  # row 1, column 1
     assert red["object"] == [red["image"][5], red["image"][6]]  # and column 2, through its pixel column 16
     assert set(red["object"]) - set(overlap["object"]) == {red["image"][6]}
+
+
+@pytest.mark.parametrize("size, boxes", RED_CASES)
+def test_red_mask_on_llava_next_reads_both_views_as_the_study_would(tmp_path_factory, size, boxes):
+    model = load_family("llava_next", tmp_path_factory).model
+    model.set_preprocessing(Preprocessing(object_patches="red-mask"))
+    try:
+        example = model.prepare(scene(*size, seed=11), QUESTION, boxes=boxes)
+    finally:
+        model.set_preprocessing(Preprocessing())
+    layout = example.layout
+    hits = llava_next_red_mask_tokens(size, boxes, model.hf.config.image_grid_pinpoints)
+    assert len(hits) == len(layout["image"])
+    assert layout["object"] == [p for p, hit in zip(layout["image"], hits, strict=True) if hit]
+    assert set(layout["object"]) & set(layout["image_grid"])  # (a thin box may leave no exactly red base pixel)
+    assert sorted(layout["object"] + layout["other_patches"] + layout["image_newline"]) == layout["image"]
 
 
 # --- prompt_chunks --------------------------------------------------------------------------------------------------
