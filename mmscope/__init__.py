@@ -2,7 +2,8 @@
 
 from mmscope.layout import Example
 from mmscope.model import DEFAULT_MODEL, AnswerScore, Model, load
+from mmscope.models.preprocessing import Preprocessing
 from mmscope.prompts import LLAVA_15, PromptTemplate
 
-__all__ = ["DEFAULT_MODEL", "LLAVA_15", "AnswerScore", "Example", "Model", "PromptTemplate", "load"]
+__all__ = ["DEFAULT_MODEL", "LLAVA_15", "AnswerScore", "Example", "Model", "Preprocessing", "PromptTemplate", "load"]
 __version__ = "0.1.0"

@@ -4,14 +4,19 @@
 token-group name to sorted positions in the language model's sequence (`.layouts`). `token_layout` finds the
 groups: from the prompt template's named parts (matched by the tokenizer's character offsets, never by token
 strings), from the adapter's image positions and extra image groups, and — when bounding boxes are given —
-from the geometry of the image processor (`object`: image tokens whose patch overlaps a box; `other_patches`).
+from the geometry of the image processor (`object`: image tokens whose patch overlaps a box — or, under the
+study's red-mask rule, whose patch of the processed box mask is red; `other_patches`; and `random_patches`, a
+control group of as many other patches as the object has, drawn reproducibly).
 
 Batches are left-padded, as for generation, so the last prompt token of every row sits at position -1.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -186,8 +191,20 @@ def overlapping(rectangles: torch.Tensor, boxes) -> torch.Tensor:
     return hit
 
 
-# The groups `token_layout` adds from boxes: an example prepared without boxes lacks them.
-BOX_GROUPS = frozenset({"object", "other_patches"})
+# The groups `token_layout` adds from boxes: an example prepared without boxes lacks them (and one whose object
+# has more patches than the rest of the image lacks `random_patches`).
+BOX_GROUPS = frozenset({"object", "other_patches", "random_patches"})
+
+
+def random_patches(objects: list[int], others: list[int], question: str, seed: int) -> list[int] | None:
+    """`len(objects)` positions drawn without replacement from `others`, sorted — the same for the same inputs in
+    any process (the draw is seeded by a SHA-256 of `seed`, `question` and `objects`, not Python's salted
+    `hash`); None when `others` holds fewer positions than `objects`."""
+    if len(others) < len(objects):
+        return None
+    key = json.dumps([seed, question, objects]).encode()
+    draw = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+    return sorted(draw.sample(others, len(objects)))
 
 
 def token_layout(
@@ -197,6 +214,9 @@ def token_layout(
     encoding: Encoding,
     image: Image.Image,
     boxes: Sequence[Sequence[float]] | None = None,
+    *,
+    question: str = "",
+    control_seed: int = 0,
 ) -> Layout:
     """Every token group of one processed prompt.
 
@@ -206,7 +226,10 @@ def token_layout(
         spans: per template group, its character spans in `prompt` (`PromptTemplate.render`).
         encoding: the processor's output for `prompt` and where each token came from (`Adapter.encode`).
         image: the original image (for boxes).
-        boxes: `(x, y, w, h)` in original pixels; they add `object` and `other_patches`.
+        boxes: `(x, y, w, h)` in original pixels; they add `object` (by the rule of
+            `adapter.preprocessing.object_patches`), `other_patches` and `random_patches`.
+        question: the question, mixed into the seed of `random_patches` (so different questions draw differently).
+        control_seed: the seed of `random_patches`.
     """
     ids = encoding.inputs["input_ids"][0]
     image_positions = adapter.image_positions(ids)
@@ -229,9 +252,19 @@ def token_layout(
                 f"the {adapter.family} adapter's geometry does not match its processor"
             )
         is_patch = rectangles.isfinite().all(-1)
-        hit = overlapping(rectangles, checked) & is_patch
+        if adapter.preprocessing.object_patches == "red-mask":
+            hit = adapter.red_mask_patches(image, encoding.inputs, checked)
+            if len(hit) != len(image_positions):
+                raise InputError(f"{len(hit)} red-mask patches for {len(image_positions)} image tokens; the "
+                                 f"{adapter.family} adapter's mask does not match its processor")
+        else:
+            hit = overlapping(rectangles, checked)
+        hit &= is_patch
         layout["object"] = image_positions[hit].tolist()
         layout["other_patches"] = image_positions[~hit & is_patch].tolist()
+        control = random_patches(layout["object"], layout["other_patches"], question, control_seed)
+        if control is not None:
+            layout["random_patches"] = control
     return layout
 
 

@@ -39,6 +39,7 @@ from mmscope.interventions import Intervention
 from mmscope.layout import Example, check_image, collate, token_layout
 from mmscope.models import Adapter, adapter_for
 from mmscope.models.adapter import attribute_path
+from mmscope.models.preprocessing import Preprocessing
 from mmscope.prompts import PromptTemplate
 from mmscope.zoo import DEFAULT_MODEL, EMBEDDED_MODELS
 
@@ -75,6 +76,7 @@ def load(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     offload_folder: str | Path | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Model:
     """Load a VLM (`AutoModelForImageTextToText` + its processor) and wrap it with nnsight.
 
@@ -91,6 +93,9 @@ def load(
             (or "balanced", "sequential"), or a dict of module name → device ("cpu", a GPU index, "disk"), with
             `max_memory` (device → limit) and `offload_folder` (for "disk"; default: a temporary folder). Every
             intervention and the sweep engine work as on one device. Not with `device`.
+        preprocessing: how `Model.prepare` turns images, prompts and boxes into inputs (default: mmscope's own
+            way, `Preprocessing()`); `Preprocessing.study()` is the cross-modal information-flow study's for
+            LLaVA-1.5. A knob the family cannot do is refused here.
     """
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ModelLoadError(
@@ -129,7 +134,10 @@ def load(
         first = str(error).strip().split("\n")[0].rstrip(".")
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}{hint}") from error
     placed = hf_model if device_map is not None else hf_model.to(device)  # accelerate placed a mapped one
-    return Model(bind(placed.eval(), processor), name=str(name_or_path))
+    model = Model(bind(placed.eval(), processor), name=str(name_or_path))
+    if preprocessing is not None:
+        model.set_preprocessing(preprocessing)
+    return model
 
 
 def _check_json_files(folder: Path) -> None:
@@ -188,7 +196,6 @@ class Model:
             )
         self.adapter = adapter
         self.hf = adapter.model
-        self.processor = adapter.processor
         self.tokenizer = adapter.tokenizer
         self.name = name
         self.envoy = NNsight(self.hf)
@@ -200,6 +207,22 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, family={self.adapter.family}, layers={self.n_layers}, heads={self.n_heads})"
+
+    @property
+    def processor(self):
+        """The processor `prepare` runs: the loaded one, or the adapter's copy of it for the preprocessing."""
+        return self.adapter.processor
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How `prepare` turns images, prompts and boxes into inputs (`set_preprocessing` changes it)."""
+        return self.adapter.preprocessing
+
+    def set_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Prepare examples under `preprocessing` from now on; a knob the family cannot do is refused at once.
+        Examples prepared before keep the inputs they were made with."""
+        self.adapter.set_preprocessing(preprocessing)
+        self.__dict__.pop("groups", None)
 
     @property
     def device(self) -> torch.device:
@@ -220,12 +243,19 @@ class Model:
         boxes: Sequence[Sequence[float]] | None = None,
         template: PromptTemplate | str | None = None,
         meta: dict | None = None,
+        control_seed: int = 0,
     ) -> Example:
-        """Prompt, processor inputs and token layout (`mmscope.layout.token_layout`) for one image and question.
+        """Prompt, processor inputs and token layout (`mmscope.layout.token_layout`) for one image and question,
+        under the model's `preprocessing`.
 
         `boxes` are `(x, y, w, h)` in original pixels; they add the groups `object` (image tokens whose patch
-        overlaps a box) and `other_patches` (the remaining image tokens).
+        overlaps a box, or is red in the box mask under `object_patches="red-mask"`), `other_patches` (the
+        remaining patch tokens) and `random_patches` (as many of `other_patches` as `object` has, drawn from
+        `control_seed`, the question and the object's positions: the same inputs draw the same set in any
+        process; left out when `other_patches` is the smaller).
         """
+        if isinstance(control_seed, bool) or not isinstance(control_seed, int):
+            raise InputError(f"control_seed must be a whole number; got {control_seed!r}")
         image = check_image(image)
         if not isinstance(question, str) or not question.strip():
             raise InputError(f"question must be a non-empty string; got {question!r}")
@@ -243,7 +273,8 @@ class Model:
             # One text for every question, so that a sweep warns once, not once per question.
             warnings.warn(f"a question has words the tokenizer of {self.name or 'the model'} does not know; the "
                           f"model reads each as {self.tokenizer.unk_token!r}", stacklevel=2)
-        layout = token_layout(self.adapter, prompt, spans, encoding, image, boxes)
+        layout = token_layout(self.adapter, prompt, spans, encoding, image, boxes, question=question,
+                              control_seed=control_seed)
         info = {"question": question, "image_size": (image.width, image.height), "boxes": boxes, **(meta or {})}
         return Example(inputs=encoding.inputs, layouts=[layout], prompts=[prompt], meta=[info])
 
@@ -255,8 +286,9 @@ class Model:
     @functools.cached_property
     def groups(self) -> tuple[str, ...]:
         """Every token-group name this model's examples can hold: those of a blank image's example with a box
-        (boxes add `object` and `other_patches`; an example prepared without boxes lacks those two, and so does
-        every example of a family whose image tokens are not patches, such as Kosmos-2's latent queries)."""
+        (boxes add `object`, `other_patches` and `random_patches`; an example prepared without boxes lacks those,
+        and so does every example of a family whose image tokens are not patches, such as Kosmos-2's latent
+        queries), under the model's `preprocessing`."""
         blank = Image.new("RGB", (64, 64), (128, 128, 128))
         with warnings.catch_warnings():  # its words may be unknown to the model's tokenizer; the groups are not
             warnings.simplefilter("ignore")

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from mmscope.errors import UnsupportedModelError, known
-from mmscope.models.encoding import Encoding, encode_with_origins
+from mmscope.errors import InputError, UnsupportedModelError, known
+from mmscope.models.encoding import Encoding, chunk_tokenised, encode_with_origins
 from mmscope.models.geometry import patch_rectangles
+from mmscope.models.preprocessing import Preprocessing
 from mmscope.prompts import LLAVA_15, PromptTemplate
 
 _REGISTRY: dict[str, type[Adapter]] = {}
@@ -56,11 +57,17 @@ class Adapter:
     vision_attention: str = "self_attn"
     vision_mlp: str = "mlp"
     projector: str | None = None  # the multimodal projector: its output is the image features the decoder reads
+    # Which knobs of `Preprocessing` the family can do as the study's code did (see `check_preprocessing`).
+    square_pads: bool = False
+    chunks_prompts: bool = False
+    object_patch_rules: tuple[str, ...] = ("overlap",)
 
     def __init__(self, model, processor) -> None:
         self.model = model
         self.processor = processor
+        self.loaded_processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.preprocessing = Preprocessing()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r})"
@@ -81,6 +88,32 @@ class Adapter:
         transformers, which deprecate the old name), else `past_key_values`."""
         return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
+    def check_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Refuse, in one line naming the knob and the family, a `Preprocessing` this family cannot do."""
+        if not isinstance(preprocessing, Preprocessing):
+            raise InputError(f"preprocessing must be a mmscope.Preprocessing; got {type(preprocessing).__name__}")
+        if preprocessing.square_pad and not self.square_pads:
+            raise UnsupportedModelError(f"Preprocessing.square_pad is not supported for the {self.family} family "
+                                        "(LLaVA-1.5's expand2square pads before a fixed-size resize)")
+        if preprocessing.prompt_chunks and not self.chunks_prompts:
+            raise UnsupportedModelError(f"Preprocessing.prompt_chunks is not supported for the {self.family} family "
+                                        "(its processor, not LLaVA's tokenizer_image_token, builds the prompt)")
+        if preprocessing.object_patches not in self.object_patch_rules:
+            raise UnsupportedModelError(
+                f"Preprocessing.object_patches={preprocessing.object_patches!r} is not supported for the "
+                f"{self.family} family; it places boxes by: {known(self.object_patch_rules)}")
+
+    def set_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Use `preprocessing` from now on (checked first): `processor` becomes `processor_for(preprocessing)`."""
+        self.check_preprocessing(preprocessing)
+        self.processor = self.processor_for(preprocessing)
+        self.preprocessing = preprocessing
+
+    def processor_for(self, preprocessing: Preprocessing):
+        """The processor to run under `preprocessing`: the loaded one, or a family's copy of it configured for the
+        setting (the loaded processor is never changed)."""
+        return self.loaded_processor
+
     def placeholder(self) -> str:
         """The string the prompt carries where the image goes (expanded to image tokens by the processor)."""
         return self.image_token or self.processor.image_token
@@ -99,8 +132,14 @@ class Adapter:
         return torch.nonzero(input_ids == self.image_token_id).flatten()
 
     def encode(self, image: Image.Image, text: str) -> Encoding:
-        """Run the family's processor on one image and one prompt: batch-1 model inputs and token origins."""
-        return encode_with_origins(self.processor, image, text)
+        """Run the family's processor on one image and one prompt: batch-1 model inputs and token origins (with
+        `preprocessing.prompt_chunks`, the text re-tokenised around the image as `chunk_tokenised` does)."""
+        encoding = encode_with_origins(self.processor, image, text)
+        if not self.preprocessing.prompt_chunks:
+            return encoding
+        return chunk_tokenised(encoding, text, self.placeholder(), self.tokenizer,
+                               self.image_positions(encoding.inputs["input_ids"][0]), self.sequence_keys,
+                               self.appended_value)
 
     def image_groups(self, input_ids: torch.Tensor, inputs: dict) -> dict[str, torch.Tensor]:
         """Extra named groups `name -> positions [n]` within the image tokens (e.g. tiles, row newlines)."""
@@ -161,6 +200,13 @@ class Adapter:
         """
         patch_size = self.model.config.vision_config.patch_size
         return patch_rectangles(image.width, image.height, self.processor.image_processor, patch_size)
+
+    def red_mask_patches(self, image: Image.Image, inputs: dict, boxes) -> torch.Tensor:
+        """Boolean `[n_image_tokens]`, in image-token order: which tokens' patches hold a red pixel of the boxes'
+        red mask (`Preprocessing.object_patches="red-mask"`), for a family listing "red-mask" in
+        `object_patch_rules`."""
+        raise UnsupportedModelError(f"Preprocessing.object_patches='red-mask' is not supported for the "
+                                    f"{self.family} family")
 
 
 def register(*model_types: str):

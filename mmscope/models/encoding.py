@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,3 +127,67 @@ def encode_with_origins(processor, image, prompt: str) -> Encoding:
     special_tokens = list(processor.tokenizer.added_tokens_encoder)
     spans, expanded = token_origins(prompt, prepared, offsets[0], replacements[0], special_tokens)
     return Encoding(output, spans, expanded)
+
+
+def chunk_tokenised(
+    encoding: Encoding,
+    prompt: str,
+    placeholder: str,
+    tokenizer,
+    image_positions: torch.Tensor,
+    sequence_keys: Sequence[str],
+    text_value: Callable[[str], int],
+) -> Encoding:
+    """`encoding` (the processor's, of `prompt`) with its text tokens replaced as LLaVA's `tokenizer_image_token`
+    makes them: the text before and after the image placeholder tokenised each on its own, the first chunk's BOS
+    kept and the second chunk's own BOS dropped, the processor's expansion of the placeholder between them.
+
+    Args:
+        encoding: the processor's output for `prompt`, whose placeholder expanded into one contiguous run.
+        prompt: the rendered prompt, with `placeholder` exactly once.
+        tokenizer: a fast tokenizer (it must report character offsets).
+        image_positions: `[n]` image-token positions in the processor's `input_ids` (the run when the
+            encoding does not say which tokens the placeholder expanded into).
+        sequence_keys: the `[1, T]` inputs to rebuild; outside the run each takes `text_value(key)`.
+    Returns:
+        The encoding of the chunked ids `[1, T']`: the processor's other inputs (pixel values …) unchanged, each
+        text token's character span in `prompt`, the run flagged as expanded.
+    """
+    if prompt.count(placeholder) != 1:
+        raise InputError(f"prompt_chunks splits the prompt at the image placeholder {placeholder!r}, which must occur "
+                         f"exactly once; it occurs {prompt.count(placeholder)} times in {prompt[:60]!r}…")
+    run = encoding.expanded.nonzero().flatten() if encoding.expanded is not None else image_positions
+    if not len(run) or run.tolist() != list(range(int(run[0]), int(run[-1]) + 1)):
+        raise InputError("prompt_chunks needs the image placeholder to expand into one contiguous run of tokens")
+    head, tail = prompt.split(placeholder)
+    try:
+        chunks = [tokenizer(text, return_offsets_mapping=True) for text in (head, tail)]
+    except NotImplementedError:  # a slow tokenizer
+        raise InputError("prompt_chunks needs a fast tokenizer, which reports character offsets") from None
+    (head_ids, head_offsets), (tail_ids, tail_offsets) = (
+        (list(chunk["input_ids"]), [tuple(o) for o in chunk["offset_mapping"]]) for chunk in chunks
+    )
+    bos = tokenizer.bos_token_id
+    if bos is not None and head_ids[:1] == [bos] and tail_ids[:1] == [bos]:
+        tail_ids, tail_offsets = tail_ids[1:], tail_offsets[1:]
+    shift = len(head) + len(placeholder)
+    tail_offsets = [(start + shift, end + shift) if end > start else (0, 0) for start, end in tail_offsets]
+    start, stop = int(run[0]), int(run[-1]) + 1
+    inputs = dict(encoding.inputs)
+    for key in sequence_keys:
+        if key not in inputs:
+            continue
+        old = inputs[key]
+        if key == "input_ids":
+            before, after = torch.tensor([head_ids]), torch.tensor([tail_ids])
+        else:
+            before = torch.full((1, len(head_ids)), text_value(key))
+            after = torch.full((1, len(tail_ids)), text_value(key))
+        inputs[key] = torch.cat([before.to(old.dtype), old[:, start:stop], after.to(old.dtype)], dim=1)
+    spans = torch.tensor(
+        [list(span) for span in head_offsets] + [[0, 0]] * (stop - start) + [list(span) for span in tail_offsets],
+        dtype=torch.long,
+    ).reshape(-1, 2)
+    expanded = torch.zeros(len(spans), dtype=torch.bool)
+    expanded[len(head_ids) : len(head_ids) + stop - start] = True
+    return Encoding(inputs, spans, expanded)

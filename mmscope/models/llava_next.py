@@ -10,7 +10,8 @@ feature, in this order:
     base grid (g x g, row-major) | row 0 of the unpadded grid, newline | row 1, newline | …
 
 so the groups are `image_base`, `image_grid` and `image_newline` (all within `image`), and a box selects the
-patches it overlaps in both views (newline tokens show no patch).
+patches it overlaps in both views (newline tokens show no patch). Under the study's red-mask rule the mask goes
+through the same tiling, and each tile's red cells are stitched into the same order.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 from einops import rearrange
 from transformers.image_processing_utils import select_best_resolution
 
+from mmscope.errors import InputError
 from mmscope.models.adapter import Adapter, register
 from mmscope.models.clip import ClipVisionTower
+from mmscope.models.preprocessing import processed_mask, red_cells, red_mask
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class LlavaNextAdapter(ClipVisionTower, Adapter):
     high-resolution tiles (row-major), images in batch order."""
 
     family: str = "llava_next"
+    chunks_prompts: bool = True
+    object_patch_rules: tuple[str, ...] = ("overlap", "red-mask")
 
     def image_groups(self, input_ids, inputs) -> dict[str, torch.Tensor]:
         image = self.image_positions(input_ids)
@@ -140,3 +145,21 @@ class LlavaNextAdapter(ClipVisionTower, Adapter):
 
     def patch_rectangles(self, image, inputs) -> torch.Tensor:
         return anyres_rectangles(image.width, image.height, self.processor.image_processor, self.model.config)
+
+    def red_mask_patches(self, image, inputs, boxes) -> torch.Tensor:
+        """The red cells of the processed mask's tiles in LLaVA-NeXT's token order: the base tile's grid, then
+        the stitched high-resolution grid, unpadded, row by row with a (never red) newline after each row."""
+        config = self.model.config
+        tiles = processed_mask(self.processor.image_processor, red_mask(image.width, image.height, boxes))
+        grid = anyres_grid(image.height, image.width, config)
+        best_height, best_width = select_best_resolution((image.height, image.width), config.image_grid_pinpoints)
+        tile = tiles.shape[-1]
+        tile_rows, tile_cols = best_height // tile, best_width // tile
+        if tiles.dim() != 4 or len(tiles) != 1 + tile_rows * tile_cols:
+            raise InputError(f"the {self.family} image processor made mask pixel values of shape "
+                             f"{tuple(tiles.shape)}; expected 1 + {tile_rows * tile_cols} tiles")
+        cells = torch.stack([red_cells(plane, config.vision_config.patch_size) for plane in tiles])
+        high = rearrange(cells[1:], "(ty tx) gy gx -> (ty gy) (tx gx)", ty=tile_rows, tx=tile_cols)
+        kept = high[grid.rows.start : grid.rows.stop, grid.cols.start : grid.cols.stop]
+        rows = torch.cat([kept, torch.zeros(len(kept), 1, dtype=torch.bool)], dim=1)
+        return torch.cat([cells[0].flatten(), rows.flatten()])
