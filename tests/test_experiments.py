@@ -164,12 +164,14 @@ def test_patch_command_writes_its_heatmap_and_its_probabilities_match_the_core_a
 
 
 def test_probe_command_trains_a_probe_per_layer_for_both_tasks(embedded, world, tmp_path):
-    printed = invoke("probe", "--data", str(world), "--split", "test", "--n-images", "12",
+    # Without its controls (tests/test_probe_controls.py runs them): the columns it always had, and no others.
+    printed = invoke("probe", "--data", str(world), "--split", "test", "--n-images", "12", "--no-controls",
                      "--out", str(tmp_path / "probe"))
-    assert "best layer" in printed
+    assert "best layer" in printed and "selectivity" not in printed
     probes = pd.read_parquet(tmp_path / "probe" / "results.parquet")
     assert set(probes["task"]) == {"entailment", "objects"}
     assert probes["layer"].nunique() == embedded.n_layers + 1
+    assert set(probes.columns) == {"task", "pooling", "probe", "n", "layer", "accuracy", "f1"}
 
 
 def test_evaluate_prints_the_accuracy_an_answer_by_answer_count_gives(embedded, world):

@@ -82,3 +82,33 @@ def heatmap(matrix: pd.DataFrame, path: Path, *, title: str, colorbar: str) -> P
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def curves_with_controls(summary: pd.DataFrame, path: Path, *, x: str, hue: str, controls: dict[str, str],
+                         difference: str, ylabel: str, title: str) -> Path:
+    """Two panels. Left: `mean` against `x`, a solid line per `hue`, and in its colour each `controls` column
+    (column → legend name; dashed, then dotted). Right: the `difference` column (e.g. selectivity) per `hue`,
+    with a zero line."""
+    figure, (scores, differences) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    styles = ["--", ":", "-."]
+    for number, (label, curve) in enumerate(summary.groupby(hue, sort=True)):
+        curve = curve.sort_values(x)
+        colour = f"C{number}"
+        scores.plot(curve[x], curve["mean"], color=colour, linewidth=1.6, label=str(label))
+        for style, column in zip(styles, controls, strict=False):
+            scores.plot(curve[x], curve[column], color=colour, linewidth=1.1, linestyle=style, alpha=0.8)
+        differences.plot(curve[x], curve[difference], color=colour, linewidth=1.6, label=str(label))
+    for style, name in zip(styles, controls.values(), strict=False):
+        scores.plot([], [], color="grey", linestyle=style, label=name)
+    differences.axhline(0, color="grey", linewidth=0.8)
+    scores.set_title(ylabel, fontsize=10)
+    differences.set_title(difference.replace("_", " "), fontsize=10)
+    for axis in (scores, differences):
+        axis.set_xlabel(x.replace("_", " "))
+        axis.grid(alpha=0.3)
+    scores.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

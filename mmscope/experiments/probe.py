@@ -13,6 +13,18 @@ of work (one part of the run folder) is one task × pooling, each training a pro
 already one score per layer, so its summary relabels them (no confidence interval: a probe has one held-out
 score). Probes may be trained on features read under an intervention (`probe_rows(..., interventions=)`),
 e.g. after an image→question knockout, to see how the edit changes what each layer encodes.
+
+The study had no control. With `--controls` (the default; `--no-controls` skips them, two thirds of the
+training) every layer's probe is also trained on a shuffled-label baseline and on a control task (Hewitt &
+Liang, 2019; `mmscope.probes.train`), and its row gains `shuffled_accuracy`, `control_accuracy` and
+`selectivity` = accuracy − control_accuracy (and `shuffled_f1`, `control_f1` for objects). A control task
+needs input *types* that recur across the image-grouped split:
+  * entailment: the type is the statement's text — "There is a red cube." gets one random true/false label
+    whatever image it is asked about, so a probe can score on it only by recognising the sentence;
+  * objects: the input text is one fixed prompt, and the image id never recurs across the split, so neither
+    is a type; the type is the image's *set of object names* (its label row), and each set gets one random
+    label set drawn from the task's — an arbitrary relabelling of the sets, which a probe learns only as far as
+    the layer separates the sets and its capacity lets it memorise the mapping.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mmscope.experiments.figures import curves
+from mmscope.experiments.figures import curves, curves_with_controls
 from mmscope.experiments.options import (
     check_at_least,
     check_choice,
@@ -56,6 +68,8 @@ class ProbeOptions:
     split: str = split_option()
     n_images: int = option(300, "Images (scenes) to build the probe datasets from.")
     probe_kind: str = option("linear", "linear or mlp.", flag="--probe")
+    controls: bool = option(True, "Also train each probe on a shuffled-label baseline and a control task, and "
+                                  "report selectivity (triples the training).")
     out: Path | None = out_option()
     wandb: bool = wandb_option()
     seed: int = seed_option()
@@ -65,9 +79,18 @@ class ProbeOptions:
         check_at_least("n_images", self.n_images, 1)
 
 
+def control_types(task: str, dataset) -> list[str]:
+    """The control task's input type of each example (module docstring): the statement's text for entailment,
+    the image's object names (e.g. `cube,sphere`; `""` for none) for objects."""
+    if task == "entailment":
+        return list(dataset["statement"])
+    names = dataset.features["label_ids"].feature.names
+    return [",".join(names[i] for i in ids) for ids in dataset["label_ids"]]
+
+
 def probe_rows(model: Model, task: str, dataset, pooling: str, config: ProbeConfig,
-               interventions: Sequence[Intervention] = ()) -> list[dict]:
-    """Per-layer probe scores for one task and pooling."""
+               interventions: Sequence[Intervention] = (), controls: bool = False) -> list[dict]:
+    """Per-layer probe scores for one task and pooling; with `controls`, also its control arms' and selectivity."""
     images = dataset["image"]
     if task == "entailment":
         texts, labels, multilabel = list(dataset["statement"]), torch.tensor(dataset["label"]), False
@@ -75,9 +98,11 @@ def probe_rows(model: Model, task: str, dataset, pooling: str, config: ProbeConf
         texts = [OBJECT_PROMPT] * len(dataset)
         labels, multilabel = torch.tensor(dataset["labels"]), True
     features = layer_features(model, images, texts, pooling, interventions=interventions)
+    types = control_types(task, dataset) if controls else None
     return [
         {"task": task, "pooling": pooling, "probe": config.kind, "n": len(dataset), **scores}
-        for scores in layerwise(features, labels, multilabel, config=config, groups=list(dataset["image_id"]))
+        for scores in layerwise(features, labels, multilabel, config=config, groups=list(dataset["image_id"]),
+                                controls=controls, types=types)
     ]
 
 
@@ -93,7 +118,7 @@ def probe_work(model: Model, options: ProbeOptions, datasets: dict) -> Work:
 
     def rows(index: int) -> list[dict]:
         task, pooling = units[index]
-        return probe_rows(model, task, datasets[task], pooling, config)
+        return probe_rows(model, task, datasets[task], pooling, config, controls=options.controls)
 
     described = f"{len(datasets['objects'])} images, {len(datasets['entailment'])} statements"
     return Work(len(units), rows, described)
@@ -104,29 +129,55 @@ def with_curves(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(curve=table["task"] + " / " + table["pooling"])
 
 
+CONTROLS = {"control_accuracy": "control task", "shuffled_accuracy": "shuffled labels"}
+
+
 def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """The held-out accuracy per curve and layer (`mean`) and the examples it was measured on (`n`)."""
-    return with_curves(table).rename(columns={"accuracy": "mean"})[["curve", "layer", "mean", "n"]]
+    """The held-out accuracy per curve and layer (`mean`) and the examples it was measured on (`n`); with
+    controls, also `control_accuracy`, `shuffled_accuracy` and `selectivity`."""
+    controlled = [column for column in (*CONTROLS, "selectivity") if column in table]
+    return with_curves(table).rename(columns={"accuracy": "mean"})[["curve", "layer", "mean", "n", *controlled]]
 
 
 def probe_figure(summary: pd.DataFrame, path: Path, options: ProbeOptions) -> Path:
-    """Held-out accuracy against the layer, one curve per task × pooling."""
+    """Held-out accuracy against the layer, one curve per task × pooling; with controls, each curve's control
+    task (dashed) and shuffled-label baseline (dotted) beside it, and a second panel of selectivity."""
+    if "selectivity" in summary:
+        return curves_with_controls(summary, path, x="layer", hue="curve", controls=CONTROLS,
+                                    difference="selectivity", ylabel="held-out accuracy",
+                                    title="Layer-wise probes and their controls")
     bandless = summary.assign(ci_low=summary["mean"], ci_high=summary["mean"])
     return curves(bandless, path, x="layer", hue="curve", panel=None, ylabel="held-out accuracy",
                   title="Layer-wise probes")
 
 
+def _by_layer(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """`column` as a layer × curve table."""
+    return table.dropna(subset=[column]).pivot_table(index="layer", columns="curve", values=column)
+
+
+def _best_layers(pivot: pd.DataFrame) -> str:
+    return ", ".join(f"{curve} → {int(pivot[curve].idxmax())}" for curve in pivot.columns)
+
+
 def probe_findings(table: pd.DataFrame, summary: pd.DataFrame, options: ProbeOptions) -> list[str]:
-    """Accuracy per layer of each curve, the best layer of each, and the object probes' micro-F1."""
+    """Accuracy per layer of each curve, the best layer of each, and the object probes' micro-F1; with controls,
+    the selectivity and the shuffled-label baseline per layer, and the best layer by selectivity."""
     table = with_curves(table)
-    pivot = table.pivot_table(index="layer", columns="curve", values="accuracy")
-    best = {curve: int(pivot[curve].idxmax()) for curve in pivot.columns}
-    lines = ["Held-out probe accuracy by layer (layer 0 = embeddings):",
-             pivot.to_string(float_format=lambda v: f"{v:.3f}"), "",
-             "best layer: " + ", ".join(f"{curve} → {layer}" for curve, layer in best.items())]
+    number = "{:.3f}".format
+    pivot = _by_layer(table, "accuracy")
+    lines = ["Held-out probe accuracy by layer (layer 0 = embeddings):", pivot.to_string(float_format=number), "",
+             "best layer: " + _best_layers(pivot)]
     if "f1" in table:
-        f1 = table.dropna(subset=["f1"]).pivot_table(index="layer", columns="curve", values="f1")
-        lines += ["", "object recognition micro-F1:", f1.to_string(float_format=lambda v: f"{v:.3f}")]
+        lines += ["", "object recognition micro-F1:", _by_layer(table, "f1").to_string(float_format=number)]
+    if "selectivity" in table:
+        selectivity = _by_layer(table, "selectivity")
+        lines += ["", "Selectivity (accuracy − control-task accuracy) by layer:",
+                  selectivity.to_string(float_format=number), "",
+                  "best layer by selectivity: " + _best_layers(selectivity)]
+    if "shuffled_accuracy" in table:
+        lines += ["", "shuffled-label baseline (the same probe on permuted labels) by layer:",
+                  _by_layer(table, "shuffled_accuracy").to_string(float_format=number)]
     return lines
 
 

@@ -7,10 +7,26 @@ per-label binary cross-entropy and report exact-match accuracy and micro-F1.
 
 Reading the result: a probe measures what is *linearly decodable* from a layer, not what the model uses.
 Compare layers against each other and against a baseline (layer 0, the embeddings), not in absolute terms.
+
+Controls (`layerwise(..., controls=True)`) say how much of an accuracy the probe's own capacity would reach
+without the information asked about. Each trains the very same probe (config, seed, features, split) on other
+labels, through the same `fit_probe`:
+  * the *shuffled-label baseline* (`shuffled_labels`): the labels permuted at random within each side of the
+    split (whole rows for multi-hot labels), so every label keeps its frequency on both sides while the link
+    between an input and its label is broken; it scores about what the majority class (the most common label
+    set) scores;
+  * the *control task* (Hewitt & Liang, 2019, "Designing and Interpreting Probes with Control Tasks";
+    `control_labels`): every input *type* gets one label drawn at random from the task's label distribution,
+    the same for all its occurrences. The labels can be learnt only by memorising which type is which, so its
+    accuracy is what the probe's capacity and the features' encoding of the type give with no task knowledge.
+    **Selectivity** = accuracy − control-task accuracy: a high accuracy of low selectivity says more about
+    the probe than about the layer. Hewitt & Liang's types are words; what a type is here is the caller's
+    choice (`types`), one that recurs across the image-grouped split (see `mmscope.experiments.probe`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,22 +77,69 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     return {"accuracy": (predicted == truth).all(-1).float().mean().item(), "f1": f1}
 
 
-def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, test_fraction: float = 0.25,
-              config: ProbeConfig = ProbeConfig(), groups: list[str] | None = None) -> list[dict[str, float]]:
-    """One probe per layer of `features [N, L, D]`; a seeded split holds out `test_fraction` of the examples.
-
-    With `groups` (e.g. image ids) whole groups are held out, so that a true statement and its hard negative
-    about the same image never sit on both sides of the split (a probe could otherwise learn the pair).
-    """
-    generator = torch.Generator().manual_seed(config.seed)
-    groups = groups if groups is not None else [str(i) for i in range(len(features))]
+def split(groups: Sequence[str], test_fraction: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) example indices: a seeded draw of `test_fraction` of the distinct `groups` is held out whole."""
+    generator = torch.Generator().manual_seed(seed)
     names = sorted(set(groups))
     order = torch.randperm(len(names), generator=generator).tolist()
     held_out = {names[i] for i in order[: max(1, int(len(names) * test_fraction))]}
     test = torch.tensor([i for i, g in enumerate(groups) if g in held_out])
     train = torch.tensor([i for i, g in enumerate(groups) if g not in held_out])
-    return [
-        {"layer": layer, **fit_probe(features[train, layer], labels[train], features[test, layer], labels[test],
-                                     multilabel, config)}
-        for layer in range(features.shape[1])
-    ]
+    return train, test
+
+
+def shuffled_labels(labels: torch.Tensor, train: torch.Tensor, test: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """`labels` (`[N]`, or `[N, C]` multi-hot: whole rows move) permuted within `train`, then within `test`, by
+    `torch.randperm` on one generator seeded with `seed`: each side keeps its labels' frequencies exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = labels.clone()
+    for side in (train, test):
+        shuffled[side] = labels[side[torch.randperm(len(side), generator=generator)]]
+    return shuffled
+
+
+def control_labels(labels: torch.Tensor, types: Sequence[str], seed: int = 0) -> torch.Tensor:
+    """Hewitt & Liang's control task: each distinct type of `types` (one per example), in sorted order, takes
+    the label (`[N]`) or label row (`[N, C]`) of an example drawn uniformly — i.e. a draw from the task's label
+    distribution — by `torch.randint(N, (n_types,))` on a generator seeded with `seed`; every occurrence of
+    the type carries it."""
+    if len(types) != len(labels):
+        raise ValueError(f"need one type per example: {len(types)} types for {len(labels)} labels")
+    generator = torch.Generator().manual_seed(seed)
+    names = sorted(set(types))
+    drawn = torch.randint(len(labels), (len(names),), generator=generator)
+    index = {name: i for i, name in enumerate(names)}
+    return labels[drawn[torch.tensor([index[t] for t in types])]]
+
+
+def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, test_fraction: float = 0.25,
+              config: ProbeConfig = ProbeConfig(), groups: Sequence[str] | None = None, *, controls: bool = False,
+              types: Sequence[str] | None = None) -> list[dict[str, float]]:
+    """One probe per layer of `features [N, L, D]`; a seeded split holds out `test_fraction` of the examples.
+
+    With `groups` (e.g. image ids) whole groups are held out, so that a true statement and its hard negative
+    about the same image never sit on both sides of the split (a probe could otherwise learn the pair).
+
+    With `controls`, each layer's row also holds the same probe's scores on the shuffled-label baseline
+    (`shuffled_accuracy`, and `shuffled_f1` for multi-hot labels) and, where the task has input `types` (one
+    per example; None: it has no meaningful control task), on the control task (`control_accuracy`,
+    `control_f1`) and `selectivity` = accuracy − control_accuracy. Both are seeded with `config.seed`.
+    """
+    groups = groups if groups is not None else [str(i) for i in range(len(features))]
+    train, test = split(groups, test_fraction, config.seed)
+    arms = {"": labels}
+    if controls:
+        arms["shuffled_"] = shuffled_labels(labels, train, test, config.seed)
+        if types is not None:
+            arms["control_"] = control_labels(labels, types, config.seed)
+    rows = []
+    for layer in range(features.shape[1]):
+        row: dict[str, float] = {"layer": layer}
+        for prefix, target in arms.items():
+            scores = fit_probe(features[train, layer], target[train], features[test, layer], target[test],
+                               multilabel, config)
+            row |= {prefix + name: value for name, value in scores.items()}
+        if "control_accuracy" in row:
+            row["selectivity"] = row["accuracy"] - row["control_accuracy"]
+        rows.append(row)
+    return rows
