@@ -61,13 +61,13 @@ class Adapter:
     square_pads: bool = False
     chunks_prompts: bool = False
     object_patch_rules: tuple[str, ...] = ("overlap",)
+    preprocessing: Preprocessing = Preprocessing()  # the setting in use (`set_preprocessing` changes it)
 
     def __init__(self, model, processor) -> None:
         self.model = model
         self.processor = processor
         self.loaded_processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.preprocessing = Preprocessing()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r})"
