@@ -16,13 +16,14 @@ from typer.testing import CliRunner
 
 from mmscope.cli import app
 from mmscope.experiments import runner as runner_module
-from mmscope.experiments.knockout import STUDY_FLOWS, KnockoutOptions
+from mmscope.experiments.knockout import DEFAULT_FLOWS, KnockoutOptions
 from mmscope.experiments.options import plain
 from mmscope.experiments.patch import PATCH_GROUPS, PatchOptions
 from mmscope.zoo.shapes_llava.train import TrainConfig
 
 runner = CliRunner()
 QUESTIONS = ["--model", "--data", "--columns", "--images", "--split", "--categories", "--limit", "--protocol",
+             "--object-patches", "--image-padding", "--tokenisation",
              "--answer-tokens", "--answer-match", "--ci"]
 KEEPING = ["--include-all", "--out", "--wandb", "--seed", "--device-map", "--config"]
 
@@ -95,7 +96,7 @@ def test_help_shows_each_options_type_and_text():
     for flag, kind, text in [
         ("--data", "path", "Synthetic-world folder, GQA folder, or the study's CSV folder"),
         ("--limit", "int", "At most N questions per category."),
-        ("--flow", "list[str]", "source->target (repeatable; default: the study's six flows)."),
+        ("--flow", "list[str]", "source->target (repeatable; default: the study's six flows and the"),
         ("--window", "int", "Window k of layers blocked around each centre layer (default: about a third"),
         ("--engine", "str", "Sweep engine: prefix (shared prefix cache, batched) or naive."),
         ("--include-all", "bool", "Keep questions the model answers wrongly."),
@@ -120,5 +121,5 @@ def test_defaults_are_recorded_as_run(recorded):
     runner.invoke(app, ["patch", "--site", "mlp"], catch_exceptions=False)
     assert recorded == [PatchOptions(site="mlp", groups=list(PATCH_GROUPS))]
     options = plain(KnockoutOptions(data=Path("world"), out=Path("runs/x")))
-    assert options["flows"] == list(STUDY_FLOWS)
+    assert options["flows"] == list(DEFAULT_FLOWS)
     assert (options["data"], options["out"]) == ("world", "runs/x")

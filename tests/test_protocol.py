@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import scene
-from families import word_tokenizer
+from families import BUILDERS, word_tokenizer
 from typer.testing import CliRunner
 
 import mmscope
@@ -27,7 +27,8 @@ from mmscope.experiments.options import OptionError
 from mmscope.experiments.protocol import PROTOCOLS
 from mmscope.experiments.references import REFERENCES, read_reference
 from mmscope.experiments.runs import summarize
-from mmscope.errors import InputError
+from mmscope import Preprocessing
+from mmscope.errors import InputError, UnsupportedModelError
 from mmscope.prompts import LLAVA_SYSTEM_PROMPT, LLAVA_TEMPLATE
 from mmscope.zoo.build import TinyLlavaSpec, build_llava, save_llava
 
@@ -188,20 +189,52 @@ def test_lens_command_under_the_study_protocol_keeps_a_capitalised_answer_and_sh
 
 
 # --- the protocol switch -----------------------------------------------------------------------------------------
-def test_protocol_fills_only_the_knobs_not_given_and_unknown_values_are_refused(embedded):
-    options, lines = KnockoutOptions(protocol="study", ci="normal").configure(embedded)
+def test_protocol_fills_only_the_knobs_not_given_and_unknown_values_are_refused(tiny_folder):
+    model = mmscope.load(tiny_folder)  # its own: configure sets how the model prepares inputs
+    options, lines = KnockoutOptions(protocol="study", ci="normal").configure(model)
+    assert model.preprocessing == Preprocessing.study()
+    assert (options.object_patches, options.image_padding, options.tokenisation) == ("red-mask", "square", "chunks")
     study = PROTOCOLS["study"]
     assert (options.answer_tokens, options.answer_match, options.ci) == (study.answer_tokens, study.answer_match,
                                                                          "normal")
     assert lines[0].startswith("protocol study: ") and "ci normal" in lines[0]
-    default, _ = LensOptions().configure(embedded)
+    default, _ = LensOptions().configure(model)
     assert (default.lens, default.lens_axis, default.answer_tokens) == ("raw", "layers", 8)
+    assert model.preprocessing == Preprocessing()
+    KnockoutOptions(protocol="study", object_patches="overlap").configure(model)
+    assert model.preprocessing == Preprocessing(square_pad=True, prompt_chunks=True, object_patches="overlap")
     with pytest.raises(OptionError, match=r"unknown protocol 'paper' \(--protocol\)"):
         KnockoutOptions(protocol="paper")
     with pytest.raises(OptionError, match=r"unknown ci 'wald' \(--ci\)"):
         KnockoutOptions(ci="wald")
     with pytest.raises(OptionError, match=r"unknown lens axis 'depth' \(--lens-axis\)"):
         LensOptions(lens_axis="depth")
+
+
+def test_the_study_protocol_on_a_family_that_cannot_keeps_mmscopes_way_and_says_so(tmp_path):
+    model = mmscope.load(BUILDERS["paligemma"](tmp_path / "paligemma"))
+    options, lines = KnockoutOptions(protocol="study").configure(model)
+    assert (options.object_patches, options.image_padding, options.tokenisation) == ("overlap", "processor", "joint")
+    assert options.answer_tokens == 128 and model.preprocessing == Preprocessing()
+    assert [line.split(" (")[0] for line in lines[1:4]] == ["image padding: processor", "tokenisation: joint",
+                                                           "object patches: overlap"]
+    assert "the paligemma family cannot do the protocol's square" in lines[1]
+    with pytest.raises(UnsupportedModelError, match="paligemma"):
+        KnockoutOptions(protocol="study", image_padding="square").configure(model)
+
+
+def test_a_run_records_the_knobs_it_used_and_the_random_patch_control_runs_beside_the_object_flow(world, tmp_path):
+    out = tmp_path / "knockout"
+    result = runner.invoke(app, ["knockout", "--data", str(world), "--limit", "1", "--categories", "ChooseAttr",
+                                 "--protocol", "study", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "protocol study: object patches red-mask, image padding square, tokenisation chunks" in result.stdout
+    assert "object->question against its control" in result.stdout
+    config = yaml.safe_load((out / "config.yaml").read_text())["options"]
+    assert (config["object_patches"], config["window"], config["flows"][-1]) == ("red-mask", 2,
+                                                                                "random_patches->question")
+    table = pd.read_parquet(out / "results.parquet")
+    assert {"object->question", "random_patches->question"} <= set(table["flow"])
 
 
 # --- the window --------------------------------------------------------------------------------------------------

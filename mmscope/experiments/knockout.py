@@ -6,6 +6,10 @@ probability of the first token of the clean greedy answer at the last position i
 Δp% = (p_knockout − p_clean) / p_clean · 100. A large drop at centre c means the flow matters around layer c.
 This is the protocol of Zhang et al. (CVPR 2025), "Cross-modal Information Flow in Multimodal LLMs".
 
+A control the study lacked runs by default: `random_patches->question` blocks as many image patches as the
+object's, drawn at random outside the object (seeded by `--seed`, the question and the object), so the report
+can set the object flow's drop beside that of any patches of its size.
+
 All variants of one example run through the sweep engine, which computes the shared clean prefix once.
 """
 
@@ -42,6 +46,8 @@ STUDY_FLOWS = (
     "object->question",
     "other_patches->question",
 )
+# The defaults: the study's six flows and the object flow's matched random-patch control.
+DEFAULT_FLOWS = (*STUDY_FLOWS, f"{CONTROL_GROUP}->question")
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,8 @@ class Flow:
 class KnockoutOptions(QuestionOptions):
     """`mmscope knockout`: the flows to block, the window of layers around each centre, the sweep engine."""
 
-    flows: list[str] | None = option(None, "source->target (repeatable; default: the study's six flows).",
+    flows: list[str] | None = option(None, "source->target (repeatable; default: the study's six flows and the "
+                                     "random-patch control of object->question).",
                                      flag="--flow")
     window: int | None = option(None, "Window k of layers blocked around each centre layer (default: about a "
                                       "third of the model's depth, at most the study's 9).")
@@ -83,7 +90,7 @@ class KnockoutOptions(QuestionOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "flows", list(self.flows or STUDY_FLOWS))  # recorded as run, defaults included
+        object.__setattr__(self, "flows", list(self.flows or DEFAULT_FLOWS))  # recorded as run, defaults included
         for flow in self.flows:
             Flow.parse(flow)
         check_at_least("window", self.window, 1)

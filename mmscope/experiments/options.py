@@ -184,6 +184,15 @@ class QuestionOptions:
     out: Path | None = out_option()
     wandb: bool = wandb_option()
     protocol: str = protocol_option()
+    object_patches: str | None = option(None, "Which image tokens are an object's: overlap (a patch its box "
+                                              "overlaps; the default protocol's) or red-mask (the study's: the "
+                                              "box drawn red on a mask through the image processor).")
+    image_padding: str | None = option(None, "processor (as saved; the default protocol's) or square (pad to a "
+                                             "square of the mean colour first, LLaVA-1.5's expand2square; the "
+                                             "study's).")
+    tokenisation: str | None = option(None, "joint (the processor tokenises the whole prompt; the default "
+                                            "protocol's) or chunks (the text around <image> chunk by chunk, "
+                                            "LLaVA's tokenizer_image_token; the study's).")
     answer_tokens: int | None = option(None, "Greedy answer length in tokens (default: the protocol's: 8; the "
                                              "study's 128).")
     answer_match: str | None = option(None, "When an answer is correct: lenient (stripped, lower case, no final "

@@ -135,11 +135,13 @@ def boxes_of(row: dict) -> list[tuple[float, ...]]:
     return [tuple(box) for box in row.get("object_boxes") or [] if len(box) == 4]
 
 
-def example_of(model: Model, row: dict) -> Example:
-    """The Example of one GQA-format row: its image, question and (when known) the central objects' boxes."""
+def example_of(model: Model, row: dict, seed: int = 0) -> Example:
+    """The Example of one GQA-format row: its image, question and (when known) the central objects' boxes; `seed`
+    draws its `random_patches` control."""
     boxes = boxes_of(row)
     meta = {key: row.get(key) for key in ("question_id", "image_id", "category", "answer")}
-    return model.prepare(row["image"].convert("RGB"), row["question"], boxes=boxes or None, meta=meta)
+    return model.prepare(row["image"].convert("RGB"), row["question"], boxes=boxes or None, meta=meta,
+                         control_seed=seed)
 
 
 def row_ids(index: int, row: dict) -> dict:
@@ -173,7 +175,7 @@ class PerQuestion(Generic[Q]):
 
         def question_rows(index: int) -> list[dict] | None:
             row = dataset[index]
-            example = example_of(model, row)
+            example = example_of(model, row, options.seed)
             answer = clean_answer(model, example, row["answer"], max_new_tokens=options.answer_tokens,
                                   match=options.answer_match)
             if not answer.correct and not options.include_all:
