@@ -122,6 +122,8 @@ def test_without_controls_the_rows_keep_their_columns():
     multi = torch.stack([labels, 1 - labels], dim=1)
     [row] = layerwise(features[:, :1], multi, True, groups=groups, controls=True)  # no types: no control task
     assert list(row) == ["layer", "accuracy", "f1", "shuffled_accuracy", "shuffled_f1"]
+    with pytest.raises(ValueError, match="controls=True"):
+        layerwise(features, labels, False, groups=groups, types=types)
 
 
 def test_probe_command_reports_selectivity_from_a_control_task_on_the_features(embedded, world, tmp_path):

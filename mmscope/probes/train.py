@@ -125,6 +125,8 @@ def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, te
     per example; None: it has no meaningful control task), on the control task (`control_accuracy`,
     `control_f1`) and `selectivity` = accuracy − control_accuracy. Both are seeded with `config.seed`.
     """
+    if types is not None and not controls:
+        raise ValueError("types name the control task's inputs: pass controls=True with them")
     groups = groups if groups is not None else [str(i) for i in range(len(features))]
     train, test = split(groups, test_fraction, config.seed)
     arms = {"": labels}
