@@ -341,3 +341,25 @@ def test_a_broken_world_json_is_named(tmp_path, text, problem):
     with pytest.raises(MalformedFileError) as error:
         load_synthetic(tmp_path, "train")
     assert clear_error(error).startswith(f"world file {tmp_path / 'world.json'} {problem}")
+
+
+def test_a_world_drawn_split_by_split_equals_one_drawn_whole(tmp_path):
+    """`render=` draws only the splits asked for (the embedded model's first run needs only its test split);
+    `render_splits` draws the others later, and every file equals a whole world's, byte for byte."""
+    from mmscope.data.synthetic.writing import render_splits, rendered_splits
+
+    whole = synthesize(tmp_path / "whole", 40, seed=9, image_size=64, workers=1, progress=False)
+    part = synthesize(tmp_path / "part", 40, seed=9, image_size=64, workers=1, progress=False, render=["test"])
+    test_ids = set(json.loads(part.scene_graphs["test"].read_text()))
+    assert {path.stem for path in part.images.glob("*.jpg")} == test_ids
+    assert rendered_splits(part.root) == ["test"] and rendered_splits(tmp_path / "missing") is None
+    for split in ("train", "val", "test"):
+        assert part.questions[split].read_bytes() == whole.questions[split].read_bytes()
+    render_splits(part.root, ["val", "test"], workers=1, progress=False)
+    assert rendered_splits(part.root) == ["test", "val"]
+    val_ids = set(json.loads(part.scene_graphs["val"].read_text()))
+    assert {path.stem for path in part.images.glob("*.jpg")} == test_ids | val_ids
+    for image_id in val_ids | test_ids:
+        assert (part.images / f"{image_id}.jpg").read_bytes() == (whole.images / f"{image_id}.jpg").read_bytes()
+    with pytest.raises(DataError, match="split 'dev' is not one of"):
+        render_splits(part.root, ["dev"], progress=False)

@@ -23,9 +23,10 @@ _QUESTION_FILES = ("_balanced_questions.json", "_all_questions.json")
 _SCENE_GRAPH_FILES = ("_sceneGraphs.json",)
 
 
-def _data_folder(data: Path | None, tables: bool = False) -> Path:
-    """`--data` as a folder that exists (or, with `tables`, a table file); None means the embedded model's world."""
-    data = Path(data) if data is not None else embedded_world()
+def _data_folder(data: Path | None, tables: bool = False, split: str | None = None) -> Path:
+    """`--data` as a folder that exists (or, with `tables`, a table file); None means the embedded model's world
+    (with `split`'s images drawn)."""
+    data = Path(data) if data is not None else embedded_world(split=split)
     if tables and data.is_file() and is_table(data):
         return data
     if tables and data.is_file():
@@ -92,7 +93,7 @@ def load_questions(data: Path | None, split: str = "test", *, images: Path | Non
     table, a column it lacks (naming those it has) or no usable row.
     """
     check_at_least("limit", limit, 1, omitted="all questions", error=DataError)
-    data = _data_folder(data, tables=True)
+    data = _data_folder(data, tables=True, split=split)
     synthetic = data.is_dir() and (data / "world.json").exists()
     study = data.is_dir() and bool(list(data.glob("GQA_*.csv")))
     questions = _split_files(data, "questions", _QUESTION_FILES) if data.is_dir() else {}
@@ -150,7 +151,7 @@ def probe_datasets(data: Path | None, split: str = "test", n_images: int = 300, 
     """The probing study's two datasets from one split's scene graphs: entailment pairs and object labels,
     each over the first `n_images` images."""
     check_at_least("n_images", n_images, 1, error=DataError)
-    data = _data_folder(data)
+    data = _data_folder(data, split=split)
     scene_graphs = _split_files(data, "sceneGraphs", _SCENE_GRAPH_FILES)
     if not scene_graphs:
         raise DataFileNotFoundError(f"no scene-graph files ({split}_sceneGraphs.json …) in {data} or "

@@ -22,12 +22,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MMSCOPE_CACHE", Path.home() / ".cache" / "mmscope"))
 
 
-def embedded_world(model_name: str = DEFAULT_MODEL) -> Path:
-    """The synthetic world the embedded model was trained on, regenerated into the cache when missing."""
-    from mmscope.data import synthesize
+def embedded_world(model_name: str = DEFAULT_MODEL, split: str | None = None) -> Path:
+    """The synthetic world the embedded model was trained on, regenerated into the cache when missing — with
+    only `split`'s images drawn when one is named (the held-out test split is a tenth of the world), the other
+    splits' when they are first asked for."""
+    from mmscope.data.synthetic.writing import render_splits, synthesize
 
     spec = json.loads((EMBEDDED_MODELS[model_name] / "world.json").read_text())
     folder = cache_dir() / f"world-{spec['n_scenes']}-{spec['image_size']}px-seed{spec['seed']}"
-    if not (folder / "questions").exists():
-        synthesize(folder, spec["n_scenes"], seed=spec["seed"], image_size=spec["image_size"])
+    if not (folder / "world.json").exists():
+        synthesize(folder, spec["n_scenes"], seed=spec["seed"], image_size=spec["image_size"], overwrite=True,
+                   render=[split] if split is not None else None)
+    elif split is None or split in spec["splits"]:
+        render_splits(folder, [split] if split is not None else list(spec["splits"]))
     return folder

@@ -126,8 +126,65 @@ def _render_all(tasks: list[tuple[str, int, list]], workers: int, progress: bool
     bar.close()
 
 
+RENDERED = "rendered.json"  # beside world.json: the splits whose images are drawn (absent: all of them)
+
+
+def _world(sizes: list[tuple[str, int]], seed: int, image_size: int, questions_per_scene: int, images: Path):
+    """Per split, in order: its questions, scene graphs and render tasks — all a function of `seed`."""
+    rng = random.Random(seed)
+    index, question_number = 0, 0
+    for split, n_split in sizes:
+        sampler = QuestionSampler(rng)
+        questions, graphs, tasks = {}, {}, []
+        for _ in range(n_split):
+            scene = sample_scene(rng, index, image_size, sampler.shared_attribute())
+            index += 1
+            graphs[scene.image_id] = scene_graph(scene)
+            tasks.append((str(images / f"{scene.image_id}.jpg"), image_size,
+                          [(o.shape, COLORS[o.color], o.material == "metal", (o.x, o.y, o.side))
+                           for o in scene.objects]))
+            for _, answer, question in sampler.ask(scene, questions_per_scene):
+                question_id = f"{question_number:08d}"
+                question_number += 1
+                questions[question_id] = _gqa_record(question_id, scene, answer, question)
+        yield split, questions, graphs, tasks
+
+
+def _mark_rendered(out_dir: Path, splits: Sequence[str]) -> None:
+    marker = out_dir / RENDERED
+    before = json.loads(marker.read_text()) if marker.exists() else []
+    marker.write_text(json.dumps(sorted(set(before) | set(splits))))
+
+
+def rendered_splits(out_dir: str | Path) -> list[str] | None:
+    """The splits of a synthetic world whose images are drawn (None: all of them — a world drawn whole)."""
+    marker = Path(out_dir) / RENDERED
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def render_splits(out_dir: str | Path, splits: Sequence[str], *, workers: int | None = None,
+                  progress: bool = True) -> None:
+    """Draw the images of `splits` of a world `synthesize` wrote with only some splits rendered (those drawn
+    already are left alone); the images equal those a whole `synthesize` would draw."""
+    out_dir = Path(out_dir)
+    done = rendered_splits(out_dir)
+    missing = [split for split in splits if done is not None and split not in done]
+    if not missing:
+        return
+    world = json.loads((out_dir / "world.json").read_text())
+    sizes = [(name, counts["scenes"]) for name, counts in world["splits"].items()]
+    unknown = sorted(set(missing) - {name for name, _ in sizes})
+    if unknown:
+        raise DataError(f"split {unknown[0]!r} is not one of {out_dir}'s: {known([name for name, _ in sizes])}")
+    tasks = [task for split, _, _, split_tasks in _world(sizes, world["seed"], world["image_size"],
+                                                          world["questions_per_scene"], out_dir / "images")
+             if split in missing for task in split_tasks]
+    _render_all(tasks, workers or os.cpu_count() or 1, progress)
+    _mark_rendered(out_dir, missing)
+
+
 def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
-    ours = [out_dir / name for name in ("questions", "sceneGraphs", "images", "world.json")]
+    ours = [out_dir / name for name in ("questions", "sceneGraphs", "images", "world.json", RENDERED)]
     present = [path for path in ours if path.exists()]
     if present and not overwrite:
         raise DataError(f"{out_dir} already holds {', '.join(p.name for p in present)}; "
@@ -149,6 +206,7 @@ def synthesize(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    render: Sequence[str] | None = None,
 ) -> SyntheticFiles:
     """Write a synthetic world of `n_scenes` scenes in GQA's layout under `out_dir`; return the paths.
 
@@ -163,6 +221,8 @@ def synthesize(
         workers: rendering processes (default: all CPU cores).
         overwrite: replace a world already in `out_dir` (only the four entries above are removed).
         progress: show a progress bar.
+        render: the splits whose images to draw now (default: all); `render_splits` draws the others later,
+            identically. The questions and scene graphs of every split are always written.
     """
     if n_scenes < 1 or questions_per_scene < 1 or image_size < 32:
         raise DataError(f"need n_scenes >= 1, questions_per_scene >= 1 and image_size >= 32; got {n_scenes}, "
@@ -177,26 +237,16 @@ def synthesize(
         images=out_dir / "images",
         world=out_dir / "world.json",
     )
-    rng = random.Random(seed)
-    tasks, counts, index, question_number = [], {}, 0, 0
-    for split, n_split in sizes:
-        sampler = QuestionSampler(rng)
-        questions, graphs = {}, {}
-        for _ in range(n_split):
-            scene = sample_scene(rng, index, image_size, sampler.shared_attribute())
-            index += 1
-            graphs[scene.image_id] = scene_graph(scene)
-            tasks.append((str(files.images / f"{scene.image_id}.jpg"), image_size,
-                          [(o.shape, COLORS[o.color], o.material == "metal", (o.x, o.y, o.side))
-                           for o in scene.objects]))
-            for _, answer, question in sampler.ask(scene, questions_per_scene):
-                question_id = f"{question_number:08d}"
-                question_number += 1
-                questions[question_id] = _gqa_record(question_id, scene, answer, question)
+    counts, tasks = {}, {}
+    for split, questions, graphs, split_tasks in _world(sizes, seed, image_size, questions_per_scene, files.images):
         files.questions[split].write_text(json.dumps(questions))
         files.scene_graphs[split].write_text(json.dumps(graphs))
-        counts[split] = {"scenes": n_split, "questions": len(questions)}
-    _render_all(tasks, workers or os.cpu_count() or 1, progress)
+        counts[split] = {"scenes": len(graphs), "questions": len(questions)}
+        tasks[split] = split_tasks
+    drawn = [name for name, _ in sizes] if render is None else [name for name, _ in sizes if name in render]
+    _render_all([task for split in drawn for task in tasks[split]], workers or os.cpu_count() or 1, progress)
+    if render is not None:
+        _mark_rendered(out_dir, drawn)
     world = {
         "format": "mmscope synthetic GQA world",
         "version": 1,
