@@ -28,6 +28,7 @@ from mmscope.errors import MMScopeError, known, suggest, yaml_problem
 from mmscope.experiments.evaluate import EVALUATE
 from mmscope.experiments.knockout import KNOCKOUT
 from mmscope.experiments.lens import LENS
+from mmscope.experiments.maps import MAP
 from mmscope.experiments.options import Command, fields_in_order
 from mmscope.experiments.patch import PATCH
 from mmscope.experiments.probe import PROBE
@@ -89,7 +90,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help=f"Show an error's
     """Mechanistic interventions for vision-language models, built on nnsight."""
 
 
-EXPERIMENTS = (KNOCKOUT, LENS, TRUNCATE, PATCH, PROBE)
+EXPERIMENTS = (KNOCKOUT, LENS, TRUNCATE, PATCH, MAP, PROBE)
 
 # The TrainConfig fields `mmscope train` takes, in the order --help lists them, with their help (None: none).
 TRAIN_OPTIONS = {

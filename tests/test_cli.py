@@ -43,7 +43,7 @@ def recorded(monkeypatch) -> list:
 
 
 def test_commands_are_listed_in_their_order():
-    assert list(typer.main.get_command(app).commands) == ["knockout", "lens", "truncate", "patch", "probe", "train",
+    assert list(typer.main.get_command(app).commands) == ["knockout", "lens", "truncate", "patch", "map", "probe", "train",
                                                           "evaluate", "data"]
 
 

@@ -1,0 +1,110 @@
+"""`mmscope map`: region knockout maps, checked against one naive knockout per region, the regions' grid
+geometry on a fixed patch grid, and the command end to end on the embedded model."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmscope.cli import app
+from mmscope.experiments.maps import MapOptions, example_regions, grid_regions, map_rows
+from mmscope.experiments.answers import clean_answer
+from mmscope.experiments.options import OptionError
+from mmscope.experiments.runner import Question, Sweep, example_of
+from mmscope.experiments.workspace import load_questions
+from mmscope.interventions import Knockout, knockout_window
+
+runner = CliRunner()
+
+
+def square(seed: int = 0, side: int = 32) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(side, side, 3, generator=generator) * 255).to(torch.uint8).numpy())
+
+
+def test_regions_of_a_2x2_block_setting_follow_the_fixed_grid(tiny):
+    # The tiny LLaVA: 32x32 images, 8-px patches, a 4x4 grid; image token k sits at row k // 4, column k % 4 of
+    # a square image (its center crop crops nothing).
+    image = square()
+    example = tiny.prepare(image, "Is the cube red or blue?")
+    image_positions = example.layout["image"]
+    assert len(image_positions) == 16
+    regions = example_regions(tiny, image, example, 2)
+    assert [(r.row, r.col) for r in regions] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r.rectangle for r in regions] == [(0, 0, 16, 16), (16, 0, 32, 16), (0, 16, 16, 32), (16, 16, 32, 32)]
+    for region in regions:
+        tokens = [k for k in range(16) if (k // 4) // 2 == region.row and (k % 4) // 2 == region.col]
+        assert region.positions == tuple(image_positions[k] for k in tokens)
+    # Side 1: one region per patch, the patch's own rectangle, in token order.
+    singles = example_regions(tiny, image, example, 1)
+    assert [r.positions for r in singles] == [(p,) for p in image_positions]
+    assert singles[5].rectangle == (8, 8, 16, 16)
+
+
+def test_grid_regions_leave_out_tokens_without_a_patch():
+    rectangles = torch.tensor([[0, 0, 8, 8], [8, 0, 16, 8], [float("nan")] * 4, [0, 8, 8, 16], [8, 8, 16, 16]])
+    regions = grid_regions(rectangles, [10, 11, 12, 13, 14], 2)
+    assert len(regions) == 1 and regions[0].positions == (10, 11, 13, 14)
+    assert regions[0].rectangle == (0, 0, 16, 16)
+    assert grid_regions(torch.full((3, 4), float("nan")), [1, 2, 3], 1) == []
+
+
+def test_a_region_map_equals_one_naive_knockout_per_region(tiny):
+    image = square(seed=3)
+    example = tiny.prepare(image, "Is the cube red or blue?", boxes=[(2, 2, 12, 12)])
+    answer = clean_answer(tiny, example, "red")
+    options = MapOptions(region=2, window=2, center=1, model="unused")
+    sweep = Sweep(tiny, None, options)
+    row = {"image": image}
+    rows = map_rows(sweep, Question(0, row, example, answer))
+    assert len(rows) == 2 * 4  # targets last, question × 4 regions
+    layers = knockout_window(1, 2, tiny.n_layers)
+    token = answer.first_token
+    p_clean = tiny.next_token_probs(example)[token].item()
+    for entry in rows:
+        p_ko = tiny.next_token_probs(example, [Knockout(tuple(entry["positions"]), entry["target"], layers)])
+        p_ko = p_ko[token].item()
+        assert entry["p_clean"] == pytest.approx(p_clean, abs=1e-6)
+        assert entry["p_ko"] == pytest.approx(p_ko, abs=1e-6)
+        assert entry["delta_pct"] == pytest.approx((p_ko - p_clean) / p_clean * 100, abs=1e-3)
+    # The box (2, 2, 12, 12) overlaps the top-left block only… and the patches of (8..16) too: blocks 0 only.
+    on = {entry["region"] for entry in rows if entry["on_object"]}
+    assert on == {0}
+
+
+def test_options_refuse_unknown_targets():
+    with pytest.raises(OptionError, match="--target"):
+        MapOptions(targets=["image"], model="unused")
+
+
+def test_map_command_writes_rows_and_maps(embedded, world, tmp_path):
+    out = tmp_path / "map"
+    result = runner.invoke(app, ["map", "--data", str(world), "--split", "test", "--limit", "1", "--out", str(out),
+                                 "--region", "2", "--include-all"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    printed = result.stdout
+    assert "object regions" in printed or "no object box" in printed
+    table = pd.read_parquet(out / "results.parquet")
+    examples = sorted(table["example"].unique())  # --limit 1 takes one question per category
+    for name in ("results.parquet", "summary.csv", "map.png", "config.yaml", *(f"map_{e}.png" for e in examples[:6])):
+        assert (out / name).exists(), name
+    assert set(table["target"]) == {"last", "question"}
+    n_regions = table["region"].nunique()
+    assert len(table) == 2 * n_regions * len(examples)
+    # The regions tile the image: their rectangles' areas sum to the image's.
+    dataset = load_questions(world, "test", limit=1)
+    first = int(examples[0])
+    image = dataset[first]["image"]
+    last = table[(table["target"] == "last") & (table["example"] == first)]
+    area = ((last["x1"] - last["x0"]) * (last["y1"] - last["y0"])).sum()
+    assert area == pytest.approx(image.width * image.height, rel=1e-6)
+    # One row checked against the core API.
+    example = example_of(embedded, dataset[first])
+    row = last.iloc[0]
+    layers = tuple(range(int(row["first_layer"]), int(row["last_layer"]) + 1))
+    token = embedded.answer_tokens(example, row["generated"] or row["answer"])[0][0]
+    p_ko = embedded.next_token_probs(example, [Knockout(tuple(row["positions"]), "last", layers)])[token].item()
+    assert row["p_ko"] == pytest.approx(p_ko, abs=1e-6)
