@@ -6,12 +6,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from families import build_kosmos2
 from PIL import Image
 from typer.testing import CliRunner
 
+import mmscope
 from mmscope.cli import app
-from mmscope.experiments.maps import MapOptions, example_regions, grid_regions, map_rows
 from mmscope.experiments.answers import clean_answer
+from mmscope.experiments.maps import MapOptions, example_regions, grid_regions, map_rows, map_variants
 from mmscope.experiments.options import OptionError
 from mmscope.experiments.runner import Question, Sweep, example_of
 from mmscope.experiments.workspace import load_questions
@@ -108,3 +110,10 @@ def test_map_command_writes_rows_and_maps(embedded, world, tmp_path):
     token = embedded.answer_tokens(example, row["generated"] or row["answer"])[0][0]
     p_ko = embedded.next_token_probs(example, [Knockout(tuple(row["positions"]), "last", layers)])[token].item()
     assert row["p_ko"] == pytest.approx(p_ko, abs=1e-6)
+
+
+def test_a_family_without_patch_rectangles_is_refused_naming_it(tmp_path):
+    kosmos = mmscope.load(build_kosmos2(tmp_path / "kosmos2"))
+    with pytest.raises(OptionError, match="kosmos2 family") as error:
+        map_variants(MapOptions(model="unused", window=1, center=0), kosmos)
+    assert "\n" not in str(error.value)

@@ -250,18 +250,18 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
 
 def map_figure(summary: pd.DataFrame, path: Path, options: MapOptions) -> Path:
     """`map.png`: per target, the mean Δp% of object regions beside the others; and `map_<example>.png` for the
-    first examples of the run (read from results.parquet beside `path`)."""
+    first examples of the run (read from results.parquet beside `path`), each on the symmetric colour scale of
+    its largest |Δp%|, shared by its panels."""
     import matplotlib.pyplot as plt
 
     table = pd.read_parquet(path.parent / "results.parquet")
     examples = sorted(table["example"].unique())[:MAPPED_EXAMPLES]
-    shown = table[table["example"].isin(examples)]
-    limit = float(shown["delta_pct"].abs().max()) if len(shown) else 1.0
-    limit = limit if math.isfinite(limit) and limit > 0 else 1.0
     dataset = questions(options)
     for example in examples:
         row = dataset[int(example)]
         part = table[table["example"] == example]
+        limit = float(part["delta_pct"].abs().max())  # one symmetric scale for the example's panels
+        limit = limit if math.isfinite(limit) and limit > 0 else 1.0
         title = (f"{row['question']} (answer {row['answer']!r}); window {options.window} around layer "
                  f"{options.center}, regions {options.region}x{options.region}")
         draw_example_map(row["image"].convert("RGB"), part, boxes_of(row), path.parent / f"map_{int(example)}.png",
