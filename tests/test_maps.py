@@ -54,11 +54,12 @@ def test_grid_regions_leave_out_tokens_without_a_patch():
     assert grid_regions(torch.full((3, 4), float("nan")), [1, 2, 3], 1) == []
 
 
-def test_a_region_map_equals_one_naive_knockout_per_region(tiny):
+@pytest.mark.parametrize("engine", ["prefix", "naive"])
+def test_a_region_map_equals_one_naive_knockout_per_region(tiny, engine):
     image = square(seed=3)
     example = tiny.prepare(image, "Is the cube red or blue?", boxes=[(2, 2, 12, 12)])
     answer = clean_answer(tiny, example, "red")
-    options = MapOptions(region=2, window=2, center=1, model="unused")
+    options = MapOptions(region=2, window=2, center=1, model="unused", engine=engine)
     sweep = Sweep(tiny, None, options)
     row = {"image": image}
     rows = map_rows(sweep, Question(0, row, example, answer))
@@ -103,13 +104,17 @@ def test_map_command_writes_rows_and_maps(embedded, world, tmp_path):
     last = table[(table["target"] == "last") & (table["example"] == first)]
     area = ((last["x1"] - last["x0"]) * (last["y1"] - last["y0"])).sum()
     assert area == pytest.approx(image.width * image.height, rel=1e-6)
-    # One row checked against the core API.
+    # The first example's rows checked against the core API, one knockout each.
     example = example_of(embedded, dataset[first])
-    row = last.iloc[0]
-    layers = tuple(range(int(row["first_layer"]), int(row["last_layer"]) + 1))
-    token = embedded.answer_tokens(example, row["generated"] or row["answer"])[0][0]
-    p_ko = embedded.next_token_probs(example, [Knockout(tuple(row["positions"]), "last", layers)])[token].item()
-    assert row["p_ko"] == pytest.approx(p_ko, abs=1e-6)
+    layers = knockout_window(embedded.n_layers // 2, max(1, round(embedded.n_layers / 3)), embedded.n_layers)
+    token = embedded.answer_tokens(example, last["generated"].iloc[0] or last["answer"].iloc[0])[0][0]
+    p_clean = embedded.next_token_probs(example)[token].item()
+    for _, row in last.iterrows():
+        assert (int(row["first_layer"]), int(row["last_layer"])) == (layers[0], layers[-1])
+        p_ko = embedded.next_token_probs(example, [Knockout(tuple(row["positions"]), "last", layers)])[token].item()
+        assert row["p_ko"] == pytest.approx(p_ko, abs=1e-6)
+        assert row["delta_pct"] == pytest.approx((p_ko - p_clean) / p_clean * 100, abs=1e-3)
+    assert "maps over the images" in printed
 
 
 def test_a_family_without_patch_rectangles_is_refused_naming_it(tmp_path):

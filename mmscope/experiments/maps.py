@@ -298,11 +298,13 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
         own = summary[summary["target"] == target]
         worst = own.loc[own["mean"].idxmin()]
         rect = table[(table["target"] == target) & (table["region"] == worst["region"])].iloc[0]
-        object_text = (f"object regions {on.iloc[0]:+.1f}, other regions {off.iloc[0]:+.1f}"
+        object_text = (f"object regions {on.iloc[0]:+.2f}, other regions {off.iloc[0]:+.2f}"
                        if len(on) and len(off) else "no object box")
         lines.append(f"  {target}: {object_text}; largest mean drop: region {int(worst['region'])} "
                      f"(x {rect['x0']:.0f}-{rect['x1']:.0f}, y {rect['y0']:.0f}-{rect['y1']:.0f}) "
-                     f"{worst['mean']:+.1f}")
+                     f"{worst['mean']:+.2f}")
+    shown = sorted(table["example"].unique())[:MAPPED_EXAMPLES]
+    lines += ["", f"maps over the images: map_<example>.png for examples {', '.join(str(int(e)) for e in shown)}"]
     return lines
 
 
