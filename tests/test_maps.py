@@ -122,3 +122,13 @@ def test_a_family_without_patch_rectangles_is_refused_naming_it(tmp_path):
     with pytest.raises(OptionError, match="kosmos2 family") as error:
         map_variants(MapOptions(model="unused", window=1, center=0), kosmos)
     assert "\n" not in str(error.value)
+
+
+def test_an_image_shown_at_two_scales_holds_two_grids_finest_first():
+    coarse = torch.tensor([[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 16, 32], [16, 16, 32, 32]])
+    fine = torch.tensor([[x, y, x + 8, y + 8] for y in range(0, 32, 8) for x in range(0, 32, 8)])
+    regions = grid_regions(torch.cat([coarse, fine]).float(), list(range(100, 120)), 2)
+    assert [r.grid for r in regions] == [0] * 4 + [1]  # 2x2 blocks of the 4x4 fine grid, then the 2x2 coarse one
+    assert [r.rectangle for r in regions[:4]] == [(0, 0, 16, 16), (16, 0, 32, 16), (0, 16, 16, 32), (16, 16, 32, 32)]
+    assert regions[0].positions == (104, 105, 108, 109)
+    assert regions[4].positions == (100, 101, 102, 103) and regions[4].rectangle == (0, 0, 32, 32)

@@ -49,7 +49,8 @@ MAPPED_EXAMPLES = 6  # the examples drawn one PNG each
 
 @dataclass(frozen=True)
 class Region:
-    """One block of the image-token grid: its index (row-major over blocks), its grid cell (block row and
+    """One block of the image-token grid: its index (row-major over blocks), its grid (0 for a fixed grid; one
+    per patch size where an image is shown at several scales, the finest first), its cell (block row and
     column), its rectangle `(x0, y0, x1, y1)` in original pixels, and its image tokens' prompt positions."""
 
     index: int
@@ -57,41 +58,52 @@ class Region:
     col: int
     rectangle: tuple[float, float, float, float]
     positions: tuple[int, ...]
+    grid: int = 0
+
+
+def _rounded(values: torch.Tensor) -> torch.Tensor:
+    return torch.round(values.double() * 1000) / 1000  # to 1e-3 px: edges computed two ways compare equal
 
 
 def _levels(values: torch.Tensor) -> torch.Tensor:
     """Each value's rank among the distinct values (rounded to 1e-3 px), 0-based."""
-    rounded = torch.round(values.double() * 1000) / 1000
-    distinct = torch.unique(rounded)
-    return torch.searchsorted(distinct, rounded)
+    rounded = _rounded(values)
+    return torch.searchsorted(torch.unique(rounded), rounded)
 
 
 def grid_regions(rectangles: torch.Tensor, positions: Sequence[int], side: int) -> list[Region]:
     """The regions of `side` x `side` patches, from the image tokens' rectangles `[n, 4]` (NaN rows: tokens that
     show no patch, left out) and their prompt positions `[n]`.
 
-    A token's grid cell is the rank of its rectangle's left edge among the distinct left edges, and of its top
-    edge among the top edges; its block is (row // side, col // side). Regions come in row-major block order.
+    Tokens are grouped by patch size first (an image shown whole and in tiles, as LLaVA-NeXT does, holds two
+    grids; finest first). Within a grid a token's cell is the rank of its rectangle's left edge among the grid's
+    distinct left edges, and of its top edge among the top edges; its block is (row // side, col // side).
+    Regions come grid by grid, in row-major block order.
     """
     if side < 1:
         raise OptionError(f"region {side} (--region): must be at least 1")
     if len(rectangles) != len(positions):
         raise MMScopeError(f"{len(rectangles)} patch rectangles for {len(positions)} image tokens")
     finite = rectangles.isfinite().all(-1)
-    if not bool(finite.any()):
-        return []
     rects = rectangles[finite].double()
-    kept = [int(p) for p, keep in zip(positions, finite.tolist(), strict=True) if keep]
-    rows, cols = _levels(rects[:, 1]) // side, _levels(rects[:, 0]) // side
-    blocks: dict[tuple[int, int], list[int]] = {}
-    for i, key in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
-        blocks.setdefault(key, []).append(i)
-    regions = []
-    for index, (key, members) in enumerate(sorted(blocks.items())):
-        part = rects[members]
-        rectangle = (float(part[:, 0].min()), float(part[:, 1].min()), float(part[:, 2].max()),
-                     float(part[:, 3].max()))
-        regions.append(Region(index, key[0], key[1], rectangle, tuple(sorted(kept[i] for i in members))))
+    kept = torch.tensor([int(p) for p, keep in zip(positions, finite.tolist(), strict=True) if keep],
+                        dtype=torch.long)
+    sizes = _rounded(torch.stack([rects[:, 2] - rects[:, 0], rects[:, 3] - rects[:, 1]], -1)) if len(rects) else rects
+    scales = sorted({tuple(size) for size in sizes.tolist()}, key=lambda wh: wh[0] * wh[1])
+    regions: list[Region] = []
+    for grid, scale in enumerate(scales):
+        members = (sizes == torch.tensor(scale, dtype=sizes.dtype)).all(-1)
+        part, part_positions = rects[members], kept[members]
+        rows, cols = _levels(part[:, 1]) // side, _levels(part[:, 0]) // side
+        blocks: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+            blocks.setdefault(key, []).append(i)
+        for key, block in sorted(blocks.items()):
+            cell = part[block]
+            rectangle = (float(cell[:, 0].min()), float(cell[:, 1].min()), float(cell[:, 2].max()),
+                         float(cell[:, 3].max()))
+            regions.append(Region(len(regions), key[0], key[1], rectangle,
+                                  tuple(sorted(part_positions[block].tolist())), grid))
     return regions
 
 
@@ -191,6 +203,7 @@ def map_rows(sweep: Sweep[MapOptions], question: Question) -> list[dict]:
             "correct": question.answer.correct,
             "target": target,
             "region": index,
+            "grid": region.grid,
             "grid_row": region.row,
             "grid_col": region.col,
             "x0": x0, "y0": y0, "x1": x1, "y1": y1,
@@ -230,7 +243,7 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
     cmap = plt.get_cmap("RdBu_r")
     for axis, target in zip(axes[0], targets, strict=True):
         axis.imshow(image, extent=(0, image.width, image.height, 0))
-        for _, row in part[part["target"] == target].iterrows():
+        for _, row in part[(part["target"] == target) & (part["grid"] == 0)].iterrows():  # the finest grid
             axis.add_patch(Rectangle((row["x0"], row["y0"]), row["x1"] - row["x0"], row["y1"] - row["y0"],
                                      facecolor=cmap(norm(row["delta_pct"])), alpha=0.55, edgecolor="none"))
         for x, y, w, h in boxes:
