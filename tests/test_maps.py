@@ -115,6 +115,13 @@ def test_map_command_writes_rows_and_maps(embedded, world, tmp_path):
         assert row["p_ko"] == pytest.approx(p_ko, abs=1e-6)
         assert row["delta_pct"] == pytest.approx((p_ko - p_clean) / p_clean * 100, abs=1e-3)
     assert "maps over the images" in printed
+    # The run's own config.yaml is the same run: it resumes (nothing left to do) and prints the same report.
+    again = runner.invoke(app, ["map", "--config", str(out / "config.yaml")], catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    defaults = [line for line in printed.splitlines() if line.startswith(("  window", "  center"))]
+    assert len(defaults) == 2  # the defaults chosen are printed; the config names them, so the rerun does not
+    assert again.stdout.splitlines() == [line for line in printed.splitlines() if line not in defaults]
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), table)
 
 
 def test_a_family_without_patch_rectangles_is_refused_naming_it(tmp_path):
