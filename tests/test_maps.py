@@ -130,6 +130,12 @@ def test_a_family_without_patch_rectangles_is_refused_naming_it(world, tmp_path)
     with pytest.raises(OptionError, match="kosmos2 family") as error:
         map_variants(MapOptions(model="unused", window=1, center=0), kosmos)
     assert "\n" not in str(error.value)
+    result = runner.invoke(app, ["map", "--model", str(folder), "--data", str(world), "--split", "test", "--limit",
+                                 "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    [line] = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "kosmos2 family" in line
+    assert not (tmp_path / "run").exists()  # refused before the run folder opens
 
 
 def test_an_image_shown_at_two_scales_holds_two_grids_finest_first():
@@ -140,9 +146,3 @@ def test_an_image_shown_at_two_scales_holds_two_grids_finest_first():
     assert [r.rectangle for r in regions[:4]] == [(0, 0, 16, 16), (16, 0, 32, 16), (0, 16, 16, 32), (16, 16, 32, 32)]
     assert regions[0].positions == (104, 105, 108, 109)
     assert regions[4].positions == (100, 101, 102, 103) and regions[4].rectangle == (0, 0, 32, 32)
-    result = runner.invoke(app, ["map", "--model", str(folder), "--data", str(world), "--split", "test", "--limit",
-                                 "1", "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2
-    [line] = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert "kosmos2 family" in line
-    assert not (tmp_path / "run").exists()  # refused before the run folder opens
