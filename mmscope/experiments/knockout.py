@@ -148,13 +148,16 @@ def knockout_rows(sweep: Sweep[KnockoutOptions], question: Question) -> list[dic
             "flow": flow,
             "center": center,
             "window": sweep.options.window,
-            "first_layer": layers[0],
-            "last_layer": layers[-1],
-            "p_clean": p_clean,
-            "p_ko": p_ko,
-            "delta_pct": (p_ko - p_clean) / p_clean * 100.0,
+            **knockout_scores(layers, p_clean, p_ko),
         })
     return rows
+
+
+def knockout_scores(layers: Sequence[int], p_clean: float, p_ko: float) -> dict:
+    """The columns every knockout row ends with: the window's first and last layer, p(answer) clean and under
+    the knockout, and Δp% = (p_ko − p_clean) / p_clean · 100."""
+    return {"first_layer": layers[0], "last_layer": layers[-1], "p_clean": p_clean, "p_ko": p_ko,
+            "delta_pct": (p_ko - p_clean) / p_clean * 100.0}
 
 
 def knockout_figure(summary: pd.DataFrame, path: Path, options: KnockoutOptions) -> Path:

@@ -30,6 +30,7 @@ from PIL import Image
 
 from mmscope.errors import MMScopeError
 from mmscope.experiments.engine import ENGINES, Variant, run_variants
+from mmscope.experiments.knockout import knockout_scores
 from mmscope.experiments.options import (
     OptionError,
     QuestionOptions,
@@ -212,11 +213,7 @@ def map_rows(sweep: Sweep[MapOptions], question: Question) -> list[dict]:
             "on_object": bool(objects & set(region.positions)),
             "window": options.window,
             "center": options.center,
-            "first_layer": layers[0],
-            "last_layer": layers[-1],
-            "p_clean": p_clean,
-            "p_ko": p_ko,
-            "delta_pct": (p_ko - p_clean) / p_clean * 100.0,
+            **knockout_scores(layers, p_clean, p_ko),
         })
     return rows
 
