@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import mmscope
 from mmscope.cli import app
 from mmscope.experiments.answers import clean_answer, normalise
-from mmscope.experiments.knockout import KnockoutOptions, default_window
+from mmscope.experiments.knockout import KnockoutOptions, default_window, knockout_findings
 from mmscope.experiments.lens import LensOptions, lens_probs, tracked_tokens
 from mmscope.experiments.options import OptionError
 from mmscope.experiments.protocol import PROTOCOLS
@@ -265,5 +265,11 @@ def test_a_reference_csv_of_the_studys_own_columns_is_read_and_a_bad_one_is_refu
     bad.write_text("x,y\n0,1\n")
     with pytest.raises(InputError, match=r"bad.csv \(--reference\) needs a centre column"):
         read_reference(str(bad))
+    findings = knockout_findings(
+        pd.DataFrame({"category": ["QueryAttr"], "flow": ["image->last"]}),
+        pd.DataFrame({"category": ["QueryAttr"], "flow": ["image->last"], "center": [0], "mean": [-1.0]}),
+        KnockoutOptions(reference="llava15-7b-chooseattr-question-last-w9", window=2))
+    assert findings[-1] == ("reference llava15-7b-chooseattr-question-last-w9 not drawn: it is for ChooseAttr, "
+                            "which this run has no panel of")
     with pytest.raises(InputError, match=r"'absent.csv' \(--reference\) is neither a CSV file nor a shipped"):
         KnockoutOptions(reference="absent.csv")

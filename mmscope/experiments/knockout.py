@@ -183,7 +183,13 @@ def knockout_findings(table: pd.DataFrame, summary: pd.DataFrame, options: Knock
     lines = ["", "Largest mean drop of p(answer) per category and flow (centre layer, Δp %):", merged.to_string()]
     lines += control_findings(summary)
     if options.reference is not None:
-        lines += ["", f"reference curve drawn dashed: {options.reference}"]
+        categories = set(table["category"])
+        curves_of = read_reference(options.reference)
+        drawn = [curve for curve in curves_of if curve.category is None or curve.category in categories]
+        missed = sorted({curve.category for curve in curves_of} - {curve.category for curve in drawn})
+        lines += ["", f"reference curve drawn dashed: {options.reference}" if drawn else
+                  f"reference {options.reference} not drawn: it is for {', '.join(missed)}, which this run has "
+                  "no panel of"]
     return lines
 
 
