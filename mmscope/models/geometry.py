@@ -56,7 +56,8 @@ def patch_rectangles(image_width: int, image_height: int, image_processor, patch
         out_height, out_width = crop["height"], crop["width"]
         top, left = (new_height - out_height) // 2, (new_width - out_width) // 2
     rows, cols = out_height // patch_size, out_width // patch_size
-    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    # in float64 throughout: float32 places the edges of a non-integer scale ~1e-6 px off
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.double), torch.arange(cols, dtype=torch.double), indexing="ij")
     x0 = (c * patch_size + left) / scale_x - offset_x
     y0 = (r * patch_size + top) / scale_y - offset_y
     x1 = ((c + 1) * patch_size + left) / scale_x - offset_x

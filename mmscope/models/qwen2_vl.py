@@ -116,6 +116,7 @@ class QwenVLAdapter(Adapter):
         _, rows, cols = inputs["image_grid_thw"][0].tolist()
         merge = self.processor.image_processor.merge_size
         block_x, block_y = image.width / (cols // merge), image.height / (rows // merge)
-        r, c = torch.meshgrid(torch.arange(rows // merge), torch.arange(cols // merge), indexing="ij")
+        r, c = torch.meshgrid(torch.arange(rows // merge, dtype=torch.double),
+                              torch.arange(cols // merge, dtype=torch.double), indexing="ij")  # float64: exact edges
         corners = torch.stack([c * block_x, r * block_y, (c + 1) * block_x, (r + 1) * block_y]).double()
         return rearrange(corners, "xy rows cols -> (rows cols) xy")
