@@ -19,7 +19,8 @@ Qwen2-VL / Qwen2.5-VL / Qwen3-VL; the others refuse them, naming the family):
     ctx.vision_residual(layer)     # [B_images, N, D_v] (CLIP) or [sum patches, D_v] (Qwen): after vision layer `layer`
     ctx.vision_attention_output(layer), ctx.vision_mlp_output(layer)   # the same shape, before the residual add
     ctx.projector_output()         # the multimodal projector's output: the image features the decoder reads
-    ctx.vision_attention_mask(layer) / ctx.set_vision_attention_mask(layer, mask)   # [B_images, 1, N, N] (CLIP)
+    ctx.vision_attention_mask(layer) / ctx.set_vision_attention_mask(layer, mask)   # [B_images, 1, N, N] (CLIP),
+                                   # [1, 1, S, S] over Qwen's flattened patches (0 within each image or window)
     ctx.vision_tokens("patches")   # an index into any vision site: ctx.vision_residual(0)[ctx.vision_tokens("cls")]
 
 Values are the live tensors of the forward pass: editing them in place changes what flows on. Sites must be
@@ -324,6 +325,13 @@ class Context:
             raise self._adapter.no_vision_sites(f"ctx.vision_positions({tokens!r})")
         return self._adapter.vision_positions(tokens, self.example.inputs)
 
+    def vision_edges(self, targets: Group, sources: Group, keep_self: bool = True) -> torch.Tensor:
+        """Boolean `[B_images or 1, N, N]`, aligned with `vision_attention_mask`: True at the (query, key) pairs
+        where a `targets` vision token reads a `sources` token of its own image (a vision knockout's edges)."""
+        if self._adapter.vision_layers is None:
+            raise self._adapter.no_vision_sites(f"ctx.vision_edges({targets!r}, {sources!r})")
+        return self._adapter.vision_edges(targets, sources, self.example.inputs, keep_self)
+
     def vision_attention_mask(self, layer: int) -> torch.Tensor:
         """The additive mask vision layer `layer`'s self-attention receives, `[B_images, 1, N, N]`: zeros where
         the tower passed None (it attends everywhere). Never edit it in place; hand a new one to
@@ -331,6 +339,9 @@ class Context:
         attention = self._vision_attention(layer, f"ctx.vision_attention_mask({layer})")
         args, kwargs = attention.inputs
         self._seen_vision = (layer, args, kwargs)
+        own = self._adapter.vision_attention_mask(args, kwargs)  # a family whose attention takes no mask keyword
+        if own is not None:
+            return own
         hidden = args[0] if args else kwargs["hidden_states"]
         received = kwargs.get("attention_mask")
         if received is None:
@@ -343,6 +354,10 @@ class Context:
         attention = self._vision_attention(layer, f"ctx.set_vision_attention_mask({layer})")
         seen, self._seen_vision = self._seen_vision, None
         args, kwargs = seen[1:] if seen is not None and seen[0] == layer else attention.inputs
+        masked = self._adapter.masked_vision_attention(layer, args, kwargs, mask)
+        if masked is not None:  # the family's attention recomputed under the mask: its output replaced
+            attention.output = masked
+            return
         attention.inputs = (args, {**kwargs, "attention_mask": mask})
 
     @property

@@ -9,6 +9,7 @@ forward pre-hook on a vision attention editing the `attention_mask` keyword for 
 from __future__ import annotations
 
 import operator
+import sys
 
 import pytest
 import torch
@@ -343,15 +344,106 @@ def test_bad_vision_fields_are_refused(clip_case):
         clip_case.logits([VisionKnockout((99,), "cls", 0)])
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_vision_knockout_is_refused(name, tmp_path_factory):
-    model = load_family(name, tmp_path_factory).model
-    example = load_family(name, tmp_path_factory).examples[0]
-    with pytest.raises(InterventionError) as error:
-        model.run(example, [VisionKnockout((0, 1), (2,), 0)])
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+def qwen_chunk_knockout(attention, blocked: torch.Tensor):
+    """The oracle for Qwen-VL: the tower's own forward, with the additive mask of `blocked` (`[S, S]` over the
+    flattened patches) handed to the per-block eager attention call that transformers makes with
+    attention_mask=None — each call's block of `blocked`, found by counting the rows of the calls before it (the
+    blocks of `cu_seqlens`, in order). A pre-hook on `attention` restarts the count; other layers are untouched.
+    Returns the (pre-hook, patched attention function) pair."""
+    modeling = sys.modules[type(attention).__module__]
+    original = modeling.eager_attention_forward
+    state = {"offset": 0}
+
+    def restart(module, args, kwargs):
+        state["offset"] = 0
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        if module is attention:
+            assert attention_mask is None  # what the tower passes: the block alone is the mask
+            n, start = query.shape[2], state["offset"]
+            state["offset"] += n
+            edges = blocked[start : start + n, start : start + n]
+            attention_mask = query.new_zeros(n, n).masked_fill(edges, torch.finfo(query.dtype).min)[None, None]
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    return modeling, restart, attend
+
+
+@pytest.mark.parametrize("name", QWEN)
+@pytest.mark.parametrize(("sources", "targets", "keep_self"), [
+    ((1, 2, 3, 4, 6), (2, 5, 7, 8), True), ("patches", (0, 3, 9), True), ((0, 1, 2, 3), "patches", False)])
+def test_qwen_vision_knockout_matches_the_chunked_attention_oracle(name, sources, targets, keep_self, monkeypatch,
+                                                                   tmp_path_factory, tiny_folder, tiny):
+    """Patch → patch knockout in Qwen-VL's vision blocks (no CLS), in a batch of two images of different sizes,
+    in a windowed block (Qwen2.5-VL's layer 0) and a full one: against the tower's own forward with the mask
+    given to its per-block attention calls."""
+    case = make_case(name, tmp_path_factory, tiny_folder, tiny)
+    lengths = case.batch.inputs["image_grid_thw"].prod(-1).tolist()
+    assert len(set(lengths)) == 2
+    total = sum(lengths)
+    blocked = torch.zeros(total, total, dtype=torch.bool)
+    start = 0
+    for length in lengths:  # each image's own patches: "patches" is all of them
+        queries = range(length) if targets == "patches" else targets
+        keys = range(length) if sources == "patches" else sources
+        for query in queries:
+            for key in keys:
+                if query != key or not keep_self:
+                    blocked[start + query, start + key] = True
+        start += length
+    layer = 1 if name == "qwen2_5_vl" else 0  # Qwen2.5-VL: layer 0 attends within windows, layer 1 over the image
+    for layers in ([0], [0, 1]):
+        hooks, pre_hooks = [], []
+        captured = {}
+        for chosen in layers:
+            attention = case.module("vision_attention", chosen)
+            modeling, restart, attend = qwen_chunk_knockout(attention, blocked)
+            monkeypatch.setattr(modeling, "eager_attention_forward", attend)
+            pre_hooks.append((attention, restart))
+        hooks.append((case.module("vision_residual", layer),
+                      lambda module, args, output: captured.__setitem__("residual", tensor(output).clone())))
+        expected = case.hooked(pre_hooks=pre_hooks, hooks=hooks)
+        monkeypatch.undo()
+        knockout = VisionKnockout(sources, targets, layers=layers, keep_self=keep_self)
+        residual, logits = case.model.run(case.batch, [knockout], lambda ctx: (
+            ctx.vision_residual(layer).clone(), ctx.logits().float()))
+        torch.testing.assert_close(residual, captured["residual"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+        clean = case.model.run(case.batch, readout=lambda ctx: (ctx.vision_residual(layer).clone(),
+                                                                 ctx.logits().float()))
+        assert (residual - clean[0]).abs().max() > 1e-4  # the knockout changes what the patches read
+        assert (logits - clean[1]).abs().max() > 1e-5
+
+
+def test_qwen_vision_knockout_through_the_sweep_engine_equals_a_full_run(tmp_path_factory):
+    model = load_family("qwen2_vl", tmp_path_factory).model
+    example = load_family("qwen2_vl", tmp_path_factory).examples[0]
+    variants = [Variant(("knockout",), (VisionKnockout("patches", (0, 1, 2), [0, 1]),)),
+                Variant(("both",), (VisionKnockout((4, 5), "patches", 1), Knockout("image", "last", [2])))]
+    _, prefix = run_variants(model, example, variants)
+    for row, variant in enumerate(variants):
+        torch.testing.assert_close(prefix[row], model.next_token_probs(example, variant.interventions), atol=1e-6,
+                                   rtol=0)
+    assert (prefix[0] - model.next_token_probs(example, [])).abs().max() > 1e-6
+
+
+def test_qwen_vision_knockout_under_flash_attention_is_refused_in_one_line(tmp_path_factory):
+    model = load_family("qwen2_vl", tmp_path_factory).model
+    example = load_family("qwen2_vl", tmp_path_factory).examples[0]
+    vision = model.adapter.model.config.vision_config
+    saved = vision._attn_implementation
+    try:
+        vision._attn_implementation = "flash_attention_2"
+        with pytest.raises(InterventionError) as error:
+            model.run(example, [VisionKnockout((0, 1), (2,), 0)])
+    finally:
+        vision._attn_implementation = saved
     message = str(error.value)
     assert "\n" not in message
-    assert "ctx.vision_attention_mask(0)" in message and "qwen_vl" in message and "cu_seqlens" in message
+    assert "ctx.vision_attention_mask(0)" in message and "qwen_vl" in message and "flash_attention_2" in message
 
 
 @pytest.mark.parametrize("name", family_params(WITHOUT_VISION))

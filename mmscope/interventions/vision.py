@@ -9,8 +9,10 @@ edit applies to those tokens of every image (every tile, for LLaVA-NeXT).
 `VisionKnockout(sources, targets, layers)` blocks every target query from every source key in the chosen
 vision layers, all heads, by setting the additive mask the vision attention receives to the dtype's minimum
 there — e.g. `VisionKnockout("patches", "cls", range(12))` keeps the CLS token from reading any patch. The
-CLS → patch and patch → patch edges are blocked likewise. Families whose vision attention takes no mask (Qwen-VL)
-refuse it.
+CLS → patch and patch → patch edges are blocked likewise. Qwen-VL's attention takes no mask (it attends within
+each image's, or Qwen2.5-VL's window's, block of the flattened patches): there the mask is that block-diagonal one
+over all patches, the edges are blocked within each image, and the attention is recomputed under the edited mask
+from the layer's own weights (`mmscope.models.qwen2_vl`).
 
 `VisionScale(site, layers, tokens, factor)` multiplies a vision site (0: zero-ablation) and `VisionCachedPatch
 (site, layers, tokens)` overwrites it with another run's value (`ctx.source`, from `model.cache(clean,
@@ -73,20 +75,15 @@ class VisionKnockout(VisionIntervention):
     def apply(self, ctx: Context) -> None:
         blocked = None
         for layer in sorted(self.layers):
-            mask = ctx.vision_attention_mask(layer)  # [B_images, 1, N, N]; refused where there is no mask
+            # [B_images, 1, N, N] (CLIP) or [1, 1, S, S] (Qwen-VL); refused where there is no mask to edit
+            mask = ctx.vision_attention_mask(layer)
             if blocked is None:
-                blocked = self._edges(ctx, mask.shape[-1]).to(mask.device)
-            edges = blocked.expand(mask.shape[0], *blocked.shape)
+                blocked = ctx.vision_edges(self.targets, self.sources, self.keep_self).to(mask.device)
+                if blocked.shape[-2:] != mask.shape[-2:]:
+                    raise InterventionError(f"vision knockout edges {list(blocked.shape[-2:])} for a vision attention "
+                                            f"mask {list(mask.shape[-2:])} at vision layer {layer}")
+            edges = blocked.expand(mask.shape[0], *blocked.shape[1:])
             ctx.set_vision_attention_mask(layer, block(mask, edges, None, 1, may_empty_rows=not self.keep_self))
-
-    def _edges(self, ctx: Context, length: int) -> torch.Tensor:
-        """Boolean `[N, N]`: True at the (target query, source key) pairs to block in each image."""
-        targets, sources = ctx.vision_positions(self.targets), ctx.vision_positions(self.sources)
-        blocked = torch.zeros(length, length, dtype=torch.bool)
-        blocked[targets[:, None], sources[None, :]] = True
-        if self.keep_self:
-            blocked.fill_diagonal_(False)
-        return blocked
 
 
 @dataclass(frozen=True)

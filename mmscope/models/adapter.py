@@ -181,6 +181,21 @@ class Adapter:
         `attention_mask` keyword of every vision layer's attention)."""
         return "its vision attention takes no attention mask"
 
+    def vision_attention_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The additive mask a vision attention called with `args, kwargs` applies, for a family whose attention
+        takes no `attention_mask` keyword (None: read it from that keyword)."""
+        return None
+
+    def masked_vision_attention(self, layer: int, args: tuple, kwargs: dict, mask: torch.Tensor):
+        """Vision layer `layer`'s attention output recomputed under the additive `mask`, for a family whose
+        attention takes no `attention_mask` keyword (None: the mask is passed as that keyword)."""
+        return None
+
+    def vision_edges(self, targets, sources, inputs: dict, keep_self: bool) -> torch.Tensor:
+        """Boolean `[B_images or 1, N, N]` over the vision attention's (query, key) pairs: True where a `targets`
+        token of an image reads a `sources` token of the same image (the diagonal kept unless not `keep_self`)."""
+        raise self.no_vision_sites(f"vision tokens {targets!r}")
+
     def vision_index(self, tokens: str | tuple[int, ...], inputs: dict, projected: bool = False):
         """An index into any vision site (`site[index]`; the projector's output where `projected`) selecting
         `tokens` of every image: "patches", "cls", or positions within each image's sequence there (see

@@ -57,6 +57,15 @@ class ClipVisionTower:
                                     f"family has tokens {first_token}..{length - 1}")
         return torch.tensor(tokens)
 
+    def vision_edges(self, targets, sources, inputs: dict, keep_self: bool) -> torch.Tensor:
+        """`[1, N, N]`: the same (query, key) pairs in every image's (tile's) sequence."""
+        target, source = self.vision_positions(targets, inputs), self.vision_positions(sources, inputs)
+        blocked = torch.zeros(self.vision_sequence_length, self.vision_sequence_length, dtype=torch.bool)
+        blocked[target[:, None], source[None, :]] = True
+        if keep_self:
+            blocked.fill_diagonal_(False)
+        return blocked[None]
+
     def vision_index(self, tokens: str | tuple[int, ...], inputs: dict, projected: bool = False):
         """`(all images, positions)`: vision sites are `[B_images, 1 + g*g, D_v]`, the projector's output
         `[B_images, g*g, D]` (the patches, CLS dropped)."""

@@ -14,17 +14,22 @@ The vision tower runs its blocks on one flattened sequence `[sum of t*h*w patche
 token), images one after another, each image's patches in the processor's order (every `merge x merge` block of
 patches contiguous); Qwen2.5-VL's blocks hold them permuted into its attention windows, and its merger's output
 too (the model restores the order after the merger). Its attention takes no mask: transformers splits the
-sequence into each image's (or window's) block by `cu_seqlens` and attends within each with no mask, so a
-vision knockout is refused rather than approximated.
+sequence into each image's (or window's) block by `cu_seqlens` and attends within each with no mask. A vision
+knockout sees that as the block-diagonal additive mask over all patches (`vision_attention_mask`), blocks its
+edges within each image, and replaces the attention's output with the attention recomputed from the layer's
+own weights and inputs under the edited mask (`masked_vision_attention`: eager attention over all patches,
+faithful to the tower's eager or sdpa attention; flash attention is refused).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from einops import rearrange
 
 from mmscope.errors import InterventionError
-from mmscope.models.adapter import Adapter, register
+from mmscope.models.adapter import Adapter, attribute_path, register
 from mmscope.models.processors import load_processor_without_video
 from mmscope.prompts import IMAGE, QUESTION, PromptTemplate
 
@@ -40,6 +45,11 @@ QWEN_CHAT = PromptTemplate(
         ("roles", "<|im_start|>assistant\n"),
     )
 )
+
+
+def _argument(args: tuple, kwargs: dict, index: int, name: str):
+    """A vision block's argument to its attention, given by keyword or by position."""
+    return kwargs[name] if name in kwargs else args[index]
 
 
 @register("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -60,9 +70,55 @@ class QwenVLAdapter(Adapter):
         """False for Qwen3-VL, whose decoder adds "deepstack" visual features to image positions in early layers."""
         return not getattr(self.model.config.vision_config, "deepstack_visual_indexes", None)
 
-    def vision_mask_refusal(self) -> str:
-        return ("its vision attention takes no attention mask: transformers attends within each image's (or "
-                "window's) block of the flattened sequence, split by cu_seqlens, with attention_mask=None")
+    def vision_mask_refusal(self) -> str | None:
+        implementation = self.model.config.vision_config._attn_implementation
+        if implementation not in ("eager", "sdpa"):
+            return (f"its vision tower runs {implementation!r} attention; the knockout recomputes it as eager "
+                    "attention, which is faithful only to eager or sdpa")
+        return None
+
+    def vision_attention_mask(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """`[1, 1, S, S]` over the flattened patches: 0 within each block `cu_seqlens` splits the sequence into
+        (an image, or a Qwen2.5-VL window), the dtype's minimum across blocks — what the blocks' attention does."""
+        hidden = _argument(args, kwargs, 0, "hidden_states")
+        bounds = _argument(args, kwargs, 1, "cu_seqlens").to(hidden.device)
+        block_of = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=hidden.device), bounds.diff())
+        apart = block_of[:, None] != block_of[None, :]
+        mask = hidden.new_zeros(len(hidden), len(hidden)).masked_fill(apart, torch.finfo(hidden.dtype).min)
+        return mask[None, None]
+
+    def masked_vision_attention(self, layer: int, args: tuple, kwargs: dict, mask: torch.Tensor) -> torch.Tensor:
+        """The block's attention output under the additive `mask [1, 1 or H, S, S]`: transformers' own steps
+        (fused qkv, the family's vision rotary embedding, scaled scores, float32 softmax, proj) with the mask
+        added to the scores of one attention over all patches (eager; O(S^2) memory per head)."""
+        module = attribute_path(attribute_path(self.model, self.vision_layers)[layer], self.vision_attention)
+        hidden = _argument(args, kwargs, 0, "hidden_states")
+        cos, sin = _argument(args, kwargs, 2, "position_embeddings")
+        rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        length = hidden.shape[0]
+        qkv = torch.nn.functional.linear(hidden, module.qkv.weight, module.qkv.bias)
+        query, key, value = qkv.reshape(length, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        query, key = rotary(query, key, cos, sin)
+        query, key, value = (state.transpose(0, 1).unsqueeze(0) for state in (query, key, value))  # [1, H, S, d]
+        scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling + mask.to(query.dtype)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        output = torch.matmul(weights, value).transpose(1, 2).reshape(length, -1)
+        return torch.nn.functional.linear(output, module.proj.weight, module.proj.bias)
+
+    def vision_edges(self, targets, sources, inputs: dict, keep_self: bool) -> torch.Tensor:
+        """`[1, S, S]` over the flattened patches: the pairs within each image ("patches": all of that image's)."""
+        lengths = self._vision_lengths(inputs, projected=False).tolist()
+        total = sum(lengths)
+        blocked = torch.zeros(total, total, dtype=torch.bool)
+        start = 0
+        for length in lengths:
+            target, source = (torch.arange(length) if tokens == "patches" else self.vision_positions(tokens, inputs)
+                              for tokens in (targets, sources))
+            blocked[start + target[:, None], start + source[None, :]] = True
+            start += length
+        if keep_self:
+            blocked.fill_diagonal_(False)
+        return blocked[None]
 
     def vision_positions(self, tokens: str | tuple[int, ...], inputs: dict, projected: bool = False) -> torch.Tensor:
         """Positions within each image's patch sequence, or its merged tokens where `projected` ("patches": all,
