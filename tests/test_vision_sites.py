@@ -18,6 +18,7 @@ from families import QUESTIONS, family_params, load_family
 from oracle import LLAVA, forward_with_hooks, plain_model
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+import mmscope
 from mmscope.errors import InterventionError, UnsupportedModelError
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.interventions import Intervention, Knockout, VisionCachedPatch, VisionKnockout, VisionScale
@@ -416,6 +417,31 @@ def test_qwen_vision_knockout_matches_the_chunked_attention_oracle(name, sources
                                                                  ctx.logits().float()))
         assert (residual - clean[0]).abs().max() > 1e-4  # the knockout changes what the patches read
         assert (logits - clean[1]).abs().max() > 1e-5
+
+
+def test_qwen_vision_knockout_under_sdpa_matches_the_eager_oracle(monkeypatch, tmp_path_factory):
+    """A tower loaded with sdpa attention (its own blocks attend with SDPA): the knockout, recomputed as eager
+    attention, equals the eager model's tower given the mask per block."""
+    loaded = load_family("qwen2_5_vl", tmp_path_factory)
+    model = mmscope.load(loaded.folder, attn_implementation="sdpa")
+    assert model.adapter.model.config.vision_config._attn_implementation == "sdpa"
+    example = loaded.examples[0]
+    plain = plain_model(loaded.folder)
+    total = int(example.inputs["image_grid_thw"].prod(-1).sum())
+    blocked = torch.zeros(total, total, dtype=torch.bool)
+    blocked[:, [0, 5, 6]] = True
+    blocked.fill_diagonal_(False)
+    attentions = [operator.attrgetter(TOWERS["qwen"][0])(plain)[layer].attn for layer in (0, 1)]
+    pre_hooks = []
+    for attention in attentions:
+        modeling, restart, attend = qwen_chunk_knockout(attention, blocked)
+        monkeypatch.setattr(modeling, "eager_attention_forward", attend)
+        pre_hooks.append((attention, restart))
+    expected = forward_with_hooks(loaded.family, plain, example.inputs, pre_hooks=pre_hooks)
+    monkeypatch.undo()
+    got = model.run(example, [VisionKnockout((0, 5, 6), "patches", [0, 1])], readout=lambda ctx: ctx.logits().float())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got - model.run(example, readout=lambda ctx: ctx.logits().float())).abs().max() > 1e-5
 
 
 def test_qwen_vision_knockout_through_the_sweep_engine_equals_a_full_run(tmp_path_factory):
