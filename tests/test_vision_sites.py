@@ -444,6 +444,26 @@ def test_qwen_vision_knockout_under_sdpa_matches_the_eager_oracle(monkeypatch, t
     assert (got - model.run(example, readout=lambda ctx: ctx.logits().float())).abs().max() > 1e-5
 
 
+def test_a_qwen_vision_mask_opened_across_images_matches_one_block_over_all_patches(tmp_path_factory, tiny_folder,
+                                                                                    tiny):
+    """The mask can also open pairs: a zero mask at layer 0 lets both images' patches read each other, as the
+    tower does when its `cu_seqlens` make one block of the whole sequence (the oracle's pre-hook)."""
+    case = make_case("qwen2_vl", tmp_path_factory, tiny_folder, tiny)
+
+    def one_block(module, args, kwargs):
+        bounds = kwargs["cu_seqlens"]
+        kwargs["cu_seqlens"] = bounds[[0, -1]]
+        return args, kwargs
+
+    expected = case.hooked(pre_hooks=[(case.module("vision_attention", 0), one_block)])
+    with case.model.trace(case.batch) as ctx:
+        mask = ctx.vision_attention_mask(0)
+        ctx.set_vision_attention_mask(0, torch.zeros_like(mask))
+        logits = ctx.logits().float().save()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert (logits - case.logits([])).abs().max() > 1e-5
+
+
 def test_qwen_vision_knockout_through_the_sweep_engine_equals_a_full_run(tmp_path_factory):
     model = load_family("qwen2_vl", tmp_path_factory).model
     example = load_family("qwen2_vl", tmp_path_factory).examples[0]

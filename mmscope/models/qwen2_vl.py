@@ -17,7 +17,7 @@ too (the model restores the order after the merger). Its attention takes no mask
 sequence into each image's (or window's) block by `cu_seqlens` and attends within each with no mask. A vision
 knockout sees that as the block-diagonal additive mask over all patches (`vision_attention_mask`), blocks its
 edges within each image, and replaces the attention's output with the attention recomputed from the layer's
-own weights and inputs under the edited mask (`masked_vision_attention`: eager attention over all patches,
+own weights and inputs under the edited mask (`masked_vision_attention`: eager attention within each block,
 faithful to the tower's eager or sdpa attention; flash attention is refused).
 """
 
@@ -90,7 +90,9 @@ class QwenVLAdapter(Adapter):
     def masked_vision_attention(self, layer: int, args: tuple, kwargs: dict, mask: torch.Tensor) -> torch.Tensor:
         """The block's attention output under the additive `mask [1, 1 or H, S, S]`: transformers' own steps
         (fused qkv, the family's vision rotary embedding, scaled scores, float32 softmax, proj) with the mask
-        added to the scores of one attention over all patches (eager; O(S^2) memory per head)."""
+        added to the scores (eager). Where the mask still blocks every pair across the `cu_seqlens` blocks, as
+        a knockout's does, each block attends on its own (memory of the largest block's scores); otherwise one
+        attention runs over all patches."""
         module = attribute_path(attribute_path(self.model, self.vision_layers)[layer], self.vision_attention)
         hidden = _argument(args, kwargs, 0, "hidden_states")
         cos, sin = _argument(args, kwargs, 2, "position_embeddings")
@@ -100,9 +102,19 @@ class QwenVLAdapter(Adapter):
         query, key, value = qkv.reshape(length, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         query, key = rotary(query, key, cos, sin)
         query, key, value = (state.transpose(0, 1).unsqueeze(0) for state in (query, key, value))  # [1, H, S, d]
-        scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling + mask.to(query.dtype)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        output = torch.matmul(weights, value).transpose(1, 2).reshape(length, -1)
+        mask = mask.to(query.dtype)
+        bounds = _argument(args, kwargs, 1, "cu_seqlens").tolist()
+        within = self.vision_attention_mask(args, kwargs) == 0  # [1, 1, S, S]: pairs inside one block
+        minimum = torch.finfo(mask.dtype).min
+        spans = (list(zip(bounds[:-1], bounds[1:], strict=True)) if bool((mask.masked_fill(within, minimum)
+                                                                          == minimum).all()) else [(0, length)])
+        outputs = []
+        for start, end in spans:
+            scores = torch.matmul(query[:, :, start:end], key[:, :, start:end].transpose(2, 3)) * module.scaling
+            scores = scores + mask[..., start:end, start:end]
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            outputs.append(torch.matmul(weights, value[:, :, start:end]))
+        output = torch.cat(outputs, dim=2).transpose(1, 2).reshape(length, -1)
         return torch.nn.functional.linear(output, module.proj.weight, module.proj.bias)
 
     def vision_edges(self, targets, sources, inputs: dict, keep_self: bool) -> torch.Tensor:
