@@ -177,8 +177,9 @@ class Adapter:
         )
 
     def vision_mask_refusal(self) -> str | None:
-        """Why the vision attention's additive mask cannot be edited faithfully (None: it can, as the
-        `attention_mask` keyword of every vision layer's attention)."""
+        """Why the vision attention's additive mask cannot be edited faithfully (None: it can — as the
+        `attention_mask` keyword of every vision layer's attention, or through `vision_attention_mask` and
+        `masked_vision_attention` where the family's attention takes no mask)."""
         return "its vision attention takes no attention mask"
 
     def vision_attention_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
