@@ -17,7 +17,9 @@ The layouts (tiny checkpoints of tests/families.py and conftest's LLaVA):
 - Qwen2-VL / Qwen2.5-VL: resized to multiples of 8 px (round half to even), 4-px patches merged 2x2;
 - Idefics3: longest edge to 32 px, sides up to multiples of 16, 16-px tiles of 2-px patches shuffled 2x2 (4-px
   cells), then the whole image squashed to one tile;
-- Gemma 3: squashed to 32 px, 4-px patches average-pooled 2x2 (8-px cells at the pooled resolution).
+- Gemma 3: squashed to 32 px, 4-px patches average-pooled 2x2 (8-px cells at the pooled resolution);
+- PaliGemma: squashed to 16 px, 4-px patches (a fixed 4x4 grid);
+- Emu3: resized to multiples of 8 px within a pixel budget, one VQ code per 8-px cell, a newline per row.
 Kosmos-2's latent queries have no patch: its map is refused.
 """
 
@@ -131,6 +133,28 @@ def gemma3_cells(width, height):
     return grid("pooled", 4, 4, 0, 0, width / 4, height / 4)
 
 
+def paligemma_cells(width, height):
+    """Squashed to 16x16, 4-px patches: a fixed 4x4 grid."""
+    return grid("grid", 4, 4, 0, 0, width / 4, height / 4)
+
+
+def emu3_cells(width, height):
+    """Sides rounded to multiples of the VQ factor 8 (half to even), scaled into 16x16..48x48 px if outside
+    (floor when over, ceil when under); one code per 8x8 cell, a newline after each row of codes."""
+    h, w = round(height / 8) * 8, round(width / 8) * 8
+    if h * w > 48 * 48:
+        beta = math.sqrt(height * width / (48 * 48))
+        h, w = max(8, math.floor(height / beta / 8) * 8), max(8, math.floor(width / beta / 8) * 8)
+    elif h * w < 16 * 16:
+        beta = math.sqrt(16 * 16 / (height * width))
+        h, w = math.ceil(height * beta / 8) * 8, math.ceil(width * beta / 8) * 8
+    cells = []
+    for row in range(h // 8):
+        cells += grid("codes", 1, w // 8, 0, row * 8 * height / h, 8 * width / w, 8 * height / h, row0=row)
+        cells.append(NEWLINE)
+    return cells, dict(codes=(h // 8, w // 8))
+
+
 # --- which image tokens see red, read off the processor's pixel_values --------------------------------------------------
 def red(red_channel: torch.Tensor) -> torch.Tensor:
     """Where the red channel is nearer the painted red than the black background (normalised values)."""
@@ -152,6 +176,18 @@ def lit_llava(inputs, layout):
 def lit_gemma3(inputs, layout):
     pixels = inputs["pixel_values"][0]  # [3, 32, 32]; the pooled token (i, j) averages patches 2i..2i+1, 2j..2j+1
     return cell_means(red(pixels[0]), 8).flatten().tolist()
+
+
+def lit_paligemma(inputs, layout):
+    pixels = inputs["pixel_values"][0]  # [3, 16, 16]
+    return cell_means(red(pixels[0]), 4).flatten().tolist()
+
+
+def lit_emu3(inputs, layout):
+    pixels = inputs["pixel_values"][0]  # [3, h, w]: the resized image the VQ encoder codes in 8x8 cells
+    assert tuple(pixels.shape[1:]) == tuple(8 * side for side in layout["codes"])
+    cells = cell_means(red(pixels[0]), 8)
+    return torch.cat([cells, torch.full((len(cells), 1), float("nan"))], 1).flatten().tolist()
 
 
 def lit_llava_next(inputs, layout):
@@ -187,6 +223,8 @@ FAMILIES = {  # family: (cells of an image of (width, height), reader of lit tok
     "qwen2_5_vl": (lambda w, h: (qwen_cells(w, h), {}), lit_qwen, ["merged"], [(60, 44)]),
     "idefics3": (idefics3_cells, lit_idefics3, ["tiles", "global"], [(64, 48), (30, 50), (20, 12)]),
     "gemma3": (lambda w, h: (gemma3_cells(w, h), {}), lit_gemma3, ["pooled"], [(64, 48), (30, 50)]),
+    "paligemma": (lambda w, h: (paligemma_cells(w, h), {}), lit_paligemma, ["grid"], [(44, 30)]),
+    "emu3": (emu3_cells, lit_emu3, ["codes"], [(44, 30), (20, 36), (60, 44)]),
 }
 CASES = [(name, size) for name, spec in FAMILIES.items() for size in spec[3]]
 
@@ -266,6 +304,10 @@ PAINT = {  # a rectangle painted red per case, in original pixels
     ("idefics3", (20, 12)): (5, 0, 15, 6),
     ("gemma3", (64, 48)): (16, 12, 48, 36),
     ("gemma3", (30, 50)): (0, 0, 15, 25),
+    ("paligemma", (44, 30)): (11, 7.5, 33, 22.5),
+    ("emu3", (44, 30)): (11, 0, 33, 15),
+    ("emu3", (20, 36)): (0, 9, 10, 36),
+    ("emu3", (60, 44)): (17, 8.8, 43, 30),
 }
 
 

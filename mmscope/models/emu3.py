@@ -56,7 +56,8 @@ class Emu3Adapter(Adapter):
         """Each code covers a `factor x factor` cell of the resized image (no crop, no pad); newlines show none."""
         rows, cols = _code_grid(inputs, self.model)
         cell_x, cell_y = image.width / cols, image.height / rows
-        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols + 1), indexing="ij")
+        r, c = torch.meshgrid(torch.arange(rows, dtype=torch.double), torch.arange(cols + 1, dtype=torch.double),
+                              indexing="ij")  # float64: exact edges
         corners = torch.stack([c * cell_x, r * cell_y, (c + 1) * cell_x, (r + 1) * cell_y]).double()
         corners[:, :, -1] = float("nan")
         return rearrange(corners, "xy rows cols -> (rows cols) xy")
