@@ -29,14 +29,14 @@ import math
 
 import pytest
 import torch
-from families import load_family
+from families import LLAVA_NEXT_PINPOINTS, load_family
 from PIL import Image
 
 from mmscope.experiments.maps import example_regions
 from mmscope.experiments.options import OptionError
 
 QUESTION = "Is the cube red or blue?"
-NEWLINE = None  # a token that shows no patch (LLaVA-NeXT's row newline)
+NEWLINE = None  # a token that shows no patch (LLaVA-NeXT's and Emu3's row newlines)
 
 
 # --- each family's geometry, computed here: per image token, (grid name, row, col, (x0, y0, x1, y1)) or NEWLINE -----------
@@ -48,15 +48,13 @@ def grid(name, rows, cols, x0, y0, width, height, row0=0, col0=0):
 
 def llava_cells(width, height):
     """Shortest edge to 32 (the other `int(32 * long / short)`), center crop 32, 8-px patches."""
-    scale = 32 / min(width, height)
     resized_w, resized_h = (32, int(32 * height / width)) if width <= height else (int(32 * width / height), 32)
     left, top = (resized_w - 32) // 2, (resized_h - 32) // 2
     sx, sy = width / resized_w, height / resized_h
-    assert math.isclose(sx, 1 / scale, rel_tol=0.05)
     return grid("grid", 4, 4, left * sx, top * sy, 8 * sx, 8 * sy)  # patch c: resized x from left + 8c
 
 
-PINPOINTS = [(16, 32), (32, 16), (32, 32), (48, 16), (16, 48)]  # (height, width), as tests/families.py
+PINPOINTS = [tuple(pinpoint) for pinpoint in LLAVA_NEXT_PINPOINTS]  # (height, width)
 
 
 def llava_next_cells(width, height):
