@@ -59,7 +59,7 @@ def test_a_region_map_equals_one_naive_knockout_per_region(tiny, engine):
     image = square(seed=3)
     example = tiny.prepare(image, "Is the cube red or blue?", boxes=[(2, 2, 12, 12)])
     answer = clean_answer(tiny, example, "red")
-    options = MapOptions(region=2, window=2, center=1, model="unused", engine=engine)
+    options = MapOptions(region=2, window=2, centers=[1], model="unused", engine=engine)
     sweep = Sweep(tiny, None, options)
     row = {"image": image}
     rows = map_rows(sweep, Question(0, row, example, answer))
@@ -128,7 +128,7 @@ def test_a_family_without_patch_rectangles_is_refused_naming_it(world, tmp_path)
     folder = build_kosmos2(tmp_path / "kosmos2")
     kosmos = mmscope.load(folder)
     with pytest.raises(OptionError, match="kosmos2 family") as error:
-        map_variants(MapOptions(model="unused", window=1, center=0), kosmos)
+        map_variants(MapOptions(model="unused", window=1, centers=[0]), kosmos)
     assert "\n" not in str(error.value)
     result = runner.invoke(app, ["map", "--model", str(folder), "--data", str(world), "--split", "test", "--limit",
                                  "1", "--out", str(tmp_path / "run")])
