@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from families import build_kosmos2
+from families import build_kosmos2, build_llava_next
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,11 +18,13 @@ from mmscope.cli import app
 from mmscope.experiments.answers import clean_answer
 from mmscope.experiments.maps import (
     MapOptions,
+    draw_example_map,
     example_regions,
     grid_regions,
     map_rows,
     map_variants,
     object_centred,
+    panel_rows,
 )
 from mmscope.experiments.options import OptionError
 from mmscope.experiments.runner import Question, Sweep, example_of
@@ -307,3 +309,20 @@ def test_map_command_refuses_a_bad_combination_in_one_line(world, tmp_path):
     [line] = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert "--layer" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_an_image_shown_at_two_scales_is_drawn_at_both(tmp_path):
+    # LLaVA-NeXT: the base image (a coarse grid) and its tiles (the fine one); a row of panels per grid.
+    model = mmscope.load(build_llava_next(tmp_path / "llava-next"))
+    image = square(seed=8, side=24)
+    example = model.prepare(image, "Is the cube red or blue?", boxes=[(2, 2, 8, 8)])
+    question = Question(0, {"image": image}, example, clean_answer(model, example, "red"))
+    rows = map_rows(Sweep(model, None, MapOptions(kinds=["lens"], layers=[0, 1], model="unused")), question)
+    table = pd.DataFrame(rows).assign(example=0)
+    assert set(table["grid"]) == {0, 1}
+    assert panel_rows(table) == [("lens", "answer", 0), ("lens", "answer", 1)]
+    for grid, part in table[table["layer"] == 0].groupby("grid"):  # each grid tiles the whole image
+        area = ((part["x1"] - part["x0"]) * (part["y1"] - part["y0"])).sum()
+        assert area == pytest.approx(image.width * image.height, rel=1e-6), grid
+    path = draw_example_map(image, table, [(2, 2, 8, 8)], tmp_path / "map_0.png", "two scales")
+    assert path.exists()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,14 +437,17 @@ def kind_scale(kind: str, values: pd.Series) -> Scale:
     from matplotlib.colors import Normalize, TwoSlopeNorm
 
     finite = values[np.isfinite(values.to_numpy(dtype=float))]
+    bad = "lightgrey"  # NaN: a share where the corruption did not move p, or outside the image
     if kind in ("knockout", "patch"):
         limit = float(finite.abs().max()) if len(finite) else 0.0
         limit = limit if limit > 0 else 1.0
         label = "Δp (%)" if kind == "knockout" else "share of p(answer) restored"
-        return Scale(TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit), plt.get_cmap("RdBu_r"), label)
+        return Scale(TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit), plt.get_cmap("RdBu_r").with_extremes(
+            bad=bad), label)
     top = float(finite.max()) if len(finite) else 0.0
     label = "lens probability" if kind == "lens" else "attention weight"
-    return Scale(Normalize(vmin=0.0, vmax=top if top > 0 else 1.0), plt.get_cmap("Reds"), label)
+    return Scale(Normalize(vmin=0.0, vmax=top if top > 0 else 1.0), plt.get_cmap("Reds").with_extremes(bad=bad),
+                 label)
 
 
 def knockout_spans(table: pd.DataFrame) -> dict[int, tuple[int, int]]:
@@ -454,7 +458,7 @@ def knockout_spans(table: pd.DataFrame) -> dict[int, tuple[int, int]]:
 
 def panel_title(kind: str, target: str, layer: int, grid: int, spans: dict[int, tuple[int, int]]) -> str:
     """A panel's title: what was done or read, in which layers (and which grid, past the finest)."""
-    scale = f", grid {grid}" if grid else ""
+    scale = f", grid {grid} (coarser)" if grid else ""
     if kind == "knockout":
         first, last = spans[layer]
         return f"blocked region → {target}, layers {first}-{last}{scale}"
@@ -481,8 +485,8 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
     spans = knockout_spans(part)
     rows = panel_rows(part)
     columns = max(part[part["kind"] == kind]["layer"].nunique() for kind, _, _ in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(2.8 * columns + 1.6, 2.9 * len(rows) + 0.6),
-                                squeeze=False)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(max(2.6 * columns + 1.4, 6.4), 2.7 * len(rows) + 0.6),
+                                squeeze=False, layout="constrained")
     scales = {kind: kind_scale(kind, part[part["kind"] == kind]["value"]) for kind in dict.fromkeys(part["kind"])}
     for axis in axes.flat:
         axis.set_visible(False)
@@ -494,7 +498,7 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
             axis.set_visible(True)
             axis.imshow(image, extent=(0, image.width, image.height, 0))
             for _, row in own[own["layer"] == layer].iterrows():
-                colour = scale.cmap(scale.norm(row["value"])) if math.isfinite(row["value"]) else (0.5, 0.5, 0.5)
+                colour = scale.cmap(scale.norm(row["value"]) if math.isfinite(row["value"]) else np.nan)
                 axis.add_patch(Rectangle((row["x0"], row["y0"]), row["x1"] - row["x0"], row["y1"] - row["y0"],
                                          facecolor=colour, alpha=0.55, edgecolor="none"))
             for x, y, w, h in boxes:
@@ -508,7 +512,7 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
         kind_axes = [axes[r, c] for r, (own, _, _) in enumerate(rows) if own == kind for c in range(columns)]
         mappable = plt.cm.ScalarMappable(norm=scale.norm, cmap=scale.cmap)
         figure.colorbar(mappable, ax=kind_axes, label=scale.label, fraction=0.04)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -564,8 +568,8 @@ def draw_centred(means: dict[tuple[str, str, int], np.ndarray], n_examples: int,
         return path
     rows = list(dict.fromkeys((kind, target) for kind, target, _ in means))
     columns = max(len([key for key in means if key[:2] == row]) for row in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(2.8 * columns + 1.6, 2.9 * len(rows) + 0.6),
-                                squeeze=False)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(max(2.6 * columns + 1.4, 6.4), 2.7 * len(rows) + 0.6),
+                                squeeze=False, layout="constrained")
     for axis in axes.flat:
         axis.set_visible(False)
     scales = {kind: kind_scale(kind, pd.Series(np.concatenate([m.ravel() for key, m in means.items()
@@ -585,8 +589,8 @@ def draw_centred(means: dict[tuple[str, str, int], np.ndarray], n_examples: int,
         kind_axes = [axes[r, c] for r, (own, _) in enumerate(rows) if own == kind for c in range(columns)]
         figure.colorbar(plt.cm.ScalarMappable(norm=scale.norm, cmap=scale.cmap), ax=kind_axes, label=scale.label,
                         fraction=0.04)
-    figure.suptitle(f"Mean over {n_examples} examples with an object box, object-centred (the box: the middle "
-                    f"third), regions {region}x{region}", fontsize=10)
+    figure.suptitle(f"Object-centred mean of {n_examples} examples with a box (the box: the middle third)\n"
+                    f"regions {region}x{region}", fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -623,7 +627,8 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
     lines = []
     for kind in dict.fromkeys(table["kind"]):
         if kind == "knockout":
-            panels = f"window {options.window} around layer {', '.join(str(c) for c in options.centers)}"
+            centres = ", ".join(str(c) for c in options.centers)
+            panels = f"window {options.window} around layer{'s' if len(options.centers) > 1 else ''} {centres}"
         else:
             panels = f"layers {', '.join(str(layer) for layer in options.layers)}"
         lines += ["", f"{KIND_NAMES[kind]} ({panels}, regions {options.region}x{options.region}):"]
