@@ -184,9 +184,10 @@ class MapOptions(QuestionOptions):
             check_choice("kind", kind, KINDS, flag="--kind")
         uses = {"targets": ("knockout", "attention"), "window": ("knockout",), "centers": ("knockout",),
                 "layers": ("patch", "lens", "attention"), "site": ("patch",), "lens_token": ("lens",)}
+        flags = {field.name: field.metadata.get("flag") or flag_of(field.name) for field in dataclasses.fields(self)}
         for name, users in uses.items():
             if getattr(self, name) is not None and not set(users) & set(kinds):
-                flag = flag_of(name) if name not in ("targets", "centers", "layers") else f"--{name[:-1]}"
+                flag = flags[name]
                 raise OptionError(f"{flag} applies to --kind {' or '.join(users)}; this run draws "
                                   f"{', '.join(kinds)}")
         if set(uses["targets"]) & set(kinds):
@@ -630,16 +631,20 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
             centres = ", ".join(str(c) for c in options.centers)
             panels = f"window {options.window} around layer{'s' if len(options.centers) > 1 else ''} {centres}"
         else:
-            panels = f"layers {', '.join(str(layer) for layer in options.layers)}"
+            layers = list(options.layers)
+            consecutive = len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1))
+            panels = f"layers {layers[0]}-{layers[-1]}" if consecutive else \
+                f"layer{'s' if len(layers) > 1 else ''} {', '.join(str(layer) for layer in layers)}"
         lines += ["", f"{KIND_NAMES[kind]} ({panels}, regions {options.region}x{options.region}):"]
         own_table = table[table["kind"] == kind]
+        fmt = "+.3g" if kind in ("knockout", "patch") else ".3g"  # signed: a change; unsigned: a probability
         for target, layer in dict.fromkeys(zip(own_table["target"], own_table["layer"], strict=True)):
             part = means[(means["kind"] == kind) & (means["target"] == target) & (means["layer"] == layer)]
             on = part[part["on_object"].astype(bool)]["mean"]
             off = part[~part["on_object"].astype(bool)]["mean"]
             own = summary[(summary["kind"] == kind) & (summary["target"] == target) & (summary["layer"] == layer)]
             own = own[own["mean"].notna()]
-            object_text = (f"object regions {on.iloc[0]:+.3g}, other regions {off.iloc[0]:+.3g}"
+            object_text = (f"object regions {on.iloc[0]:{fmt}}, other regions {off.iloc[0]:{fmt}}"
                            if len(on) and len(off) else "no object box")
             if own.empty:
                 lines.append(f"  {target}, layer {layer}: {object_text}; no finite value")
@@ -649,7 +654,7 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
             which = "largest mean drop" if kind == "knockout" else "largest mean"
             lines.append(f"  {target}, layer {layer}: {object_text}; {which}: region {int(top['region'])} "
                          f"(x {rect['x0']:.0f}-{rect['x1']:.0f}, y {rect['y0']:.0f}-{rect['y1']:.0f}) "
-                         f"{top['mean']:+.3g}")
+                         f"{top['mean']:{fmt}}")
     shown = sorted(table["example"].unique())[:MAPPED_EXAMPLES]
     lines += ["", f"maps over the images: map_<example>.png for examples {', '.join(str(int(e)) for e in shown)}; "
                   "map.png: the object-centred mean"]
