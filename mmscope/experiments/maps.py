@@ -180,6 +180,9 @@ class MapOptions(QuestionOptions):
         super().__post_init__()
         kinds = list(dict.fromkeys(self.kinds or ["knockout"]))
         object.__setattr__(self, "kinds", kinds)
+        for name in ("targets", "centers", "layers"):  # each panel or target once, in the order given
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
         for kind in kinds:
             check_choice("kind", kind, KINDS, flag="--kind")
         uses = {"targets": ("knockout", "attention"), "window": ("knockout",), "centers": ("knockout",),
