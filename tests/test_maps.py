@@ -287,6 +287,11 @@ def test_map_command_writes_every_kind_and_logs_the_maps_to_wandb(embedded, worl
         assert sorted(part["layer"].unique()) == ([2, 5] if kind == "knockout" else [3, 6])
         assert part[column].notna().any(), kind
     assert (table[table["kind"] == "lens"]["prob"].between(0, 1)).all()
+    summary = pd.read_csv(out / "summary.csv")  # each kind's own column, averaged per kind × target × layer × region
+    for kind, column in [("knockout", "delta_pct"), ("attention", "attention")]:
+        expected = table[table["kind"] == kind].groupby(["target", "layer", "region"])[column].mean()
+        own = summary[summary["kind"] == kind].set_index(["target", "layer", "region"])["mean"]
+        assert own.to_numpy() == pytest.approx(expected.loc[own.index].to_numpy())
     printed = result.stdout
     for heading in ("Region knockout", "Region patching", "Logit lens on the image tokens", "Attention to each"):
         assert heading in printed

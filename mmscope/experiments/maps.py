@@ -62,7 +62,6 @@ from mmscope.experiments.options import (
 )
 from mmscope.experiments.patch import corrupted_example, restored_share
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, boxes_of, questions
-from mmscope.experiments.runs import summarize
 from mmscope.interventions import SITES, CachedPatch, Knockout, knockout_window
 from mmscope.layout import Example
 from mmscope.model import Model
@@ -411,11 +410,6 @@ def kind_values(table: pd.DataFrame) -> pd.Series:
 BY = ("kind", "target", "layer", "region")
 
 
-def map_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """The mean, 95% CI and n of each region's value per kind × target × panel layer."""
-    return summarize(table.assign(value=kind_values(table)), list(BY), "value")
-
-
 def object_means(table: pd.DataFrame) -> pd.DataFrame:
     """Per kind × target × layer, the mean value of the regions on the question's object and of the others
     (examples with a box)."""
@@ -676,6 +670,6 @@ MAP = Experiment(
     figure=map_figure,
     findings=map_findings,
     desc="map",
-    summarize=map_summary,
+    values=kind_values,  # the summary: each region's mean, 95% CI and n per kind × target × panel layer
     prints_table=True,
 )
