@@ -226,9 +226,11 @@ class Context:
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if not isinstance(weights, torch.Tensor):
             implementation = self._sites.adapter.text_config._attn_implementation
+            fix = ("load the model with attn_implementation='eager'" if implementation != "eager" else
+                   f"the {self._sites.adapter.family} family's attention module does not return them")
             raise InterventionError(
                 f"layer {layer}'s self-attention gives no attention weights under {implementation!r} attention; "
-                "load the model with attn_implementation='eager'"
+                f"{fix}"
             )
         return self._own_rows(weights)
 
