@@ -220,6 +220,21 @@ class Context:
         """Self-attention output of layer `layer` before it is added to the residual, `[B, T, D]`."""
         return self._own_rows(_first(self._sites.attention(layer).output))
 
+    def attention_weights(self, layer: int) -> torch.Tensor:
+        """Self-attention weights of layer `layer`, `[B, H, Q, K]` (after softmax, this context's rows): what
+        eager attention returns beside its output. Refused where the layer gives none (sdpa attention)."""
+        output = self._sites.attention(layer).output
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if not isinstance(weights, torch.Tensor):
+            implementation = self._sites.adapter.text_config._attn_implementation
+            fix = ("load the model with attn_implementation='eager'" if implementation != "eager" else
+                   f"the {self._sites.adapter.family} family's attention module does not return them")
+            raise InterventionError(
+                f"layer {layer}'s self-attention gives no attention weights under {implementation!r} attention; "
+                f"{fix}"
+            )
+        return self._own_rows(weights)
+
     def mlp_output(self, layer: int) -> torch.Tensor:
         """MLP output of layer `layer` before it is added to the residual, `[B, T, D]`."""
         return self._own_rows(_first(self._sites.mlp(layer).output))

@@ -1,17 +1,35 @@
-"""Region knockout maps: which parts of the image does the answer read, drawn over the image.
+"""Image-space maps: which parts of the image matter for the answer, drawn over the image.
 
 The image-token grid is cut into blocks of `--region N` x N patches (from the adapter's patch rectangles: tokens
-whose rectangles fall in the same block form one region — for a fixed grid, the row-major grid of blocks). For
-each correctly answered question, each region and each target group (`last`, `question`), attention from the
-target to the region's image tokens is blocked in one window of layers (`--window K` around `--center C`, as
-knockout's `knockout_window`), and the probability of the first token of the clean greedy answer is compared
-with the clean one: Δp% = (p_knockout − p_clean) / p_clean · 100. A row per region × target, with the region's
-rectangle in original pixels and its token positions, so the map of one example is an array of
-results.parquet.
+whose rectangles fall in the same block form one region — for a fixed grid, the row-major grid of blocks; an
+image shown at two scales, as LLaVA-NeXT's base image and tiles, holds two grids). For each correctly answered
+question, each region gets one value per kind of map (`--kind`, repeatable) and per panel — a window of layers
+or one layer — in a row of results.parquet with the region's rectangle in original pixels and its token
+positions, so the map of one example is an array of the table:
 
-The figure draws, for the first examples, each region's Δp% as a semi-transparent colour over its rectangle of
-the input image (one PNG per example, `map_<example>.png`), and `map.png` sets the mean Δp% of the regions
-overlapping the question's object beside that of the others, per target.
+  * `knockout` (`delta_pct`): attention from a target group (`--target`: `last`, `question`) to the region's
+    image tokens is blocked in a window of layers (`--window K` around each `--center C`, as knockout's
+    `knockout_window`); Δp% = (p_knockout − p_clean) / p_clean · 100 of the first token of the clean greedy
+    answer. One panel per centre.
+  * `patch` (`restored`): the clean run's `--site` at the region's positions, at one `--layer`, is patched into
+    the corrupted run (the same question about the next other scene's image, as `mmscope patch` makes it,
+    resized to the clean image's size so both runs' tokens show the same part of the frame); the share of
+    p(answer) restored = (p_patched − p_corrupted) / (p_clean − p_corrupted), NaN where the corruption moves p
+    by less than 0.05 (patch's `MIN_EFFECT`). One panel per layer.
+  * `lens` (`prob`): the normed logit lens on the image tokens: at each `--layer`, softmax(unembed(h)) of each
+    image token's residual stream after the layer at the answer's first token (`--lens-token object`: the first
+    token of the question's first object name), the mean over the region's tokens. Which patches already "say"
+    the answer. One panel per layer.
+  * `attention` (`attention`): the attention weights from the target (`last`; `question`: the mean over its
+    tokens) to each image token, the mean over heads, summed over the region's tokens, at each `--layer` (the
+    model must run eager attention). For comparison with the causal maps. One panel per layer.
+
+The figures: for the first examples, `map_<example>.png` draws every kind's panels over the input image (a row
+per kind × target × grid, a column per panel; one colour scale and colour bar per kind, the object boxes
+outlined); `map.png` averages the maps over the examples with an object box in object-centred coordinates (each
+map resampled onto a grid on which the question's first box spans the middle third). With `--wandb` every PNG
+is logged as an image. The printed findings give, per kind × target × panel, the mean over the regions on the
+question's object beside that of the others, and the region of the largest mean.
 
 A family whose image tokens are not patches (Kosmos-2's latent queries) has no map; it is refused.
 """
@@ -20,15 +38,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
-from mmscope.errors import MMScopeError
+from mmscope.errors import InputError, MMScopeError
 from mmscope.experiments.engine import ENGINES, Variant, run_variants
 from mmscope.experiments.knockout import knockout_scores
 from mmscope.experiments.options import (
@@ -37,15 +57,21 @@ from mmscope.experiments.options import (
     check_at_least,
     check_choice,
     engine_option,
+    flag_of,
     option,
 )
+from mmscope.experiments.patch import corrupted_example, restored_share
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, boxes_of, questions
-from mmscope.interventions import Knockout, knockout_window
+from mmscope.interventions import SITES, CachedPatch, Knockout, knockout_window
 from mmscope.layout import Example
 from mmscope.model import Model
 
+KINDS = ("knockout", "patch", "lens", "attention")
+VALUES = {"knockout": "delta_pct", "patch": "restored", "lens": "prob", "attention": "attention"}  # per kind
 TARGETS = ("last", "question")
+LENS_TOKENS = ("answer", "object")
 MAPPED_EXAMPLES = 6  # the examples drawn one PNG each
+CENTRED_CELLS = 24  # the object-centred grid's side: the box spans the middle third
 
 
 @dataclass(frozen=True)
@@ -126,208 +152,524 @@ def example_regions(model: Model, image: Image.Image, example: Example, side: in
 
 @dataclass(frozen=True)
 class MapOptions(QuestionOptions):
-    """`mmscope map`: the targets, the block side, the window of layers and its centre, the sweep engine."""
+    """`mmscope map`: the kinds of map, the targets, the block side, the knockout windows, the layers of the
+    other kinds, patch's site, the lens token, the sweep engine. An option the kinds asked for do not use is
+    refused; its default is filled in only for a kind that uses it (so a run's config.yaml names no option the
+    run did not use)."""
 
-    targets: list[str] | None = option(None, "Target group whose attention to each region is blocked (repeatable; "
-                                             "default: last and question).", flag="--target")
+    kinds: list[str] | None = option(None, "Kind of map (repeatable): knockout (the default), patch, lens, "
+                                           "attention.", flag="--kind")
+    targets: list[str] | None = option(None, "Target group of knockout and attention maps: whose attention to "
+                                             "each region is blocked or read (repeatable; default: last and "
+                                             "question).", flag="--target")
     region: int = option(1, "Side N of each region in patches: each region is an NxN block of the image-token grid.")
-    window: int | None = option(None, "Window k of layers blocked around the centre (default: a third of the "
-                                      "model's depth).")
-    center: int | None = option(None, "Centre layer of the window (default: the middle layer).")
+    window: int | None = option(None, "knockout: window k of layers blocked around each centre (default: a third "
+                                      "of the model's depth).")
+    centers: list[int] | None = option(None, "knockout: centre layer of a window, one panel each (repeatable; "
+                                             "default: the middle layer).", flag="--center")
+    layers: list[int] | None = option(None, "patch, lens, attention: a layer, one panel each (repeatable; default: "
+                                            "the middle layer for patch, every layer for lens and attention).",
+                                      flag="--layer")
+    site: str | None = option(None, "patch: the site patched, residual (the default), attention or mlp.")
+    lens_token: str | None = option(None, "lens: the token whose probability is read, answer (the clean answer's "
+                                          "first token; the default) or object (the question's object name's).")
     engine: str = engine_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "targets", list(self.targets or TARGETS))
-        for target in self.targets:
-            check_choice("target", target, TARGETS)
+        kinds = list(dict.fromkeys(self.kinds or ["knockout"]))
+        object.__setattr__(self, "kinds", kinds)
+        for name in ("targets", "centers", "layers"):  # each panel or target once, in the order given
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
+        for kind in kinds:
+            check_choice("kind", kind, KINDS, flag="--kind")
+        uses = {"targets": ("knockout", "attention"), "window": ("knockout",), "centers": ("knockout",),
+                "layers": ("patch", "lens", "attention"), "site": ("patch",), "lens_token": ("lens",)}
+        flags = {field.name: field.metadata.get("flag") or flag_of(field.name) for field in dataclasses.fields(self)}
+        for name, users in uses.items():
+            if getattr(self, name) is not None and not set(users) & set(kinds):
+                flag = flags[name]
+                raise OptionError(f"{flag} applies to --kind {' or '.join(users)}; this run draws "
+                                  f"{', '.join(kinds)}")
+        if set(uses["targets"]) & set(kinds):
+            object.__setattr__(self, "targets", list(self.targets or TARGETS))
+            for target in self.targets:
+                check_choice("target", target, TARGETS)
+        if "patch" in kinds:
+            object.__setattr__(self, "site", self.site or "residual")
+            check_choice("site", self.site, SITES)
+        if "lens" in kinds:
+            object.__setattr__(self, "lens_token", self.lens_token or "answer")
+            check_choice("lens token", self.lens_token, LENS_TOKENS, flag="--lens-token")
         check_at_least("region", self.region, 1)
         check_at_least("window", self.window, 1)
-        check_at_least("center", self.center, 0)
+        for center in self.centers or ():
+            check_at_least("center", center, 0)
+        for layer in self.layers or ():
+            check_at_least("layer", layer, 0)
         check_choice("engine", self.engine, ENGINES)
 
     def configure(self, model: Model):
-        """The protocol's knobs, and the window and centre when not given (printed in the run header)."""
+        """The protocol's knobs, and the windows, centres and layers when not given (printed in the run header);
+        layers beyond the model's refused."""
         options, lines = super().configure(model)
-        if options.window is None:
+        kinds = options.kinds
+        if "knockout" in kinds and options.window is None:
             options = dataclasses.replace(options, window=max(1, round(model.n_layers / 3)))
             lines = [*lines, f"window {options.window} (the default for {model.n_layers} layers: a third of them)"]
-        if options.center is None:
-            options = dataclasses.replace(options, center=model.n_layers // 2)
-            lines = [*lines, f"center {options.center} (the default: the middle layer)"]
-        if options.center >= model.n_layers:
-            raise OptionError(f"center {options.center} (--center): {model.name} has layers 0..{model.n_layers - 1}")
+        if "knockout" in kinds and options.centers is None:
+            options = dataclasses.replace(options, centers=[model.n_layers // 2])
+            lines = [*lines, f"center {options.centers[0]} (the default: the middle layer)"]
+        if {"patch", "lens", "attention"} & set(kinds) and options.layers is None:
+            every = {"lens", "attention"} & set(kinds)
+            options = dataclasses.replace(options, layers=list(range(model.n_layers)) if every else
+                                          [model.n_layers // 2])
+            said = (f"0..{model.n_layers - 1} (the default for {' and '.join(sorted(every))}: every layer"
+                    f"{'; patch at each' if 'patch' in kinds else ''})" if every else
+                    f"{options.layers[0]} (the default for patch: the middle layer)")
+            lines = [*lines, f"layers {said}"]
+        for name, values in (("center", options.centers), ("layer", options.layers)):
+            for value in values or ():
+                if value >= model.n_layers:
+                    raise OptionError(f"{name} {value} (--{name}): {model.name} has layers 0..{model.n_layers - 1}")
         return options, lines
 
 
-def map_layers(options: MapOptions, model: Model) -> tuple[int, ...]:
-    """The layers each region's knockout blocks."""
-    return knockout_window(options.center, options.window, model.n_layers)
+def knockout_variants(regions: Sequence[Region], options: MapOptions, n_layers: int) -> tuple[Variant, ...]:
+    """One knockout per centre × target × region: the target no longer reads the region's image tokens in the
+    centre's window."""
+    return tuple(Variant(("knockout", center, target, region.index),
+                         (Knockout(region.positions, target, knockout_window(center, options.window, n_layers)),))
+                 for center in options.centers for target in options.targets for region in regions)
 
 
-def region_variants(regions: Sequence[Region], targets: Sequence[str], layers: Sequence[int]) -> tuple[Variant, ...]:
-    """One knockout per region × target: the target no longer reads the region's image tokens in `layers`."""
-    return tuple(Variant((target, region.index), (Knockout(region.positions, target, tuple(layers)),))
-                 for target in targets for region in regions)
+def patch_variants(regions: Sequence[Region], options: MapOptions) -> tuple[Variant, ...]:
+    """One clean → corrupted patch per layer × region: the clean run's site at the region's tokens."""
+    return tuple(Variant(("patch", layer, options.site, region.index),
+                         (CachedPatch(options.site, (layer,), region.positions),))
+                 for layer in options.layers for region in regions)
+
+
+def attention_weights_available(model: Model, example: Example) -> None:
+    """Refuse `--kind attention` for a model whose self-attention gives no weights (sdpa attention)."""
+    try:
+        model.run(example, [], lambda ctx: ctx.attention_weights(0).shape)
+    except MMScopeError as error:
+        raise OptionError(f"--kind attention reads attention weights: {' '.join(str(error).split())}") from None
 
 
 def map_variants(options: MapOptions, model: Model) -> Variants:
-    """The variants of a blank square image's example (config.yaml's record; each question computes its own
-    regions, from its image); refuses a family without patch rectangles before any question runs."""
+    """The interventions of a blank square image's example (config.yaml's record; each question computes its
+    own regions, from its image); refuses a family without patch rectangles, or without attention weights for
+    `--kind attention`, before any question runs."""
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
-    regions = example_regions(model, blank, model.prepare(blank, "What is this?"), options.region)
-    layers = map_layers(options, model)
-    parameters = {"targets": list(options.targets), "region": options.region, "window": options.window,
-                  "center": options.center, "layers": list(layers)}
-    return Variants(parameters, region_variants(regions, options.targets, layers), option="--target")
+    example = model.prepare(blank, "What is this?")
+    regions = example_regions(model, blank, example, options.region)
+    if "attention" in options.kinds:
+        attention_weights_available(model, example)
+    parameters = {"kinds": list(options.kinds), "region": options.region}
+    parameters |= {name: getattr(options, name) for name in ("targets", "window", "centers", "layers", "site",
+                                                             "lens_token") if getattr(options, name) is not None}
+    variants = knockout_variants(regions, options, model.n_layers) if "knockout" in options.kinds else ()
+    variants += patch_variants(regions, options) if "patch" in options.kinds else ()
+    return Variants(parameters, variants, option="--target")
 
 
-def map_rows(sweep: Sweep[MapOptions], question: Question) -> list[dict]:
-    """The (region × target) rows of one question."""
+def knockout_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per centre × target × region, the knockout's window and Δp%."""
     options, model, example = sweep.options, sweep.model, question.example
-    regions = example_regions(model, question.row["image"], example, options.region)
-    layers = map_layers(options, model)
-    variants = region_variants(regions, options.targets, layers)
+    variants = knockout_variants(regions, options, model.n_layers)
     clean, probs = run_variants(model, example, variants, engine=options.engine)
     token = question.answer.first_token
     p_clean = clean.probs[token].item()
-    objects = set(example.layout.get("object", ()))
-    by_index = {region.index: region for region in regions}
     rows = []
     for variant, variant_probs in zip(variants, probs, strict=True):
-        target, index = variant.key
-        region = by_index[index]
-        p_ko = variant_probs[token].item()
-        x0, y0, x1, y1 = region.rectangle
-        rows.append({
-            "generated": question.answer.text,
-            "correct": question.answer.correct,
-            "target": target,
-            "region": index,
-            "grid": region.grid,
-            "grid_row": region.row,
-            "grid_col": region.col,
-            "x0": x0, "y0": y0, "x1": x1, "y1": y1,
-            "positions": list(region.positions),
-            "has_object": bool(objects),
-            "on_object": bool(objects & set(region.positions)),
-            "window": options.window,
-            "center": options.center,
-            **knockout_scores(layers, p_clean, p_ko),
-        })
+        _, center, target, index = variant.key
+        layers = knockout_window(center, options.window, model.n_layers)
+        rows.append({"kind": "knockout", "target": target, "layer": center, "region": index,
+                     "window": options.window, "center": center,
+                     **knockout_scores(layers, p_clean, variant_probs[token].item())})
     return rows
 
 
+def patch_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per layer × region, p(answer) patched and the share restored (target: the site patched)."""
+    options, model, clean = sweep.options, sweep.model, question.example
+    other, corrupted = corrupted_example(model, sweep.dataset, question, same_size=True)
+    if corrupted.layout["image"] != clean.layout["image"] or corrupted.seq_len != clean.seq_len:
+        raise InputError(f"question {question.row['question_id']}: the corrupted run's image tokens sit elsewhere "
+                         "than the clean run's; region patching needs them at the same positions")
+    variants = patch_variants(regions, options)
+    run, probs = run_variants(model, corrupted, variants, source=clean, engine=options.engine)
+    token = question.answer.first_token
+    p_clean, p_corrupted = run.source.probs[token].item(), run.probs[token].item()
+    rows = []
+    for variant, patched in zip(variants, probs, strict=True):
+        _, layer, site, index = variant.key
+        p_patched = patched[token].item()
+        rows.append({"kind": "patch", "target": site, "layer": layer, "region": index, "site": site,
+                     "corrupting_image_id": str(other["image_id"]), "p_clean": p_clean, "p_corrupted": p_corrupted,
+                     "p_patched": p_patched, "restored": restored_share(p_clean, p_corrupted, p_patched)})
+    return rows
+
+
+def lens_token(model: Model, question: Question, which: str) -> int | None:
+    """The token the lens reads: the clean answer's first token, or the first token of the question's first
+    object name (None where it names none)."""
+    if which == "answer":
+        return question.answer.first_token
+    names = [name for name in question.row.get("object_names") or [] if name and name.strip()]
+    return model.answer_tokens(question.example, names[0].strip())[0][0] if names else None
+
+
+def image_lens(model: Model, example: Example, layers: Sequence[int], token: int) -> torch.Tensor:
+    """`[len(layers), n_image]`: p(`token`) of the normed logit lens on each image token's residual stream after
+    each layer."""
+    states = model.hidden_states(example)[:, 0]  # [L + 1, T, D]: the embeddings, then after each layer
+    image = torch.tensor(example.layout["image"])
+    return torch.stack([model.unembed(states[layer + 1, image], normed=True).softmax(-1)[:, token].cpu()
+                        for layer in layers])
+
+
+def lens_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per layer × region, the mean p(token) of the lens over the region's tokens (target: the token read)."""
+    options, model, example = sweep.options, sweep.model, question.example
+    token = lens_token(model, question, options.lens_token)
+    if token is None:
+        return []
+    probs = image_lens(model, example, options.layers, token)
+    column = {position: k for k, position in enumerate(example.layout["image"])}
+    return [{"kind": "lens", "target": options.lens_token, "layer": layer, "region": region.index,
+             "token_id": token, "prob": probs[i, [column[p] for p in region.positions]].mean().item()}
+            for i, layer in enumerate(options.layers) for region in regions]
+
+
+def image_attention(model: Model, example: Example, layers: Sequence[int], target: str) -> torch.Tensor:
+    """`[len(layers), n_image]`: the attention weight from `target`'s positions (their mean) to each image token,
+    the mean over heads, per layer."""
+    image = torch.tensor(example.layout["image"])
+    queries = torch.tensor(example.layout[target])
+
+    def readout(ctx) -> torch.Tensor:
+        weights = [ctx.attention_weights(layer)[0] for layer in layers]  # [H, T, T] each
+        return torch.stack([w[:, queries.to(w.device)][..., image.to(w.device)].float().mean((0, 1)).cpu()
+                            for w in weights])
+
+    return model.run(example, [], readout)
+
+
+def attention_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per target × layer × region, the attention from the target to the region's tokens (summed over them)."""
+    options, model, example = sweep.options, sweep.model, question.example
+    column = {position: k for k, position in enumerate(example.layout["image"])}
+    rows = []
+    for target in options.targets:
+        weights = image_attention(model, example, options.layers, target)
+        rows += [{"kind": "attention", "target": target, "layer": layer, "region": region.index,
+                  "attention": weights[i, [column[p] for p in region.positions]].sum().item()}
+                 for i, layer in enumerate(options.layers) for region in regions]
+    return rows
+
+
+KIND_VALUES = {"knockout": knockout_values, "patch": patch_values, "lens": lens_values,
+               "attention": attention_values}
+
+
+def map_rows(sweep: Sweep[MapOptions], question: Question) -> list[dict]:
+    """The rows of one question: per kind, its (panel × target × region) values, each with its region."""
+    options, model, example = sweep.options, sweep.model, question.example
+    regions = example_regions(model, question.row["image"], example, options.region)
+    objects = set(example.layout.get("object", ()))
+    by_index = {region.index: region for region in regions}
+    rows = []
+    for kind in options.kinds:
+        for values in KIND_VALUES[kind](sweep, question, regions):
+            region = by_index[values["region"]]
+            x0, y0, x1, y1 = region.rectangle
+            rows.append({
+                "generated": question.answer.text, "correct": question.answer.correct,
+                **values,
+                "grid": region.grid, "grid_row": region.row, "grid_col": region.col,
+                "x0": x0, "y0": y0, "x1": x1, "y1": y1, "positions": list(region.positions),
+                "has_object": bool(objects), "on_object": bool(objects & set(region.positions)),
+            })
+    return rows
+
+
+def kind_values(table: pd.DataFrame) -> pd.Series:
+    """Each row's value: its kind's column (`VALUES`)."""
+    values = pd.Series(np.nan, index=table.index, dtype=float)
+    for kind, column in VALUES.items():
+        chosen = table["kind"] == kind
+        if chosen.any():
+            values[chosen] = table.loc[chosen, column].astype(float)
+    return values
+
+
+BY = ("kind", "target", "layer", "region")
+
+
 def object_means(table: pd.DataFrame) -> pd.DataFrame:
-    """Per target, the mean Δp% of regions on the question's object and of the others (examples with a box)."""
-    boxed = table[table["has_object"]]
+    """Per kind × target × layer, the mean value of the regions on the question's object and of the others
+    (examples with a box)."""
+    boxed = table[table["has_object"]].assign(value=kind_values(table))
     if boxed.empty:
-        return pd.DataFrame(columns=["target", "on_object", "mean", "n"])
-    means = boxed.groupby(["target", "on_object"])["delta_pct"].agg(["mean", "count"]).reset_index()
+        return pd.DataFrame(columns=["kind", "target", "layer", "on_object", "mean", "n"])
+    means = boxed.groupby(["kind", "target", "layer", "on_object"])["value"].agg(["mean", "count"]).reset_index()
     return means.rename(columns={"count": "n"})
 
 
-def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, limit: float, title: str) -> Path:
-    """The input image with each region's Δp% a semi-transparent colour over its rectangle, one panel per
-    target, the object boxes outlined, a shared symmetric colour scale."""
+@dataclass(frozen=True)
+class Scale:
+    """One kind's colour scale: its norm, colour map and colour bar label."""
+
+    norm: object
+    cmap: object
+    label: str
+
+
+def kind_scale(kind: str, values: pd.Series) -> Scale:
+    """Knockout and patch: symmetric about 0 (red up, blue down); lens and attention: 0 to the largest value."""
     import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    finite = values[np.isfinite(values.to_numpy(dtype=float))]
+    bad = "lightgrey"  # NaN: a share where the corruption did not move p, or outside the image
+    if kind in ("knockout", "patch"):
+        limit = float(finite.abs().max()) if len(finite) else 0.0
+        limit = limit if limit > 0 else 1.0
+        label = "Δp (%)" if kind == "knockout" else "share of p(answer) restored"
+        return Scale(TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit), plt.get_cmap("RdBu_r").with_extremes(
+            bad=bad), label)
+    top = float(finite.max()) if len(finite) else 0.0
+    label = "lens probability" if kind == "lens" else "attention weight"
+    return Scale(Normalize(vmin=0.0, vmax=top if top > 0 else 1.0), plt.get_cmap("Reds").with_extremes(bad=bad),
+                 label)
+
+
+def knockout_spans(table: pd.DataFrame) -> dict[int, tuple[int, int]]:
+    """Per knockout centre, the first and last layer of its window (from the rows)."""
+    rows = table[table["kind"] == "knockout"].drop_duplicates("center")
+    return {int(r["center"]): (int(r["first_layer"]), int(r["last_layer"])) for _, r in rows.iterrows()}
+
+
+def panel_title(kind: str, target: str, layer: int, grid: int, spans: dict[int, tuple[int, int]]) -> str:
+    """A panel's title: what was done or read, in which layers (and which grid, past the finest)."""
+    scale = f", grid {grid} (coarser)" if grid else ""
+    if kind == "knockout":
+        first, last = spans[layer]
+        return f"blocked region → {target}, layers {first}-{last}{scale}"
+    if kind == "patch":
+        return f"patched {target}, layer {layer}{scale}"
+    if kind == "lens":
+        return f"lens p({target}), layer {layer}{scale}"
+    return f"attention {target} → region, layer {layer}{scale}"
+
+
+def panel_rows(part: pd.DataFrame) -> list[tuple[str, str, int]]:
+    """The (kind, target, grid) rows of an example's figure, in the table's order."""
+    return list(dict.fromkeys(zip(part["kind"], part["target"], part["grid"].astype(int), strict=True)))
+
+
+def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, title: str) -> Path:
+    """The input image with each region's value a semi-transparent colour over its rectangle: a row of panels
+    per kind × target × grid, a column per panel layer; one colour scale and colour bar per kind, the object
+    boxes outlined."""
+    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    targets = list(dict.fromkeys(part["target"]))
-    figure, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets) + 1.2, 4.4), squeeze=False)
-    norm = TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit)
-    cmap = plt.get_cmap("RdBu_r")
-    for axis, target in zip(axes[0], targets, strict=True):
-        axis.imshow(image, extent=(0, image.width, image.height, 0))
-        for _, row in part[(part["target"] == target) & (part["grid"] == 0)].iterrows():  # the finest grid
-            axis.add_patch(Rectangle((row["x0"], row["y0"]), row["x1"] - row["x0"], row["y1"] - row["y0"],
-                                     facecolor=cmap(norm(row["delta_pct"])), alpha=0.55, edgecolor="none"))
-        for x, y, w, h in boxes:
-            axis.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="black", linewidth=1.6))
-        axis.set_xlim(0, image.width)
-        axis.set_ylim(image.height, 0)
-        axis.set_title(f"blocked: region → {target}", fontsize=10)
-        axis.set_xticks([])
-        axis.set_yticks([])
-    mappable = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
-    figure.colorbar(mappable, ax=list(axes[0]), label="Δp (%)", fraction=0.04)
-    figure.suptitle(title, fontsize=10)
+    part = part.assign(value=kind_values(part))
+    spans = knockout_spans(part)
+    rows = panel_rows(part)
+    columns = max(part[part["kind"] == kind]["layer"].nunique() for kind, _, _ in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(max(2.6 * columns + 1.4, 6.4), 2.7 * len(rows) + 0.6),
+                                squeeze=False, layout="constrained")
+    scales = {kind: kind_scale(kind, part[part["kind"] == kind]["value"]) for kind in dict.fromkeys(part["kind"])}
+    for axis in axes.flat:
+        axis.set_visible(False)
+    for r, (kind, target, grid) in enumerate(rows):
+        own = part[(part["kind"] == kind) & (part["target"] == target) & (part["grid"] == grid)]
+        scale = scales[kind]
+        for c, layer in enumerate(sorted(own["layer"].unique())):
+            axis = axes[r, c]
+            axis.set_visible(True)
+            axis.imshow(image, extent=(0, image.width, image.height, 0))
+            for _, row in own[own["layer"] == layer].iterrows():
+                colour = scale.cmap(scale.norm(row["value"]) if math.isfinite(row["value"]) else np.nan)
+                axis.add_patch(Rectangle((row["x0"], row["y0"]), row["x1"] - row["x0"], row["y1"] - row["y0"],
+                                         facecolor=colour, alpha=0.55, edgecolor="none"))
+            for x, y, w, h in boxes:
+                axis.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="black", linewidth=1.6))
+            axis.set_xlim(0, image.width)
+            axis.set_ylim(image.height, 0)
+            axis.set_title(panel_title(kind, target, int(layer), grid, spans), fontsize=8)
+            axis.set_xticks([])
+            axis.set_yticks([])
+    for kind, scale in scales.items():
+        kind_axes = [axes[r, c] for r, (own, _, _) in enumerate(rows) if own == kind for c in range(columns)]
+        mappable = plt.cm.ScalarMappable(norm=scale.norm, cmap=scale.cmap)
+        figure.colorbar(mappable, ax=kind_axes, label=scale.label, fraction=0.04)
+    figure.suptitle("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 
 
-def map_figure(summary: pd.DataFrame, path: Path, options: MapOptions) -> Path:
-    """`map.png`: per target, the mean Δp% of object regions beside the others; and `map_<example>.png` for the
-    first examples of the run (read from results.parquet beside `path`), each on the symmetric colour scale of
-    its largest |Δp%|, shared by its panels."""
+def object_centred(part: pd.DataFrame, box: Sequence[float], cells: int = CENTRED_CELLS) -> np.ndarray:
+    """One map (the finest grid's regions of one example, kind, target and layer) resampled onto `cells` x
+    `cells` points in coordinates normalised to the object box `(x, y, w, h)`: the box spans the middle third,
+    each point takes the value of the region holding it (NaN outside the image)."""
+    x, y, w, h = box
+    fine = part[part["grid"] == part["grid"].min()]
+    centres = (np.arange(cells) + 0.5) / cells * 3 - 1  # box units: 0..1 is the box
+    px, py = x + centres * w, y + centres * h
+    x0, x1 = fine["x0"].to_numpy(), fine["x1"].to_numpy()
+    y0, y1 = fine["y0"].to_numpy(), fine["y1"].to_numpy()
+    values = fine["value"].to_numpy(dtype=float)
+    inside_x = (px[:, None] >= x0[None]) & (px[:, None] < x1[None])  # [cells, regions]
+    inside_y = (py[:, None] >= y0[None]) & (py[:, None] < y1[None])
+    holds = inside_y[:, None, :] & inside_x[None, :, :]  # [rows, cols, regions]
+    found = holds.any(-1)
+    return np.where(found, values[holds.argmax(-1)], np.nan)
+
+
+def centred_maps(table: pd.DataFrame, boxes: dict[int, Sequence[float]]) -> dict[tuple[str, str, int], np.ndarray]:
+    """Per (kind, target, layer), the mean object-centred map over the examples with a box (`boxes`: example →
+    its question's first box)."""
+    table = table.assign(value=kind_values(table))
+    stacks: dict[tuple[str, str, int], list[np.ndarray]] = {}
+    for (example, kind, target, layer), part in table.groupby(["example", "kind", "target", "layer"], sort=False):
+        if int(example) in boxes:
+            stacks.setdefault((kind, target, int(layer)), []).append(object_centred(part, boxes[int(example)]))
+    means = {}
+    for key, maps in stacks.items():
+        stacked = np.stack(maps)
+        counts = np.isfinite(stacked).sum(0)
+        means[key] = np.where(counts > 0, np.nansum(stacked, 0) / np.maximum(counts, 1), np.nan)
+    return means
+
+
+def draw_centred(means: dict[tuple[str, str, int], np.ndarray], n_examples: int, path: Path, region: int,
+                 spans: dict[int, tuple[int, int]]) -> Path:
+    """`map.png`: the mean object-centred maps, a row per kind × target, a column per panel layer; the box (the
+    middle third) outlined, one colour scale per kind."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
-    table = pd.read_parquet(path.parent / "results.parquet")
-    examples = sorted(table["example"].unique())[:MAPPED_EXAMPLES]
-    dataset = questions(options)
-    for example in examples:
-        row = dataset[int(example)]
-        part = table[table["example"] == example]
-        limit = float(part["delta_pct"].abs().max())  # one symmetric scale for the example's panels
-        limit = limit if math.isfinite(limit) and limit > 0 else 1.0
-        title = (f"{row['question']} (answer {row['answer']!r}); window {options.window} around layer "
-                 f"{options.center}, regions {options.region}x{options.region}")
-        draw_example_map(row["image"].convert("RGB"), part, boxes_of(row), path.parent / f"map_{int(example)}.png",
-                         limit, title)
-    means = object_means(table)
-    figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    targets = list(dict.fromkeys(table["target"]))
-    width = 0.38
-    for offset, (on_object, label) in enumerate([(True, "object regions"), (False, "other regions")]):
-        values = [means[(means["target"] == t) & (means["on_object"] == on_object)]["mean"] for t in targets]
-        heights = [float(v.iloc[0]) if len(v) else float("nan") for v in values]
-        axis.bar([i + (offset - 0.5) * width for i in range(len(targets))], heights, width, label=label)
-    axis.axhline(0, color="grey", linewidth=0.8)
-    axis.set_xticks(range(len(targets)), [f"region → {t}" for t in targets])
-    axis.set_ylabel("mean Δp (%)")
-    axis.set_title(f"Region knockout, window {options.window} around layer {options.center}", fontsize=10)
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
+    if not means:
+        figure, axis = plt.subplots(figsize=(5, 2))
+        axis.text(0.5, 0.5, "no example with an object box: no object-centred map", ha="center", va="center")
+        axis.axis("off")
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path
+    rows = list(dict.fromkeys((kind, target) for kind, target, _ in means))
+    columns = max(len([key for key in means if key[:2] == row]) for row in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(max(2.6 * columns + 1.4, 6.4), 2.7 * len(rows) + 0.6),
+                                squeeze=False, layout="constrained")
+    for axis in axes.flat:
+        axis.set_visible(False)
+    scales = {kind: kind_scale(kind, pd.Series(np.concatenate([m.ravel() for key, m in means.items()
+                                                                 if key[0] == kind])))
+              for kind in dict.fromkeys(kind for kind, _ in rows)}
+    for r, (kind, target) in enumerate(rows):
+        for c, layer in enumerate(sorted(layer for k, t, layer in means if (k, t) == (kind, target))):
+            axis = axes[r, c]
+            axis.set_visible(True)
+            scale = scales[kind]
+            axis.imshow(means[kind, target, layer], cmap=scale.cmap, norm=scale.norm, extent=(-1, 2, 2, -1))
+            axis.add_patch(Rectangle((0, 0), 1, 1, fill=False, edgecolor="black", linewidth=1.6))
+            axis.set_title(panel_title(kind, target, layer, 0, spans), fontsize=8)
+            axis.set_xticks([])
+            axis.set_yticks([])
+    for kind, scale in scales.items():
+        kind_axes = [axes[r, c] for r, (own, _) in enumerate(rows) if own == kind for c in range(columns)]
+        figure.colorbar(plt.cm.ScalarMappable(norm=scale.norm, cmap=scale.cmap), ax=kind_axes, label=scale.label,
+                        fraction=0.04)
+    figure.suptitle(f"Object-centred mean of {n_examples} examples with a box (the box: the middle third)\n"
+                    f"regions {region}x{region}", fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def map_figure(summary: pd.DataFrame, path: Path, options: MapOptions) -> list[Path]:
+    """`map.png`, the object-centred mean maps, and `map_<example>.png` for the first examples of the run (read
+    from results.parquet beside `path`); returns them all, `map.png` first."""
+    table = pd.read_parquet(path.parent / "results.parquet")
+    dataset = questions(options)
+    drawn = []
+    for example in sorted(table["example"].unique())[:MAPPED_EXAMPLES]:
+        row = dataset[int(example)]
+        title = f"{row['question']} (answer {row['answer']!r}); regions {options.region}x{options.region}"
+        drawn.append(draw_example_map(row["image"].convert("RGB"), table[table["example"] == example],
+                                      boxes_of(row), path.parent / f"map_{int(example)}.png", title))
+    boxes = {}
+    for example in table.loc[table["has_object"], "example"].unique():
+        found = boxes_of(dataset[int(example)])
+        if found:
+            boxes[int(example)] = found[0]
+    centred = draw_centred(centred_maps(table, boxes), len(boxes), path, options.region, knockout_spans(table))
+    return [centred, *drawn]
+
+
+KIND_NAMES = {"knockout": "Region knockout, mean Δp %", "patch": "Region patching, mean share restored",
+              "lens": "Logit lens on the image tokens, mean p", "attention": "Attention to each region, mean weight"}
 
 
 def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions) -> list[str]:
-    """Per target, the mean Δp% of object regions and of the others, and the region with the largest mean drop."""
+    """Per kind × target × panel, the mean value of object regions and of the others, and the region with the
+    largest mean (for knockout: the largest mean drop)."""
     means = object_means(table)
-    lines = ["", f"Region knockout (window {options.window} around layer {options.center}, "
-                 f"regions {options.region}x{options.region}), mean Δp % per target:"]
-    for target in dict.fromkeys(table["target"]):
-        part = means[means["target"] == target]
-        on = part[part["on_object"]]["mean"]
-        off = part[~part["on_object"].astype(bool)]["mean"]
-        own = summary[summary["target"] == target]
-        worst = own.loc[own["mean"].idxmin()]
-        rect = table[(table["target"] == target) & (table["region"] == worst["region"])].iloc[0]
-        object_text = (f"object regions {on.iloc[0]:+.2f}, other regions {off.iloc[0]:+.2f}"
-                       if len(on) and len(off) else "no object box")
-        lines.append(f"  {target}: {object_text}; largest mean drop: region {int(worst['region'])} "
-                     f"(x {rect['x0']:.0f}-{rect['x1']:.0f}, y {rect['y0']:.0f}-{rect['y1']:.0f}) "
-                     f"{worst['mean']:+.2f}")
+    lines = []
+    for kind in dict.fromkeys(table["kind"]):
+        if kind == "knockout":
+            centres = ", ".join(str(c) for c in options.centers)
+            panels = f"window {options.window} around layer{'s' if len(options.centers) > 1 else ''} {centres}"
+        else:
+            layers = list(options.layers)
+            consecutive = len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1))
+            panels = f"layers {layers[0]}-{layers[-1]}" if consecutive else \
+                f"layer{'s' if len(layers) > 1 else ''} {', '.join(str(layer) for layer in layers)}"
+        lines += ["", f"{KIND_NAMES[kind]} ({panels}, regions {options.region}x{options.region}):"]
+        own_table = table[table["kind"] == kind]
+        fmt = "+.3g" if kind in ("knockout", "patch") else ".3g"  # signed: a change; unsigned: a probability
+        for target, layer in dict.fromkeys(zip(own_table["target"], own_table["layer"], strict=True)):
+            part = means[(means["kind"] == kind) & (means["target"] == target) & (means["layer"] == layer)]
+            on = part[part["on_object"].astype(bool)]["mean"]
+            off = part[~part["on_object"].astype(bool)]["mean"]
+            own = summary[(summary["kind"] == kind) & (summary["target"] == target) & (summary["layer"] == layer)]
+            own = own[own["mean"].notna()]
+            object_text = (f"object regions {on.iloc[0]:{fmt}}, other regions {off.iloc[0]:{fmt}}"
+                           if len(on) and len(off) else "no object box")
+            if own.empty:
+                lines.append(f"  {target}, layer {layer}: {object_text}; no finite value")
+                continue
+            top = own.loc[own["mean"].idxmin() if kind == "knockout" else own["mean"].idxmax()]
+            rect = own_table[own_table["region"] == top["region"]].iloc[0]
+            which = "largest mean drop" if kind == "knockout" else "largest mean"
+            lines.append(f"  {target}, layer {layer}: {object_text}; {which}: region {int(top['region'])} "
+                         f"(x {rect['x0']:.0f}-{rect['x1']:.0f}, y {rect['y0']:.0f}-{rect['y1']:.0f}) "
+                         f"{top['mean']:{fmt}}")
     shown = sorted(table["example"].unique())[:MAPPED_EXAMPLES]
-    lines += ["", f"maps over the images: map_<example>.png for examples {', '.join(str(int(e)) for e in shown)}"]
+    lines += ["", f"maps over the images: map_<example>.png for examples {', '.join(str(int(e)) for e in shown)}; "
+                  "map.png: the object-centred mean"]
     return lines
 
 
 MAP = Experiment(
     name="map",
-    help="Region knockout map: Δp% of the answer when a target stops reading each block of the image, drawn over it.",
+    help="Image maps (knockout, patch, lens, attention): each block of the image's effect on the answer, drawn "
+         "over it.",
     options=MapOptions,
     data=questions,
     work=PerQuestion(map_rows, map_variants),
-    value="delta_pct",
-    by=("target", "region"),
+    value="value",
+    by=BY,
     figure=map_figure,
     findings=map_findings,
     desc="map",
+    values=kind_values,  # the summary: each region's mean, 95% CI and n per kind × target × panel layer
     prints_table=True,
 )

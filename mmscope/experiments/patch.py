@@ -28,6 +28,7 @@ from mmscope.experiments.figures import heatmap
 from mmscope.experiments.options import QuestionOptions, check_choice, engine_option, limit_option, option
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
 from mmscope.interventions import SITES, CachedPatch
+from mmscope.layout import Example
 from mmscope.model import Model
 
 PATCH_GROUPS = ("image", "object", "question", "last")
@@ -69,15 +70,32 @@ def corrupting_row(dataset, index: int) -> dict:
                     f"are about image {dataset[index]['image_id']!r}")
 
 
+def corrupted_example(model: Model, dataset, question: Question, *, same_size: bool = False) -> tuple[dict, Example]:
+    """The corrupting row (`corrupting_row`) and the corrupted example: the same question and boxes about its
+    image — resized to the clean image's size with `same_size`, so that every image token shows the same part
+    of the frame in both runs (an any-resolution family then cuts both into the same tiles)."""
+    clean = question.example
+    other = corrupting_row(dataset, question.index)
+    image = other["image"].convert("RGB")
+    if same_size:
+        image = image.resize(clean.meta[0]["image_size"])
+    return other, model.prepare(image, question.row["question"], boxes=clean.meta[0]["boxes"])
+
+
+def restored_share(p_clean: float, p_corrupted: float, p_patched: float) -> float:
+    """(p_patched − p_corrupted) / (p_clean − p_corrupted); NaN where the corruption moved p by less than
+    `MIN_EFFECT`."""
+    effect = p_clean - p_corrupted
+    return (p_patched - p_corrupted) / effect if abs(effect) >= MIN_EFFECT else float("nan")
+
+
 def patch_rows(sweep: Sweep[PatchOptions], question: Question) -> list[dict]:
     """p_patched and the share restored for every (group, layer) of one question; groups it lacks are left out."""
     model, clean = sweep.model, question.example
-    other = corrupting_row(sweep.dataset, question.index)
-    corrupted = model.prepare(other["image"].convert("RGB"), question.row["question"], boxes=clean.meta[0]["boxes"])
+    other, corrupted = corrupted_example(model, sweep.dataset, question)
     run, probs = run_variants(model, corrupted, question.variants, source=clean, engine=sweep.options.engine)
     token = question.answer.first_token
     p_clean, p_corrupted = run.source.probs[token].item(), run.probs[token].item()
-    effect = p_clean - p_corrupted
     rows = []
     for variant, patched in zip(question.variants, probs, strict=True):
         group, layer = variant.key
@@ -85,7 +103,7 @@ def patch_rows(sweep: Sweep[PatchOptions], question: Question) -> list[dict]:
         rows.append({
             "corrupting_image_id": str(other["image_id"]), "site": sweep.options.site, "group": group,
             "layer": layer, "p_clean": p_clean, "p_corrupted": p_corrupted, "p_patched": p_patched,
-            "restored": (p_patched - p_corrupted) / effect if abs(effect) >= MIN_EFFECT else float("nan"),
+            "restored": restored_share(p_clean, p_corrupted, p_patched),
         })
     return rows
 

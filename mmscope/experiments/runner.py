@@ -209,8 +209,10 @@ class Experiment(Generic[O]):
     `data(options)` reads and checks what the run walks over, before the model loads; `work(model, options,
     data)` makes its `Work`. `by` are the summary's group-by columns, the last one the layer axis (the figure's
     x, the W&B step); `summarize` replaces the default summary (mean, 95% CI and n of `value` per group) where rows already are
-    one per group. `figure` draws the summary into the given path; `findings` are the report's lines between
-    the status and the figure; `prints_table` adds where results.parquet is.
+    one per group; `values(table)` computes `value` where rows of several kinds keep it in columns of their own.
+    `figure` draws the summary into the given path (and may return a list of the figures it drew, that path
+    first: W&B logs them all); `findings` are the report's lines between the status and the figure;
+    `prints_table` adds where results.parquet is.
     """
 
     name: str
@@ -220,10 +222,11 @@ class Experiment(Generic[O]):
     work: Callable[[Model, O, Any], Work]
     value: str
     by: tuple[str, ...]
-    figure: Callable[[pd.DataFrame, Path, O], Path]
+    figure: Callable[[pd.DataFrame, Path, O], Path | list[Path]]  # a list: the main figure first, all logged
     findings: Callable[[pd.DataFrame, pd.DataFrame, O], list[str]]
     desc: str  # the progress bar's label
     summarize: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    values: Callable[[pd.DataFrame], pd.Series] | None = None  # computes `value` from the rows, where no column holds it
     prints_table: bool = False
     config_file: ClassVar[bool] = True  # its command takes --config (a run's own config.yaml works)
 
@@ -231,6 +234,8 @@ class Experiment(Generic[O]):
         """The summary table of a finished run's results (its confidence bands as `--ci` asks, seeded)."""
         if self.summarize is not None:
             return self.summarize(table)
+        if self.values is not None:
+            table = table.assign(**{self.value: self.values(table)})
         return summarize(table, list(self.by), self.value, ci=getattr(options, "ci", None) or "normal",
                          seed=getattr(options, "seed", 0))
 
@@ -295,10 +300,11 @@ def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Seque
         return list(status)
     summary = experiment.summary(table, options)
     summary.to_csv(run_dir.folder / "summary.csv", index=False)
-    figure = experiment.figure(summary, run_dir.folder / f"{experiment.name}.png", options)
+    drawn = experiment.figure(summary, run_dir.folder / f"{experiment.name}.png", options)
+    figures = drawn if isinstance(drawn, list) else [drawn]
     results = run_dir.folder / "results.parquet"
     if options.wandb:
         log_run(run_dir.folder, experiment.name, run_dir.config, summary, x=experiment.by[-1],
-                keys=list(experiment.by[:-1]), figures=[figure], results=results)
-    lines = [*status, *experiment.findings(table, summary, options), "", f"figure: {figure}"]
+                keys=list(experiment.by[:-1]), figures=figures, results=results)
+    lines = [*status, *experiment.findings(table, summary, options), "", f"figure: {figures[0]}"]
     return [*lines, f"table:  {results}"] if experiment.prints_table else lines
