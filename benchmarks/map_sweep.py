@@ -56,7 +56,7 @@ SIDES = (1, 2)
 
 
 def map_layers(model: mmscope.Model) -> tuple[int, ...]:
-    """`mmscope map`'s default window: a third of the depth around the middle layer."""
+    """The window timed: a third of the depth (rounded) around the middle layer."""
     return knockout_window(model.n_layers // 2, max(1, round(model.n_layers / 3)), model.n_layers)
 
 

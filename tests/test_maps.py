@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import mmscope
 from mmscope.cli import app
 from mmscope.experiments.answers import clean_answer
+from mmscope.experiments.knockout import default_window
 from mmscope.experiments.maps import (
     MapOptions,
     draw_example_map,
@@ -118,7 +119,7 @@ def test_map_command_writes_rows_and_maps(embedded, world, tmp_path):
     assert area == pytest.approx(image.width * image.height, rel=1e-6)
     # The first example's rows checked against the core API, one knockout each.
     example = example_of(embedded, dataset[first])
-    layers = knockout_window(embedded.n_layers // 2, max(1, round(embedded.n_layers / 3)), embedded.n_layers)
+    layers = knockout_window(embedded.n_layers // 2, default_window(embedded.n_layers), embedded.n_layers)
     token = embedded.answer_tokens(example, last["generated"].iloc[0] or last["answer"].iloc[0])[0][0]
     p_clean = embedded.next_token_probs(example)[token].item()
     for _, row in last.iterrows():

@@ -50,7 +50,7 @@ from PIL import Image
 
 from mmscope.errors import InputError, MMScopeError
 from mmscope.experiments.engine import ENGINES, Variant, run_variants
-from mmscope.experiments.knockout import knockout_scores
+from mmscope.experiments.knockout import default_window, knockout_scores
 from mmscope.experiments.options import (
     OptionError,
     QuestionOptions,
@@ -163,8 +163,8 @@ class MapOptions(QuestionOptions):
                                              "each region is blocked or read (repeatable; default: last and "
                                              "question).", flag="--target")
     region: int = option(1, "Side N of each region in patches: each region is an NxN block of the image-token grid.")
-    window: int | None = option(None, "knockout: window k of layers blocked around each centre (default: a third "
-                                      "of the model's depth).")
+    window: int | None = option(None, "knockout: window k of layers blocked around each centre (default: "
+                                      "knockout's, about a third of the depth, at most 9).")
     centers: list[int] | None = option(None, "knockout: centre layer of a window, one panel each (repeatable; "
                                              "default: the middle layer).", flag="--center")
     layers: list[int] | None = option(None, "patch, lens, attention: a layer, one panel each (repeatable; default: "
@@ -216,8 +216,9 @@ class MapOptions(QuestionOptions):
         options, lines = super().configure(model)
         kinds = options.kinds
         if "knockout" in kinds and options.window is None:
-            options = dataclasses.replace(options, window=max(1, round(model.n_layers / 3)))
-            lines = [*lines, f"window {options.window} (the default for {model.n_layers} layers: a third of them)"]
+            options = dataclasses.replace(options, window=default_window(model.n_layers))
+            lines = [*lines, f"window {options.window} (knockout's default for {model.n_layers} layers: about a "
+                             "third of the depth, at most the study's 9)"]
         if "knockout" in kinds and options.centers is None:
             options = dataclasses.replace(options, centers=[model.n_layers // 2])
             lines = [*lines, f"center {options.centers[0]} (the default: the middle layer)"]
