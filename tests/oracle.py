@@ -85,9 +85,9 @@ def pairs(example, target, source):
     ]
 
 
-def knockout_logits(family: Family, model, inputs, pairs_per_row, layers, heads=None):
-    """Logits with attention from targets to sources blocked in `layers` (all heads, or `heads`), on top of the
-    model's own mask. `pairs_per_row[b]` lists the (target, source) position pairs of row b."""
+def knockout_edit(model, pairs_per_row, heads=None):
+    """A forward pre-hook for a decoder attention module that blocks attention from targets to sources (all heads,
+    or `heads`) on top of the model's own mask; `pairs_per_row[b]` lists the (target, source) pairs of row b."""
 
     def edit(module, args, kwargs):
         mask = kwargs["attention_mask"]
@@ -102,6 +102,13 @@ def knockout_logits(family: Family, model, inputs, pairs_per_row, layers, heads=
         kwargs["attention_mask"] = mask
         return args, kwargs
 
+    return edit
+
+
+def knockout_logits(family: Family, model, inputs, pairs_per_row, layers, heads=None):
+    """Logits with attention from targets to sources blocked in `layers` (all heads, or `heads`), on top of the
+    model's own mask. `pairs_per_row[b]` lists the (target, source) position pairs of row b."""
+    edit = knockout_edit(model, pairs_per_row, heads)
     layer_list = family.layers(model)
     hooks = [(getattr(layer_list[i], family.attention), edit) for i in layers]
     return forward_with_hooks(family, model, inputs, pre_hooks=hooks)

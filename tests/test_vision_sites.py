@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import scene
 from families import QUESTIONS, family_params, load_family
-from oracle import LLAVA, forward_with_hooks, plain_model
+from oracle import LLAVA, forward_with_hooks, knockout_edit, pairs, plain_model
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import mmscope
@@ -101,11 +101,11 @@ def rows(case: Case, tokens: tuple[int, ...], inputs: dict | None = None):
 def test_vision_sites_read_what_hooks_capture(case):
     n = case.model.run(case.batch, readout=lambda ctx: ctx.n_vision_layers)
     assert n == len(operator.attrgetter(case.tower[0])(case.plain))
-    pairs = [(site, layer) for layer in range(n) for site in ("vision_attention", "vision_mlp", "vision_residual")]
-    pairs.append(("projector", 0))
+    sites = [(site, layer) for layer in range(n) for site in ("vision_attention", "vision_mlp", "vision_residual")]
+    sites.append(("projector", 0))
 
     def readout(ctx):
-        return [ctx.vision_site(*pair).clone() for pair in pairs]
+        return [ctx.vision_site(*pair).clone() for pair in sites]
 
     read = case.model.run(case.batch, readout=readout)
     captured = {}
@@ -113,14 +113,14 @@ def test_vision_sites_read_what_hooks_capture(case):
     def capture(pair):
         return lambda module, args, output: captured.__setitem__(pair, tensor(output).clone())
 
-    case.hooked(hooks=[(case.module(*pair), capture(pair)) for pair in pairs])
-    for pair, value in zip(pairs, read, strict=True):
+    case.hooked(hooks=[(case.module(*pair), capture(pair)) for pair in sites])
+    for pair, value in zip(sites, read, strict=True):
         assert value.shape == captured[pair].shape, pair
         torch.testing.assert_close(value, captured[pair], atol=1e-6, rtol=0)
     readers = case.model.run(case.batch, readout=lambda ctx: (
         ctx.vision_attention_output(0).clone(), ctx.vision_mlp_output(0).clone(), ctx.vision_residual(0).clone(),
         ctx.projector_output().clone()))
-    for value, pair in zip(readers, [*pairs[:3], pairs[-1]], strict=True):
+    for value, pair in zip(readers, [*sites[:3], sites[-1]], strict=True):
         torch.testing.assert_close(value, captured[pair], atol=0, rtol=0)
     residual = captured["vision_residual", 0]
     if VISION_FAMILIES[case.name] == "clip":  # [tiles, CLS + g*g patches, D_v]
@@ -174,15 +174,16 @@ def test_editing_the_projector_output_inline_matches_the_hook(case):
     assert (logits - case.logits([])).abs().max() > 1e-4
 
 
-def knockout_hook(pairs):
-    """A pre-hook on a vision attention that blocks (query, key) `pairs` in every image on top of its mask."""
+def knockout_hook(blocked):
+    """A pre-hook on a vision attention that blocks the (query, key) pairs `blocked` in every image on top of its
+    mask."""
 
     def edit(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         mask = kwargs.get("attention_mask")
         n = hidden.shape[1]
         mask = hidden.new_zeros(hidden.shape[0], 1, n, n) if mask is None else mask.clone()
-        for query, key in pairs:
+        for query, key in blocked:
             if query != key:
                 mask[:, :, query, key] = torch.finfo(mask.dtype).min
         kwargs["attention_mask"] = mask
@@ -198,13 +199,13 @@ def test_vision_knockout_matches_the_mask_hook(clip_case, sources, targets):
     vision = case.plain.config.vision_config
     length = (vision.image_size // vision.patch_size) ** 2 + 1  # CLS, then the patches
     named = {"cls": [0], "patches": list(range(1, length))}
-    pairs = [(q, k) for q in named.get(targets, targets) for k in named.get(sources, sources)]
+    blocked = [(q, k) for q in named.get(targets, targets) for k in named.get(sources, sources)]
     captured = {}
 
     def capture(module, args, output):
         captured["residual"] = tensor(output).clone()
 
-    expected = case.hooked(pre_hooks=[(case.module("vision_attention", 0), knockout_hook(pairs))],
+    expected = case.hooked(pre_hooks=[(case.module("vision_attention", 0), knockout_hook(blocked))],
                            hooks=[(case.module("vision_residual", 0), capture)])
     knockout = VisionKnockout(sources, targets, layers=[0])
 
@@ -221,10 +222,10 @@ def test_vision_knockout_matches_the_mask_hook(clip_case, sources, targets):
 def test_vision_knockout_under_sdpa_matches_the_eager_mask_hook(tiny_sdpa, tiny_folder):
     """SDPA takes the same additive mask: the knockout there equals the eager model's hooked forward."""
     example = tiny_sdpa.prepare(scene(seed=5), QUESTIONS[0])
-    pairs = [(q, k) for q in range(1, 17) for k in (1, 2, 3)]
+    blocked = [(q, k) for q in range(1, 17) for k in (1, 2, 3)]
     plain = plain_model(tiny_folder)
     attention = operator.attrgetter(TOWERS["clip"][0])(plain)[0].self_attn
-    expected = forward_with_hooks(LLAVA, plain, example.inputs, pre_hooks=[(attention, knockout_hook(pairs))])
+    expected = forward_with_hooks(LLAVA, plain, example.inputs, pre_hooks=[(attention, knockout_hook(blocked))])
     got = tiny_sdpa.run(example, [VisionKnockout((1, 2, 3), "patches", 0)], readout=lambda ctx: ctx.logits().float())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -244,19 +245,7 @@ def test_vision_tokens_index_each_site_in_its_own_layout(case):
 
 def test_vision_and_decoder_interventions_compose_in_one_forward(clip_case):
     case = clip_case
-    example = case.batch
-    decoder_pairs = [
-        [(q, k) for q in example.positions("last", row).tolist() for k in example.positions("image", row).tolist()]
-        for row in range(len(example))
-    ]
-
-    def decoder_edit(module, args, kwargs):
-        mask = kwargs["attention_mask"].clone()
-        for row, row_pairs in enumerate(decoder_pairs):
-            for q, k in row_pairs:
-                mask[row, :, q, k] = torch.finfo(mask.dtype).min
-        kwargs["attention_mask"] = mask
-        return args, kwargs
+    decoder_edit = knockout_edit(case.plain, pairs(case.batch, "last", "image"))
 
     def scale(module, args, output):
         tensor(output)[:, [1, 4]] *= 0.0
