@@ -315,6 +315,13 @@ def patch_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence
     return rows
 
 
+def region_columns(example: Example, regions: Sequence[Region]) -> dict[int, list[int]]:
+    """Per region, the columns of its tokens among the example's image tokens (as `image_lens` and
+    `image_attention` order them)."""
+    column = {position: k for k, position in enumerate(example.layout["image"])}
+    return {region.index: [column[p] for p in region.positions] for region in regions}
+
+
 def lens_token(model: Model, question: Question, which: str) -> int | None:
     """The token the lens reads: the clean answer's first token, or the first token of the question's first
     object name (None where it names none)."""
@@ -340,22 +347,24 @@ def lens_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[
     if token is None:
         return []
     probs = image_lens(model, example, options.layers, token)
-    column = {position: k for k, position in enumerate(example.layout["image"])}
+    columns = region_columns(example, regions)
     return [{"kind": "lens", "target": options.lens_token, "layer": layer, "region": region.index,
-             "token_id": token, "prob": probs[i, [column[p] for p in region.positions]].mean().item()}
+             "token_id": token, "prob": probs[i, columns[region.index]].mean().item()}
             for i, layer in enumerate(options.layers) for region in regions]
 
 
-def image_attention(model: Model, example: Example, layers: Sequence[int], target: str) -> torch.Tensor:
-    """`[len(layers), n_image]`: the attention weight from `target`'s positions (their mean) to each image token,
-    the mean over heads, per layer."""
+def image_attention(model: Model, example: Example, layers: Sequence[int],
+                    targets: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per target, `[len(layers), n_image]`: the attention weight from the target's positions (their mean) to each
+    image token, the mean over heads, per layer — every target read from one forward."""
     image = torch.tensor(example.layout["image"])
-    queries = torch.tensor(example.layout[target])
+    queries = {target: torch.tensor(example.layout[target]) for target in targets}
 
-    def readout(ctx) -> torch.Tensor:
+    def readout(ctx) -> dict[str, torch.Tensor]:
         weights = [ctx.attention_weights(layer)[0] for layer in layers]  # [H, T, T] each
-        return torch.stack([w[:, queries.to(w.device)][..., image.to(w.device)].float().mean((0, 1)).cpu()
-                            for w in weights])
+        return {target: torch.stack([w[:, rows.to(w.device)][..., image.to(w.device)].float().mean((0, 1)).cpu()
+                                     for w in weights])
+                for target, rows in queries.items()}
 
     return model.run(example, [], readout)
 
@@ -363,14 +372,11 @@ def image_attention(model: Model, example: Example, layers: Sequence[int], targe
 def attention_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
     """Per target × layer × region, the attention from the target to the region's tokens (summed over them)."""
     options, model, example = sweep.options, sweep.model, question.example
-    column = {position: k for k, position in enumerate(example.layout["image"])}
-    rows = []
-    for target in options.targets:
-        weights = image_attention(model, example, options.layers, target)
-        rows += [{"kind": "attention", "target": target, "layer": layer, "region": region.index,
-                  "attention": weights[i, [column[p] for p in region.positions]].sum().item()}
-                 for i, layer in enumerate(options.layers) for region in regions]
-    return rows
+    columns = region_columns(example, regions)
+    weights = image_attention(model, example, options.layers, options.targets)
+    return [{"kind": "attention", "target": target, "layer": layer, "region": region.index,
+             "attention": weights[target][i, columns[region.index]].sum().item()}
+            for target in options.targets for i, layer in enumerate(options.layers) for region in regions]
 
 
 KIND_VALUES = {"knockout": knockout_values, "patch": patch_values, "lens": lens_values,
