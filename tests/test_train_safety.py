@@ -161,7 +161,8 @@ REFUSALS = {
     "json": "it holds something other than tensors and plain data, which mmscope never unpickles, or is corrupt",
     "tensor": "it holds a Tensor, not a training state",
     "state_dict": "settings missing, step missing, history missing, minutes missing, modules missing, optimizer "
-                  "missing, schedule missing, sampler_weights missing, sampler_random missing, torch_rng missing",
+                  "missing, schedule missing, sampler_weights missing, sampler_random missing, turn_random missing, "
+                  "torch_rng missing",
     "incomplete": "step is a str, history is a NoneType",
     "folder": "not a file",
 }
@@ -235,6 +236,12 @@ BAD_VALUES = [
     ({"focus": 1.5}, "focus 1.5 (--focus): must lie in [0, 1] (0: uniform over categories)"),
     ({"focus": -0.1}, "focus -0.1 (--focus): must lie in [0, 1] (0: uniform over categories)"),
     ({"focus": float("nan")}, "focus nan (--focus): must lie in [0, 1] (0: uniform over categories)"),
+    ({"turns": 0}, "turns 0 (--turns): must be at least 1"),
+    ({"turns": 3, "caption_share": 1.2}, "caption_share 1.2 (--caption-share): must lie in [0, 1]"),
+    ({"caption_share": 0.2}, "caption_share 0.2 (--caption-share): needs --turns above 1: it is the share of the "
+                             "turns after the first"),
+    ({"turns": 3, "caption_share": 0.6, "statement_share": 0.5}, "statement_share 0.5 (--statement-share): plus "
+                                                                 "--caption-share 0.6 must be at most 1"),
     ({"bf16": "yes"}, "bf16 'yes' (--bf16): must be True or False"),
     ({"freeze_vision": 1}, "freeze_vision 1 (--freeze-vision): must be True or False"),
     ({"spec": {"text_layers": 2}}, "spec {'text_layers': 2} (--spec): must be a TinyLlavaSpec"),

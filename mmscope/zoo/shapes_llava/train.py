@@ -63,7 +63,8 @@ from tqdm.auto import tqdm
 
 from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
 from mmscope.errors import MMScopeError
-from mmscope.prompts import LLAVA_15
+from mmscope.prompts import LLAVA_15, QUESTION
+from mmscope.zoo.shapes_llava.instructions import TurnPool
 from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
 
 
@@ -111,6 +112,9 @@ class TrainConfig:
     gather_loss_weight: float = 0.5
     named_loss_weight: float = 1.0  # last position: does each mentioned object have the value the question names
     gather_layer: int = 6  # decoder layer whose output at the last prompt position carries the mentioned objects
+    turns: int = 1  # conversation turns per training sequence, all about its image (LLaVA's multi-turn data)
+    caption_share: float = 0.0  # share of the turns after the first that ask for a caption
+    statement_share: float = 0.0  # ... that ask whether a statement is true (image-text entailment)
     focus: float = 0.8  # share of each batch drawn in proportion to each category's validation error
     bf16: bool = True  # bfloat16 autocast (about twice as fast on CPUs with bf16 instructions)
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
@@ -138,6 +142,15 @@ class TrainConfig:
             if not _is_real(value) or value < 0:
                 _refuse(name, value, "must be a finite number, at least 0" + (" (0 turns that loss off)"
                                                                                if name != "weight_decay" else ""))
+        for name in ("caption_share", "statement_share"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value <= 1:
+                _refuse(name, value, "must lie in [0, 1]")
+            if value and self.turns == 1:
+                _refuse(name, value, "needs --turns above 1: it is the share of the turns after the first")
+        if self.caption_share + self.statement_share > 1:
+            _refuse("statement_share", self.statement_share, f"plus --caption-share {self.caption_share} must be at "
+                                                             "most 1")
         if not _is_real(self.focus) or not 0 <= self.focus <= 1:
             _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
         for name in ("freeze_vision", "bf16", "wandb"):
@@ -187,7 +200,7 @@ class TrainingStateError(MMScopeError, ValueError):
 # Whole-number options: (name, minimum, what the minimum means).
 _COUNTS = (("steps", 1, ""), ("vision_steps", 0, " (0 skips stage 1, vision pre-training)"), ("batch_size", 1, ""),
            ("vision_batch_size", 1, ""), ("n_scenes", 10, " (every split, 80/10/10 train/val/test, needs a scene)"),
-           ("eval_every", 1, ""), ("eval_questions", 1, ""), ("warmup", 1, ""))
+           ("eval_every", 1, ""), ("eval_questions", 1, ""), ("warmup", 1, ""), ("turns", 1, ""))
 _LOSSES = ("patch", "grounding", "attention", "gather", "named")
 
 
@@ -206,6 +219,21 @@ def _refuse(name: str, value: Any, rule: str) -> NoReturn:
 
 def prompt_of(question: str) -> str:
     return LLAVA_15.render(question)[0]
+
+
+def follow_up_of(question: str) -> str:
+    """A later turn's prompt: the template from its first role marker on, without the image and the blank
+    after it (`" USER: {question} \\nAnswer the question using a single word or phrase. ASSISTANT:"`)."""
+    parts = LLAVA_15.parts
+    start = next(i for i, (group, _) in enumerate(parts) if group == "roles")
+    kept, after_image = [], False
+    for group, part in parts[start:]:
+        if group == "image" or (after_image and group is None and not part.strip()):
+            after_image = group == "image"
+            continue
+        after_image = False
+        kept.append(question if part == QUESTION else part)
+    return "".join(kept)
 
 
 class SceneTargets:
@@ -346,12 +374,17 @@ class Batcher:
     processor produces for one image (measured once)."""
 
     def __init__(self, processor, dataset, images: ImageSet, features: torch.Tensor | None = None,
-                 targets: SceneTargets | None = None, max_mentions: int = MAX_MENTIONS) -> None:
+                 targets: SceneTargets | None = None, max_mentions: int = MAX_MENTIONS,
+                 turns: TurnPool | None = None, extra_turns: int = 0, caption_share: float = 0.0,
+                 statement_share: float = 0.0, seed: int = 0) -> None:
         self.tokenizer = processor.tokenizer
         self.dataset = dataset
         self.images, self.features = images, features
         self.targets = targets
         self.max_mentions = max_mentions
+        self.turns, self.extra_turns = turns, extra_turns if turns is not None else 0
+        self.caption_share, self.statement_share = caption_share, statement_share
+        self.random = random.Random(seed)  # which extra turns each sequence gets (part of the training state)
         self.image_token = self.tokenizer.image_token
         # The columns a batch needs, read once: `Dataset.select` per batch costs more than the batch's forward pass.
         names = ["question", "answer", "image_id"] + (["object_names", "object_ids"] if targets is not None else [])
@@ -375,10 +408,15 @@ class Batcher:
         input_ids = torch.cat([encoded["input_ids"], answer_ids], dim=1)
         attention_mask = torch.cat([encoded["attention_mask"], answer_mask], dim=1)
         prompt_len = encoded["input_ids"].shape[1]
+        labels = torch.cat([torch.full_like(encoded["input_ids"], IGNORE), answer_ids.masked_fill(answer_mask == 0,
+                                                                                                 IGNORE)], dim=1)
+        if self.extra_turns:
+            input_ids, attention_mask, labels = self._more_turns(indices, rows, input_ids, attention_mask, labels)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+            "labels": labels,
             "answer_ids": answer_ids,
             "answer_mask": answer_mask.bool(),
             "answer_start": torch.tensor(prompt_len - 1),
@@ -392,6 +430,29 @@ class Batcher:
             batch["patch_labels"] = self.patch_labels[which]
             batch.update(self._mentions(rows, encoded["input_ids"]))
         return batch
+
+    def _more_turns(self, indices: list[int], rows: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append `extra_turns` turns about the same image to each row (`TurnPool.draw`), in the template's
+        multi-turn form `… ASSISTANT: answer</s> USER: question … ASSISTANT: answer</s>`; right-padded."""
+        tails_ids, tails_labels = [], []
+        for index, image_id in zip(indices, rows["image_id"]):
+            ids, targets = [], []
+            for question, answer in self.turns.draw(index, image_id, self.extra_turns, self.caption_share,
+                                                    self.statement_share, self.random):
+                prompt = self.tokenizer(follow_up_of(question), add_special_tokens=False)["input_ids"]
+                reply = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                ids += prompt + reply
+                targets += [IGNORE] * len(prompt) + reply
+            tails_ids.append(ids)
+            tails_labels.append(targets)
+        width = max(len(ids) for ids in tails_ids)
+        pad = self.tokenizer.pad_token_id
+        tail = torch.tensor([ids + [pad] * (width - len(ids)) for ids in tails_ids])
+        tail_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in tails_ids])
+        tail_labels = torch.tensor([targets + [IGNORE] * (width - len(targets)) for targets in tails_labels])
+        return (torch.cat([input_ids, tail], 1), torch.cat([attention_mask, tail_mask], 1),
+                torch.cat([labels, tail_labels], 1))
 
     def _mentions(self, rows, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Prompt positions `[B, M]` (-1: none) and labels `[B, M, heads]` of the objects each question mentions,
@@ -436,11 +497,11 @@ class AuxiliaryHeads(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor], internals: bool = False):
-    """Logits `[B, A, V]` predicting each answer token (from the position before it). The image features (from
-    the batch's pixels, or its cached vision features) are projected and scattered into the image-token
-    positions exactly as the model's forward does. With `internals`, also the model output (every layer's
-    hidden states and, under eager attention, attention weights) and the projected image features."""
+def forward(model, batch: dict[str, torch.Tensor], internals: bool = False):
+    """The decoder's output on `batch` and the projected image features. The image features (from the batch's
+    pixels, or its cached vision features) are projected and scattered into the image-token positions exactly
+    as the model's forward does. With `internals`, the output also has every layer's hidden states and (under
+    eager attention) attention weights."""
     if "image_features" in batch:
         projected = model.model.multi_modal_projector(batch["image_features"])
     else:
@@ -453,12 +514,26 @@ def answer_logits(model, batch: dict[str, torch.Tensor], internals: bool = False
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         output_hidden_states=internals,
-        output_attentions=internals,
+        output_attentions=internals and model.config.text_config._attn_implementation == "eager",
     )
+    return output, projected
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits `[B, A, V]` predicting each token of the first turn's answer (from the position before it)."""
+    output, _ = forward(model, batch)
     start = int(batch["answer_start"])
     width = batch["answer_ids"].shape[1]
-    logits = model.lm_head(output.last_hidden_state[:, start : start + width])
-    return (logits, output, projected) if internals else logits
+    return model.lm_head(output.last_hidden_state[:, start : start + width])
+
+
+def labelled_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens (every turn's answer and end-of-sequence token;
+    `IGNORE` elsewhere): the language-model head runs only at the positions that predict one."""
+    targets = labels[:, 1:]
+    where = targets != IGNORE
+    logits = model.lm_head(hidden[:, :-1][where])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[where])
 
 
 def attention_loss(weights: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -588,7 +663,8 @@ def _settings(config: TrainConfig) -> dict:
 
 # What `OUT/resume.pt` holds, with the type of each entry: tensors and plain data only.
 _STATE = {"settings": dict, "step": int, "history": list, "minutes": float, "modules": dict, "optimizer": dict,
-          "schedule": dict, "sampler_weights": list, "sampler_random": tuple, "torch_rng": torch.Tensor}
+          "schedule": dict, "sampler_weights": list, "sampler_random": tuple, "turn_random": tuple,
+          "torch_rng": torch.Tensor}
 
 
 def _load_resume(path: Path, config: TrainConfig) -> dict | None:
@@ -704,12 +780,17 @@ def train(config: TrainConfig) -> Path:
         _generated_world(world, config)
     train_rows = load_synthetic(world, "train")
     val_rows = load_synthetic(world, "val")
-    corpus = list(train_rows["question"]) + list(train_rows["answer"])
+    vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
+    pool = (TurnPool(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, list(train_rows["image_id"]),
+                     list(train_rows["question"]), list(train_rows["answer"]), seed=config.seed)
+            if config.turns > 1 else None)
+    corpus = list(train_rows["question"]) + list(train_rows["answer"]) + (pool.corpus() if pool else [])
     tokenizer = build_word_tokenizer(corpus)
     model, processor = build_llava(tokenizer, config.spec, seed=config.seed)
-    model.set_attn_implementation("eager")  # the attention loss needs the weights
+    internals = any(getattr(config, f"{loss}_loss_weight") for loss in _LOSSES if loss != "patch")
+    if config.attention_loss_weight:
+        model.set_attn_implementation("eager")  # the attention loss needs the weights
     model.train()
-    vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
     grid = config.spec.image_size // config.spec.patch_size
     targets = SceneTargets(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, grid, config.spec.image_size)
     train_images, val_images = ImageSet(processor, train_rows), ImageSet(processor, val_rows)
@@ -734,7 +815,9 @@ def train(config: TrainConfig) -> Path:
         model.model.vision_tower.requires_grad_(False)
         model.model.vision_tower.eval()
     batcher = Batcher(processor, train_rows, train_images,
-                      train_images.features(model) if config.freeze_vision else None, targets)
+                      train_images.features(model) if config.freeze_vision else None, targets,
+                      turns=pool, extra_turns=config.turns - 1, caption_share=config.caption_share,
+                      statement_share=config.statement_share, seed=config.seed)
     val_batcher = Batcher(processor, val_rows, val_images)
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
@@ -754,6 +837,7 @@ def train(config: TrainConfig) -> Path:
                                  "categories")
             sampler.weights = resumed["sampler_weights"]
             sampler.random.setstate(resumed["sampler_random"])
+            batcher.random.setstate(resumed["turn_random"])
             torch.set_rng_state(resumed["torch_rng"])
         first, before = resumed["step"], resumed["minutes"]
     progress = tqdm(range(first, config.steps), desc="stage 2: answers", unit="step", initial=first,
@@ -763,16 +847,20 @@ def train(config: TrainConfig) -> Path:
     for step in progress:
         batch = batcher(sampler(config.batch_size))
         with autocast(config):
-            logits, output, projected = answer_logits(model, batch, internals=True)
-        answer_loss = torch.nn.functional.cross_entropy(logits[batch["answer_mask"]].float(),
-                                                        batch["answer_ids"][batch["answer_mask"]])
-        patch_loss = auxiliary.loss(projected.float(), batch["patch_labels"])
-        grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer].float(),
-                                                    batch["mention_positions"]), batch["mention_labels"])
-        gathered = output.hidden_states[config.gather_layer].float()
-        gather_loss = last_position_loss(gathered, batch, gathering)
-        named_loss = last_position_loss(gathered, batch, naming, "mention_named")
-        look_loss = attention_loss(output.attentions[config.attention_layer][:, config.attention_head].float(), batch)
+            output, projected = forward(model, batch, internals)
+            answer_loss = labelled_loss(model, output.last_hidden_state, batch["labels"])
+        zero = answer_loss * 0
+        patch_loss = auxiliary.loss(projected.float(), batch["patch_labels"]) if config.patch_loss_weight else zero
+        if internals:
+            grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer].float(),
+                                                        batch["mention_positions"]), batch["mention_labels"])
+            gathered = output.hidden_states[config.gather_layer].float()
+            gather_loss = last_position_loss(gathered, batch, gathering)
+            named_loss = last_position_loss(gathered, batch, naming, "mention_named")
+            look_loss = (attention_loss(output.attentions[config.attention_layer][:, config.attention_head].float(),
+                                        batch) if config.attention_loss_weight else zero)
+        else:
+            grounding_loss = gather_loss = named_loss = look_loss = zero
         loss = (answer_loss + config.patch_loss_weight * patch_loss + config.grounding_loss_weight * grounding_loss
                 + config.attention_loss_weight * look_loss + config.gather_loss_weight * gather_loss
                 + config.named_loss_weight * named_loss)
@@ -807,6 +895,7 @@ def train(config: TrainConfig) -> Path:
                 "modules": {name: module.state_dict() for name, module in modules.items()},
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "sampler_weights": sampler.weights, "sampler_random": sampler.random.getstate(),
+                "turn_random": batcher.random.getstate(),
                 "torch_rng": torch.get_rng_state(),
             })
     model.eval()

@@ -1,0 +1,159 @@
+"""The instruction-tuning mix of the embedded model's recipe: captions read off the scene graph, true/false
+statements, and multi-turn sequences whose only supervised tokens are the answers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from mmscope.data.scene_graphs import read_scene_graphs
+from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer
+from mmscope.zoo.shapes_llava.instructions import CAPTION_REQUEST, TurnPool
+from mmscope.zoo.shapes_llava.train import IGNORE, Batcher, ImageSet, TrainConfig, follow_up_of, prompt_of, train
+
+SPEC = TinyLlavaSpec(image_size=64, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2,
+                     text_heads=2, intermediate=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mmscope.data import synthesize
+
+    folder = tmp_path_factory.mktemp("instructions-world")
+    synthesize(folder, 20, seed=5, image_size=64, workers=1, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pool_and_rows(world):
+    from mmscope.data.synthetic import load_synthetic
+
+    rows = load_synthetic(world, "train")
+    vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
+    pool = TurnPool(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, list(rows["image_id"]),
+                    list(rows["question"]), list(rows["answer"]), seed=0)
+    return pool, rows
+
+
+def test_a_caption_names_every_object_first_then_its_attributes_and_the_third_of_the_image_it_lies_in(world,
+                                                                                                    pool_and_rows):
+    pool, _ = pool_and_rows
+    graphs = list(read_scene_graphs(world / "sceneGraphs" / "train_sceneGraphs.json"))
+    rng = random.Random(0)
+    for graph in graphs:
+        request, caption = pool.caption(graph.image_id, rng)
+        assert request == CAPTION_REQUEST
+        phrases = caption.split(" and ")
+        assert sorted(phrase.split()[0] for phrase in phrases) == sorted(obj.name for obj in graph.objects)
+        for obj in graph.objects:
+            words = next(phrase for phrase in phrases if phrase.split()[0] == obj.name).split()
+            assert set(words[1:-2]) == set(obj.attributes)
+            x, y, w, h = obj.box
+            centre_x, centre_y = (x + w / 2) / graph.width, (y + h / 2) / graph.height
+            assert words[-2] == ("left" if centre_x < 1 / 3 else "center" if centre_x < 2 / 3 else "right")
+            assert words[-1] == ("top" if centre_y < 1 / 3 else "middle" if centre_y < 2 / 3 else "bottom")
+
+
+def test_statements_are_true_exactly_when_the_scene_graph_says_so(world, pool_and_rows):
+    pool, _ = pool_and_rows
+    graphs = {g.image_id: g for g in read_scene_graphs(world / "sceneGraphs" / "train_sceneGraphs.json")}
+    seen = set()
+    for image_id, statements in pool.statements.items():
+        for question, answer in statements:
+            assert question.startswith("True or false: There is ")
+            words = question.removeprefix("True or false: There is ").rstrip(".").split()
+            if " of " in question or words[2] in ("above", "below"):
+                continue  # relations: checked through the probing tests' own statements
+            *attributes, name = [w for w in words if w not in ("a", "an")]
+            holds = any(o.name == name and set(attributes) <= set(o.attributes) for o in graphs[image_id].objects)
+            assert answer == ("true" if holds else "false"), question
+            seen.add(answer)
+    assert seen == {"true", "false"}
+
+
+def test_draw_gives_the_requested_mix_and_never_repeats_a_question(pool_and_rows):
+    pool, rows = pool_and_rows
+    rng = random.Random(1)
+    image_id = rows["image_id"][0]
+    own = {(q, a) for q, a, i in zip(rows["question"], rows["answer"], rows["image_id"]) if i == image_id}
+    questions_only = pool.draw(0, image_id, 3, 0.0, 0.0, rng)
+    assert len(questions_only) == 3 and len(set(questions_only)) == 3 and set(questions_only) <= own
+    assert (rows["question"][0], rows["answer"][0]) not in questions_only  # the first turn is row 0 itself
+    captions = pool.draw(0, image_id, 4, 1.0, 0.0, rng)
+    assert all(question == CAPTION_REQUEST for question, _ in captions)
+    statements = pool.draw(0, image_id, 4, 0.0, 1.0, rng)
+    assert all(turn in pool.statements[image_id] for turn in statements)
+    many = pool.draw(0, image_id, 40, 0.0, 0.0, rng)  # more than the image has: captions fill in
+    assert sum(question == CAPTION_REQUEST for question, _ in many) == 40 - (len(own) - 1)
+
+
+def test_a_multi_turn_batch_supervises_exactly_each_turns_answer_and_its_end_token(world, pool_and_rows):
+    pool, rows = pool_and_rows
+    tokenizer = build_word_tokenizer(list(rows["question"]) + list(rows["answer"]) + pool.corpus())
+    model, processor = build_llava(tokenizer, SPEC, seed=0)
+    images = ImageSet(processor, rows)
+    batcher = Batcher(processor, rows, images, turns=pool, extra_turns=3, caption_share=0.3, statement_share=0.3,
+                      seed=4)
+    indices = [0, 5, 9]
+    batch = batcher(indices)
+    replay = random.Random(4)  # the same draws, made independently
+    image_token = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    for b, index in enumerate(indices):
+        turns = [(rows["question"][index], rows["answer"][index])]
+        turns += pool.draw(index, rows["image_id"][index], 3, 0.3, 0.3, replay)
+        kept = batch["attention_mask"][b].bool()
+        ids, labels = batch["input_ids"][b][kept].tolist(), batch["labels"][b][kept].tolist()
+        text = prompt_of(turns[0][0]).replace("<image>", "<image>" * batcher.n_image_tokens)
+        expected_ids, expected_labels = tokenizer(text)["input_ids"], []
+        expected_labels = [IGNORE] * len(expected_ids)
+        for n, (question, answer) in enumerate(turns):
+            if n:
+                prompt = tokenizer(follow_up_of(question), add_special_tokens=False)["input_ids"]
+                expected_ids += prompt
+                expected_labels += [IGNORE] * len(prompt)
+            reply = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            expected_ids += reply
+            expected_labels += reply
+        assert ids == expected_ids and labels == expected_labels
+        assert ids.count(image_token) == batcher.n_image_tokens  # one image, at the start
+        assert ids.count(tokenizer.eos_token_id) == 4
+    # Padding is never supervised, and positions count only real tokens.
+    assert (batch["labels"][~batch["attention_mask"].bool()] == IGNORE).all()
+    real = batch["attention_mask"].bool()
+    assert all(batch["position_ids"][b][real[b]].tolist() == list(range(int(real[b].sum()))) for b in range(3))
+    assert "The" not in follow_up_of("x") and follow_up_of("Is it?").startswith(" USER: Is it?")
+
+
+def test_a_multi_turn_run_without_internal_losses_resumes_to_the_uninterrupted_weights(world, tmp_path):
+    import mmscope.zoo.shapes_llava.train as recipe
+    from safetensors.torch import load_file
+
+    settings = dict(data=str(world), vision_steps=1, steps=4, batch_size=2, vision_batch_size=2, warmup=1,
+                    eval_every=2, eval_questions=4, grounding_loss_weight=0.0, attention_loss_weight=0.0,
+                    gather_loss_weight=0.0, named_loss_weight=0.0, freeze_vision=True, turns=3,
+                    caption_share=0.3, statement_share=0.3, grounding_layer=1, attention_layer=1, gather_layer=2,
+                    bf16=False, spec=SPEC)
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **settings))
+    log = json.loads((whole / "training.json").read_text())
+    assert all(record["grounding_loss"] == 0 for record in log["history"] if "step" in record)
+
+    class Stop(Exception):
+        pass
+
+    def stop(path, state):
+        save(path, state)
+        raise Stop
+
+    save = recipe._save_resume
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recipe, "_save_resume", stop)
+        with pytest.raises(Stop):
+            train(TrainConfig(out=str(tmp_path / "killed"), **settings))
+    resumed = train(TrainConfig(out=str(tmp_path / "killed"), **settings))
+    first, second = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    other = train(TrainConfig(out=str(tmp_path / "other"), **{**settings, "statement_share": 0.0}))
+    assert not all(torch.equal(first[name], value) for name, value in load_file(other / "model.safetensors").items())
