@@ -106,13 +106,14 @@ TRAIN_OPTIONS = {
     "eval_every": "Validate every N steps.",
     "patch_loss_weight": "Weight of the per-patch attribute loss (0 turns it off).",
     "grounding_loss_weight": "Weight of the mentioned-object loss (0 turns it off).",
+    "attention_loss_weight": "Weight of the word-to-object attention loss (0: off).",
     "gather_loss_weight": "Weight of the last-position mentioned-object loss (0: off).",
     "named_loss_weight": "Weight of the last-position named-value loss (0: off).",
     "turns": "Conversation turns per training sequence, all about its image.",
     "caption_share": "Share of the turns after the first asking for a caption.",
     "statement_share": "Share of the turns after the first asking true or false.",
     "focus": "Share of each batch drawn by categories' validation error (0: uniform).",
-    "bf16": "bfloat16 autocast (float32 weights); --no-bf16 for float32.",
+    "bf16": "bfloat16 autocast (float32 weights); default: where the CPU has bf16 instructions.",
     "wandb": "Log the run to Weights & Biases (offline without a key).",
 }
 # TrainConfig keeps its folders as strings (it is saved as JSON); the command reads them as paths.

@@ -242,7 +242,7 @@ BAD_VALUES = [
                              "turns after the first"),
     ({"turns": 3, "caption_share": 0.6, "statement_share": 0.5}, "statement_share 0.5 (--statement-share): plus "
                                                                  "--caption-share 0.6 must be at most 1"),
-    ({"bf16": "yes"}, "bf16 'yes' (--bf16): must be True or False"),
+    ({"bf16": "yes"}, "bf16 'yes' (--bf16): must be True or False (or None: where the CPU has bf16 instructions)"),
     ({"freeze_vision": 1}, "freeze_vision 1 (--freeze-vision): must be True or False"),
     ({"spec": {"text_layers": 2}}, "spec {'text_layers': 2} (--spec): must be a TinyLlavaSpec"),
     ({"grounding_layer": 0}, "grounding_layer 0 (--grounding-layer): must be 1..2: the output of that many decoder "

@@ -12,7 +12,8 @@ answer. `TurnPool` holds, per training image, what can be asked about it:
 
 `TurnPool.draw` picks the extra turns of one sequence: each is a caption with probability `caption_share`, a
 statement with probability `statement_share`, and otherwise another of the image's questions (without
-repeats; a caption once they run out). All answers are supervised as answer tokens; nothing here touches the
+repeats; a caption once they run out). The questions come first, then the statements, then the captions, so
+that no question is answerable from text earlier in its sequence: each must be answered from the image. All answers are supervised as answer tokens; nothing here touches the
 model's inside.
 """
 
@@ -81,14 +82,15 @@ class TurnPool:
         others = [row for row in self.rows[image_id] if row != first_row]
         rng.shuffle(others)
         statements = self.statements.get(image_id, [])
-        turns = []
+        asked, stated, described = [], [], []
         for _ in range(n):
             pick = rng.random()
             if pick < statement_share and statements:
-                turns.append(rng.choice(statements))
+                stated.append(rng.choice(statements))
             elif pick < statement_share + caption_share or not others:
-                turns.append(self.caption(image_id, rng))
+                described.append(self.caption(image_id, rng))
             else:
                 row = others.pop()
-                turns.append((self.questions[row], self.answers[row]))
-        return turns
+                asked.append((self.questions[row], self.answers[row]))
+        # Questions first: no question can be answered from a caption or statement earlier in its sequence.
+        return asked + stated + described

@@ -116,7 +116,7 @@ class TrainConfig:
     caption_share: float = 0.0  # share of the turns after the first that ask for a caption
     statement_share: float = 0.0  # ... that ask whether a statement is true (image-text entailment)
     focus: float = 0.8  # share of each batch drawn in proportion to each category's validation error
-    bf16: bool = True  # bfloat16 autocast (about twice as fast on CPUs with bf16 instructions)
+    bf16: bool | None = None  # bfloat16 autocast; None: where the CPU has bf16 instructions (`native_bf16`)
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
     wandb: bool = False
 
@@ -154,20 +154,26 @@ class TrainConfig:
         if not _is_real(self.focus) or not 0 <= self.focus <= 1:
             _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
         for name in ("freeze_vision", "bf16", "wandb"):
-            if not isinstance(getattr(self, name), bool):
-                _refuse(name, getattr(self, name), "must be True or False")
+            if not isinstance(getattr(self, name), bool) and not (name == "bf16" and self.bf16 is None):
+                _refuse(name, getattr(self, name), "must be True or False" + (" (or None: where the CPU has bf16 "
+                                                                              "instructions)" if name == "bf16" else ""))
         if not isinstance(self.spec, TinyLlavaSpec):
             _refuse("spec", self.spec, "must be a TinyLlavaSpec")
         layers, heads = self.spec.text_layers, self.spec.text_heads
+        # A layer option matters only while a loss reads that layer.
+        read = {"grounding_layer": self.grounding_loss_weight, "gather_layer": self.gather_loss_weight
+                or self.named_loss_weight}
         for name in ("grounding_layer", "gather_layer"):
             value = getattr(self, name)
-            if not _is_int(value) or not 1 <= value <= layers:
+            if read[name] and (not _is_int(value) or not 1 <= value <= layers):
                 _refuse(name, value, f"must be 1..{layers}: the output of that many decoder layers (the spec has "
                                      f"{layers})")
-        if not _is_int(self.attention_layer) or not 0 <= self.attention_layer < layers:
+        if not self.attention_loss_weight:
+            pass
+        elif not _is_int(self.attention_layer) or not 0 <= self.attention_layer < layers:
             _refuse("attention_layer", self.attention_layer, f"must be 0..{layers - 1}: a 0-based decoder layer "
                                                              f"(the spec has {layers})")
-        if not _is_int(self.attention_head) or not 0 <= self.attention_head < heads:
+        elif not _is_int(self.attention_head) or not 0 <= self.attention_head < heads:
             _refuse("attention_head", self.attention_head, f"must be 0..{heads - 1}: the spec's decoder layers have "
                                                            f"{heads} heads")
         if not isinstance(self.out, str):
@@ -615,9 +621,20 @@ class CategorySampler:
         return [self.random.choice(self.rows[name]) for name in chosen]
 
 
+def native_bf16() -> bool:
+    """Does this CPU compute bfloat16 natively (AVX512-BF16 or AMX)? There autocast is about twice as fast as
+    float32; elsewhere bfloat16 is emulated and an order of magnitude slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def uses_bf16(config: TrainConfig) -> bool:
+    """`config.bf16`, with None resolved for this machine (`native_bf16`)."""
+    return native_bf16() if config.bf16 is None else config.bf16
+
+
 def autocast(config: TrainConfig):
     """bfloat16 autocast on CPU (weights and optimizer state stay float32), or a no-op."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_bf16(config))
 
 
 def cosine(warmup: int, steps: int):
@@ -909,6 +926,7 @@ def train(config: TrainConfig) -> Path:
         "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "parameters": sum(p.numel() for p in model.parameters()),
+        "bf16": uses_bf16(config),
         "final_val_accuracy": history[-1].get("val_accuracy"),
         "world": str(world),
     }
