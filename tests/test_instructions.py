@@ -111,7 +111,8 @@ def test_a_multi_turn_batch_supervises_exactly_each_turns_answer_and_its_end_tok
         expected_labels = [IGNORE] * len(expected_ids)
         for n, (question, answer) in enumerate(turns):
             if n:
-                prompt = tokenizer(follow_up_of(question), add_special_tokens=False)["input_ids"]
+                prompt = tokenizer(follow_up_of(question, question != CAPTION_REQUEST), add_special_tokens=False)
+                prompt = prompt["input_ids"]
                 expected_ids += prompt
                 expected_labels += [IGNORE] * len(prompt)
             reply = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -124,7 +125,8 @@ def test_a_multi_turn_batch_supervises_exactly_each_turns_answer_and_its_end_tok
     assert (batch["labels"][~batch["attention_mask"].bool()] == IGNORE).all()
     real = batch["attention_mask"].bool()
     assert all(batch["position_ids"][b][real[b]].tolist() == list(range(int(real[b].sum()))) for b in range(3))
-    assert "The" not in follow_up_of("x") and follow_up_of("Is it?").startswith(" USER: Is it?")
+    assert follow_up_of("Is it?") == " USER: Is it? \nAnswer the question using a single word or phrase. ASSISTANT:"
+    assert follow_up_of(CAPTION_REQUEST, instruction=False) == f" USER: {CAPTION_REQUEST} ASSISTANT:"
 
 
 def test_a_multi_turn_run_without_internal_losses_resumes_to_the_uninterrupted_weights(world, tmp_path):

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
 from mmscope.errors import MMScopeError
 from mmscope.prompts import LLAVA_15, QUESTION
-from mmscope.zoo.shapes_llava.instructions import TurnPool
+from mmscope.zoo.shapes_llava.instructions import CAPTION_REQUEST, TurnPool
 from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
 
 
@@ -227,14 +227,16 @@ def prompt_of(question: str) -> str:
     return LLAVA_15.render(question)[0]
 
 
-def follow_up_of(question: str) -> str:
+def follow_up_of(question: str, instruction: bool = True) -> str:
     """A later turn's prompt: the template from its first role marker on, without the image and the blank
-    after it (`" USER: {question} \\nAnswer the question using a single word or phrase. ASSISTANT:"`)."""
+    after it (`" USER: {question} \\nAnswer the question using a single word or phrase. ASSISTANT:"`); without
+    the instruction when `instruction` is False (a request for a caption is no short-answer question)."""
     parts = LLAVA_15.parts
     start = next(i for i, (group, _) in enumerate(parts) if group == "roles")
     kept, after_image = [], False
     for group, part in parts[start:]:
-        if group == "image" or (after_image and group is None and not part.strip()):
+        if group == "image" or (after_image and group is None and not part.strip()) or (
+                group == "instruction" and not instruction):
             after_image = group == "image"
             continue
         after_image = False
@@ -446,7 +448,8 @@ class Batcher:
             ids, targets = [], []
             for question, answer in self.turns.draw(index, image_id, self.extra_turns, self.caption_share,
                                                     self.statement_share, self.random):
-                prompt = self.tokenizer(follow_up_of(question), add_special_tokens=False)["input_ids"]
+                prompt = self.tokenizer(follow_up_of(question, instruction=question != CAPTION_REQUEST),
+                                        add_special_tokens=False)["input_ids"]
                 reply = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
                 ids += prompt + reply
                 targets += [IGNORE] * len(prompt) + reply
