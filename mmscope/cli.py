@@ -34,7 +34,7 @@ from mmscope.experiments.patch import PATCH
 from mmscope.experiments.probe import PROBE
 from mmscope.experiments.runner import Experiment
 from mmscope.experiments.truncate import TRUNCATE
-from mmscope.zoo.shapes_llava.train import TrainConfig
+from mmscope.zoo.shapes_llava.train import TrainConfig, embedded_spec
 from mmscope.zoo.shapes_llava.train import train as run_training
 
 DEBUG_VARIABLE = "MMSCOPE_DEBUG"
@@ -197,7 +197,9 @@ def train_parameters() -> list[Parameter]:
     hints = typing.get_type_hints(TrainConfig)
     fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
     return [Parameter(name, TRAIN_FOLDERS.get(name, hints[name]), _default(fields[name]), help, TRAIN_FLAGS.get(name))
-            for name, help in TRAIN_OPTIONS.items()]
+            for name, help in TRAIN_OPTIONS.items()] + [
+        Parameter("text_layers", int, embedded_spec().text_layers, "Decoder layers (the rest of the geometry is the "
+                                                                   "shipped model's).")]
 
 
 def add_command(name: str, help: str, parameters: Sequence[Parameter], call: Callable[..., None],
@@ -224,7 +226,8 @@ def add_declared(declaration: Experiment | Command) -> None:
 def train(**values: Any) -> None:
     """Train the embedded model with these TrainConfig values, and say where it was saved."""
     folders = {name: str(values[name]) if values[name] is not None else None for name in TRAIN_FOLDERS}
-    typer.echo(f"saved {run_training(TrainConfig(**{**values, **folders}))}")
+    spec = dataclasses.replace(embedded_spec(), text_layers=values.pop("text_layers"))
+    typer.echo(f"saved {run_training(TrainConfig(**{**values, **folders}, spec=spec))}")
 
 
 def _register_commands() -> None:

@@ -82,14 +82,15 @@ def test_probe_evaluate_and_train_keep_their_options_and_defaults():
     assert train["--out"].required and not train["--data"].required
     defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     for flag, option in train.items():
-        if flag != "--out":
+        if flag not in ("--out", "--text-layers"):
             assert option.default == defaults[option.name], flag
+    assert train["--text-layers"].default == TrainConfig(out="x").spec.text_layers
     assert train["--bf16"].secondary_opts == ["--no-bf16"] and not train["--wandb"].secondary_opts
     assert list(train) == ["--out", "--data", "--n-scenes", "--vision-steps", "--freeze-vision", "--steps",
                            "--batch-size", "--lr", "--seed", "--eval-every", "--patch-loss-weight",
                            "--grounding-loss-weight", "--attention-loss-weight", "--gather-loss-weight",
                            "--named-loss-weight", "--turns", "--caption-share", "--statement-share", "--focus",
-                           "--bf16", "--wandb"]
+                           "--bf16", "--wandb", "--text-layers"]
 
 
 def test_help_shows_each_options_type_and_text():

@@ -237,6 +237,8 @@ BAD_VALUES = [
     ({"focus": -0.1}, "focus -0.1 (--focus): must lie in [0, 1] (0: uniform over categories)"),
     ({"focus": float("nan")}, "focus nan (--focus): must lie in [0, 1] (0: uniform over categories)"),
     ({"turns": 0}, "turns 0 (--turns): must be at least 1"),
+    ({"spec": dataclasses.replace(SPEC, text_layers=0)}, "text_layers 0 (--text-layers): must be a whole number, at "
+                                                         "least 1 (the spec's decoder layers)"),
     ({"turns": 3, "caption_share": 1.2}, "caption_share 1.2 (--caption-share): must lie in [0, 1]"),
     ({"caption_share": 0.2}, "caption_share 0.2 (--caption-share): needs --turns above 1: it is the share of the "
                              "turns after the first"),

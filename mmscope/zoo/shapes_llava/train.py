@@ -160,6 +160,8 @@ class TrainConfig:
         if not isinstance(self.spec, TinyLlavaSpec):
             _refuse("spec", self.spec, "must be a TinyLlavaSpec")
         layers, heads = self.spec.text_layers, self.spec.text_heads
+        if not _is_int(layers) or layers < 1:
+            _refuse("text_layers", layers, "must be a whole number, at least 1 (the spec's decoder layers)")
         # A layer option matters only while a loss reads that layer.
         read = {"grounding_layer": self.grounding_loss_weight, "gather_layer": self.gather_loss_weight
                 or self.named_loss_weight}
