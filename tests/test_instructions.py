@@ -129,13 +129,31 @@ def test_a_multi_turn_batch_supervises_exactly_each_turns_answer_and_its_end_tok
     assert follow_up_of(CAPTION_REQUEST, instruction=False) == f" USER: {CAPTION_REQUEST} ASSISTANT:"
 
 
+def test_a_caption_batch_asks_each_image_for_its_caption_without_the_short_answer_instruction(pool_and_rows):
+    pool, rows = pool_and_rows
+    tokenizer = build_word_tokenizer(list(rows["question"]) + list(rows["answer"]) + pool.corpus())
+    model, processor = build_llava(tokenizer, SPEC, seed=0)
+    batcher = Batcher(processor, rows, ImageSet(processor, rows), turns=pool, extra_turns=3, seed=2)
+    indices = [1, 4]
+    batch = batcher(indices, captions=True)
+    replay = random.Random(2)
+    for b, index in enumerate(indices):
+        _, caption = pool.caption(rows["image_id"][index], replay)
+        kept = batch["attention_mask"][b].bool()
+        ids, labels = batch["input_ids"][b][kept], batch["labels"][b][kept]
+        assert tokenizer.decode(labels[labels != IGNORE]) == caption + " </s>"
+        prompt = tokenizer.decode(ids[labels == IGNORE])
+        assert "describe the image . assistant :" in prompt and "single word" not in prompt
+        assert ids.tolist().count(tokenizer.eos_token_id) == 1  # one turn: no follow-ups
+
+
 def test_a_multi_turn_run_without_internal_losses_resumes_to_the_uninterrupted_weights(world, tmp_path):
     import mmscope.zoo.shapes_llava.train as recipe
     from safetensors.torch import load_file
 
     settings = dict(data=str(world), vision_steps=1, steps=4, batch_size=2, vision_batch_size=2, warmup=1,
                     eval_every=2, eval_questions=4, grounding_loss_weight=0.0, attention_loss_weight=0.0,
-                    gather_loss_weight=0.0, named_loss_weight=0.0, freeze_vision=True, turns=3,
+                    gather_loss_weight=0.0, named_loss_weight=0.0, freeze_vision=True, turns=3, caption_steps=3,
                     caption_share=0.3, statement_share=0.3, grounding_layer=1, attention_layer=1, gather_layer=2,
                     bf16=False, spec=SPEC)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **settings))
@@ -157,5 +175,5 @@ def test_a_multi_turn_run_without_internal_losses_resumes_to_the_uninterrupted_w
     resumed = train(TrainConfig(out=str(tmp_path / "killed"), **settings))
     first, second = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(first[name], second[name]) for name in first)
-    other = train(TrainConfig(out=str(tmp_path / "other"), **{**settings, "statement_share": 0.0}))
+    other = train(TrainConfig(out=str(tmp_path / "other"), **{**settings, "caption_steps": 1}))
     assert not all(torch.equal(first[name], value) for name, value in load_file(other / "model.safetensors").items())

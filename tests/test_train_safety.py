@@ -237,6 +237,8 @@ BAD_VALUES = [
     ({"focus": -0.1}, "focus -0.1 (--focus): must lie in [0, 1] (0: uniform over categories)"),
     ({"focus": float("nan")}, "focus nan (--focus): must lie in [0, 1] (0: uniform over categories)"),
     ({"turns": 0}, "turns 0 (--turns): must be at least 1"),
+    ({"caption_steps": -1}, "caption_steps -1 (--caption-steps): must be at least 0 (0: no caption-only steps)"),
+    ({"caption_steps": 3}, "caption_steps 3 (--caption-steps): must be below --steps 3: they are its first steps"),
     ({"spec": dataclasses.replace(SPEC, text_layers=0)}, "text_layers 0 (--text-layers): must be a whole number, at "
                                                          "least 1 (the spec's decoder layers)"),
     ({"turns": 3, "caption_share": 1.2}, "caption_share 1.2 (--caption-share): must lie in [0, 1]"),

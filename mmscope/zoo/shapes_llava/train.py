@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
 from mmscope.errors import MMScopeError
-from mmscope.prompts import LLAVA_15, QUESTION
+from mmscope.prompts import LLAVA_15, QUESTION, PromptTemplate
 from mmscope.zoo.shapes_llava.instructions import CAPTION_REQUEST, TurnPool
 from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
 
@@ -114,6 +114,7 @@ class TrainConfig:
     gather_layer: int = 6  # decoder layer whose output at the last prompt position carries the mentioned objects
     turns: int = 1  # conversation turns per training sequence, all about its image (LLaVA's multi-turn data)
     caption_share: float = 0.0  # share of the turns after the first that ask for a caption
+    caption_steps: int = 0  # stage 2 opens with this many steps on captions alone (as LLaVA's alignment stage)
     statement_share: float = 0.0  # ... that ask whether a statement is true (image-text entailment)
     focus: float = 0.8  # share of each batch drawn in proportion to each category's validation error
     bf16: bool | None = None  # bfloat16 autocast; None: where the CPU has bf16 instructions (`native_bf16`)
@@ -148,6 +149,8 @@ class TrainConfig:
                 _refuse(name, value, "must lie in [0, 1]")
             if value and self.turns == 1:
                 _refuse(name, value, "needs --turns above 1: it is the share of the turns after the first")
+        if _is_int(self.steps) and _is_int(self.caption_steps) and self.caption_steps >= self.steps:
+            _refuse("caption_steps", self.caption_steps, f"must be below --steps {self.steps}: they are its first steps")
         if self.caption_share + self.statement_share > 1:
             _refuse("statement_share", self.statement_share, f"plus --caption-share {self.caption_share} must be at "
                                                              "most 1")
@@ -208,7 +211,8 @@ class TrainingStateError(MMScopeError, ValueError):
 # Whole-number options: (name, minimum, what the minimum means).
 _COUNTS = (("steps", 1, ""), ("vision_steps", 0, " (0 skips stage 1, vision pre-training)"), ("batch_size", 1, ""),
            ("vision_batch_size", 1, ""), ("n_scenes", 10, " (every split, 80/10/10 train/val/test, needs a scene)"),
-           ("eval_every", 1, ""), ("eval_questions", 1, ""), ("warmup", 1, ""), ("turns", 1, ""))
+           ("eval_every", 1, ""), ("eval_questions", 1, ""), ("warmup", 1, ""), ("turns", 1, ""),
+           ("caption_steps", 0, " (0: no caption-only steps)"))
 _LOSSES = ("patch", "grounding", "attention", "gather", "named")
 
 
@@ -225,8 +229,13 @@ def _refuse(name: str, value: Any, rule: str) -> NoReturn:
     raise TrainConfigError(f"{name} {value!r} (--{name.replace('_', '-')}): {rule}")
 
 
-def prompt_of(question: str) -> str:
-    return LLAVA_15.render(question)[0]
+def prompt_of(question: str, instruction: bool = True) -> str:
+    """The study's single-turn prompt for `question`; without the short-answer instruction when `instruction` is
+    False (a request for a caption)."""
+    return (LLAVA_15 if instruction else _UNINSTRUCTED).render(question)[0]
+
+
+_UNINSTRUCTED = PromptTemplate(tuple(part for part in LLAVA_15.parts if part[0] != "instruction"))
 
 
 def follow_up_of(question: str, instruction: bool = True) -> str:
@@ -404,9 +413,15 @@ class Batcher:
         probe = processor(images=[dataset[0]["image"].convert("RGB")], text=[self.image_token], return_tensors="pt")
         self.n_image_tokens = int((probe["input_ids"] == self.tokenizer.convert_tokens_to_ids(self.image_token)).sum())
 
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, indices: list[int], captions: bool = False) -> dict[str, torch.Tensor]:
+        """The batch of rows `indices`; with `captions`, each row's image with one request for its caption
+        instead (`TurnPool.caption`) and no more turns."""
         rows = {name: [column[i] for i in indices] for name, column in self.columns.items()}
-        prompts = [prompt_of(q).replace(self.image_token, self.image_token * self.n_image_tokens)
+        if captions:
+            described = [self.turns.caption(image_id, self.random) for image_id in rows["image_id"]]
+            rows["question"], rows["answer"] = [q for q, _ in described], [a for _, a in described]
+        prompts = [prompt_of(q, instruction=not captions).replace(self.image_token,
+                                                                   self.image_token * self.n_image_tokens)
                    for q in rows["question"]]
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
         answers = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
@@ -420,7 +435,7 @@ class Batcher:
         prompt_len = encoded["input_ids"].shape[1]
         labels = torch.cat([torch.full_like(encoded["input_ids"], IGNORE), answer_ids.masked_fill(answer_mask == 0,
                                                                                                  IGNORE)], dim=1)
-        if self.extra_turns:
+        if self.extra_turns and not captions:
             input_ids, attention_mask, labels = self._more_turns(indices, rows, input_ids, attention_mask, labels)
         batch = {
             "input_ids": input_ids,
@@ -438,7 +453,8 @@ class Batcher:
             batch["pixel_values"] = self.images.pixel_values[which]
         if self.targets is not None:
             batch["patch_labels"] = self.patch_labels[which]
-            batch.update(self._mentions(rows, encoded["input_ids"]))
+            if not captions:
+                batch.update(self._mentions(rows, encoded["input_ids"]))
         return batch
 
     def _more_turns(self, indices: list[int], rows: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -805,7 +821,7 @@ def train(config: TrainConfig) -> Path:
     vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
     pool = (TurnPool(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, list(train_rows["image_id"]),
                      list(train_rows["question"]), list(train_rows["answer"]), seed=config.seed)
-            if config.turns > 1 else None)
+            if config.turns > 1 or config.caption_steps else None)
     corpus = list(train_rows["question"]) + list(train_rows["answer"]) + (pool.corpus() if pool else [])
     tokenizer = build_word_tokenizer(corpus)
     model, processor = build_llava(tokenizer, config.spec, seed=config.seed)
@@ -867,13 +883,14 @@ def train(config: TrainConfig) -> Path:
     if first:
         progress.write(f"resuming {out / RESUME} at step {first}")
     for step in progress:
-        batch = batcher(sampler(config.batch_size))
+        captioning = step < config.caption_steps  # the internal losses (if any) wait for the questions
+        batch = batcher(sampler(config.batch_size), captions=captioning)
         with autocast(config):
-            output, projected = forward(model, batch, internals)
+            output, projected = forward(model, batch, internals and not captioning)
             answer_loss = labelled_loss(model, output.last_hidden_state, batch["labels"])
         zero = answer_loss * 0
         patch_loss = auxiliary.loss(projected.float(), batch["patch_labels"]) if config.patch_loss_weight else zero
-        if internals:
+        if internals and not captioning:
             grounding_loss = grounding.loss(at_mentions(output.hidden_states[config.grounding_layer].float(),
                                                         batch["mention_positions"]), batch["mention_labels"])
             gathered = output.hidden_states[config.gather_layer].float()
