@@ -64,6 +64,11 @@ def examples(tiny):
     return first, second, tiny.batch([first, second])
 
 
+# The geometry of the training tests' runs of seconds: the embedded model's images, a decoder of two layers.
+TINY_TRAINING_SPEC = TinyLlavaSpec(image_size=64, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32,
+                                   text_layers=2, text_heads=2, intermediate=64)
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A small synthetic world in the embedded model's geometry (scenes it never saw: a different seed), shared by

@@ -8,23 +8,12 @@ import random
 
 import pytest
 import torch
+from conftest import TINY_TRAINING_SPEC as SPEC
 
 from mmscope.data.scene_graphs import read_scene_graphs
-from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer
+from mmscope.zoo.build import build_llava, build_word_tokenizer
 from mmscope.zoo.shapes_llava.instructions import CAPTION_REQUEST, TurnPool
 from mmscope.zoo.shapes_llava.train import IGNORE, Batcher, ImageSet, TrainConfig, follow_up_of, prompt_of, train
-
-SPEC = TinyLlavaSpec(image_size=64, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2,
-                     text_heads=2, intermediate=64)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mmscope.data import synthesize
-
-    folder = tmp_path_factory.mktemp("instructions-world")
-    synthesize(folder, 20, seed=5, image_size=64, workers=1, progress=False)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +134,8 @@ def test_a_caption_batch_asks_each_image_for_its_caption_without_the_short_answe
         prompt = tokenizer.decode(ids[labels == IGNORE])
         assert "describe the image . assistant :" in prompt and "single word" not in prompt
         assert ids.tolist().count(tokenizer.eos_token_id) == 1  # one turn: no follow-ups
+    with pytest.raises(ValueError, match="extra_turns=3 needs a TurnPool"):
+        Batcher(processor, rows, ImageSet(processor, rows), extra_turns=3)
 
 
 def test_a_multi_turn_run_without_internal_losses_resumes_to_the_uninterrupted_weights(world, tmp_path):

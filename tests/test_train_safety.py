@@ -16,12 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 import mmscope.zoo.shapes_llava.train as recipe
+from conftest import TINY_TRAINING_SPEC as SPEC
 from mmscope.errors import MMScopeError
-from mmscope.zoo.build import TinyLlavaSpec
 from mmscope.zoo.shapes_llava.train import RESUME, TrainConfig, TrainConfigError, TrainingStateError, train
 
-SPEC = TinyLlavaSpec(image_size=64, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2,
-                     text_heads=2, intermediate=64)
 
 
 @pytest.fixture(scope="module")

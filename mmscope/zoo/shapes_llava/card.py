@@ -20,7 +20,8 @@ def write_model_card(folder: str | Path, evaluation: str, command: str) -> Path:
     grid = vision.image_size // vision.patch_size
     vocabulary = world["vocabulary"]
     tower = "vision tower frozen" if train_config.get("freeze_vision") else "whole model"
-    precision = ("Mixed precision: bfloat16 autocast, float32 weights and optimizer state." if summary.get("bf16", train_config.get("bf16"))
+    bf16 = summary.get("bf16", train_config.get("bf16"))  # as resolved on the machine (older runs: as set)
+    precision = ("Mixed precision: bfloat16 autocast, float32 weights and optimizer state." if bf16
                  else "Float32 throughout.")
     named = (f"; there too, whether each mentioned object has the attribute value the question names (\"Is there "
              f"a cube or a cone that is *green*?\"; an absent object has none; weight "

@@ -12,9 +12,10 @@ answer. `TurnPool` holds, per training image, what can be asked about it:
 
 `TurnPool.draw` picks the extra turns of one sequence: each is a caption with probability `caption_share`, a
 statement with probability `statement_share`, and otherwise another of the image's questions (without
-repeats; a caption once they run out). The questions come first, then the statements, then the captions, so
-that no question is answerable from text earlier in its sequence: each must be answered from the image. All answers are supervised as answer tokens; nothing here touches the
-model's inside.
+repeats; a caption once they run out, or where the image has no statement). The questions come first, then
+the statements, then the captions, so that no question is answerable from text earlier in its sequence: each
+must be answered from the image. All answers are supervised as answer tokens; nothing here touches the model's
+inside.
 """
 
 from __future__ import annotations

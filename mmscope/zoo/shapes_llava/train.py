@@ -156,10 +156,11 @@ class TrainConfig:
                                                              "most 1")
         if not _is_real(self.focus) or not 0 <= self.focus <= 1:
             _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
-        for name in ("freeze_vision", "bf16", "wandb"):
-            if not isinstance(getattr(self, name), bool) and not (name == "bf16" and self.bf16 is None):
-                _refuse(name, getattr(self, name), "must be True or False" + (" (or None: where the CPU has bf16 "
-                                                                              "instructions)" if name == "bf16" else ""))
+        for name in ("freeze_vision", "wandb"):
+            if not isinstance(getattr(self, name), bool):
+                _refuse(name, getattr(self, name), "must be True or False")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            _refuse("bf16", self.bf16, "must be True or False (or None: where the CPU has bf16 instructions)")
         if not isinstance(self.spec, TinyLlavaSpec):
             _refuse("spec", self.spec, "must be a TinyLlavaSpec")
         layers, heads = self.spec.text_layers, self.spec.text_heads
@@ -173,14 +174,13 @@ class TrainConfig:
             if read[name] and (not _is_int(value) or not 1 <= value <= layers):
                 _refuse(name, value, f"must be 1..{layers}: the output of that many decoder layers (the spec has "
                                      f"{layers})")
-        if not self.attention_loss_weight:
-            pass
-        elif not _is_int(self.attention_layer) or not 0 <= self.attention_layer < layers:
-            _refuse("attention_layer", self.attention_layer, f"must be 0..{layers - 1}: a 0-based decoder layer "
-                                                             f"(the spec has {layers})")
-        elif not _is_int(self.attention_head) or not 0 <= self.attention_head < heads:
-            _refuse("attention_head", self.attention_head, f"must be 0..{heads - 1}: the spec's decoder layers have "
-                                                           f"{heads} heads")
+        if self.attention_loss_weight:
+            if not _is_int(self.attention_layer) or not 0 <= self.attention_layer < layers:
+                _refuse("attention_layer", self.attention_layer, f"must be 0..{layers - 1}: a 0-based decoder "
+                                                                 f"layer (the spec has {layers})")
+            if not _is_int(self.attention_head) or not 0 <= self.attention_head < heads:
+                _refuse("attention_head", self.attention_head, f"must be 0..{heads - 1}: the spec's decoder layers "
+                                                               f"have {heads} heads")
         if not isinstance(self.out, str):
             _refuse("out", self.out, "must be a string: the folder's path")
         if not self.out:
@@ -238,21 +238,24 @@ def prompt_of(question: str, instruction: bool = True) -> str:
 _UNINSTRUCTED = PromptTemplate(tuple(part for part in LLAVA_15.parts if part[0] != "instruction"))
 
 
+def _follow_up_template(instruction: bool) -> str:
+    """The template from its first role marker on, without the image and the blank after it (and without the
+    instruction when `instruction` is False), the question left as `{question}`."""
+    parts = list(LLAVA_15.parts[next(i for i, (group, _) in enumerate(LLAVA_15.parts) if group == "roles"):])
+    image = next(i for i, (group, _) in enumerate(parts) if group == "image")
+    dropped = {image, image + 1} if not parts[image + 1][1].strip() else {image}
+    return "".join(part for i, (group, part) in enumerate(parts)
+                   if i not in dropped and (instruction or group != "instruction"))
+
+
+_FOLLOW_UPS = {instruction: _follow_up_template(instruction) for instruction in (True, False)}
+
+
 def follow_up_of(question: str, instruction: bool = True) -> str:
-    """A later turn's prompt: the template from its first role marker on, without the image and the blank
-    after it (`" USER: {question} \\nAnswer the question using a single word or phrase. ASSISTANT:"`); without
-    the instruction when `instruction` is False (a request for a caption is no short-answer question)."""
-    parts = LLAVA_15.parts
-    start = next(i for i, (group, _) in enumerate(parts) if group == "roles")
-    kept, after_image = [], False
-    for group, part in parts[start:]:
-        if group == "image" or (after_image and group is None and not part.strip()) or (
-                group == "instruction" and not instruction):
-            after_image = group == "image"
-            continue
-        after_image = False
-        kept.append(question if part == QUESTION else part)
-    return "".join(kept)
+    """A later turn's prompt (`" USER: {question} \\nAnswer the question using a single word or phrase.
+    ASSISTANT:"`); without the instruction when `instruction` is False (a request for a caption is no
+    short-answer question)."""
+    return _FOLLOW_UPS[instruction].replace(QUESTION, question)
 
 
 class SceneTargets:
@@ -401,7 +404,9 @@ class Batcher:
         self.images, self.features = images, features
         self.targets = targets
         self.max_mentions = max_mentions
-        self.turns, self.extra_turns = turns, extra_turns if turns is not None else 0
+        if extra_turns and turns is None:
+            raise ValueError(f"extra_turns={extra_turns} needs a TurnPool to draw them from (turns=None)")
+        self.turns, self.extra_turns = turns, extra_turns
         self.caption_share, self.statement_share = caption_share, statement_share
         self.random = random.Random(seed)  # which extra turns each sequence gets (part of the training state)
         self.image_token = self.tokenizer.image_token
@@ -819,10 +824,11 @@ def train(config: TrainConfig) -> Path:
     train_rows = load_synthetic(world, "train")
     val_rows = load_synthetic(world, "val")
     vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
+    questions, answers = list(train_rows["question"]), list(train_rows["answer"])
     pool = (TurnPool(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, list(train_rows["image_id"]),
-                     list(train_rows["question"]), list(train_rows["answer"]), seed=config.seed)
+                     questions, answers, seed=config.seed)
             if config.turns > 1 or config.caption_steps else None)
-    corpus = list(train_rows["question"]) + list(train_rows["answer"]) + (pool.corpus() if pool else [])
+    corpus = questions + answers + (pool.corpus() if pool else [])
     tokenizer = build_word_tokenizer(corpus)
     model, processor = build_llava(tokenizer, config.spec, seed=config.seed)
     internals = any(getattr(config, f"{loss}_loss_weight") for loss in _LOSSES if loss != "patch")
