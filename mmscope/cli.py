@@ -111,6 +111,7 @@ TRAIN_OPTIONS = {
     "named_loss_weight": "Weight of the last-position named-value loss (0: off).",
     "turns": "Conversation turns per training sequence, all about its image.",
     "caption_share": "Share of the turns after the first asking for a caption.",
+    "caption_positions": "Captions name the third of the image each object lies in.",
     "caption_steps": "Stage 2 opens with this many steps on captions alone.",
     "statement_share": "Share of the turns after the first asking true or false.",
     "focus": "Share of each batch drawn by categories' validation error (0: uniform).",

@@ -46,6 +46,15 @@ def test_a_caption_names_every_object_first_then_its_attributes_and_the_third_of
             assert words[-1] == ("top" if centre_y < 1 / 3 else "middle" if centre_y < 2 / 3 else "bottom")
 
 
+def test_captions_without_positions_hold_the_same_objects_and_no_position_word(world, pool_and_rows):
+    pool, rows = pool_and_rows
+    vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
+    bare = TurnPool(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, list(rows["image_id"]),
+                    list(rows["question"]), list(rows["answer"]), seed=0, positions=False)
+    for image_id, phrases in pool.objects.items():
+        assert bare.objects[image_id] == [" ".join(phrase.split()[:-2]) for phrase in phrases]
+
+
 def test_statements_are_true_exactly_when_the_scene_graph_says_so(world, pool_and_rows):
     pool, _ = pool_and_rows
     graphs = {g.image_id: g for g in read_scene_graphs(world / "sceneGraphs" / "train_sceneGraphs.json")}

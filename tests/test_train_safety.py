@@ -246,6 +246,7 @@ BAD_VALUES = [
                                                                  "--caption-share 0.6 must be at most 1"),
     ({"bf16": "yes"}, "bf16 'yes' (--bf16): must be True or False (or None: where the CPU has bf16 instructions)"),
     ({"freeze_vision": 1}, "freeze_vision 1 (--freeze-vision): must be True or False"),
+    ({"caption_positions": "no"}, "caption_positions 'no' (--caption-positions): must be True or False"),
     ({"spec": {"text_layers": 2}}, "spec {'text_layers': 2} (--spec): must be a TinyLlavaSpec"),
     ({"grounding_layer": 0}, "grounding_layer 0 (--grounding-layer): must be 1..2: the output of that many decoder "
                              "layers (the spec has 2)"),

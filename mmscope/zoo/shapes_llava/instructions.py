@@ -6,7 +6,7 @@ answer. `TurnPool` holds, per training image, what can be asked about it:
 - the GQA-format questions of that image (the training split's rows);
 - a caption read off its scene graph, object by object, name first — "cube large red metal left top and sphere
   small blue rubber right middle" (objects in a fresh random order at every draw; the position is the third of
-  the image the object's centre lies in, column then row);
+  the image the object's centre lies in, column then row; none with `positions=False`);
 - true/false statements, the image-text entailment pairs of `mmscope.data.probing.entailment_dataset` on the
   training split ("True or false: There is a red cube." -> "true"), so the model meets entailment.
 
@@ -32,9 +32,11 @@ COLUMNS = ("left", "center", "right")
 ROWS = ("top", "middle", "bottom")
 
 
-def object_phrase(obj: GraphObject, width: float, height: float, groups: list[list[str]]) -> str:
+def object_phrase(obj: GraphObject, width: float, height: float, groups: list[list[str]],
+                  positions: bool = True) -> str:
     """`cube large red metal left top`: the name, its attributes in the order of `groups` (the world's sizes,
-    colours, materials; others last), and the thirds of the image its centre lies in (column, row)."""
+    colours, materials; others last), and (when `positions`) the thirds of the image its centre lies in (column,
+    row)."""
     x, y, w, h = obj.box
     column = COLUMNS[min(2, int(3 * (x + w / 2) / width))]
     row = ROWS[min(2, int(3 * (y + h / 2) / height))]
@@ -42,18 +44,18 @@ def object_phrase(obj: GraphObject, width: float, height: float, groups: list[li
     def order(attribute: str) -> tuple[int, str]:
         return next((i for i, group in enumerate(groups) if attribute in group), len(groups)), attribute
 
-    return " ".join([obj.name, *sorted(obj.attributes, key=order), column, row])
+    return " ".join([obj.name, *sorted(obj.attributes, key=order), *([column, row] if positions else [])])
 
 
 class TurnPool:
     """What can be asked about each training image besides its first question (module docstring)."""
 
     def __init__(self, scene_graphs: Path, vocabulary: dict, image_ids: list[str], questions: list[str],
-                 answers: list[str], seed: int = 0, statements_per_image: int = 4) -> None:
+                 answers: list[str], seed: int = 0, statements_per_image: int = 4, positions: bool = True) -> None:
         groups = [vocabulary["sizes"], vocabulary["colors"], vocabulary["materials"]]
         self.objects: dict[str, list[str]] = {}
         for graph in read_scene_graphs(Path(scene_graphs)):
-            self.objects[graph.image_id] = [object_phrase(obj, graph.width, graph.height, groups)
+            self.objects[graph.image_id] = [object_phrase(obj, graph.width, graph.height, groups, positions)
                                             for obj in graph.objects]
         self.rows: dict[str, list[int]] = {}
         for index, image_id in enumerate(image_ids):

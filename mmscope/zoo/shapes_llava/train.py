@@ -114,6 +114,7 @@ class TrainConfig:
     gather_layer: int = 6  # decoder layer whose output at the last prompt position carries the mentioned objects
     turns: int = 1  # conversation turns per training sequence, all about its image (LLaVA's multi-turn data)
     caption_share: float = 0.0  # share of the turns after the first that ask for a caption
+    caption_positions: bool = True  # captions name the third of the image each object lies in
     caption_steps: int = 0  # stage 2 opens with this many steps on captions alone (as LLaVA's alignment stage)
     statement_share: float = 0.0  # ... that ask whether a statement is true (image-text entailment)
     focus: float = 0.8  # share of each batch drawn in proportion to each category's validation error
@@ -156,7 +157,7 @@ class TrainConfig:
                                                              "most 1")
         if not _is_real(self.focus) or not 0 <= self.focus <= 1:
             _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
-        for name in ("freeze_vision", "wandb"):
+        for name in ("freeze_vision", "caption_positions", "wandb"):
             if not isinstance(getattr(self, name), bool):
                 _refuse(name, getattr(self, name), "must be True or False")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
@@ -826,7 +827,7 @@ def train(config: TrainConfig) -> Path:
     vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
     questions, answers = list(train_rows["question"]), list(train_rows["answer"])
     pool = (TurnPool(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, list(train_rows["image_id"]),
-                     questions, answers, seed=config.seed)
+                     questions, answers, seed=config.seed, positions=config.caption_positions)
             if config.turns > 1 or config.caption_steps else None)
     corpus = questions + answers + (pool.corpus() if pool else [])
     tokenizer = build_word_tokenizer(corpus)
