@@ -114,6 +114,7 @@ TRAIN_OPTIONS = {
     "caption_positions": "Captions name the third of the image each object lies in.",
     "caption_steps": "Stage 2 opens with this many steps on captions alone.",
     "statement_share": "Share of the turns after the first asking true or false.",
+    "description_share": "Share of the turns after the first asking to describe one object.",
     "focus": "Share of each batch drawn by categories' validation error (0: uniform).",
     "bf16": "bfloat16 autocast (float32 weights); default: where the CPU has bf16 instructions.",
     "wandb": "Log the run to Weights & Biases (offline without a key).",

@@ -90,7 +90,7 @@ def test_probe_evaluate_and_train_keep_their_options_and_defaults():
                            "--batch-size", "--lr", "--seed", "--eval-every", "--patch-loss-weight",
                            "--grounding-loss-weight", "--attention-loss-weight", "--gather-loss-weight",
                            "--named-loss-weight", "--turns", "--caption-share", "--caption-positions", "--caption-steps",
-                           "--statement-share", "--focus",
+                           "--statement-share", "--description-share", "--focus",
                            "--bf16", "--wandb", "--text-layers"]
 
 

@@ -82,6 +82,14 @@ def test_draw_gives_the_requested_mix_and_never_repeats_a_question(pool_and_rows
     assert (rows["question"][0], rows["answer"][0]) not in questions_only  # the first turn is row 0 itself
     captions = pool.draw(0, image_id, 4, 1.0, 0.0, rng)
     assert all(question == CAPTION_REQUEST for question, _ in captions)
+    described = pool.draw(0, image_id, 4, 0.0, 0.0, rng, description_share=1.0)
+    phrases = {phrase.split()[0]: " ".join(phrase.split()[1:]) for phrase in pool.objects[image_id]}
+    for question, answer in described:
+        name = question.removeprefix("Describe the ").removesuffix(".")
+        assert question == f"Describe the {name}." and phrases[name] == answer
+    mixed = [question.startswith("Describe the ") for question, _ in pool.draw(0, image_id, 6, 0.0, 0.0, rng,
+                                                                                description_share=0.5)]
+    assert mixed == sorted(mixed)  # the image's questions before any description of its objects
     statements = pool.draw(0, image_id, 4, 0.0, 1.0, rng)
     assert all(turn in pool.statements[image_id] for turn in statements)
     many = pool.draw(0, image_id, 40, 0.0, 0.0, rng)  # more than the image has: captions fill in

@@ -7,14 +7,16 @@ answer. `TurnPool` holds, per training image, what can be asked about it:
 - a caption read off its scene graph, object by object, name first — "cube large red metal left top and sphere
   small blue rubber right middle" (objects in a fresh random order at every draw; the position is the third of
   the image the object's centre lies in, column then row; none with `positions=False`);
+- object descriptions, one object named by its shape ("Describe the cone." -> "large red metal left top"): the
+  caption's phrase for that object after its name, asked as a question is, in the study's template;
 - true/false statements, the image-text entailment pairs of `mmscope.data.probing.entailment_dataset` on the
   training split ("True or false: There is a red cube." -> "true"), so the model meets entailment.
 
 `TurnPool.draw` picks the extra turns of one sequence: each is a caption with probability `caption_share`, a
-statement with probability `statement_share`, and otherwise another of the image's questions (without
-repeats; a caption once they run out, or where the image has no statement). The questions come first, then
-the statements, then the captions, so that no question is answerable from text earlier in its sequence: each
-must be answered from the image. All answers are supervised as answer tokens; nothing here touches the model's
+statement with probability `statement_share`, an object description with probability `description_share`, and
+otherwise another of the image's questions (without repeats; a caption once they run out, or where the image
+has no statement). The questions come first, then the statements, then the descriptions and captions, so that
+no question is answerable from text earlier in its sequence: each must be answered from the image. All answers are supervised as answer tokens; nothing here touches the model's
 inside.
 """
 
@@ -27,6 +29,7 @@ from mmscope.data.probing import entailment_dataset
 from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
 
 CAPTION_REQUEST = "Describe the image."
+DESCRIPTION_REQUEST = "Describe the {name}."
 STATEMENT_REQUEST = "True or false: {statement}"
 COLUMNS = ("left", "center", "right")
 ROWS = ("top", "middle", "bottom")
@@ -69,7 +72,7 @@ class TurnPool:
 
     def corpus(self) -> list[str]:
         """Every text a turn can hold (for the tokenizer's vocabulary)."""
-        texts = [CAPTION_REQUEST, *COLUMNS, *ROWS, "and", "true", "false"]
+        texts = [CAPTION_REQUEST, DESCRIPTION_REQUEST, *COLUMNS, *ROWS, "and", "true", "false"]
         texts += [phrase for phrases in self.objects.values() for phrase in phrases]
         texts += [text for turns in self.statements.values() for turn in turns for text in turn]
         return texts
@@ -79,8 +82,13 @@ class TurnPool:
         rng.shuffle(phrases)
         return CAPTION_REQUEST, " and ".join(phrases)
 
+    def description(self, image_id: str, rng: random.Random) -> tuple[str, str]:
+        """One of the image's objects, named by its shape, and the rest of its caption phrase."""
+        name, *rest = rng.choice(self.objects[image_id]).split()
+        return DESCRIPTION_REQUEST.format(name=name), " ".join(rest)
+
     def draw(self, first_row: int, image_id: str, n: int, caption_share: float, statement_share: float,
-             rng: random.Random) -> list[tuple[str, str]]:
+             rng: random.Random, description_share: float = 0.0) -> list[tuple[str, str]]:
         """`n` more (question, answer) turns about the image of row `first_row`."""
         others = [row for row in self.rows[image_id] if row != first_row]
         rng.shuffle(others)
@@ -90,10 +98,13 @@ class TurnPool:
             pick = rng.random()
             if pick < statement_share and statements:
                 stated.append(rng.choice(statements))
-            elif pick < statement_share + caption_share or not others:
+            elif statement_share <= pick < statement_share + description_share:
+                described.append(self.description(image_id, rng))
+            elif pick < statement_share + description_share + caption_share or not others:
                 described.append(self.caption(image_id, rng))
             else:
                 row = others.pop()
                 asked.append((self.questions[row], self.answers[row]))
-        # Questions first: no question can be answered from a caption or statement earlier in its sequence.
+        # Questions first: no question can be answered from a caption, description or statement earlier in its
+        # sequence.
         return asked + stated + described

@@ -117,6 +117,7 @@ class TrainConfig:
     caption_positions: bool = True  # captions name the third of the image each object lies in
     caption_steps: int = 0  # stage 2 opens with this many steps on captions alone (as LLaVA's alignment stage)
     statement_share: float = 0.0  # ... that ask whether a statement is true (image-text entailment)
+    description_share: float = 0.0  # ... that ask to describe one object the turn names ("Describe the cone.")
     focus: float = 0.8  # share of each batch drawn in proportion to each category's validation error
     bf16: bool | None = None  # bfloat16 autocast; None: where the CPU has bf16 instructions (`native_bf16`)
     spec: TinyLlavaSpec = field(default_factory=embedded_spec)
@@ -144,7 +145,7 @@ class TrainConfig:
             if not _is_real(value) or value < 0:
                 _refuse(name, value, "must be a finite number, at least 0" + (" (0 turns that loss off)"
                                                                                if name != "weight_decay" else ""))
-        for name in ("caption_share", "statement_share"):
+        for name in ("caption_share", "statement_share", "description_share"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value <= 1:
                 _refuse(name, value, "must lie in [0, 1]")
@@ -152,9 +153,10 @@ class TrainConfig:
                 _refuse(name, value, "needs --turns above 1: it is the share of the turns after the first")
         if _is_int(self.steps) and _is_int(self.caption_steps) and self.caption_steps >= self.steps:
             _refuse("caption_steps", self.caption_steps, f"must be below --steps {self.steps}: they are its first steps")
-        if self.caption_share + self.statement_share > 1:
-            _refuse("statement_share", self.statement_share, f"plus --caption-share {self.caption_share} must be at "
-                                                             "most 1")
+        if self.caption_share + self.statement_share + self.description_share > 1:
+            _refuse("description_share", self.description_share, f"plus --caption-share {self.caption_share} and "
+                                                                  f"--statement-share {self.statement_share} must "
+                                                                  "be at most 1")
         if not _is_real(self.focus) or not 0 <= self.focus <= 1:
             _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
         for name in ("freeze_vision", "caption_positions", "wandb"):
@@ -399,7 +401,7 @@ class Batcher:
     def __init__(self, processor, dataset, images: ImageSet, features: torch.Tensor | None = None,
                  targets: SceneTargets | None = None, max_mentions: int = MAX_MENTIONS,
                  turns: TurnPool | None = None, extra_turns: int = 0, caption_share: float = 0.0,
-                 statement_share: float = 0.0, seed: int = 0) -> None:
+                 statement_share: float = 0.0, description_share: float = 0.0, seed: int = 0) -> None:
         self.tokenizer = processor.tokenizer
         self.dataset = dataset
         self.images, self.features = images, features
@@ -409,6 +411,7 @@ class Batcher:
             raise ValueError(f"extra_turns={extra_turns} needs a TurnPool to draw them from (turns=None)")
         self.turns, self.extra_turns = turns, extra_turns
         self.caption_share, self.statement_share = caption_share, statement_share
+        self.description_share = description_share
         self.random = random.Random(seed)  # which extra turns each sequence gets (part of the training state)
         self.image_token = self.tokenizer.image_token
         # The columns a batch needs, read once: `Dataset.select` per batch costs more than the batch's forward pass.
@@ -471,7 +474,7 @@ class Batcher:
         for index, image_id in zip(indices, rows["image_id"]):
             ids, targets = [], []
             for question, answer in self.turns.draw(index, image_id, self.extra_turns, self.caption_share,
-                                                    self.statement_share, self.random):
+                                                    self.statement_share, self.random, self.description_share):
                 prompt = self.tokenizer(follow_up_of(question, instruction=question != CAPTION_REQUEST),
                                         add_special_tokens=False)["input_ids"]
                 reply = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
@@ -862,7 +865,8 @@ def train(config: TrainConfig) -> Path:
     batcher = Batcher(processor, train_rows, train_images,
                       train_images.features(model) if config.freeze_vision else None, targets,
                       turns=pool, extra_turns=config.turns - 1, caption_share=config.caption_share,
-                      statement_share=config.statement_share, seed=config.seed)
+                      statement_share=config.statement_share, description_share=config.description_share,
+                      seed=config.seed)
     val_batcher = Batcher(processor, val_rows, val_images)
     val_indices = random.Random(config.seed).sample(range(len(val_rows)), min(config.eval_questions, len(val_rows)))
 
