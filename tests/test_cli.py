@@ -89,8 +89,8 @@ def test_probe_evaluate_and_train_keep_their_options_and_defaults():
     assert list(train) == ["--out", "--data", "--n-scenes", "--vision-steps", "--freeze-vision", "--steps",
                            "--batch-size", "--lr", "--seed", "--eval-every", "--patch-loss-weight",
                            "--grounding-loss-weight", "--attention-loss-weight", "--gather-loss-weight",
-                           "--named-loss-weight", "--turns", "--caption-share", "--caption-positions", "--caption-steps",
-                           "--statement-share", "--description-share", "--focus",
+                           "--named-loss-weight", "--turns", "--caption-share", "--caption-positions",
+                           "--caption-steps", "--statement-share", "--description-share", "--focus",
                            "--bf16", "--wandb", "--text-layers"]
 
 

@@ -242,9 +242,11 @@ BAD_VALUES = [
     ({"turns": 3, "caption_share": 1.2}, "caption_share 1.2 (--caption-share): must lie in [0, 1]"),
     ({"caption_share": 0.2}, "caption_share 0.2 (--caption-share): needs --turns above 1: it is the share of the "
                              "turns after the first"),
-    ({"turns": 3, "caption_share": 0.6, "statement_share": 0.5}, "description_share 0.0 (--description-share): plus "
-                                                                 "--caption-share 0.6 and --statement-share 0.5 must "
-                                                                 "be at most 1"),
+    ({"turns": 3, "caption_share": 0.6, "statement_share": 0.5}, "statement_share 0.5 (--statement-share): plus "
+                                                                 "--caption-share 0.6 must be at most 1"),
+    ({"turns": 3, "caption_share": 0.5, "statement_share": 0.3, "description_share": 0.4},
+     "description_share 0.4 (--description-share): plus --caption-share 0.5 and --statement-share 0.3 must be at "
+     "most 1"),
     ({"turns": 3, "description_share": -0.1}, "description_share -0.1 (--description-share): must lie in [0, 1]"),
     ({"description_share": 0.3}, "description_share 0.3 (--description-share): needs --turns above 1: it is the "
                                  "share of the turns after the first"),

@@ -16,8 +16,8 @@ answer. `TurnPool` holds, per training image, what can be asked about it:
 statement with probability `statement_share`, an object description with probability `description_share`, and
 otherwise another of the image's questions (without repeats; a caption once they run out, or where the image
 has no statement). The questions come first, then the statements, then the descriptions and captions, so that
-no question is answerable from text earlier in its sequence: each must be answered from the image. All answers are supervised as answer tokens; nothing here touches the model's
-inside.
+no question is answerable from text earlier in its sequence: each must be answered from the image. All answers
+are supervised as answer tokens; nothing here touches the model's inside.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class TurnPool:
 
     def corpus(self) -> list[str]:
         """Every text a turn can hold (for the tokenizer's vocabulary)."""
-        texts = [CAPTION_REQUEST, DESCRIPTION_REQUEST, *COLUMNS, *ROWS, "and", "true", "false"]
+        # The objects' names come with their phrases: the description request adds no word of its own.
+        texts = [CAPTION_REQUEST, DESCRIPTION_REQUEST.format(name=""), *COLUMNS, *ROWS, "and", "true", "false"]
         texts += [phrase for phrases in self.objects.values() for phrase in phrases]
         texts += [text for turns in self.statements.values() for turn in turns for text in turn]
         return texts

@@ -145,7 +145,7 @@ class TrainConfig:
             if not _is_real(value) or value < 0:
                 _refuse(name, value, "must be a finite number, at least 0" + (" (0 turns that loss off)"
                                                                                if name != "weight_decay" else ""))
-        for name in ("caption_share", "statement_share", "description_share"):
+        for name in _SHARES:
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value <= 1:
                 _refuse(name, value, "must lie in [0, 1]")
@@ -153,10 +153,12 @@ class TrainConfig:
                 _refuse(name, value, "needs --turns above 1: it is the share of the turns after the first")
         if _is_int(self.steps) and _is_int(self.caption_steps) and self.caption_steps >= self.steps:
             _refuse("caption_steps", self.caption_steps, f"must be below --steps {self.steps}: they are its first steps")
-        if self.caption_share + self.statement_share + self.description_share > 1:
-            _refuse("description_share", self.description_share, f"plus --caption-share {self.caption_share} and "
-                                                                  f"--statement-share {self.statement_share} must "
-                                                                  "be at most 1")
+        given = [name for name in _SHARES if getattr(self, name)]
+        if sum(getattr(self, name) for name in given) > 1:  # named: the last share given, beside the others
+            *others, last = given
+            _refuse(last, getattr(self, last), "plus " + " and ".join(f"--{name.replace('_', '-')} "
+                                                                    f"{getattr(self, name)}" for name in others)
+                    + " must be at most 1")
         if not _is_real(self.focus) or not 0 <= self.focus <= 1:
             _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
         for name in ("freeze_vision", "caption_positions", "wandb"):
@@ -217,6 +219,7 @@ _COUNTS = (("steps", 1, ""), ("vision_steps", 0, " (0 skips stage 1, vision pre-
            ("eval_every", 1, ""), ("eval_questions", 1, ""), ("warmup", 1, ""), ("turns", 1, ""),
            ("caption_steps", 0, " (0: no caption-only steps)"))
 _LOSSES = ("patch", "grounding", "attention", "gather", "named")
+_SHARES = ("caption_share", "statement_share", "description_share")  # of the turns after the first
 
 
 def _is_int(value: Any) -> bool:
