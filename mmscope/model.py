@@ -412,33 +412,65 @@ class Model:
         activations, logits = self.run(example, interventions, readout)
         return ActivationCache(example, activations, logits.softmax(-1))
 
-    def answer_tokens(self, example: Example, answers: str | Sequence[str]) -> list[list[int]]:
-        """Token ids of each row's answer as the model would write it after the prompt."""
+    def answer_tokens(self, example: Example, answers: str | Sequence[str],
+                      leading_space: bool | Sequence[bool] | None = None) -> list[list[int]]:
+        """Token ids of each row's answer (a label, stripped) as the model would write it after the prompt.
+
+        Real tokenizers spell a word two ways, with a leading space (`ĠRed`, `▁Red`) and without (`Red`), and
+        after a prompt ending in `:` or a newline a model may write either. `leading_space` says which, per row
+        or for all; None measures it from the model: the way its own greedy next token after each row's prompt
+        is written (`writes_leading_space`), at the cost of one forward. Word-level tokenizers give the same ids
+        either way."""
         answers = [answers] * len(example) if isinstance(answers, str) else list(answers)
         if len(answers) != len(example):
             raise InputError(f"{len(answers)} answers for a batch of {len(example)}")
-        tokens = []
-        for prompt, answer in zip(example.prompts, answers, strict=True):
-            if not answer.strip():
+        for answer in answers:
+            if not isinstance(answer, str) or not answer.strip():
                 raise InputError(f"answer must be a non-empty string; got {answer!r}")
-            with_answer = self.tokenizer(f"{prompt} {answer.strip()}")["input_ids"]
+        if leading_space is None:
+            leading_space = self.writes_leading_space(example, self.run(example).argmax(-1).tolist())
+        spaces = [leading_space] * len(example) if isinstance(leading_space, bool) else list(leading_space)
+        if len(spaces) != len(example) or not all(isinstance(space, bool) for space in spaces):
+            raise InputError(f"leading_space must be a bool or one bool per row of the batch of {len(example)}; "
+                             f"got {leading_space!r}")
+        tokens = []
+        for prompt, answer, space in zip(example.prompts, answers, spaces, strict=True):
+            written = (" " if space else "") + answer.strip()
+            with_answer = self.tokenizer(prompt + written)["input_ids"]
             alone = self.tokenizer(prompt)["input_ids"]
             if with_answer[: len(alone)] == alone:
                 tokens.append(with_answer[len(alone) :])
-            else:
-                tokens.append(self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+            else:  # the answer merged with the prompt's last characters: the answer's own tokens
+                tokens.append(self.tokenizer(written, add_special_tokens=False)["input_ids"])
             unknown = self.tokenizer.unk_token_id
             if unknown is not None and unknown in tokens[-1]:
                 warnings.warn(f"answer {answer.strip()!r} has words the tokenizer does not know: it is scored as "
                               f"{self.tokenizer.unk_token!r}, which any unknown word would match", stacklevel=3)
         return tokens
 
+    def writes_leading_space(self, example: Example, tokens: Sequence[int]) -> list[bool]:
+        """Per row, whether `tokens[row]` written right after that row's prompt starts with whitespace: the text
+        it adds to the prompt's last tokens, decoded together (so SentencePiece's `▁` and byte-level BPE's `Ġ`
+        count as the spaces they are, and a word-level tokenizer's joining space does not)."""
+        if len(tokens) != len(example):
+            raise InputError(f"{len(tokens)} tokens for a batch of {len(example)}")
+        spaces = []
+        for row, token in enumerate(tokens):
+            ids = example.inputs["input_ids"][row][example.inputs["attention_mask"][row].bool()].tolist()[-4:]
+            before = self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+            after = self.tokenizer.decode([*ids, int(token)], clean_up_tokenization_spaces=False)
+            added = after[len(before):] if after.startswith(before) else self.tokenizer.decode([int(token)])
+            spaces.append(added[:1].isspace())
+        return spaces
+
     def answer_prob(
-        self, example: Example, answer: str | Sequence[str], interventions: Sequence[Intervention] = ()
+        self, example: Example, answer: str | Sequence[str], interventions: Sequence[Intervention] = (),
+        leading_space: bool | Sequence[bool] | None = None,
     ) -> AnswerScore:
         """Probability of the answer's first token at the last position and the teacher-forced log-probability
-        of the whole answer (both under `interventions`), per row."""
-        tokens = self.answer_tokens(example, answer)
+        of the whole answer (both under `interventions`), per row; the answer is tokenised as `answer_tokens`
+        does (`leading_space`: as the model writes, measured, unless given)."""
+        tokens = self.answer_tokens(example, answer, leading_space)
         width = max(len(t) for t in tokens)
         pad = self.tokenizer.pad_token_id
         appended = torch.tensor([t + [pad] * (width - len(t)) for t in tokens])
@@ -464,19 +496,36 @@ class Model:
     def generate_answer(
         self, example: Example, interventions: Sequence[Intervention] = (), max_new_tokens: int = 8
     ) -> str | list[str]:
-        """Greedy answer(s), stripped. Interventions apply at every step, over the whole sequence so far (their
-        positions stay the prompt's); without any, the steps share a key/value cache — a prefill, then one token
-        per step — and give the answers of the uncached steps."""
+        """Greedy answer(s), stripped: `generate_tokens` decoded without the stop token and special tokens."""
+        texts = [self.decode_answer(ids) for ids in self.generate_tokens(example, interventions, max_new_tokens)]
+        return texts[0] if len(example) == 1 else texts
+
+    def generate_tokens(
+        self, example: Example, interventions: Sequence[Intervention] = (), max_new_tokens: int = 8
+    ) -> list[list[int]]:
+        """The token ids each row writes by greedy decoding, up to `max_new_tokens`, the stop token (eos or pad)
+        that ends a row included: `[0]` is the token a sweep scores. Interventions apply at every step, over the
+        whole sequence so far (their positions stay the prompt's); without any, the steps share a key/value
+        cache — a prefill, then one token per step — and give the tokens of the uncached steps."""
         check_interventions(interventions)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a whole number of at least 1; got {max_new_tokens!r}")
         if interventions or self.adapter.forward_position_ids(example.inputs) is None:
-            return self._generate_uncached(example, interventions, max_new_tokens)
+            return self._greedy(example, self._uncached_steps(example, interventions), max_new_tokens)
         return self._greedy(example, self._cached_steps(), max_new_tokens)
+
+    def decode_answer(self, tokens: Sequence[int]) -> str:
+        """The text of generated `tokens`: the stop tokens (eos, pad) and special tokens left out, stripped."""
+        stop = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        return self.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True).strip()
 
     def _generate_uncached(
         self, example: Example, interventions: Sequence[Intervention], max_new_tokens: int
     ) -> str | list[str]:
         """Greedy answer(s) by one full forward (`run`, under `interventions`) per generated token."""
-        return self._greedy(example, self._uncached_steps(example, interventions), max_new_tokens)
+        rows = self._greedy(example, self._uncached_steps(example, interventions), max_new_tokens)
+        texts = [self.decode_answer(ids) for ids in rows]
+        return texts[0] if len(example) == 1 else texts
 
     def _uncached_steps(
         self, example: Example, interventions: Sequence[Intervention]
@@ -519,9 +568,9 @@ class Model:
 
     def _greedy(
         self, example: Example, next_logits: Callable[[Example, int], torch.Tensor], max_new_tokens: int
-    ) -> str | list[str]:
-        """Greedy decoding with `next_logits(sequence so far, step) -> [B, V]`: a row stops at eos or pad and is
-        padded from then on; answers are decoded without those and special tokens, stripped."""
+    ) -> list[list[int]]:
+        """Greedy decoding with `next_logits(sequence so far, step) -> [B, V]`: the ids each row writes, up to and
+        including the eos or pad that stops it (the batch steps on, padded, until every row has stopped)."""
         stop = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         pad = torch.tensor(self.tokenizer.pad_token_id)
         generated = torch.empty(len(example), 0, dtype=torch.long)
@@ -534,11 +583,11 @@ class Model:
             if done.all():
                 break
             current = self.extend(current, token[:, None])
-        texts = [
-            self.tokenizer.decode([t for t in row if t not in stop], skip_special_tokens=True).strip()
-            for row in generated.tolist()
-        ]
-        return texts[0] if len(example) == 1 else texts
+        rows = []
+        for row in generated.tolist():
+            ends = [step for step, token in enumerate(row) if token in stop]
+            rows.append(row[: ends[0] + 1] if ends else row)
+        return rows
 
     def hidden_states(self, example: Example, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
         """Residual stream `[n_layers + 1, B, T, D]`: the decoder's input embeddings, then after each layer."""

@@ -28,6 +28,7 @@ from conftest import scene
 from oracle import Family, plain_model
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     Emu3Config,
@@ -50,6 +51,7 @@ from transformers import (
     Kosmos2ForConditionalGeneration,
     Kosmos2Processor,
     LlamaConfig,
+    LlamaTokenizer,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
@@ -84,7 +86,7 @@ from mmscope.models.kosmos2 import KOSMOS2_VQA
 from mmscope.models.paligemma import PALIGEMMA_VQA
 from mmscope.models.qwen2_vl import QWEN_CHAT
 from mmscope.prompts import IMAGE, QUESTION
-from mmscope.zoo.build import build_word_tokenizer
+from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer
 
 WORDS = "is the cube sphere cylinder red blue green yes no left right what color of object this".split()
 QUESTIONS = ("Is the cube red or blue?", "What color is this object of the cube left of the sphere?")
@@ -164,9 +166,10 @@ def llama_config(tokenizer, **overrides) -> LlamaConfig:
 LLAVA_NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32], [48, 16], [16, 48]]
 
 
-def build_llava_next(folder: Path, seed: int = 0) -> Path:
-    """LLaVA-NeXT: 16-px tiles of 4-px patches (4x4 per tile), pinpoints up to 3 tiles, CLIP + Llama."""
-    tokenizer = build_word_tokenizer(QUESTIONS, WORDS)
+def build_llava_next(folder: Path, seed: int = 0, tokenizer=None) -> Path:
+    """LLaVA-NeXT: 16-px tiles of 4-px patches (4x4 per tile), pinpoints up to 3 tiles, CLIP + Llama (`tokenizer`:
+    a word-level one unless given)."""
+    tokenizer = tokenizer or build_word_tokenizer(QUESTIONS, WORDS)
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
         patch_size=4, projection_dim=32,
@@ -209,11 +212,12 @@ def qwen_vision_config(kind: str) -> dict:
                 deepstack_visual_indexes=[0])
 
 
-def build_qwen(kind: str, folder: Path, seed: int = 0) -> Path:
+def build_qwen(kind: str, folder: Path, seed: int = 0, tokenizer=None) -> Path:
     """A Qwen-VL model of `kind`, its PIL image processor and tokenizer (the processor class is built from them
     when loaded; without torchvision it is built without its video processor)."""
     config_class, model_class, _ = QWEN_MODELS[kind]
-    tokenizer = word_tokenizer([template_text(QWEN_CHAT), *QUESTIONS], QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    tokenizer = tokenizer or word_tokenizer([template_text(QWEN_CHAT), *QUESTIONS], QWEN_SPECIALS, eos="<|im_end|>",
+                                            pad="<|endoftext|>")
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
     text = dict(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -252,14 +256,17 @@ def template_text(template) -> str:
     return " ".join(text for _, text in template.parts if text not in (IMAGE, QUESTION))
 
 
-def build_gemma3(folder: Path, seed: int = 0) -> Path:
+GEMMA3_SPECIALS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+GEMMA3_ROLES = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
+def build_gemma3(folder: Path, seed: int = 0, tokenizer=None) -> Path:
     """Gemma 3: 32-px SigLIP input, 8x8 patches pooled to 4x4 soft tokens; local layers with a 24-token window
     alternate with global ones."""
-    specials = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
-    tokenizer = word_tokenizer(
+    specials = GEMMA3_SPECIALS
+    tokenizer = tokenizer or word_tokenizer(
         [template_text(GEMMA3_CHAT), *QUESTIONS], specials, bos="<bos>", add_bos=True, eos="<eos>", newlines=True,
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_soft_token>"},
+        extra_special_tokens=GEMMA3_ROLES,
     )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
     text = Gemma3TextConfig(
@@ -316,13 +323,13 @@ IDEFICS3_SPECIALS = (
 )
 
 
-def build_idefics3(folder: Path, seed: int = 0, smolvlm: bool = False) -> Path:
+def build_idefics3(folder: Path, seed: int = 0, smolvlm: bool = False, tokenizer=None) -> Path:
     """Idefics3 (or SmolVLM): longest edge 32 px, 16-px tiles of 2-px patches pixel-shuffled 2x2 to 16 tokens.
 
     Weights are drawn with std 0.2, not 0.02: at 0.02 what a decoder MLP adds to an image token (norm ~0.006) is
     lost next to the token itself (~1.2), and patching it moves the next-token probabilities by ~1e-6, too little
     to tell from no patch at the tests' tolerance."""
-    tokenizer = word_tokenizer(
+    tokenizer = tokenizer or word_tokenizer(
         [template_text(IDEFICS3_CHAT), *QUESTIONS], IDEFICS3_SPECIALS, bos="<|begin_of_text|>", add_bos=True,
         eos="<|end_of_text|>", newlines=True,
     )
@@ -424,6 +431,37 @@ def byte_tokenizer(special_tokens: Iterable[str] = ("<image>",)) -> PreTrainedTo
     return fast
 
 
+# --- real tokenizers (tests/data/tokenizers: a byte-level BPE and a SentencePiece model) ---------------------------
+TOKENIZERS = Path(__file__).parent / "data" / "tokenizers"
+REAL_TOKENIZERS = ("bpe", "sentencepiece")
+
+
+def real_tokenizer(kind: str, special_tokens: Iterable[str] = ("<image>",), *,
+                   extra_special_tokens: dict[str, str] | None = None, **roles: str):
+    """A real tokenizer with a family's special tokens added: `bpe`, SmolLM2's byte-level BPE (no BOS, pad = eos
+    `<|im_end|>`), or `sentencepiece`, Mistral-7B's Llama-family model (BOS `<s>`, pad = `<unk>`, as LLaVA-1.6-Mistral
+    pads). `roles` set or replace `bos_token`, `eos_token`, `pad_token`; padding is on the left."""
+    extra = {"image_token": "<image>"} if extra_special_tokens is None else extra_special_tokens
+    if kind == "bpe":
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "smollm2", extra_special_tokens=extra,
+                                                  padding_side="left", **roles)
+    elif kind == "sentencepiece":
+        tokenizer = LlamaTokenizer.from_pretrained(
+            TOKENIZERS / "mistral", legacy=False, add_bos_token=True, extra_special_tokens=extra,
+            padding_side="left", **{"pad_token": "<unk>", **roles})
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; known: {REAL_TOKENIZERS}")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return tokenizer
+
+
+def build_llava_real(kind: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny random LLaVA-1.5 (its own Vicuna template) over a real tokenizer. Weights are drawn with std 0.5 so
+    that over ~50k words an edit still moves the answer's probability measurably."""
+    model, processor = build_llava(real_tokenizer(kind), TinyLlavaSpec(extra={"initializer_range": 0.5}), seed=seed)
+    return save(model, processor, folder)
+
+
 FAMILIES = {  # how the oracles reach each family's parts on the plain model
     "llava_next": Family("llava_next", decoder="model.language_model"),
     **{kind: Family("qwen_vl", decoder="model.language_model", first_position=None)
@@ -445,6 +483,17 @@ BUILDERS = {  # each family's tiny checkpoint, written into a folder
     "kosmos2": build_kosmos2,
     "emu3": build_emu3,
     "smolvlm": functools.partial(build_idefics3, smolvlm=True),
+}
+REAL_BUILDERS = {  # each family's tiny checkpoint over a real tokenizer, with the family's own prompt template
+    "llava-bpe": functools.partial(build_llava_real, "bpe"),
+    "llava-sentencepiece": functools.partial(build_llava_real, "sentencepiece"),
+    "llava_next-sentencepiece": lambda folder: build_llava_next(folder, tokenizer=real_tokenizer("sentencepiece")),
+    "qwen2_vl-bpe": lambda folder: build_qwen("qwen2_vl", folder, tokenizer=real_tokenizer(
+        "bpe", QWEN_SPECIALS, extra_special_tokens={}, eos_token="<|im_end|>", pad_token="<|endoftext|>")),
+    "idefics3-bpe": lambda folder: build_idefics3(folder, tokenizer=real_tokenizer(
+        "bpe", IDEFICS3_SPECIALS, extra_special_tokens={}, eos_token="<end_of_utterance>")),
+    "gemma3-bpe": lambda folder: build_gemma3(folder, tokenizer=real_tokenizer(
+        "bpe", ("<bos>", *GEMMA3_SPECIALS), extra_special_tokens=GEMMA3_ROLES, bos_token="<bos>", eos_token="<eos>")),
 }
 NEEDS = {"smolvlm": "num2words"}  # the SmolVLM processor needs num2words
 

@@ -27,7 +27,7 @@ class Family:
     attention: str = "self_attn"  # from a decoder layer
     mlp: str = "mlp"  # from a decoder layer
     first_position: int | None = 0  # position id of the first real token; None: the model computes them (3D rope)
-    count_includes_markers: bool = False  # the processor's image-token count includes the placeholder's markers
+    count_includes_markers: bool = False  # the placeholder expands into tile markers too: count the processor's output
 
     def layers(self, model):
         return operator.attrgetter(f"{self.decoder}.layers")(model)
@@ -184,3 +184,44 @@ def pixel_change(image_processor, image: Image.Image, box) -> torch.Tensor:
     drawn.paste((255, 255, 255), (int(x), int(y), int(x + w), int(y + h)))
     before = image_processor(blank, return_tensors="pt")["pixel_values"]
     return (image_processor(drawn, return_tensors="pt")["pixel_values"] - before).abs()
+
+
+# --- the study's protocol, as its authors' loop runs it ------------------------------------------------------------
+def study_window(center: int, k: int, n_layers: int) -> list[int]:
+    """The study's window of k layers around `center`, cut at the model's ends (written out independently)."""
+    first = center - k // 2
+    return [layer for layer in range(first, first + k) if 0 <= layer < n_layers]
+
+
+def study_knockout(family: Family, model, inputs: dict, groups: dict, flows, k: int) -> dict:
+    """One question through the study's loop: the scored token is the first id HF `generate` writes (greedy);
+    p of it at the last position, clean and with each flow blocked in the window around every centre layer.
+
+    `groups` maps a group name to its positions in row 0; a flow is `source->target`, blocking every target →
+    source edge (the target's edge to itself too when source and target are the same group). Returns the token id
+    and, per (flow, centre), (p_clean, Δp%)."""
+    plain = {key: value for key, value in inputs.items() if key != "position_ids"}
+    with torch.no_grad():
+        generated = model.generate(**plain, max_new_tokens=1, do_sample=False,
+                                   pad_token_id=model.config.get_text_config().pad_token_id)
+    token = int(generated[0, inputs["input_ids"].shape[1]])
+    clean = forward_with_hooks(family, model, inputs)[0, -1].float().softmax(-1)[token].item()
+    n_layers = len(family.layers(model))
+    results = {}
+    for flow in flows:
+        source, target = flow.split("->")
+        edges = [(t, s) for t in groups[target] for s in groups[source] if t != s or source == target]
+
+        def edit(module, args, kwargs, edges=edges):
+            mask = kwargs["attention_mask"].clone()
+            for t, s in edges:
+                mask[0, :, t, s] = torch.finfo(mask.dtype).min
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        for center in range(n_layers):
+            hooks = [(getattr(family.layers(model)[i], family.attention), edit)
+                     for i in study_window(center, k, n_layers)]
+            knocked = forward_with_hooks(family, model, inputs, pre_hooks=hooks)[0, -1].float().softmax(-1)[token]
+            results[flow, center] = (clean, (knocked.item() - clean) / clean * 100)
+    return {"token": token, "values": results}

@@ -32,22 +32,29 @@ def normalise(answer: str, match: str = "lenient") -> str:
 
 @dataclass(frozen=True)
 class CleanAnswer:
-    """The model's greedy answer, whether it matches the label, and the first token it starts with."""
+    """The model's greedy answer: its text, whether it matches the label, the ids it wrote (the stop token that
+    ended it included) and the first of them, the token every sweep scores."""
 
     text: str
     correct: bool
-    first_token: int
+    tokens: tuple[int, ...]
+
+    @property
+    def first_token(self) -> int:
+        """The first id the model wrote: what the study's protocol scores, whatever its text (a leading space, a
+        word piece, or the end of the answer)."""
+        return self.tokens[0]
 
 
 def clean_answer(model: Model, example: Example, label: str, *, max_new_tokens: int | None = None,
                  match: str | None = None) -> CleanAnswer:
     """The greedy answer (up to `max_new_tokens`, default 8) to one example without interventions, correct when
-    it matches the label under `match` (`normalise`; default lenient); an empty answer is scored by the label's
-    first token."""
-    text = model.generate_answer(example, max_new_tokens=max_new_tokens or 8)
-    scored = text if text.strip() else label
+    it matches the label under `match` (`normalise`; default lenient). The ids are kept as generated: no
+    decode → re-tokenise round trip decides which token is scored."""
+    tokens = model.generate_tokens(example, max_new_tokens=max_new_tokens or 8)[0]
+    text = model.decode_answer(tokens)
     correct = normalise(text, match or "lenient") == normalise(label, match or "lenient")
-    return CleanAnswer(text, correct, model.answer_tokens(example, scored)[0][0])
+    return CleanAnswer(text, correct, tuple(tokens))
 
 
 @dataclass(frozen=True)

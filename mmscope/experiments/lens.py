@@ -8,6 +8,11 @@ case (`answer`) and capitalised (`Answer`), and for choose questions the false o
 the capitalised one — what LLaVA writes — later. Both are the gold answer's, not the model's greedy token, so
 the two cases can be told apart whichever the model writes (tokens with the same id give the same curve).
 
+Each label is written as the model writes its own answer after that prompt: with a leading space when the first
+token of the clean greedy answer starts with one (`ĠRed`, `▁Red`), without it otherwise (`Red`) — on real
+tokenizers two different tokens. The report names the token strings tracked and how often each spelling was
+chosen.
+
 The x axis (`--lens-axis`):
   * `layers`: L points, layer ℓ = the stream after decoder layer ℓ;
   * `hidden-states`: L + 1 points, as transformers' `hidden_states` — 0 = the input embeddings, ℓ = after
@@ -40,15 +45,18 @@ class LensOptions(QuestionOptions):
                                          "output; the study's).")
 
 
-def tracked_tokens(model: Model, example: Example, row: dict) -> dict[str, int]:
+def tracked_tokens(model: Model, example: Example, row: dict, leading_space: bool | None = None) -> dict[str, int]:
     """Token ids the lens follows: the first token of the gold answer in lower case and capitalised, and of the
-    false option in both forms where the question has one (the same id may appear under two names)."""
+    false option in both forms where the question has one (the same id may appear under two names), each written
+    with a leading space or not (`leading_space`; None: as the model's greedy next token is written)."""
+    if leading_space is None:
+        leading_space = model.writes_leading_space(example, model.run(example).argmax(-1).tolist())[0]
     tokens = {}
     for name, text in (("answer", row["answer"]), ("false_option", row.get("false_option"))):
         if text and text.strip():
             lower = text.strip().lower()
-            tokens[name] = model.answer_tokens(example, lower)[0][0]
-            tokens[name[0].upper() + name[1:]] = model.answer_tokens(example, lower.capitalize())[0][0]
+            tokens[name] = model.answer_tokens(example, lower, leading_space)[0][0]
+            tokens[name[0].upper() + name[1:]] = model.answer_tokens(example, lower.capitalize(), leading_space)[0][0]
     return tokens
 
 
@@ -66,12 +74,42 @@ def lens_rows(sweep: Sweep[LensOptions], question: Question) -> list[dict]:
     """p(token) at each point of the lens axis for every tracked token of one question."""
     model, options = sweep.model, sweep.options
     probs = lens_probs(model, question.example, options.lens, options.lens_axis)
+    space = model.writes_leading_space(question.example, [question.answer.first_token])[0]
+    other = tracked_tokens(model, question.example, question.row, not space)
+    spelled = model.tokenizer.convert_ids_to_tokens
     return [
         {"generated": question.answer.text, "lens": options.lens, "axis": options.lens_axis, "layer": layer,
-         "token": name, "token_id": token, "prob": probs[layer, token].item()}
-        for name, token in tracked_tokens(model, question.example, question.row).items()
+         "token": name, "token_id": token, "token_text": spelled(token), "leading_space": space,
+         "other_spelling": spelled(other[name]) if other[name] != token else None, "prob": probs[layer, token].item()}
+        for name, token in tracked_tokens(model, question.example, question.row, space).items()
         for layer in range(len(probs))
     ]
+
+
+def spelling_findings(table: pd.DataFrame) -> list[str]:
+    """Which token strings the lens tracked per name, and why that spelling: how many questions' greedy answers
+    start with a space, and, where a label's other spelling is another token, that it was not tracked."""
+    first = table[table["layer"] == table["layer"].min()]
+    per_question = first.drop_duplicates("example")
+    spaced = int(per_question["leading_space"].sum())
+    lines = ["", f"tracked tokens: each label's first token written as the model writes its own answer after the "
+                 f"prompt — with a leading space on {spaced} of {len(per_question)} questions, without on "
+                 f"{len(per_question) - spaced} (read from the first token of each clean greedy answer):"]
+    for name in ("answer", "Answer", "false_option", "False_option"):
+        part = first[first["token"] == name]
+        if part.empty:
+            continue
+        counts = part["token_text"].value_counts()
+        shown = ", ".join(f"{text!r} ×{count}" for text, count in counts.head(6).items())
+        more = f", … ({len(counts)} strings)" if len(counts) > 6 else ""
+        lines.append(f"  {name}: {shown}{more}")
+    two_ways = first[first["other_spelling"].notna()]
+    if len(two_ways):
+        row = two_ways.iloc[0]
+        lines.append(f"  {len(two_ways)} of {len(first)} labels are two tokens spelt with and without a space "
+                     f"(e.g. {row['token_text']!r} tracked, not {row['other_spelling']!r}): the one the model "
+                     f"writes is tracked")
+    return lines
 
 
 def lens_figure(summary: pd.DataFrame, path: Path, options: LensOptions) -> Path:
@@ -95,8 +133,8 @@ def lens_findings(table: pd.DataFrame, summary: pd.DataFrame, options: LensOptio
     order = [token for token in ("answer", "Answer", "false_option", "False_option") if token in pooled.index]
     pooled = pooled.loc[order]
     peaks = ", ".join(f"{token} → {int(pooled.loc[token].idxmax())}" for token in order)
-    lines = [note, "", "Mean p(token) by layer, all categories:", pooled.to_string(float_format=fmt), "",
-             f"peak layer: {peaks}"]
+    lines = [note, *spelling_findings(table), "", "Mean p(token) by layer, all categories:",
+             pooled.to_string(float_format=fmt), "", f"peak layer: {peaks}"]
     for token in ("answer", "Answer"):
         part = summary[summary["token"] == token].pivot(index="category", columns="layer", values="mean")
         lines += ["", f"Mean p({token}) by category and layer:", part.to_string(float_format=fmt)]

@@ -324,11 +324,14 @@ def region_columns(example: Example, regions: Sequence[Region]) -> dict[int, lis
 
 def lens_token(model: Model, question: Question, which: str) -> int | None:
     """The token the lens reads: the clean answer's first token, or the first token of the question's first
-    object name (None where it names none)."""
+    object name, written as the model writes its answer (None where it names none)."""
     if which == "answer":
         return question.answer.first_token
     names = [name for name in question.row.get("object_names") or [] if name and name.strip()]
-    return model.answer_tokens(question.example, names[0].strip())[0][0] if names else None
+    if not names:
+        return None
+    space = model.writes_leading_space(question.example, [question.answer.first_token])
+    return model.answer_tokens(question.example, names[0].strip(), space)[0][0]
 
 
 def image_lens(model: Model, example: Example, layers: Sequence[int], token: int) -> torch.Tensor:
