@@ -41,9 +41,8 @@ def common(world, out, limit="2") -> list[str]:
 
 
 def first_token(model, example, label: str) -> int:
-    """The first token of the model's clean greedy answer (of the label when the answer is empty)."""
-    answer = model.generate_answer(example)
-    return model.answer_tokens(example, answer if answer.strip() else label)[0][0]
+    """The first token the model writes: the argmax of its clean next-token distribution (`label` unused)."""
+    return int(model.next_token_probs(example).argmax())
 
 
 def recorded_example(config: dict, kind: str) -> tuple[list, Intervention]:
@@ -73,7 +72,7 @@ def test_knockout_command_writes_table_figure_config_and_its_dp_matches_the_core
     row = table.iloc[5]
     dataset = load_questions(world, "test", limit=2)
     example = example_of(embedded, dataset[int(row["example"])])
-    token = embedded.answer_tokens(example, row["generated"] or row["answer"])[0][0]
+    token = int(embedded.next_token_probs(example).argmax())  # the first token the model writes
     layers = knockout_window(int(row["center"]), 3, embedded.n_layers)
     p_ko = embedded.next_token_probs(example, [Flow.parse(row["flow"]).knockout(layers)])[token].item()
     p_clean = embedded.next_token_probs(example)[token].item()

@@ -120,7 +120,7 @@ def test_map_command_writes_rows_and_maps(embedded, world, tmp_path):
     # The first example's rows checked against the core API, one knockout each.
     example = example_of(embedded, dataset[first])
     layers = knockout_window(embedded.n_layers // 2, default_window(embedded.n_layers), embedded.n_layers)
-    token = embedded.answer_tokens(example, last["generated"].iloc[0] or last["answer"].iloc[0])[0][0]
+    token = int(embedded.next_token_probs(example).argmax())  # the first token the model writes
     p_clean = embedded.next_token_probs(example)[token].item()
     for _, row in last.iterrows():
         assert (int(row["first_layer"]), int(row["last_layer"])) == (layers[0], layers[-1])
