@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -160,9 +162,20 @@ def text_layout(
 
 
 def check_image(image) -> Image.Image:
-    """`image` as an RGB PIL image, or an InputError naming what was given instead."""
+    """`image` (a PIL image, or the path of an image file) as an RGB PIL image, or an InputError naming what was
+    given instead."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file {str(path)!r} does not exist")
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as error:
+            raise InputError(f"image file {str(path)!r} cannot be read as an image ({error})") from None
     if not isinstance(image, Image.Image):
-        raise InputError(f"image must be a PIL.Image.Image; got {type(image).__name__}: {str(image)[:60]!r}")
+        raise InputError(f"image must be a PIL.Image.Image or the path of an image file; got "
+                         f"{type(image).__name__}: {str(image)[:60]!r}")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 import tempfile
+import urllib.parse
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,7 +66,41 @@ def resolve(name_or_path: str | Path) -> str:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_local:
         raise ModelLoadError(f"model folder {name!r} does not exist")
-    return name
+    return hub_source(name)
+
+
+def hub_source(repo_id: str) -> str:
+    """A hub id as `from_pretrained` should read it: the id itself while the hub can be reached; offline
+    (`HF_HUB_OFFLINE=1`, or no connection to the hub within a few seconds) the local cache's copy of it, or a
+    one-line error at once — rather than half a minute of retries that end in the same error."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = constants.HF_HUB_OFFLINE
+    if not offline and hub_reachable(constants.ENDPOINT):
+        return repo_id
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        why = ("HF_HUB_OFFLINE is set" if offline else
+               f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached from this machine")
+        raise ModelLoadError(
+            f"could not load model {repo_id!r}: {why} and the local cache ({constants.HF_HUB_CACHE}) holds no copy "
+            f"of it; pass a local save_pretrained folder instead, or download it once where there is a network "
+            f"(with HF_HUB_OFFLINE=1 a cached copy loads without asking the hub)") from None
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host opens within `timeout` seconds (True behind a proxy, which only
+    the hub client knows how to use)."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load(
@@ -245,8 +282,8 @@ class Model:
         meta: dict | None = None,
         control_seed: int = 0,
     ) -> Example:
-        """Prompt, processor inputs and token layout (`mmscope.layout.token_layout`) for one image and question,
-        under the model's `preprocessing`.
+        """Prompt, processor inputs and token layout (`mmscope.layout.token_layout`) for one image (a PIL image or
+        the path of an image file) and question, under the model's `preprocessing`.
 
         `boxes` are `(x, y, w, h)` in original pixels; they add the groups `object` (image tokens whose patch
         overlaps a box, or is red in the box mask under `object_patches="red-mask"`), `other_patches` (the

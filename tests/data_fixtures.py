@@ -1,4 +1,4 @@
-"""Shared data for the data tests: the study's CSV folder, a hand-written GQA folder, one synthetic world per
+"""Shared data for the data tests: an excerpt of the study's CSV folder, a hand-written GQA folder, one synthetic world per
 session (built on first use), and the check that an error is one clear line naming what is wrong."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from PIL import Image
 from mmscope.data import SyntheticFiles, synthesize
 from mmscope.errors import MMScopeError
 
-STUDY_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gqa_cmif"
+# 40 rows of each of the study's six question-set CSVs, unchanged (tests/data/gqa_cmif/README.md names the source)
+STUDY_FOLDER = Path(__file__).resolve().parent / "data" / "gqa_cmif"
 
 _WORLDS: dict[tuple, SyntheticFiles] = {}
 

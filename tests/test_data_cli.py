@@ -21,5 +21,5 @@ def test_cli_synth_prints_counts_balance_and_time_and_show_counts_folders(tmp_pa
     shown = runner.invoke(app, ["data", "show", str(tmp_path / "w"), "--split", "val"])
     assert shown.exit_code == 0 and "val_balanced_questions.json" in shown.output
     study = runner.invoke(app, ["data", "show", str(STUDY_FOLDER)])
-    assert re.search(r"ChooseRel\s+964\b", study.output) and re.search(r"total\s+5525\b", study.output)
+    assert re.search(r"ChooseRel\s+40\b", study.output) and re.search(r"total\s+240\b", study.output)
     assert runner.invoke(app, ["data", "synth", "--help"]).exit_code == 0

@@ -299,7 +299,7 @@ def test_unknown_on_missing_image_policy_is_rejected(gqa):
 
 
 def test_programs_of_the_study_questions_give_the_objects_and_options_of_its_csv_columns(tmp_path):
-    """All 5525 real GQA programs, read by load_gqa, agree with the study's own object and option columns."""
+    """The excerpt's 240 real GQA programs, read by load_gqa, agree with the study's own object and option columns."""
     records = {}
     for path in sorted(STUDY_FOLDER.glob("GQA_val_correct_question_with_*.csv")):
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -310,7 +310,7 @@ def test_programs_of_the_study_questions_give_the_objects_and_options_of_its_csv
     questions.write_text(json.dumps(records))
     from_programs = {row["question_id"]: row for row in load_gqa(questions)}
     from_columns = load_study_csvs(STUDY_FOLDER)
-    assert len(from_programs) == len(from_columns) == 5525
+    assert len(from_programs) == len(from_columns) == 240
     for expected in from_columns:
         got = from_programs[expected["question_id"]]
         assert got["category"] == expected["category"] in CATEGORIES

@@ -87,11 +87,27 @@ def test_bad_inputs_get_one_clear_error_naming_the_input(tiny, examples):
         ActivationPatch("mlpp", (0,), "image")
     with pytest.raises(InputError, match="question must be a non-empty string"):
         tiny.prepare(scene(), "   ")
-    with pytest.raises(InputError, match="image must be a PIL.Image.Image; got str"):
+    with pytest.raises(InputError, match="image file 'photo.jpg' does not exist"):
         tiny.prepare("photo.jpg", "Is the cube red?")
+    with pytest.raises(InputError, match="image must be a PIL.Image.Image or the path of an image file; got int"):
+        tiny.prepare(3, "Is the cube red?")
     with pytest.raises(InputError, match=r"box \(30, 20, 20, 20\) .* outside the 40x30 image"):
         tiny.prepare(scene(), "Is the cube red?", boxes=[(30, 20, 20, 20)])
     with pytest.raises(InputError, match=r"box \(5, 5, nan, 4\) has a value that is not a finite number"):
         tiny.prepare(scene(), "Is the cube red?", boxes=[(5, 5, float("nan"), 4)])
     with pytest.raises(InputError, match="boxes is empty"):
         tiny.prepare(scene(), "Is the cube red?", boxes=[])
+
+
+def test_prepare_takes_the_path_of_an_image_file_as_it_takes_the_image(tiny, tmp_path):
+    image = scene(seed=4)
+    image.save(tmp_path / "scene.png")
+    from_path = tiny.prepare(tmp_path / "scene.png", "Is the cube red?")
+    from_text = tiny.prepare(str(tmp_path / "scene.png"), "Is the cube red?")
+    from_image = tiny.prepare(image, "Is the cube red?")
+    for example in (from_path, from_text):
+        assert torch.equal(example.inputs["pixel_values"], from_image.inputs["pixel_values"])
+        assert example.layouts == from_image.layouts
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(InputError, match=r"image file '.*notes.png' cannot be read as an image"):
+        tiny.prepare(tmp_path / "notes.png", "Is the cube red?")

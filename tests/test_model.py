@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import shutil
 
 import pytest
 import torch
+from conftest import scene
 from oracle import LLAVA, plain_inputs, plain_model, scaled_logits
 
 import mmscope
@@ -104,3 +106,36 @@ def test_the_inline_trace_yields_the_context_and_matches_an_independent_hook(tin
     expected = last_probs(scaled_logits(LLAVA, plain_model(tiny_folder), batch.inputs, 1, images, 0.5))
     assert torch.allclose(probs, expected, atol=TOLERANCE)
     assert not torch.allclose(probs, tiny.next_token_probs(batch), atol=1e-4)
+
+
+# --- hub ids without a network --------------------------------------------------------------------------------------
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """A hub endpoint nothing listens on (the connection is refused at once) and an empty hub cache."""
+    from huggingface_hub import constants
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_a_hub_id_out_of_reach_is_refused_at_once_naming_the_way_out(unreachable_hub):
+    with pytest.raises(ModelLoadError) as error:
+        mmscope.load("someone/llava-7b")
+    message = str(error.value)
+    assert "\n" not in message and "someone/llava-7b" in message
+    assert "http://127.0.0.1:9" in message and "cannot be reached" in message
+    assert "save_pretrained folder" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_a_hub_id_out_of_reach_loads_its_cached_copy(unreachable_hub, tiny_folder, tiny):
+    snapshot = unreachable_hub / "models--someone--tiny-llava" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    cached = mmscope.load("someone/tiny-llava")
+    example = cached.prepare(scene(), "Is the cube red or blue?")
+    assert torch.equal(cached.next_token_probs(example), tiny.next_token_probs(tiny.prepare(scene(), example.meta[0]["question"])))

@@ -303,8 +303,9 @@ def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Seque
     drawn = experiment.figure(summary, run_dir.folder / f"{experiment.name}.png", options)
     figures = drawn if isinstance(drawn, list) else [drawn]
     results = run_dir.folder / "results.parquet"
+    logged = []
     if options.wandb:
-        log_run(run_dir.folder, experiment.name, run_dir.config, summary, x=experiment.by[-1],
-                keys=list(experiment.by[:-1]), figures=figures, results=results)
-    lines = [*status, *experiment.findings(table, summary, options), "", f"figure: {figures[0]}"]
+        logged = [log_run(run_dir.folder, experiment.name, run_dir.config, summary, x=experiment.by[-1],
+                          keys=list(experiment.by[:-1]), figures=figures, results=results)]
+    lines = [*status, *experiment.findings(table, summary, options), "", f"figure: {figures[0]}", *logged]
     return [*lines, f"table:  {results}"] if experiment.prints_table else lines

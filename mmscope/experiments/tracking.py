@@ -15,7 +15,8 @@ import pandas as pd
 
 def log_run(folder: Path, name: str, config: dict, summary: pd.DataFrame, *, x: str, keys: list[str],
             figures: list[Path], results: Path | None = None) -> str:
-    """Log one run; returns the local W&B run folder. `keys` name the summary columns a curve is keyed by."""
+    """Log one run; returns the report's line saying where it went: the run's page online, or offline its local
+    folder and the `wandb sync` command that uploads it. `keys` name the summary columns a curve is keyed by."""
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -36,6 +37,9 @@ def log_run(folder: Path, name: str, config: dict, summary: pd.DataFrame, *, x: 
             artifact = wandb.Artifact(f"{name}-results", type="results")
             artifact.add_file(str(results))
             run.log_artifact(artifact)
-        return run.dir
+        local = Path(run.dir).parent  # wandb/offline-run-<time>-<id>/files → its run folder
+        if run.offline:
+            return f"W&B: logged offline to {local}; upload it with: wandb sync {local}"
+        return f"W&B: {run.url}"
     finally:
         run.finish()
