@@ -87,7 +87,8 @@ def hub_source(repo_id: str) -> str:
         raise ModelLoadError(
             f"could not load model {repo_id!r}: {why} and the local cache ({constants.HF_HUB_CACHE}) holds no copy "
             f"of it; pass a local save_pretrained folder instead, or download it once where there is a network "
-            f"(with HF_HUB_OFFLINE=1 a cached copy loads without asking the hub)") from None
+            f"(with HF_HUB_OFFLINE=1 a cached copy loads without asking the hub){suggest(repo_id, EMBEDDED_MODELS)}"
+        ) from None
 
 
 def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:

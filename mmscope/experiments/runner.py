@@ -62,6 +62,7 @@ class Work:
     described: str  # what the header line counts, e.g. "12 questions"
     interventions: dict[str, Any] = field(default_factory=dict)  # config.yaml's record; {}: none applied
     status: Callable[[RunDir], list[str]] = lambda run_dir: []  # the report's first lines, from the run folder
+    keys: Sequence[str] | None = None  # each unit's identity (a question id): a widened rerun keeps what it computed
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ class PerQuestion(Generic[Q]):
             return lines
 
         record = generated.record() if self.variants is not None else {}
-        return Work(len(dataset), question_rows, f"{len(dataset)} questions", record, status)
+        keys = [str(key) for key in dataset["question_id"]]
+        return Work(len(dataset), question_rows, f"{len(dataset)} questions", record, status, keys)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,7 +272,8 @@ def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], wor
     folder = options.out if options.out is not None else Path("runs") / experiment.name
     config = {"experiment": {"kind": experiment.name, **plain(options)}, "options": plain(options),
               "interventions": work.interventions}
-    run_dir = world.first_on_main(lambda: RunDir(folder, config), lambda: RunDir(folder, config, hold=False))
+    run_dir = world.first_on_main(lambda: RunDir(folder, config, keys=work.keys),
+                                  lambda: RunDir(folder, config, hold=False, keys=work.keys))
     with run_dir:
         shared = f" (rank 0 of {world.size}, each rank a share)" if world.sharded else ""
         if world.main:
@@ -278,6 +281,9 @@ def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], wor
             for line in chosen:
                 echo(f"  {line}")
         pending = [index for index in range(work.size) if not run_dir.done(index)]
+        if world.main and run_dir.grown is not None:
+            echo(f"  grown from {run_dir.grown[0]} to {run_dir.grown[1]} questions: {work.size - len(pending)} kept "
+                 f"from the earlier run, {len(pending)} to compute")
         before = work.size - len(pending)
         # One bar, on rank 0, over every rank's units: it counts the parts in the folder.
         with tqdm(total=len(pending), desc=experiment.desc, unit="example", disable=not world.main) as bar:

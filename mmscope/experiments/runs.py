@@ -3,7 +3,9 @@
 Layout of `runs/<name>/`:
 
     config.yaml        everything needed to re-run (model, data, interventions as dicts, seed, versions)
-    parts/NNNNNN.parquet   the rows of one finished example, written atomically (temp file + rename)
+    units.json         the identity of each unit (a question's id), in the run's order
+    parts/<unit>.parquet   the rows of one finished unit, written atomically (temp file + rename); named by the
+                       unit's identity where it has one (`q-<question id>`), else by its index
     results.parquet    all rows, in example order (rebuilt from the parts at the end)
     summary.csv        per-layer means with 95% confidence intervals (normal or bootstrap)
     *.png              figures
@@ -14,19 +16,24 @@ A sweep skips the examples whose part already exists, so the same command starte
 interruption — even SIGKILL — continues where it stopped, and the final table equals an uninterrupted run's.
 Starting a run in a folder that holds results of a different run (the experiment or an option that changes
 results differs) is refused, naming each difference, rather than mixing two experiments; a folder with a
-config but no results yet (a start that failed) takes the new config. One process writes a folder at a time:
+config but no results yet (a start that failed) takes the new config. A run grows in place: rerun with a larger
+`--limit` or more `--categories` (and nothing else changed), it keeps every unit already computed — parts are
+named by question, not by position — and computes only the new ones. One process writes a folder at a time:
 a second is refused, naming the first. The lock is the operating system's (`filelock`), so a writer killed
 even by SIGKILL leaves no stale lock behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import filelock
@@ -51,6 +58,9 @@ def library_versions() -> dict[str, str]:
 
 # Options that say where and how a run is kept, not what it computes: a rerun may change them.
 KEEPING = ("out", "wandb", "device_map")  # settings a rerun may change: where it writes, logs and runs
+# Options that only choose which questions run: a rerun may widen them, keeping the questions already computed.
+GROWABLE = ("limit", "categories")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
 class RunFolderError(MMScopeError, ValueError):
@@ -69,12 +79,18 @@ class RunDir:
 
     `config` must be plain data (YAML-serialisable); its `experiment` entry is what identifies the run."""
 
-    def __init__(self, folder: str | Path, config: dict, hold: bool = True) -> None:
+    def __init__(self, folder: str | Path, config: dict, hold: bool = True, keys: Sequence[str] | None = None) -> None:
         self.folder = Path(folder)
         self.parts = self.folder / "parts"
         self.config = config
         self.config_file = self.folder / "config.yaml"
+        self.units_file = self.folder / "units.json"
+        keys = [str(key) for key in keys] if keys is not None else None
+        self.keys = keys if keys is not None and len(set(keys)) == len(keys) else None  # repeated ids: positions
+        self.grown: tuple[int, int] | None = None  # (units before, units now) when this run widened a finished one
         self._lock = None
+        if self.parts.is_dir() and any(self.parts.iterdir()) and not self.units_file.exists():
+            self.keys = None  # a folder written before units had identities: its parts are named by position
         if not hold:  # a rank of a sharded run: rank 0 checked the folder and holds it; this one writes parts
             if not self.parts.is_dir():
                 raise RunFolderError(f"run folder {self.folder} has no parts/ folder; rank 0 should have made it")
@@ -94,8 +110,9 @@ class RunDir:
             _atomic_write(self.folder / "run.lock.json", json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
             ).encode())
-            if not self.config_file.exists() or differences:  # new, or a start that failed: no results
+            if not self.config_file.exists() or differences:  # new, grown, or a start that failed (no results)
                 stored = {**config, "versions": library_versions()}
+                _atomic_write(self.units_file, json.dumps(self.keys).encode())
                 _atomic_write(self.config_file, yaml.safe_dump(stored, sort_keys=False).encode())
         except BaseException:
             self.close()
@@ -112,10 +129,10 @@ class RunDir:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _differences(self) -> list[str]:
-        """`option: old there, new now` for each setting of the run in the folder that differs from this one's."""
+    def _differences(self) -> dict[str, tuple]:
+        """`option: (old there, new now)` for each setting of the run in the folder that differs from this one's."""
         if not self.config_file.exists():
-            return []
+            return {}
         try:
             previous = yaml.safe_load(self.config_file.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as error:
@@ -126,18 +143,34 @@ class RunDir:
             raise RunFolderError(f"{self.config_file} records no experiment; it is not an mmscope run folder's")
         now = self.config.get("experiment", {})
         keys = [key for key in dict.fromkeys([*before, *now]) if key not in KEEPING]
-        return [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in keys
-                if before.get(key) != now.get(key)]
+        return {key: (before.get(key), now.get(key)) for key in keys if before.get(key) != now.get(key)}
 
-    def _check_same_run(self) -> list[str]:
+    def _check_same_run(self) -> dict[str, tuple]:
         """Refuse a folder that holds results of a different run; the differences from a start that failed, which
-        left no results and which this run replaces (none: the same run, or a new folder)."""
+        left no results and which this run replaces, or from a finished run this one widens (none: the same run,
+        or a new folder)."""
         differences = self._differences()
         if differences and any(self.counts().values()):
-            raise RunFolderError(f"{self.folder} holds results of a different run ({'; '.join(differences)}); "
-                                 "rerun with those settings to continue it, choose another --out, or delete the "
-                                 "folder")
+            before = self._grows(differences)
+            if before is None:
+                listed = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differences.items())
+                raise RunFolderError(f"{self.folder} holds results of a different run ({listed}); rerun with those "
+                                     "settings to continue it, choose another --out, or delete the folder")
+            self.grown = (before, len(self.keys))
         return differences
+
+    def _grows(self, differences: dict[str, tuple]) -> int | None:
+        """How many units the run in the folder had, when this run only widens it: it differs in `GROWABLE`
+        options alone and its units include every unit of the run there (None otherwise)."""
+        if not set(differences) <= set(GROWABLE) or self.keys is None or not self.units_file.exists():
+            return None
+        try:
+            before = json.loads(self.units_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(before, list) or not set(before) <= set(self.keys):
+            return None
+        return len(before)
 
     def _holder(self) -> str:
         """Who holds the lock, as its holder recorded it."""
@@ -147,11 +180,18 @@ class RunDir:
         except (OSError, ValueError, KeyError, TypeError):
             return "another process"
 
+    def _name(self, index: int) -> str:
+        """A unit's file name: `q-<its id>` (or a hash of an id that is no plain file name), else its index."""
+        if self.keys is None:
+            return f"{index:06d}"
+        key = self.keys[index]
+        return f"q-{key}" if _PLAIN_NAME.fullmatch(key) else f"h-{hashlib.sha1(key.encode()).hexdigest()[:20]}"
+
     def part_path(self, index: int) -> Path:
-        return self.parts / f"{index:06d}.parquet"
+        return self.parts / f"{self._name(index)}.parquet"
 
     def skip_path(self, index: int) -> Path:
-        return self.parts / f"{index:06d}.skipped"
+        return self.parts / f"{self._name(index)}.skipped"
 
     def done(self, index: int) -> bool:
         return self.part_path(index).exists() or self.skip_path(index).exists()
@@ -171,11 +211,17 @@ class RunDir:
 
     def used(self) -> list[int]:
         """The indices of the units that produced rows, in order."""
-        return sorted(int(path.stem) for path in self.parts.glob("*.parquet"))
+        if self.keys is None:
+            return sorted(int(path.stem) for path in self.parts.glob("*.parquet"))
+        return [index for index in range(len(self.keys)) if self.part_path(index).exists()]
 
     def results(self) -> pd.DataFrame:
-        """All rows so far, in example order, written to `results.parquet`."""
-        frames = [_read_part(path) for path in sorted(self.parts.glob("*.parquet"))]
+        """All rows so far, in example order, written to `results.parquet` (each unit's `example` column is its
+        index in this run, whichever run computed it)."""
+        frames = []
+        for index in self.used():
+            frame = _read_part(self.part_path(index))
+            frames.append(frame.assign(example=index) if "example" in frame.columns else frame)
         frames = [frame for frame in frames if len(frame)]
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         table.to_parquet(self.folder / "results.parquet", index=False)
