@@ -289,3 +289,16 @@ def test_probe_split_holds_out_whole_images():
     groups = [str(i // 2) for i in range(80)]
     scores = layerwise(features, labels, multilabel=False, groups=groups)
     assert len(scores) == 1 and 0.3 <= scores[0]["accuracy"] <= 0.7
+
+
+def test_patch_says_how_many_examples_its_means_average_and_why_the_others_are_left_out():
+    from mmscope.experiments.patch import MIN_EFFECT, patch_findings
+
+    nan = float("nan")
+    table = pd.DataFrame({"example": [0, 0, 1, 1, 2, 2], "group": ["image"] * 6, "layer": [0, 1] * 3,
+                          "restored": [0.5, 0.25, nan, nan, 1.0, nan]})
+    summary = table.groupby(["group", "layer"])["restored"].agg(mean="mean").reset_index()
+    lines = patch_findings(table, summary, None)
+    assert lines[0] == (f"the means average 2 of 3 examples: 1 left out because the corrupted image moved "
+                        f"p(answer) by less than {MIN_EFFECT:g} (nothing to restore)")
+    assert patch_findings(table[table["example"] != 1], summary, None)[0] == "the means average all 2 examples"

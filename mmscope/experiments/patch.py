@@ -120,8 +120,13 @@ def patch_figure(summary: pd.DataFrame, path: Path, options: PatchOptions) -> Pa
 
 
 def patch_findings(table: pd.DataFrame, summary: pd.DataFrame, options: PatchOptions) -> list[str]:
-    """The mean share restored per group × layer."""
-    return ["", "Share of the clean answer probability restored (mean):",
+    """How many examples the means average (those whose corruption moved p(answer) too little to restore are
+    left out, counted), and the mean share restored per group × layer."""
+    moved = table.groupby("example")["restored"].apply(lambda values: values.notna().any())
+    averaged = ([f"the means average {int(moved.sum())} of {len(moved)} examples: {int((~moved).sum())} left out "
+                 f"because the corrupted image moved p(answer) by less than {MIN_EFFECT:g} (nothing to restore)"]
+                if not moved.all() else [f"the means average all {len(moved)} examples"])
+    return [*averaged, "", "Share of the clean answer probability restored (mean):",
             restored_matrix(summary).to_string(float_format=lambda v: f"{v:+.2f}")]
 
 
