@@ -1,11 +1,48 @@
-"""mmscope: mechanistic interventions for vision-language models, built on nnsight."""
+"""mmscope: mechanistic interventions for vision-language models, built on nnsight.
 
-from mmscope.layout import Example
-from mmscope.model import DEFAULT_MODEL, AnswerScore, Model, load
-from mmscope.models.preprocessing import Preprocessing
-from mmscope.prompts import LLAVA_15, PromptTemplate
-from mmscope.zoo import Sample, sample
+The names below are imported when first used (PEP 562): `import mmscope` (and so the command line's `--help`)
+does not import torch, transformers or nnsight; `mmscope.load(...)` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmscope.layout import Example
+    from mmscope.model import DEFAULT_MODEL, AnswerScore, Model, load
+    from mmscope.models.preprocessing import Preprocessing
+    from mmscope.prompts import LLAVA_15, PromptTemplate
+    from mmscope.zoo import Sample, sample
+
+# Each public name -> the module that defines it.
+_HOMES = {
+    "Example": "mmscope.layout",
+    "DEFAULT_MODEL": "mmscope.model",
+    "AnswerScore": "mmscope.model",
+    "Model": "mmscope.model",
+    "load": "mmscope.model",
+    "Preprocessing": "mmscope.models.preprocessing",
+    "LLAVA_15": "mmscope.prompts",
+    "PromptTemplate": "mmscope.prompts",
+    "Sample": "mmscope.zoo",
+    "sample": "mmscope.zoo",
+}
 
 __all__ = ["DEFAULT_MODEL", "LLAVA_15", "AnswerScore", "Example", "Model", "Preprocessing", "PromptTemplate", "Sample",
            "load", "sample"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module on first use."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,9 +1,14 @@
 """The `mmscope` command line: one sub-command per job, each with `--help`.
 
 No command is written out by hand: each is generated from a declaration — an experiment's or `evaluate`'s
-options class (`mmscope.experiments.options`), and for `train` the `TrainConfig` fields it exposes. Every
-option's type, default and help come from there, and typer reads them from a typed signature built with
-`inspect.Signature`; the command builds the options object from what typer parsed and hands it over.
+`Command` and options class (`mmscope.experiments.declarations`), and for `train` the `TrainConfig` fields it
+exposes. Every option's type, default and help come from there, and typer reads them from a typed signature
+built with `inspect.Signature`; the command builds the options object from what typer parsed and hands it over.
+A switch (a bool option) is a flag: `--include-all`, or `--controls/--no-controls` where it is on by default.
+
+The declarations import no heavy library: `mmscope --help`, a command's `--help` and an option refused before
+any data or model is read are answered without torch, transformers, nnsight, datasets, pandas or matplotlib,
+which a command imports when it runs.
 """
 
 from __future__ import annotations
@@ -25,17 +30,9 @@ from safetensors import SafetensorError
 
 from mmscope.data.cli import app as data_app
 from mmscope.errors import MMScopeError, known, suggest, yaml_problem
-from mmscope.experiments.evaluate import EVALUATE
-from mmscope.experiments.knockout import KNOCKOUT
-from mmscope.experiments.lens import LENS
-from mmscope.experiments.maps import MAP
+from mmscope.experiments.declarations import EVALUATE, EXPERIMENTS
 from mmscope.experiments.options import Command, fields_in_order
-from mmscope.experiments.patch import PATCH
-from mmscope.experiments.probe import PROBE
-from mmscope.experiments.runner import Experiment
-from mmscope.experiments.truncate import TRUNCATE
-from mmscope.zoo.shapes_llava.train import TrainConfig, embedded_spec
-from mmscope.zoo.shapes_llava.train import train as run_training
+from mmscope.zoo.shapes_llava.config import TrainConfig, embedded_spec
 
 DEBUG_VARIABLE = "MMSCOPE_DEBUG"
 # Library errors a user's input causes (a missing or unreadable file, a file of the wrong format, the hub out of
@@ -56,10 +53,26 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
 
+def show_switches_as_flags(command: typer.core.TyperCommand | typer.core.TyperGroup, ctx: typer.Context) -> None:
+    """typer's `--help` writes a type beside every option, a switch's too (`--include-all <bool>`), which reads as
+    if it took a value (`--include-all true`, refused): show each switch as its flag(s) alone, in `command` and
+    in every command under it."""
+    for parameter in command.get_params(ctx):  # --help included
+        if isinstance(parameter, typer.core.TyperOption) and parameter.is_bool_flag and parameter.metavar is None:
+            parameter.metavar = ""  # what --help writes in the type column
+    for subcommand in getattr(command, "commands", {}).values():
+        show_switches_as_flags(subcommand, ctx)
+
+
 class Commands(typer.core.TyperGroup):
     """mmscope's command group: an mmscope error or a known library error (`INPUT_ERRORS`) ends the command with
     one line on stderr, `error: <message>`, and exit code 2 (as a usage error); `--debug` (or MMSCOPE_DEBUG=1)
-    lets it raise with its traceback. Warnings print as one `warning: …` line each."""
+    lets it raise with its traceback. Warnings print as one `warning: …` line each. Every command's `--help`
+    shows a switch as a flag (`show_switches_as_flags`)."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        show_switches_as_flags(self, ctx)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: typer.Context):
         debug = ctx.params.get("debug") or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
@@ -89,8 +102,6 @@ def _options(debug: bool = typer.Option(False, "--debug", help=f"Show an error's
                                         f"{DEBUG_VARIABLE}=1).")) -> None:
     """Mechanistic interventions for vision-language models, built on nnsight."""
 
-
-EXPERIMENTS = (KNOCKOUT, LENS, TRUNCATE, PATCH, MAP, PROBE)
 
 # The TrainConfig fields `mmscope train` takes, in the order --help lists them, with their help (None: none).
 TRAIN_OPTIONS = {
@@ -218,9 +229,9 @@ def add_command(name: str, help: str, parameters: Sequence[Parameter], call: Cal
     app.command(name, help=help)(command)
 
 
-def add_declared(declaration: Experiment | Command) -> None:
-    """Register a declared command (an `Experiment` or a `Command`): its options object, built from the
-    command line, goes to its `main`."""
+def add_declared(declaration: Command) -> None:
+    """Register a declared command: its options object, built from the command line, goes to its `main` (which
+    imports what runs it)."""
     add_command(declaration.name, declaration.help, parameters_of(declaration.options),
                 lambda **values: declaration.main(declaration.options(**values), typer.echo),
                 declaration.config_file)
@@ -230,7 +241,11 @@ def train(**values: Any) -> None:
     """Train the embedded model with these TrainConfig values, and say where it was saved."""
     folders = {name: str(values[name]) if values[name] is not None else None for name in TRAIN_FOLDERS}
     spec = dataclasses.replace(embedded_spec(), text_layers=values.pop("text_layers"))
-    typer.echo(f"saved {run_training(TrainConfig(**{**values, **folders}, spec=spec))}")
+    config = TrainConfig(**{**values, **folders}, spec=spec)
+    config.check()  # as training does first: a refused value is answered before torch is imported
+    from mmscope.zoo.shapes_llava.train import train as run_training
+
+    typer.echo(f"saved {run_training(config)}")
 
 
 def _register_commands() -> None:

@@ -45,14 +45,13 @@ import torch
 
 from mmscope.errors import InterventionError, known
 from mmscope.models.adapter import attribute_path
+from mmscope.sites import SITES, VISION_SITES
 
 if TYPE_CHECKING:
     from mmscope.layout import Example
     from mmscope.models.adapter import Adapter
 
 Group = str | tuple[int, ...]
-SITES = ("residual", "attention", "mlp")
-VISION_SITES = ("vision_residual", "vision_attention", "vision_mlp", "projector")  # the projector is layer 0
 
 
 class Sites:

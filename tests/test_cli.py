@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -22,6 +24,8 @@ from mmscope.experiments.patch import PATCH_GROUPS, PatchOptions
 from mmscope.zoo.shapes_llava.train import TrainConfig
 
 runner = CliRunner()
+REPOSITORY = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "nnsight", "datasets", "pandas", "matplotlib")  # what --help must not import
 QUESTIONS = ["--model", "--data", "--columns", "--images", "--split", "--categories", "--limit", "--protocol",
              "--object-patches", "--image-padding", "--tokenisation",
              "--answer-tokens", "--answer-match", "--ci"]
@@ -102,10 +106,65 @@ def test_help_shows_each_options_type_and_text():
         ("--flow", "list[str]", "source->target (repeatable; default: the study's six flows and the"),
         ("--window", "int", "Window k of layers blocked around each centre layer (default: about a third"),
         ("--engine", "str", "Sweep engine: prefix (shared prefix cache, batched) or naive."),
-        ("--include-all", "bool", "Keep questions the model answers wrongly."),
         ("--config", "path", "YAML file of option values."),
     ]:
         assert re.search(rf"{flag}\s+<{re.escape(kind)}>\s+{re.escape(text)}", printed), flag
+
+
+def every_command(group=None, path=()) -> list[tuple[tuple[str, ...], typer.core.TyperCommand]]:
+    """Every command under `group` (default: mmscope's) with its words on the command line, groups included."""
+    group = group or typer.main.get_command(app)
+    found = []
+    for name, command in group.commands.items():
+        found.append(((*path, name), command))
+        if isinstance(command, typer.core.TyperGroup):
+            found += every_command(command, (*path, name))
+    return found
+
+
+def test_every_switch_is_a_flag_and_help_shows_it_as_one(recorded):
+    printed = runner.invoke(app, ["knockout", "--help"], env={"COLUMNS": "240"}).stdout
+    assert re.search(r"--include-all\s+Keep questions the model answers wrongly\.", printed)
+    commands = [((), typer.main.get_command(app)), *every_command()]
+    assert len(commands) == 12  # mmscope, its 9 commands, data's 2
+    switches = 0
+    for words, command in commands:
+        for option in command.params:
+            if isinstance(option, typer.core.TyperOption) and option.type_descriptor.annotation is bool:
+                switches += 1
+                assert option.is_bool_flag, (words, option.opts)
+                if option.default is True:  # on by default: --x/--no-x
+                    assert option.secondary_opts == [option.opts[0].replace("--", "--no-", 1)], (words, option.opts)
+        shown = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "240"})
+        assert shown.exit_code == 0 and "<bool>" not in shown.stdout and "BOOLEAN" not in shown.stdout, words
+    assert switches >= 20
+    probe = runner.invoke(app, ["probe", "--help"], env={"COLUMNS": "240"}).stdout
+    assert re.search(r"--controls\s+--no-controls\s+Also train each probe", probe)
+    result = runner.invoke(app, ["knockout", "--include-all", "--limit", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert recorded == [KnockoutOptions(include_all=True, limit=2)]
+    assert runner.invoke(app, ["knockout", "--include-all", "true"]).exit_code == 2  # a flag takes no value
+
+
+def importtime(*args: str) -> tuple[subprocess.CompletedProcess, set[str], list[str]]:
+    """Run `python -X importtime -m mmscope ARGS`: the process, the top-level packages it imported, and the
+    lines of its stderr that are not the import times."""
+    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "mmscope", *args], cwd=REPOSITORY,
+                             capture_output=True, text=True, timeout=120)
+    lines = process.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    return process, imported, [line for line in lines if not line.startswith("import time:")]
+
+
+def test_help_and_a_refused_option_are_answered_without_torch():
+    shown, imported, _ = importtime("--help")
+    assert shown.returncode == 0 and "knockout" in shown.stdout
+    assert "mmscope.cli" in {line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines()}
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    refused, imported, said = importtime("knockout", "--window", "0")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert said == ["error: window 0 (--window): must be at least 1"]
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
 def test_config_file_keys_become_defaults_and_the_command_line_wins(recorded, tmp_path):

@@ -95,6 +95,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 # command that takes --out gets the finished run folder's.
 CLI_CASES = [
     (["knockout", "--flow", "image"], "flow 'image' (--flow) must read 'source->target'"),
+    (["knockout", "--flow", "image-"], "flow 'image-' (--flow) must read 'source->target', e.g. --flow "
+                                       "'image->last' — quote it: unquoted, the shell reads '>' as a redirection"),
     (["knockout", "--flow", "foo->last"], "unknown token group 'foo' (--flow)"),
     (["knockout", "--flow", "imgae->last"], "did you mean 'image'?"),
     (["patch", "--group", "foo"], "unknown token group 'foo' (--group)"),

@@ -2,19 +2,46 @@
 
 Every question loader returns a `datasets.Dataset` with the columns of `QUESTION_FEATURES` (see
 `mmscope.data.rows` for the schema and the image rule).
+
+The names below are imported when first used (PEP 562), so that a light module of this package (the command
+line's `mmscope data`, `mmscope.data.columns`) does not import `datasets`.
 """
 
-from mmscope.data.categories import CATEGORIES, DETAILED_TYPE_TO_CATEGORY, category_of
-from mmscope.data.gqa import count_answers, load_gqa
-from mmscope.data.probing import (
-    coco_entailment_dataset,
-    coco_object_recognition_dataset,
-    entailment_dataset,
-    object_recognition_dataset,
-)
-from mmscope.data.rows import QUESTION_FEATURES
-from mmscope.data.study import load_study_csvs
-from mmscope.data.synthetic import SyntheticFiles, load_synthetic, synthesize
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmscope.data.categories import CATEGORIES, DETAILED_TYPE_TO_CATEGORY, category_of
+    from mmscope.data.gqa import count_answers, load_gqa
+    from mmscope.data.probing import (
+        coco_entailment_dataset,
+        coco_object_recognition_dataset,
+        entailment_dataset,
+        object_recognition_dataset,
+    )
+    from mmscope.data.rows import QUESTION_FEATURES
+    from mmscope.data.study import load_study_csvs
+    from mmscope.data.synthetic import SyntheticFiles, load_synthetic, synthesize
+
+# Each public name -> the module that defines it.
+_HOMES = {
+    "CATEGORIES": "mmscope.data.categories",
+    "DETAILED_TYPE_TO_CATEGORY": "mmscope.data.categories",
+    "category_of": "mmscope.data.categories",
+    "count_answers": "mmscope.data.gqa",
+    "load_gqa": "mmscope.data.gqa",
+    "coco_entailment_dataset": "mmscope.data.probing",
+    "coco_object_recognition_dataset": "mmscope.data.probing",
+    "entailment_dataset": "mmscope.data.probing",
+    "object_recognition_dataset": "mmscope.data.probing",
+    "QUESTION_FEATURES": "mmscope.data.rows",
+    "load_study_csvs": "mmscope.data.study",
+    "SyntheticFiles": "mmscope.data.synthetic",
+    "load_synthetic": "mmscope.data.synthetic",
+    "synthesize": "mmscope.data.synthetic",
+}
 
 __all__ = [
     "CATEGORIES",
@@ -32,3 +59,16 @@ __all__ = [
     "object_recognition_dataset",
     "synthesize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module on first use."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

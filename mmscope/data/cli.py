@@ -1,4 +1,7 @@
-"""`mmscope data …`: write a synthetic GQA-format world, and count what a GQA folder or the study CSVs hold."""
+"""`mmscope data …`: write a synthetic GQA-format world, and count what a GQA folder or the study CSVs hold.
+
+The loaders (and so `datasets`) are imported when a command runs: `mmscope data --help` needs none of them.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,6 @@ import typer
 
 from mmscope.data.categories import CATEGORIES
 from mmscope.data.errors import DataFileNotFoundError
-from mmscope.data.gqa import count_answers
-from mmscope.data.study import STUDY_FILE_PREFIX, load_study_csvs
-from mmscope.data.synthetic import synthesize
 
 app = typer.Typer(help="Synthesize, load and inspect GQA-format data.", no_args_is_help=True)
 
@@ -50,6 +50,9 @@ def synth(
     overwrite: bool = typer.Option(False, help="Replace a world already in --out."),
 ) -> None:
     """Write a synthetic GQA-format world and print questions per split and category with answer balance."""
+    from mmscope.data.gqa import count_answers
+    from mmscope.data.synthetic import synthesize
+
     started = time.perf_counter()
     files = synthesize(out, n_scenes, seed, image_size=image_size, questions_per_scene=questions_per_scene,
                        workers=workers or None, overwrite=overwrite)
@@ -74,6 +77,9 @@ def show(
     split: str = typer.Option(None, help="Only this split's questions files (e.g. val)."),
 ) -> None:
     """Print questions per category (and the commonest answer) of a GQA folder/file or the study CSVs."""
+    from mmscope.data.gqa import count_answers
+    from mmscope.data.study import STUDY_FILE_PREFIX, load_study_csvs
+
     if path.is_dir() and any(path.glob(f"{STUDY_FILE_PREFIX}*.csv")):
         counts: dict[str, Counter] = {}
         for row in load_study_csvs(path).select_columns(["category", "answer"]):

@@ -47,20 +47,11 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, DatasetInfo, Features
 from datasets.table import InMemoryTable
 
+from mmscope.data.columns import TABLE_COLUMNS
 from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError
 from mmscope.data.rows import QUESTION_FEATURES, ImageFile, check_split
 from mmscope.errors import known, suggest
 
-# Role -> the column names that fill it when `columns` does not map it, first match wins.
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "question_id": ("question_id",),
-    "image": ("image", "file_name", "image_path"),
-    "image_id": ("image_id",),
-    "question": ("question",),
-    "answer": ("answer",),
-    "category": ("category",),
-    "boxes": ("boxes", "object_boxes"),
-}
 REQUIRED_COLUMNS = ("image", "question", "answer")
 ONE_GROUP = "all"  # the category of every question of a table without a category column
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -53,12 +53,12 @@ from transformers import DynamicCache
 
 from mmscope.context import VISION_SITES, ActivationCache, Context, Restriction
 from mmscope.errors import InputError, known
+from mmscope.experiments.options import ENGINES
 from mmscope.experiments.shared_prefix import SharedPrefixCache, shareable, shared_prefix_attention_in
 from mmscope.interventions import Intervention
 from mmscope.layout import Example
 from mmscope.model import Model
 
-ENGINES = ("prefix", "naive")
 LAYER_OVERHEAD = {"cpu": 32, "cuda": 1024}  # positions' worth of compute one more pass costs per layer
 DEFAULT_OVERHEAD = 256
 

@@ -3,45 +3,24 @@
 Not run by the experiment runner: it measures the model rather than sweeping interventions over it. It answers
 the questions in batches of `--batch-size` (a per-question resumable loop would give up the batching), writes
 no run folder, and prints one table — which `--card` also writes into the model folder's model card. So it is
-declared as a plain `Command` (options and `main`); the CLI generates its command the same way.
+declared as a plain `Command` (`mmscope.experiments.declarations.EVALUATE`: its options, and `evaluate` here as
+what runs it); the CLI generates its command the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
 import mmscope
 from mmscope.data import CATEGORIES
 from mmscope.experiments.answers import Accuracy, accuracy, greedy_answers
-from mmscope.experiments.options import Command, check_at_least, column_mapping, columns_option, option
+from mmscope.experiments.declarations import EvaluateOptions  # declared without torch; kept importable from here
+from mmscope.experiments.options import column_mapping
 from mmscope.experiments.workspace import load_questions
 from mmscope.model import resolve
-from mmscope.zoo import DEFAULT_MODEL
 from mmscope.zoo.shapes_llava.card import write_model_card
-
-
-@dataclass(frozen=True)
-class EvaluateOptions:
-    """`mmscope evaluate`: the model, the questions, the batch size, and what else to measure or write."""
-
-    model: str = option(DEFAULT_MODEL, "Embedded model name, checkpoint folder or hub id.")
-    data: Path | None = option(None, "Synthetic-world or GQA folder, or a table of questions (default: the "
-                                     "embedded test split).")
-    columns: str | None = columns_option()
-    split: str = option("test", "Which split of --data.")
-    limit: int | None = option(None, "Evaluate at most N questions per category.")
-    batch_size: int = option(32)
-    blank: bool = option(True, "Also evaluate with blank images (the model must use the image).")
-    card: bool = option(False, "Write the result into the model folder's model card.", flag="--card")
-
-    def __post_init__(self) -> None:
-        check_at_least("limit", self.limit, 1, omitted="all questions")
-        check_at_least("batch_size", self.batch_size, 1)
-        column_mapping(self.columns)
 
 
 def accuracy_table(results: dict[str, Accuracy]) -> str:
@@ -74,6 +53,3 @@ def evaluate(options: EvaluateOptions, echo: Callable[[str], None]) -> None:
         command = f"mmscope evaluate --model {options.model}" + (f" --limit {options.limit}" if options.limit else "")
         echo(f"model card: {write_model_card(resolve(options.model), table, command)}")
 
-
-EVALUATE = Command(name="evaluate", help="Greedy accuracy per GQA category, with and without the image.",
-                   options=EvaluateOptions, main=evaluate)

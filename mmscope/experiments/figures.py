@@ -1,8 +1,13 @@
-"""Figures in the studies' style: one panel per category, a mean line with its 95% CI band per curve."""
+"""Figures in the studies' style: one panel per category, a mean line with its 95% CI band per curve.
+
+Every curve name (`hue` value) keeps one colour in all panels of a figure (`hue_colours`: a fixed mapping from the
+figure's hue values); each band is clipped to its quantity's range (`limits`: Δp% ≥ −100, a probability or a
+share in [0, 1]); each panel's title says how many questions (or examples) its means average (`n_text`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,54 +15,105 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 if TYPE_CHECKING:
     from mmscope.experiments.references import Reference
 
+PROBABILITY = (0.0, 1.0)  # the range of a probability, a share or an accuracy
+DELTA_PCT = (-100.0, None)  # Δp% = (p' − p) / p · 100 ≥ −100: p' ≥ 0
+
+
+def hue_colours(values: Iterable) -> dict:
+    """One colour per distinct value, in the order given (first seen first): tab10's for up to 10 values,
+    tab20's for up to 20, evenly spaced hues beyond."""
+    names = list(dict.fromkeys(values))
+    if len(names) <= 10:
+        palette = [f"C{i}" for i in range(10)]
+    elif len(names) <= 20:
+        palette = list(plt.get_cmap("tab20").colors)
+    else:
+        palette = [plt.get_cmap("hsv")(i / len(names)) for i in range(len(names))]
+    return {name: palette[i] for i, name in enumerate(names)}
+
+
+def n_text(n: pd.Series | np.ndarray | Sequence[int]) -> str:
+    """`n=5`, or `n=3–5` where the means of one panel average different numbers (e.g. flows that need a box)."""
+    counts = pd.Series(n, dtype=float).dropna()
+    if counts.empty:
+        return "n=0"
+    low, high = int(counts.min()), int(counts.max())
+    return f"n={low}" if low == high else f"n={low}–{high}"
+
+
+def clipped(values: pd.Series, limits: tuple[float | None, float | None] | None) -> pd.Series:
+    """`values` clipped to `limits` (low, high; None: unbounded on that side)."""
+    if limits is None:
+        return values
+    return values.clip(lower=limits[0], upper=limits[1])
+
 
 def curves(summary: pd.DataFrame, path: Path, *, x: str, hue: str, panel: str | None, ylabel: str,
-           title: str, zero_line: bool = False, overlay: Sequence[Reference] | None = None) -> Path:
+           title: str, zero_line: bool = False, overlay: Sequence[Reference] | None = None,
+           limits: tuple[float | None, float | None] | None = None, hue_order: Sequence | None = None,
+           styles: dict | None = None, n_note: str = "") -> Path:
     """Plot `mean` against `x` with a `ci_low`–`ci_high` band, one line per `hue`, one panel per `panel`.
 
-    `overlay`: published curves, drawn dashed in the colour of the `hue` they name (black when none) on the panel
-    they name (every panel when none), at the same relative depth when they come from a model of other depth.
+    Each hue value has one colour in every panel (in `hue_order`, then sorted; the legend's order too) and its
+    `styles` line style (solid by default); bands are clipped to `limits`; each panel's title carries the `n`
+    of its means (followed by `n_note`, e.g. what n counts); a curve equal to one drawn before in its panel adds
+    no second band. `overlay`: published curves, drawn dashed in the colour of the `hue` they name (black when
+    none) on the panel they name (every panel when none), at the same relative depth when they come from a
+    model of other depth.
     """
     depth = int(summary[x].max()) + 1
     panels = sorted(summary[panel].unique()) if panel else [None]
+    order = [h for h in (hue_order or ()) if h in set(summary[hue])]
+    order += sorted(set(summary[hue]) - set(order), key=str)
+    colours = hue_colours(order)
+    styles = styles or {}
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(max(4.2 * columns, 6.5), 3.2 * rows + 0.8), squeeze=False,
                                 sharey=True)
+    legend = {str(label): None for label in order}  # label -> handle, in the hue order, then the overlays
     for axis, name in zip(axes.flat, panels, strict=False):
         part = summary if name is None else summary[summary[panel] == name]
-        colours = {}
-        for label, curve in part.groupby(hue, sort=True):
-            curve = curve.sort_values(x)
-            (line,) = axis.plot(curve[x], curve["mean"], label=str(label), linewidth=1.6)
-            colours[label] = line.get_color()
-            axis.fill_between(curve[x], curve["ci_low"], curve["ci_high"], alpha=0.2)
+        banded = set()  # the bands drawn: a curve equal to one drawn before (e.g. two names of one token) adds none
+        for label in order:
+            curve = part[part[hue] == label].sort_values(x)
+            if curve.empty:
+                continue
+            (line,) = axis.plot(curve[x], curve["mean"], label=str(label), linewidth=1.6, color=colours[label],
+                                linestyle=styles.get(label, "-"))
+            low, high = clipped(curve["ci_low"], limits), clipped(curve["ci_high"], limits)
+            band = tuple(tuple(np.round(values, 12)) for values in (curve[x], curve["mean"], low, high))
+            if band not in banded:
+                axis.fill_between(curve[x], low, high, color=colours[label], alpha=0.2, linewidth=0)
+                banded.add(band)
+            legend[str(label)] = legend[str(label)] or line
         for reference in overlay or ():
             if reference.category is not None and name is not None and reference.category != name:
                 continue
             rescaled = reference.n_layers is not None and reference.n_layers != depth
             label = reference.label + (f" ({reference.flow}" if reference.flow else " (")
             label += f", {reference.n_layers} layers at relative depth)" if rescaled else ")"
-            axis.plot(reference.centers_for(depth), reference.mean, linestyle="--", linewidth=1.4,
-                      color=colours.get(reference.flow, "black"), label=label)
+            (line,) = axis.plot(reference.centers_for(depth), reference.mean, linestyle="--", linewidth=1.4,
+                                color=colours.get(reference.flow, "black"), label=label)
+            legend.setdefault(label, line)
         if zero_line:
             axis.axhline(0, color="grey", linewidth=0.8)
-        axis.set_title(str(name) if name is not None else title, fontsize=10)
+        counted = n_text(part["n"]) + n_note if "n" in part else None
+        heading = str(name) if name is not None else ""
+        axis.set_title(f"{heading} ({counted})" if heading and counted else heading or counted or "", fontsize=10)
         axis.set_xlabel(x.replace("_", " "))
         axis.grid(alpha=0.3)
     for axis in axes[:, 0]:
         axis.set_ylabel(ylabel)
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
-    legend = {}  # one legend for every panel, below them: label -> handle
-    for axis in axes.flat[: len(panels)]:
-        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
+    legend = {label: handle for label, handle in legend.items() if handle is not None}
     columns_of_legend = max(1, min(len(legend), columns + 1))
     figure.legend(list(legend.values()), list(legend), loc="lower center", ncol=columns_of_legend, fontsize=8,
                   frameon=False)
@@ -69,15 +125,27 @@ def curves(summary: pd.DataFrame, path: Path, *, x: str, hue: str, panel: str | 
     return path
 
 
-def heatmap(matrix: pd.DataFrame, path: Path, *, title: str, colorbar: str) -> Path:
-    """A (rows × columns) heatmap, e.g. token group × layer."""
-    figure, axis = plt.subplots(figsize=(max(5, 0.45 * matrix.shape[1] + 2), 0.6 * matrix.shape[0] + 1.8))
-    image = axis.imshow(matrix.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
+def heatmap(matrix: pd.DataFrame, path: Path, *, title: str, colorbar: str, n: pd.DataFrame | None = None,
+            limits: tuple[float, float] = (-1.0, 1.0)) -> Path:
+    """A (rows × columns) heatmap, e.g. token group × layer, its colours over `limits` (the colour bar shows an
+    arrow where values pass them). `n`: the count behind each cell (same shape), shown per row and in the
+    title."""
+    values = matrix.to_numpy(dtype=float)
+    figure, axis = plt.subplots(figsize=(max(5, 0.45 * matrix.shape[1] + 2.6), 0.6 * matrix.shape[0] + 1.8))
+    image = axis.imshow(values, aspect="auto", cmap="RdBu_r", vmin=limits[0], vmax=limits[1])
+    rows = [str(r) for r in matrix.index]
+    if n is not None:
+        n = n.reindex(index=matrix.index, columns=matrix.columns)
+        rows = [f"{row} ({n_text(n.loc[label])})" for row, label in zip(rows, matrix.index, strict=True)]
+        title = f"{title} ({n_text(n.to_numpy().ravel())})"
     axis.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns])
-    axis.set_yticks(range(matrix.shape[0]), [str(r) for r in matrix.index])
+    axis.set_yticks(range(matrix.shape[0]), rows)
     axis.set_xlabel(str(matrix.columns.name or "layer"))
-    axis.set_title(title)
-    figure.colorbar(image, ax=axis, label=colorbar)
+    axis.set_title(title, fontsize=10)
+    finite = values[np.isfinite(values)]
+    below, above = bool((finite < limits[0]).any()), bool((finite > limits[1]).any())
+    extend = "both" if below and above else "min" if below else "max" if above else "neither"
+    figure.colorbar(image, ax=axis, label=colorbar, extend=extend)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -85,30 +153,36 @@ def heatmap(matrix: pd.DataFrame, path: Path, *, title: str, colorbar: str) -> P
 
 
 def curves_with_controls(summary: pd.DataFrame, path: Path, *, x: str, hue: str, controls: dict[str, str],
-                         difference: str, ylabel: str, title: str) -> Path:
+                         difference: str, ylabel: str, title: str, n_note: str = "") -> Path:
     """Two panels. Left: `mean` against `x`, a solid line per `hue`, and in its colour each `controls` column
     (column → legend name; dashed, then dotted). Right: the `difference` column (e.g. selectivity) per `hue`,
-    with a zero line."""
-    figure, (scores, differences) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    with a zero line. Each hue's legend entry carries its `n`, each panel's title the range of them, the
+    figure's title `n_note` (what n counts)."""
+    figure, (scores, differences) = plt.subplots(1, 2, figsize=(9.6, 4.6))
     styles = ["--", ":", "-."]
-    for number, (label, curve) in enumerate(summary.groupby(hue, sort=True)):
+    colours = hue_colours(sorted(summary[hue].unique(), key=str))
+    for label, curve in summary.groupby(hue, sort=True):
         curve = curve.sort_values(x)
-        colour = f"C{number}"
-        scores.plot(curve[x], curve["mean"], color=colour, linewidth=1.6, label=str(label))
+        colour = colours[label]
+        name = f"{label} ({n_text(curve['n'])})" if "n" in curve else str(label)
+        scores.plot(curve[x], curve["mean"], color=colour, linewidth=1.6, label=name)
         for style, column in zip(styles, controls, strict=False):
             scores.plot(curve[x], curve[column], color=colour, linewidth=1.1, linestyle=style, alpha=0.8)
-        differences.plot(curve[x], curve[difference], color=colour, linewidth=1.6, label=str(label))
+        differences.plot(curve[x], curve[difference], color=colour, linewidth=1.6, label=name)
     for style, name in zip(styles, controls.values(), strict=False):
         scores.plot([], [], color="grey", linestyle=style, label=name)
     differences.axhline(0, color="grey", linewidth=0.8)
-    scores.set_title(ylabel, fontsize=10)
-    differences.set_title(difference.replace("_", " "), fontsize=10)
+    counted = f" ({n_text(summary['n'])})" if "n" in summary else ""
+    scores.set_title(ylabel + counted, fontsize=10)
+    differences.set_title(difference.replace("_", " ") + counted, fontsize=10)
     for axis in (scores, differences):
         axis.set_xlabel(x.replace("_", " "))
         axis.grid(alpha=0.3)
-    scores.legend(fontsize=7)
-    figure.suptitle(title)
-    figure.tight_layout()
+    handles, labels = scores.get_legend_handles_labels()  # below the panels, where it hides no curve
+    ncol = min(len(labels), 3)
+    figure.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    figure.suptitle(f"{title} (n: {n_note})" if n_note else title)
+    figure.tight_layout(rect=(0, min(0.4, 0.22 * -(-len(labels) // ncol) / figure.get_figheight() + 0.02), 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

@@ -16,38 +16,26 @@ All variants of one example run through the sweep engine, which computes the sha
 from __future__ import annotations
 
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from mmscope.experiments.engine import ENGINES, Variant, run_variants
-from mmscope.experiments.figures import curves
-from mmscope.experiments.references import REFERENCES, read_reference
-from mmscope.experiments.options import (
-    OptionError,
-    QuestionOptions,
-    check_at_least,
-    check_choice,
-    engine_option,
-    option,
+from mmscope.experiments import declarations
+from mmscope.experiments.declarations import (  # the options, declared without torch; kept importable from here
+    CONTROL_GROUP,
+    DEFAULT_FLOWS,
+    KnockoutOptions,
+    default_window,
+    flow_ends,
 )
+from mmscope.experiments.engine import Variant, run_variants
+from mmscope.experiments.figures import DELTA_PCT, curves
+from mmscope.experiments.options import OptionError
+from mmscope.experiments.references import read_reference
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
 from mmscope.interventions import Knockout, knockout_window
 from mmscope.model import Model
-
-CONTROL_GROUP = "random_patches"  # as many image patches as the object's, drawn at random outside it (seeded)
-STUDY_FLOWS = (
-    "image->last",
-    "question->last",
-    "last->last",
-    "image->question",
-    "object->question",
-    "other_patches->question",
-)
-# The defaults: the study's six flows and the object flow's matched random-patch control.
-DEFAULT_FLOWS = (*STUDY_FLOWS, f"{CONTROL_GROUP}->question")
 
 
 @dataclass(frozen=True)
@@ -64,54 +52,12 @@ class Flow:
     @classmethod
     def parse(cls, text: str) -> Flow:
         """A flow from its name, `source->target`."""
-        parts = text.split("->")
-        if len(parts) != 2 or not all(part.strip() for part in parts):
-            raise OptionError(f"flow {text!r} (--flow) must read 'source->target', e.g. 'image->last'")
-        return cls(parts[0].strip(), parts[1].strip())
+        return cls(*flow_ends(text))
 
     def knockout(self, layers: Sequence[int]) -> Knockout:
         """The knockout of this flow in `layers`."""
         # Blocking last->last must block the last position's attention to itself, the only edge it names.
         return Knockout(self.source, self.target, tuple(layers), keep_self=self.source != self.target)
-
-
-@dataclass(frozen=True)
-class KnockoutOptions(QuestionOptions):
-    """`mmscope knockout`: the flows to block, the window of layers around each centre, the sweep engine."""
-
-    flows: list[str] | None = option(None, "source->target (repeatable; default: the study's six flows and the "
-                                     "random-patch control of object->question).",
-                                     flag="--flow")
-    window: int | None = option(None, "Window k of layers blocked around each centre layer (default: about a "
-                                      "third of the model's depth, at most the study's 9).")
-    reference: str | None = option(None, "A published curve to draw over the run's: a CSV of centre layer and "
-                                         f"mean Δp% (see the README), or a shipped one: {', '.join(REFERENCES)}.")
-    engine: str = engine_option()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "flows", list(self.flows or DEFAULT_FLOWS))  # recorded as run, defaults included
-        for flow in self.flows:
-            Flow.parse(flow)
-        check_at_least("window", self.window, 1)
-        check_choice("engine", self.engine, ENGINES)
-        if self.reference is not None:
-            read_reference(self.reference)  # a bad file fails before the model loads
-
-    def configure(self, model: Model):
-        """The protocol's knobs, and the window: when not given, `default_window` of the model's depth."""
-        options, lines = super().configure(model)
-        if options.window is None:
-            options = dataclasses.replace(options, window=default_window(model.n_layers))
-            lines = [*lines, f"window {options.window} (the default for {model.n_layers} layers: about a third of "
-                             "the depth, at most the study's 9)"]
-        return options, lines
-
-
-def default_window(n_layers: int) -> int:
-    """The default knockout window for a model of `n_layers`: the study's 9 on its 32- and 40-layer models; on a
-    shallower one a third of its depth (rounded down, at least 1), so that centres still differ."""
-    return max(1, min(9, n_layers // 3))
 
 
 def knockout_variants(options: KnockoutOptions, model: Model) -> Variants:
@@ -167,7 +113,7 @@ def knockout_figure(summary: pd.DataFrame, path: Path, options: KnockoutOptions)
     band = "bootstrap" if options.ci == "bootstrap" else "normal"
     return curves(summary, path, x="center", hue="flow", panel="category", ylabel="Δp (%)",
                   title=f"Attention knockout, window {options.window} (95% CI, {band})", zero_line=True,
-                  overlay=overlay)
+                  overlay=overlay, limits=DELTA_PCT)
 
 
 def knockout_findings(table: pd.DataFrame, summary: pd.DataFrame, options: KnockoutOptions) -> list[str]:
@@ -220,9 +166,7 @@ def control_findings(summary: pd.DataFrame) -> list[str]:
 
 
 KNOCKOUT = Experiment(
-    name="knockout",
-    help="Attention-knockout sweep over flows × centre layers: Δp% of the answer per GQA category.",
-    options=KnockoutOptions,
+    command=declarations.KNOCKOUT,
     data=questions,
     work=PerQuestion(knockout_rows, knockout_variants),
     value="delta_pct",

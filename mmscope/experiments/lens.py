@@ -23,26 +23,17 @@ The lens only reads activations: it applies no intervention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from mmscope.experiments.figures import curves
-from mmscope.experiments.options import QuestionOptions, option
+from mmscope.experiments import declarations
+from mmscope.experiments.declarations import LensOptions  # declared without torch; kept importable from here
+from mmscope.experiments.figures import PROBABILITY, curves
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions
 from mmscope.layout import Example
 from mmscope.model import Model
-
-@dataclass(frozen=True)
-class LensOptions(QuestionOptions):
-    """`mmscope lens`: which lens, on which axis."""
-
-    lens: str | None = option(None, "raw (no final norm, as in the study; the default) or normed.")
-    lens_axis: str | None = option(None, "layers (L points: after each decoder layer; the default protocol's) or "
-                                         "hidden-states (L+1: embeddings, after each layer, the final-normed "
-                                         "output; the study's).")
 
 
 def tracked_tokens(model: Model, example: Example, row: dict, leading_space: bool | None = None) -> dict[str, int]:
@@ -112,11 +103,17 @@ def spelling_findings(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+TOKENS = ("answer", "Answer", "false_option", "False_option")  # the tracked tokens, in the figure's order
+
+
 def lens_figure(summary: pd.DataFrame, path: Path, options: LensOptions) -> Path:
-    """Mean p(token) ± 95% CI against the layer, one curve per tracked token, one panel per category."""
+    """Mean p(token) ± 95% CI against the layer, one curve per tracked token (one colour each in every panel;
+    the capitalised forms dashed, so a curve equal to its lower-case one stays visible), one panel per
+    category."""
     axis = "0 = embeddings, L = final output" if options.lens_axis == "hidden-states" else "after each layer"
     return curves(summary, path, x="layer", hue="token", panel="category", ylabel="probability",
-                  title=f"Logit lens at the last position ({options.lens}; {axis})")
+                  title=f"Logit lens at the last position ({options.lens}; {axis})", limits=PROBABILITY,
+                  hue_order=TOKENS, styles={"Answer": "--", "False_option": "--"})
 
 
 def lens_findings(table: pd.DataFrame, summary: pd.DataFrame, options: LensOptions) -> list[str]:
@@ -142,9 +139,7 @@ def lens_findings(table: pd.DataFrame, summary: pd.DataFrame, options: LensOptio
 
 
 LENS = Experiment(
-    name="lens",
-    help="Logit lens at the last position: p(answer) in lower case and capitalised, and the false option, per layer.",
-    options=LensOptions,
+    command=declarations.LENS,
     data=questions,
     work=PerQuestion(lens_rows),
     value="prob",

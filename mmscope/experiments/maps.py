@@ -36,7 +36,6 @@ A family whose image tokens are not patches (Kosmos-2's latent queries) has no m
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import textwrap
 from collections.abc import Sequence
@@ -49,27 +48,18 @@ import torch
 from PIL import Image
 
 from mmscope.errors import InputError, MMScopeError
-from mmscope.experiments.engine import ENGINES, Variant, run_variants
-from mmscope.experiments.knockout import default_window, knockout_scores
-from mmscope.experiments.options import (
-    OptionError,
-    QuestionOptions,
-    check_at_least,
-    check_choice,
-    engine_option,
-    flag_of,
-    option,
-)
-from mmscope.experiments.patch import corrupted_example, restored_share
+from mmscope.experiments import declarations
+from mmscope.experiments.declarations import MapOptions  # declared without torch; kept importable from here
+from mmscope.experiments.engine import Variant, run_variants
+from mmscope.experiments.knockout import knockout_scores
+from mmscope.experiments.options import OptionError
+from mmscope.experiments.patch import MIN_EFFECT, corrupted_example, restored_share
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, boxes_of, questions
-from mmscope.interventions import SITES, CachedPatch, Knockout, knockout_window
+from mmscope.interventions import CachedPatch, Knockout, knockout_window
 from mmscope.layout import Example
 from mmscope.model import Model
 
-KINDS = ("knockout", "patch", "lens", "attention")
 VALUES = {"knockout": "delta_pct", "patch": "restored", "lens": "prob", "attention": "attention"}  # per kind
-TARGETS = ("last", "question")
-LENS_TOKENS = ("answer", "object")
 MAPPED_EXAMPLES = 6  # the examples drawn one PNG each
 CENTRED_CELLS = 24  # the object-centred grid's side: the box spans the middle third
 
@@ -148,93 +138,6 @@ def example_regions(model: Model, image: Image.Image, example: Example, side: in
         raise OptionError(f"mmscope map needs image tokens that are patches of the image; the {family} family's "
                           "image tokens show no patch")
     return regions
-
-
-@dataclass(frozen=True)
-class MapOptions(QuestionOptions):
-    """`mmscope map`: the kinds of map, the targets, the block side, the knockout windows, the layers of the
-    other kinds, patch's site, the lens token, the sweep engine. An option the kinds asked for do not use is
-    refused; its default is filled in only for a kind that uses it (so a run's config.yaml names no option the
-    run did not use)."""
-
-    kinds: list[str] | None = option(None, "Kind of map (repeatable): knockout (the default), patch, lens, "
-                                           "attention.", flag="--kind")
-    targets: list[str] | None = option(None, "Target group of knockout and attention maps: whose attention to "
-                                             "each region is blocked or read (repeatable; default: last and "
-                                             "question).", flag="--target")
-    region: int = option(1, "Side N of each region in patches: each region is an NxN block of the image-token grid.")
-    window: int | None = option(None, "knockout: window k of layers blocked around each centre (default: "
-                                      "knockout's, about a third of the depth, at most 9).")
-    centers: list[int] | None = option(None, "knockout: centre layer of a window, one panel each (repeatable; "
-                                             "default: the middle layer).", flag="--center")
-    layers: list[int] | None = option(None, "patch, lens, attention: a layer, one panel each (repeatable; default: "
-                                            "the middle layer for patch, every layer for lens and attention).",
-                                      flag="--layer")
-    site: str | None = option(None, "patch: the site patched, residual (the default), attention or mlp.")
-    lens_token: str | None = option(None, "lens: the token whose probability is read, answer (the clean answer's "
-                                          "first token; the default) or object (the question's object name's).")
-    engine: str = engine_option()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        kinds = list(dict.fromkeys(self.kinds or ["knockout"]))
-        object.__setattr__(self, "kinds", kinds)
-        for name in ("targets", "centers", "layers"):  # each panel or target once, in the order given
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
-        for kind in kinds:
-            check_choice("kind", kind, KINDS, flag="--kind")
-        uses = {"targets": ("knockout", "attention"), "window": ("knockout",), "centers": ("knockout",),
-                "layers": ("patch", "lens", "attention"), "site": ("patch",), "lens_token": ("lens",)}
-        flags = {field.name: field.metadata.get("flag") or flag_of(field.name) for field in dataclasses.fields(self)}
-        for name, users in uses.items():
-            if getattr(self, name) is not None and not set(users) & set(kinds):
-                flag = flags[name]
-                raise OptionError(f"{flag} applies to --kind {' or '.join(users)}; this run draws "
-                                  f"{', '.join(kinds)}")
-        if set(uses["targets"]) & set(kinds):
-            object.__setattr__(self, "targets", list(self.targets or TARGETS))
-            for target in self.targets:
-                check_choice("target", target, TARGETS)
-        if "patch" in kinds:
-            object.__setattr__(self, "site", self.site or "residual")
-            check_choice("site", self.site, SITES)
-        if "lens" in kinds:
-            object.__setattr__(self, "lens_token", self.lens_token or "answer")
-            check_choice("lens token", self.lens_token, LENS_TOKENS, flag="--lens-token")
-        check_at_least("region", self.region, 1)
-        check_at_least("window", self.window, 1)
-        for center in self.centers or ():
-            check_at_least("center", center, 0)
-        for layer in self.layers or ():
-            check_at_least("layer", layer, 0)
-        check_choice("engine", self.engine, ENGINES)
-
-    def configure(self, model: Model):
-        """The protocol's knobs, and the windows, centres and layers when not given (printed in the run header);
-        layers beyond the model's refused."""
-        options, lines = super().configure(model)
-        kinds = options.kinds
-        if "knockout" in kinds and options.window is None:
-            options = dataclasses.replace(options, window=default_window(model.n_layers))
-            lines = [*lines, f"window {options.window} (knockout's default for {model.n_layers} layers: about a "
-                             "third of the depth, at most the study's 9)"]
-        if "knockout" in kinds and options.centers is None:
-            options = dataclasses.replace(options, centers=[model.n_layers // 2])
-            lines = [*lines, f"center {options.centers[0]} (the default: the middle layer)"]
-        if {"patch", "lens", "attention"} & set(kinds) and options.layers is None:
-            every = {"lens", "attention"} & set(kinds)
-            options = dataclasses.replace(options, layers=list(range(model.n_layers)) if every else
-                                          [model.n_layers // 2])
-            said = (f"0..{model.n_layers - 1} (the default for {' and '.join(sorted(every))}: every layer"
-                    f"{'; patch at each' if 'patch' in kinds else ''})" if every else
-                    f"{options.layers[0]} (the default for patch: the middle layer)")
-            lines = [*lines, f"layers {said}"]
-        for name, values in (("center", options.centers), ("layer", options.layers)):
-            for value in values or ():
-                if value >= model.n_layers:
-                    raise OptionError(f"{name} {value} (--{name}): {model.name} has layers 0..{model.n_layers - 1}")
-        return options, lines
 
 
 def knockout_variants(regions: Sequence[Region], options: MapOptions, n_layers: int) -> tuple[Variant, ...]:
@@ -482,30 +385,99 @@ def panel_rows(part: pd.DataFrame) -> list[tuple[str, str, int]]:
     return list(dict.fromkeys(zip(part["kind"], part["target"], part["grid"].astype(int), strict=True)))
 
 
+MAX_COLUMNS = 4  # panels per row of a map figure; a kind × target with more panels wraps onto further rows
+PANEL_INCHES = 2.6  # a map panel's height (its width follows the image's aspect)
+COLOUR_BAR_INCHES = 1.3  # the colour bars' column, with their labels
+# Below these |values| a panel is called empty and says so (knockout: Δp in %, i.e. 0.1 % of p(answer); patch: a
+# share restored of 0.001; lens: a probability; attention: a weight).
+NO_EFFECT = {"knockout": 0.1, "patch": 1e-3, "lens": 1e-3, "attention": 1e-3}
+FAINT = 0.05  # a panel whose |values| stay under this share of its colour scale looks empty: it says how small
+
+
+def empty_note(kind: str, values, scale_max: float | None = None) -> str | None:
+    """What a panel of `kind` whose `values` show nothing should say on it: no finite value (patch: the
+    corruption moved p(answer) too little for a share), every |value| below `NO_EFFECT[kind]`, or (given the
+    colour scale's largest |value|, `scale_max`) every |value| under `FAINT` of it, too pale to see; None when
+    the panel shows something."""
+    values = np.asarray(values, dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return (f"no value: the corrupted image moved\np(answer) by < {MIN_EFFECT:g} (nothing to restore)"
+                if kind == "patch" else "no value")
+    top, bound = float(np.abs(finite).max()), NO_EFFECT[kind]
+    unit = " %" if kind == "knockout" else ""
+    if top < bound and kind in ("knockout", "patch"):
+        return f"no measurable effect\n(|max| {top:.1g}{unit} < {bound:g}{unit})"
+    if top < bound:
+        return f"{'p' if kind == 'lens' else 'weight'} < {bound:g} everywhere\n(max {top:.1g})"
+    if scale_max and top < FAINT * scale_max:
+        largest = "|max|" if kind in ("knockout", "patch") else "max"
+        return f"faint on this scale:\n{largest} {top:.2g}{unit} (scale {scale_max:.2g}{unit})"
+    return None
+
+
+def map_panels(rows: Sequence[tuple[tuple, Sequence[int]]], aspect: float, title: str):
+    """The figure of map panels: per (row key, its panel layers), a row of at most `MAX_COLUMNS` panels (more
+    wrap onto the next), each `PANEL_INCHES` high and `aspect` times as wide, the colour bars to the right and
+    the title wrapped to the width; no empty margin. Returns the figure, the axis of each (key, layer) and the
+    axes of each figure row, by key (for the colour bars)."""
+    import matplotlib.pyplot as plt
+
+    columns = min(MAX_COLUMNS, max(len(layers) for _, layers in rows))
+    lines = [(key, list(layers[i:i + columns])) for key, layers in rows for i in range(0, len(layers), columns)]
+    width = columns * (PANEL_INCHES * aspect + 0.15) + COLOUR_BAR_INCHES
+    wrapped = textwrap.wrap(title, max(40, int(width * 12)))
+    height = len(lines) * (PANEL_INCHES + 0.45) + 0.22 * len(wrapped) + 0.2
+    figure, axes = plt.subplots(len(lines), columns, figsize=(width, height), squeeze=False, layout="constrained")
+    placed, by_key = {}, {}
+    for r, (key, layers) in enumerate(lines):
+        by_key.setdefault(key, []).extend(axes[r])
+        for c, axis in enumerate(axes[r]):
+            if c < len(layers):
+                placed[key, layers[c]] = axis
+            else:
+                axis.set_visible(False)
+    figure.suptitle("\n".join(wrapped), fontsize=9)
+    return figure, placed, by_key
+
+
+def write_empty_note(axis, kind: str, values, scale: Scale) -> None:
+    """`empty_note`'s words on the panel, where it has any."""
+    note = empty_note(kind, values, float(scale.norm.vmax))
+    if note is not None:
+        axis.text(0.5, 0.03, note, transform=axis.transAxes, ha="center", va="bottom", fontsize=7.5,
+                  bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "grey", "boxstyle": "round"})
+
+
+def panel_heading(text: str, aspect: float) -> str:
+    """A panel title wrapped to the panel's width (fontsize 8)."""
+    return "\n".join(textwrap.wrap(text, max(24, int(PANEL_INCHES * aspect * 16))))
+
+
 def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, title: str) -> Path:
     """The input image with each region's value a semi-transparent colour over its rectangle: a row of panels
-    per kind × target × grid, a column per panel layer; one colour scale and colour bar per kind, the object
-    boxes outlined."""
+    per kind × target × grid (wrapped past `MAX_COLUMNS`), a panel per layer; one colour scale and colour bar
+    per kind, the object boxes outlined; a panel that shows nothing says so (`empty_note`)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     part = part.assign(value=kind_values(part))
     spans = knockout_spans(part)
-    rows = panel_rows(part)
-    columns = max(part[part["kind"] == kind]["layer"].nunique() for kind, _, _ in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(max(2.6 * columns + 1.4, 6.4), 2.7 * len(rows) + 0.6),
-                                squeeze=False, layout="constrained")
+    rows = []
+    for kind, target, grid in panel_rows(part):
+        own = part[(part["kind"] == kind) & (part["target"] == target) & (part["grid"] == grid)]
+        rows.append(((kind, target, grid), sorted(int(layer) for layer in own["layer"].unique())))
+    aspect = image.width / image.height
+    figure, placed, by_key = map_panels(rows, aspect, title)
     scales = {kind: kind_scale(kind, part[part["kind"] == kind]["value"]) for kind in dict.fromkeys(part["kind"])}
-    for axis in axes.flat:
-        axis.set_visible(False)
-    for r, (kind, target, grid) in enumerate(rows):
+    for (kind, target, grid), layers in rows:
         own = part[(part["kind"] == kind) & (part["target"] == target) & (part["grid"] == grid)]
         scale = scales[kind]
-        for c, layer in enumerate(sorted(own["layer"].unique())):
-            axis = axes[r, c]
-            axis.set_visible(True)
+        for layer in layers:
+            axis = placed[(kind, target, grid), layer]
             axis.imshow(image, extent=(0, image.width, image.height, 0))
-            for _, row in own[own["layer"] == layer].iterrows():
+            panel = own[own["layer"] == layer]
+            for _, row in panel.iterrows():
                 colour = scale.cmap(scale.norm(row["value"]) if math.isfinite(row["value"]) else np.nan)
                 axis.add_patch(Rectangle((row["x0"], row["y0"]), row["x1"] - row["x0"], row["y1"] - row["y0"],
                                          facecolor=colour, alpha=0.55, edgecolor="none"))
@@ -513,14 +485,14 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
                 axis.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="black", linewidth=1.6))
             axis.set_xlim(0, image.width)
             axis.set_ylim(image.height, 0)
-            axis.set_title(panel_title(kind, target, int(layer), grid, spans), fontsize=8)
+            axis.set_title(panel_heading(panel_title(kind, target, layer, grid, spans), aspect), fontsize=8)
             axis.set_xticks([])
             axis.set_yticks([])
+            write_empty_note(axis, kind, panel["value"], scale)
     for kind, scale in scales.items():
-        kind_axes = [axes[r, c] for r, (own, _, _) in enumerate(rows) if own == kind for c in range(columns)]
+        kind_axes = [axis for key, axes in by_key.items() if key[0] == kind for axis in axes]
         mappable = plt.cm.ScalarMappable(norm=scale.norm, cmap=scale.cmap)
-        figure.colorbar(mappable, ax=kind_axes, label=scale.label, fraction=0.04)
-    figure.suptitle("\n".join(textwrap.wrap(title, 80)), fontsize=9)
+        figure.colorbar(mappable, ax=kind_axes, label=scale.label, fraction=0.05, shrink=0.9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -560,10 +532,21 @@ def centred_maps(table: pd.DataFrame, boxes: dict[int, Sequence[float]]) -> dict
     return means
 
 
+def centred_counts(table: pd.DataFrame, boxes: dict[int, Sequence[float]]) -> dict[tuple[str, str, int], int]:
+    """Per (kind, target, layer), how many examples with a box the object-centred mean averages: those with a
+    finite value (a patch map without a share adds nothing)."""
+    boxed = table[table["example"].astype(int).isin(list(boxes))]
+    boxed = boxed.assign(finite=np.isfinite(kind_values(boxed).to_numpy(dtype=float)))
+    per_example = boxed.groupby(["kind", "target", "layer", "example"], sort=False)["finite"].any()
+    counted = per_example.groupby(level=["kind", "target", "layer"], sort=False).sum()
+    return {(kind, target, int(layer)): int(n) for (kind, target, layer), n in counted.items()}
+
+
 def draw_centred(means: dict[tuple[str, str, int], np.ndarray], n_examples: int, path: Path, region: int,
-                 spans: dict[int, tuple[int, int]]) -> Path:
-    """`map.png`: the mean object-centred maps, a row per kind × target, a column per panel layer; the box (the
-    middle third) outlined, one colour scale per kind."""
+                 spans: dict[int, tuple[int, int]], counts: dict[tuple[str, str, int], int] | None = None) -> Path:
+    """`map.png`: the mean object-centred maps, a row per kind × target (wrapped past `MAX_COLUMNS`), a panel
+    per layer, its title with the examples it averages (`counts`); the box (the middle third) outlined, one
+    colour scale per kind; a panel that shows nothing says so (`empty_note`)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
@@ -574,31 +557,30 @@ def draw_centred(means: dict[tuple[str, str, int], np.ndarray], n_examples: int,
         figure.savefig(path, dpi=110)
         plt.close(figure)
         return path
-    rows = list(dict.fromkeys((kind, target) for kind, target, _ in means))
-    columns = max(len([key for key in means if key[:2] == row]) for row in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(max(2.6 * columns + 1.4, 6.4), 2.7 * len(rows) + 0.6),
-                                squeeze=False, layout="constrained")
-    for axis in axes.flat:
-        axis.set_visible(False)
+    keys = list(dict.fromkeys((kind, target) for kind, target, _ in means))
+    rows = [(key, sorted(layer for k, t, layer in means if (k, t) == key)) for key in keys]
+    figure, placed, by_key = map_panels(rows, 1.0, f"Object-centred mean of {n_examples} examples with a box (the "
+                                                   f"box: the middle third), regions {region}x{region}")
     scales = {kind: kind_scale(kind, pd.Series(np.concatenate([m.ravel() for key, m in means.items()
                                                                  if key[0] == kind])))
-              for kind in dict.fromkeys(kind for kind, _ in rows)}
-    for r, (kind, target) in enumerate(rows):
-        for c, layer in enumerate(sorted(layer for k, t, layer in means if (k, t) == (kind, target))):
-            axis = axes[r, c]
-            axis.set_visible(True)
-            scale = scales[kind]
+              for kind in dict.fromkeys(kind for kind, _ in keys)}
+    for (kind, target), layers in rows:
+        scale = scales[kind]
+        for layer in layers:
+            axis = placed[(kind, target), layer]
             axis.imshow(means[kind, target, layer], cmap=scale.cmap, norm=scale.norm, extent=(-1, 2, 2, -1))
             axis.add_patch(Rectangle((0, 0), 1, 1, fill=False, edgecolor="black", linewidth=1.6))
-            axis.set_title(panel_title(kind, target, layer, 0, spans), fontsize=8)
+            heading = panel_title(kind, target, layer, 0, spans)
+            if counts is not None:
+                heading += f" (n={counts.get((kind, target, layer), 0)})"
+            axis.set_title(panel_heading(heading, 1.0), fontsize=8)
             axis.set_xticks([])
             axis.set_yticks([])
+            write_empty_note(axis, kind, means[kind, target, layer], scale)
     for kind, scale in scales.items():
-        kind_axes = [axes[r, c] for r, (own, _) in enumerate(rows) if own == kind for c in range(columns)]
+        kind_axes = [axis for key, axes in by_key.items() if key[0] == kind for axis in axes]
         figure.colorbar(plt.cm.ScalarMappable(norm=scale.norm, cmap=scale.cmap), ax=kind_axes, label=scale.label,
-                        fraction=0.04)
-    figure.suptitle(f"Object-centred mean of {n_examples} examples with a box (the box: the middle third)\n"
-                    f"regions {region}x{region}", fontsize=9)
+                        fraction=0.05, shrink=0.9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -620,7 +602,8 @@ def map_figure(summary: pd.DataFrame, path: Path, options: MapOptions) -> list[P
         found = boxes_of(dataset[int(example)])
         if found:
             boxes[int(example)] = found[0]
-    centred = draw_centred(centred_maps(table, boxes), len(boxes), path, options.region, knockout_spans(table))
+    centred = draw_centred(centred_maps(table, boxes), len(boxes), path, options.region, knockout_spans(table),
+                           centred_counts(table, boxes))
     return [centred, *drawn]
 
 
@@ -669,10 +652,7 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
 
 
 MAP = Experiment(
-    name="map",
-    help="Image maps (knockout, patch, lens, attention): each block of the image's effect on the answer, drawn "
-         "over it.",
-    options=MapOptions,
+    command=declarations.MAP,
     data=questions,
     work=PerQuestion(map_rows, map_variants),
     value="value",

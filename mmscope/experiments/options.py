@@ -5,7 +5,12 @@ command's typed `typer` signature from its options class, so type, default and h
 The options every per-question sweep takes are `QuestionOptions`; an experiment subclasses it and adds its own,
 which its command lists before the ones marked `listed_last` (`--include-all`, `--out`, `--wandb`, `--seed`).
 An experiment over other data (probe) lists the shared options it takes through the `*_option()` factories,
-which define each of them once.
+which define each of them once. Each command's own options class, and its `Command`, are declared in
+`mmscope.experiments.declarations`.
+
+This module, like the declarations, imports no heavy library (torch, transformers, nnsight, datasets, pandas,
+matplotlib): the command line builds every command from them, and answers `--help` or a refused option without
+those.
 
 `plain(options)` is the YAML-ready record of a run's options (config.yaml's `options`, which `--config` reads
 back as defaults).
@@ -14,13 +19,15 @@ back as defaults).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from mmscope.data.table import TABLE_COLUMNS
+from mmscope.data.columns import TABLE_COLUMNS
 from mmscope.errors import MMScopeError, known, suggest
 from mmscope.experiments import protocol as protocols
 from mmscope.zoo import DEFAULT_MODEL
@@ -162,6 +169,9 @@ def check_knobs(options) -> None:
             check_choice(knob.replace("_", " "), value, choices, flag=flag_of(knob))
 
 
+ENGINES = ("prefix", "naive")  # how a sweep runs an example's variants (`mmscope.experiments.engine`)
+
+
 def engine_option() -> Any:
     """`--engine`: how a sweep runs an example's variants (`mmscope.experiments.engine`)."""
     return option("prefix", "Sweep engine: prefix (shared prefix cache, batched) or naive.")
@@ -221,13 +231,23 @@ class QuestionOptions:
 @dataclass(frozen=True, kw_only=True)
 class Command(Generic[O]):
     """A command declared by its options: `mmscope <name>` builds `options` from the command line and calls
-    `main(options, echo)`, which reports through `echo`. Only commands with `config_file` take `--config`."""
+    `main(options, echo)`, which reports through `echo`. Only commands with `config_file` take `--config`.
+
+    What runs it is named, not imported: `runs` is the `module:attribute` of a function `(options, echo)`
+    (an experiment's: `mmscope.experiments.knockout:KNOCKOUT.main`), imported when the command runs, so that
+    the command line knows every command without importing torch."""
 
     name: str
     help: str
     options: type[O]
-    main: Callable[[O, Callable[[str], None]], None]
+    runs: str
     config_file: bool = False
+
+    def main(self, options: O, echo: Callable[[str], None]) -> None:
+        """Run the command with `options`: import what runs it (and so torch), then call it."""
+        module, _, attribute = self.runs.partition(":")
+        run = functools.reduce(getattr, attribute.split("."), importlib.import_module(module))
+        run(options, echo)
 
 
 def fields_in_order(options) -> list[dataclasses.Field]:

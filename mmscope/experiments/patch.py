@@ -17,38 +17,24 @@ position and layer it touches (`--engine naive`: one full forward per patch from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from mmscope.data.errors import DataError
-from mmscope.experiments.engine import ENGINES, Variant, run_variants
+from mmscope.experiments import declarations
+from mmscope.experiments.declarations import (  # the options, declared without torch; kept importable from here
+    PATCH_GROUPS,
+    PatchOptions,
+)
+from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.figures import heatmap
-from mmscope.experiments.options import QuestionOptions, check_choice, engine_option, limit_option, option
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
-from mmscope.interventions import SITES, CachedPatch
+from mmscope.interventions import CachedPatch
 from mmscope.layout import Example
 from mmscope.model import Model
 
-PATCH_GROUPS = ("image", "object", "question", "last")
 MIN_EFFECT = 0.05
-
-
-@dataclass(frozen=True)
-class PatchOptions(QuestionOptions):
-    """`mmscope patch`: fewer questions by default, the site patched, the token groups, the sweep engine."""
-
-    limit: int | None = limit_option(10)
-    site: str = option("residual", "residual, attention or mlp.")
-    groups: list[str] | None = option(None, "Token groups to patch (repeatable).", flag="--group")
-    engine: str = engine_option()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("site", self.site, SITES)
-        check_choice("engine", self.engine, ENGINES)
-        object.__setattr__(self, "groups", list(self.groups or PATCH_GROUPS))  # recorded as run, defaults included
 
 
 def patch_variants(options: PatchOptions, model: Model) -> Variants:
@@ -114,9 +100,13 @@ def restored_matrix(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def patch_figure(summary: pd.DataFrame, path: Path, options: PatchOptions) -> Path:
-    """A group × layer heatmap of the mean share restored."""
-    return heatmap(restored_matrix(summary), path, title="Clean → corrupted activation patching",
-                   colorbar="share of p(answer) restored")
+    """A group × layer heatmap of the mean share restored, each group's n (the examples whose corruption moved
+    p(answer) enough to restore) beside its name."""
+    site = getattr(options, "site", None)
+    return heatmap(restored_matrix(summary), path,
+                   title="Clean → corrupted activation patching" + (f" of the {site}" if site else ""),
+                   colorbar="share of p(answer) restored",
+                   n=summary.pivot(index="group", columns="layer", values="n"))
 
 
 def patch_findings(table: pd.DataFrame, summary: pd.DataFrame, options: PatchOptions) -> list[str]:
@@ -131,9 +121,7 @@ def patch_findings(table: pd.DataFrame, summary: pd.DataFrame, options: PatchOpt
 
 
 PATCH = Experiment(
-    name="patch",
-    help="Clean → corrupted (another scene's image) activation patching: layer × token-group heatmap.",
-    options=PatchOptions,
+    command=declarations.PATCH,
     data=questions,
     work=PerQuestion(patch_rows, patch_variants),
     value="restored",

@@ -30,24 +30,14 @@ needs input *types* that recur across the image-grouped split:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from mmscope.experiments.figures import curves, curves_with_controls
-from mmscope.experiments.options import (
-    check_at_least,
-    check_choice,
-    data_option,
-    model_option,
-    option,
-    out_option,
-    seed_option,
-    split_option,
-    wandb_option,
-)
+from mmscope.experiments import declarations
+from mmscope.experiments.declarations import ProbeOptions  # declared without torch; kept importable from here
+from mmscope.experiments.figures import PROBABILITY, curves, curves_with_controls
 from mmscope.experiments.runner import Experiment, Work
 from mmscope.experiments.workspace import probe_datasets
 from mmscope.interventions import Intervention
@@ -56,27 +46,6 @@ from mmscope.probes import ProbeConfig, layer_features, layerwise
 
 OBJECT_PROMPT = "What objects are in the image?"
 POOLINGS = {"entailment": ("last", "text"), "objects": ("image", "last")}
-PROBE_KINDS = ("linear", "mlp")
-
-
-@dataclass(frozen=True)
-class ProbeOptions:
-    """`mmscope probe`: the model, the scene graphs' split, how many images, which probe, and the run folder."""
-
-    model: str = model_option()
-    data: Path | None = data_option()
-    split: str = split_option()
-    n_images: int = option(300, "Images (scenes) to build the probe datasets from.")
-    probe_kind: str = option("linear", "linear or mlp.", flag="--probe")
-    controls: bool = option(True, "Also train each probe on a shuffled-label baseline and a control task, and "
-                                  "report selectivity (triples the training).")
-    out: Path | None = out_option()
-    wandb: bool = wandb_option()
-    seed: int = seed_option()
-
-    def __post_init__(self) -> None:
-        check_choice("probe", self.probe_kind, PROBE_KINDS)
-        check_at_least("n_images", self.n_images, 1)
 
 
 def control_types(task: str, dataset) -> list[str]:
@@ -139,16 +108,19 @@ def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
     return with_curves(table).rename(columns={"accuracy": "mean"})[["curve", "layer", "mean", "n", *controlled]]
 
 
+HELD_OUT = "examples per task, a quarter held out by image"  # what a probe's n counts (layerwise's split)
+
+
 def probe_figure(summary: pd.DataFrame, path: Path, options: ProbeOptions) -> Path:
     """Held-out accuracy against the layer, one curve per task × pooling; with controls, each curve's control
     task (dashed) and shuffled-label baseline (dotted) beside it, and a second panel of selectivity."""
     if "selectivity" in summary:
         return curves_with_controls(summary, path, x="layer", hue="curve", controls=CONTROLS,
                                     difference="selectivity", ylabel="held-out accuracy",
-                                    title="Layer-wise probes and their controls")
+                                    title="Layer-wise probes and their controls", n_note=HELD_OUT)
     bandless = summary.assign(ci_low=summary["mean"], ci_high=summary["mean"])
     return curves(bandless, path, x="layer", hue="curve", panel=None, ylabel="held-out accuracy",
-                  title="Layer-wise probes")
+                  title="Layer-wise probes", limits=PROBABILITY, n_note=f" {HELD_OUT}")
 
 
 def _by_layer(table: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -182,9 +154,7 @@ def probe_findings(table: pd.DataFrame, summary: pd.DataFrame, options: ProbeOpt
 
 
 PROBE = Experiment(
-    name="probe",
-    help="Layer-wise probes: image–text entailment (global) vs object recognition (local).",
-    options=ProbeOptions,
+    command=declarations.PROBE,
     data=probe_data,
     work=probe_work,
     value="accuracy",

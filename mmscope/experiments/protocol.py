@@ -33,10 +33,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mmscope.models.preprocessing import Preprocessing
-
 if TYPE_CHECKING:
     from mmscope.model import Model
+    from mmscope.models.preprocessing import Preprocessing
 
 CHOICES = {
     "object_patches": ("overlap", "red-mask"),
@@ -72,6 +71,8 @@ KNOBS = tuple(field.name for field in dataclasses.fields(Protocol))
 
 def preprocessing_of(options) -> Preprocessing:
     """How the model prepares inputs under the options' knobs."""
+    from mmscope.models.preprocessing import Preprocessing  # torch: imported when a run starts, not for --help
+
     return Preprocessing(square_pad=options.image_padding == "square", prompt_chunks=options.tokenisation == "chunks",
                          object_patches=options.object_patches)
 

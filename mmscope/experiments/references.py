@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from mmscope.errors import InputError
 
 SHIPPED = Path(__file__).parent / "references"
@@ -51,6 +49,8 @@ def read_reference(name_or_path: str) -> list[Reference]:
     if not path.is_file():
         raise InputError(f"reference {name_or_path!r} (--reference) is neither a CSV file nor a shipped reference "
                          f"({', '.join(REFERENCES)})")
+    import pandas as pd  # imported when a reference file is read, not for --help or a missing one
+
     try:
         table = pd.read_csv(path, comment="#")
     except (ValueError, OSError, UnicodeDecodeError) as error:

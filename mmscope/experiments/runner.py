@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pandas as pd
 import torch
@@ -41,7 +41,7 @@ from mmscope.experiments.answers import CleanAnswer, clean_answer
 from mmscope.experiments.distributed import World
 from mmscope.experiments.engine import Variant
 from mmscope.errors import known, suggest
-from mmscope.experiments.options import OptionError, QuestionOptions, column_mapping, device_map_of, plain
+from mmscope.experiments.options import Command, OptionError, QuestionOptions, column_mapping, device_map_of, plain
 from mmscope.experiments.runs import RunDir, summarize
 from mmscope.experiments.tracking import log_run
 from mmscope.experiments.workspace import load_questions
@@ -208,6 +208,9 @@ class PerQuestion(Generic[Q]):
 class Experiment(Generic[O]):
     """One experiment, declared: `mmscope <name>` builds `options` from its command line and `run` executes it.
 
+    `command` is what the command line knows of it without importing this module: its name, help and options
+    class (`mmscope.experiments.declarations`).
+
     `data(options)` reads and checks what the run walks over, before the model loads; `work(model, options,
     data)` makes its `Work`. `by` are the summary's group-by columns, the last one the layer axis (the figure's
     x, the W&B step); `summarize` replaces the default summary (mean, 95% CI and n of `value` per group) where rows already are
@@ -217,9 +220,7 @@ class Experiment(Generic[O]):
     `prints_table` adds where results.parquet is.
     """
 
-    name: str
-    help: str
-    options: type[O]
+    command: Command[O]
     data: Callable[[O], Any]
     work: Callable[[Model, O, Any], Work]
     value: str
@@ -230,7 +231,16 @@ class Experiment(Generic[O]):
     summarize: Callable[[pd.DataFrame], pd.DataFrame] | None = None
     values: Callable[[pd.DataFrame], pd.Series] | None = None  # computes `value` from the rows, where no column holds it
     prints_table: bool = False
-    config_file: ClassVar[bool] = True  # its command takes --config (a run's own config.yaml works)
+
+    @property
+    def name(self) -> str:
+        """The command's name: the default run folder `runs/<name>`, the figure `<name>.png`."""
+        return self.command.name
+
+    @property
+    def options(self) -> type[O]:
+        """The command's options class."""
+        return self.command.options
 
     def summary(self, table: pd.DataFrame, options: O) -> pd.DataFrame:
         """The summary table of a finished run's results (its confidence bands as `--ci` asks, seeded)."""

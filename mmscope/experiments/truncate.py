@@ -6,28 +6,18 @@ and we record the probability of the clean answer's first token and whether it i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from mmscope.experiments.engine import ENGINES, Variant, run_variants
-from mmscope.experiments.figures import curves
-from mmscope.experiments.options import QuestionOptions, check_choice, engine_option
+from mmscope.experiments import declarations
+from mmscope.experiments.declarations import TruncateOptions  # declared without torch; kept importable from here
+from mmscope.experiments.engine import Variant, run_variants
+from mmscope.experiments.figures import PROBABILITY, curves
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
+from mmscope.experiments.runs import summarize
 from mmscope.interventions import Truncate
 from mmscope.model import Model
-
-
-@dataclass(frozen=True)
-class TruncateOptions(QuestionOptions):
-    """`mmscope truncate`: the sweep engine."""
-
-    engine: str = engine_option()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("engine", self.engine, ENGINES)
 
 
 def truncate_variants(options: TruncateOptions, model: Model) -> Variants:
@@ -48,10 +38,21 @@ def truncate_rows(sweep: Sweep[TruncateOptions], question: Question) -> list[dic
     ]
 
 
+def top1_summary(table: pd.DataFrame, options: TruncateOptions) -> pd.DataFrame:
+    """The share of questions whose answer is still the top token, per category × layer: its mean, 95% CI (as
+    `--ci` asks) and n, from the rows' `top1`."""
+    return summarize(table, ["category", "layer"], "top1", ci=getattr(options, "ci", None) or "normal",
+                     seed=getattr(options, "seed", 0))
+
+
 def truncate_figure(summary: pd.DataFrame, path: Path, options: TruncateOptions) -> Path:
-    """Mean p(answer) ± 95% CI after early exit against the layer, one panel per category."""
-    return curves(summary.assign(curve="p(answer)"), path, x="layer", hue="curve", panel="category",
-                  ylabel="p(answer) after early exit", title="Truncation sweep")
+    """The share of questions whose answer is still top-1 after early exit ± 95% CI (clipped to [0, 1]) against
+    the layer, one panel per category; read from results.parquet beside `path` (`summary`, which the figure
+    does not draw, holds the mean p(answer))."""
+    shares = top1_summary(pd.read_parquet(path.parent / "results.parquet"), options)
+    return curves(shares.assign(curve="answer still top-1"), path, x="layer", hue="curve", panel="category",
+                  ylabel="share with the answer top-1", limits=PROBABILITY,
+                  title="Truncation sweep: exit after layer ℓ (share of questions, 95% CI)")
 
 
 def truncate_findings(table: pd.DataFrame, summary: pd.DataFrame, options: TruncateOptions) -> list[str]:
@@ -62,9 +63,7 @@ def truncate_findings(table: pd.DataFrame, summary: pd.DataFrame, options: Trunc
 
 
 TRUNCATE = Experiment(
-    name="truncate",
-    help="Early exit after each layer: p(answer) and whether it is still the top token.",
-    options=TruncateOptions,
+    command=declarations.TRUNCATE,
     data=questions,
     work=PerQuestion(truncate_rows, truncate_variants),
     value="p_answer",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from transformers import (
 )
 
 from mmscope.prompts import LLAVA_SYSTEM_PROMPT, LLAVA_TEMPLATE
+from mmscope.zoo.spec import TinyLlavaSpec  # declared without torch (a training config holds one); importable here too
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 # Words and punctuation become separate tokens; the regex keeps character offsets exact.
@@ -68,30 +68,6 @@ def build_word_tokenizer(corpus: Iterable[str], extra_words: Iterable[str] = ())
         padding_side="left",
     )
     return fast
-
-
-@dataclass(frozen=True)
-class TinyLlavaSpec:
-    """Geometry of a small LLaVA-1.5-family model. Defaults give a tiny random model for tests."""
-
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden: int = 32
-    vision_layers: int = 2
-    vision_heads: int = 2
-    text_hidden: int = 32
-    text_layers: int = 4
-    text_heads: int = 4
-    kv_heads: int | None = None
-    intermediate: int = 64
-    max_positions: int = 1024
-    do_pad: bool = False
-    vision_feature_select_strategy: str = "default"
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def n_image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def build_llava(

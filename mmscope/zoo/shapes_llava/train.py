@@ -54,9 +54,8 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
 
 import torch
 from tqdm.auto import tqdm
@@ -64,175 +63,17 @@ from tqdm.auto import tqdm
 from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
 from mmscope.errors import MMScopeError
 from mmscope.prompts import LLAVA_15, QUESTION, PromptTemplate
+from mmscope.zoo.build import build_llava, build_word_tokenizer, save_llava, words_of
+from mmscope.zoo.shapes_llava.config import (  # declared without torch (for the command line); importable here too
+    LOSSES,
+    TrainConfig,
+    TrainConfigError,
+)
 from mmscope.zoo.shapes_llava.instructions import CAPTION_REQUEST, TurnPool
-from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer, save_llava, words_of
-
-
-def embedded_spec() -> TinyLlavaSpec:
-    """Geometry of the shipped model: 64x64 images in 8-px patches (64 image tokens), 8 decoder layers."""
-    return TinyLlavaSpec(
-        image_size=64,
-        patch_size=8,
-        vision_hidden=128,
-        vision_layers=3,
-        vision_heads=4,
-        text_hidden=128,
-        text_layers=8,
-        text_heads=4,
-        intermediate=384,
-        max_positions=512,
-    )
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a training run; `check()` refuses a value outside its range (`train` calls it
-    before it writes anything)."""
-
-    out: str
-    data: str | None = None  # a synthetic-world folder; generated into `out/world` when None
-    n_scenes: int = 16000
-    vision_steps: int = 600  # stage 1
-    freeze_vision: bool = False  # in stage 2
-    vision_batch_size: int = 128
-    steps: int = 3000  # stage 2
-    batch_size: int = 32
-    lr: float = 1.5e-3
-    warmup: int = 100
-    weight_decay: float = 0.05
-    seed: int = 0
-    eval_every: int = 300
-    eval_questions: int = 600
-    patch_loss_weight: float = 0.5
-    grounding_loss_weight: float = 0.5
-    grounding_layer: int = 4  # decoder layer whose output carries the mentioned objects' attributes
-    attention_loss_weight: float = 0.5
-    attention_layer: int = 2  # decoder layer (0-based) one of whose heads learns to look at mentioned objects
-    attention_head: int = 0
-    gather_loss_weight: float = 0.5
-    named_loss_weight: float = 1.0  # last position: does each mentioned object have the value the question names
-    gather_layer: int = 6  # decoder layer whose output at the last prompt position carries the mentioned objects
-    turns: int = 1  # conversation turns per training sequence, all about its image (LLaVA's multi-turn data)
-    caption_share: float = 0.0  # share of the turns after the first that ask for a caption
-    caption_positions: bool = True  # captions name the third of the image each object lies in
-    caption_steps: int = 0  # stage 2 opens with this many steps on captions alone (as LLaVA's alignment stage)
-    statement_share: float = 0.0  # ... that ask whether a statement is true (image-text entailment)
-    description_share: float = 0.0  # ... that ask to describe one object the turn names ("Describe the cone.")
-    focus: float = 0.8  # share of each batch drawn in proportion to each category's validation error
-    bf16: bool | None = None  # bfloat16 autocast; None: where the CPU has bf16 instructions (`native_bf16`)
-    spec: TinyLlavaSpec = field(default_factory=embedded_spec)
-    wandb: bool = False
-
-    def __post_init__(self) -> None:
-        # Folders are kept as strings (the config is saved as JSON); a `Path` is accepted and converted.
-        self.out = os.fspath(self.out) if isinstance(self.out, os.PathLike) else self.out
-        self.data = os.fspath(self.data) if isinstance(self.data, os.PathLike) else self.data
-
-    def check(self) -> None:
-        """Refuse the first value outside its valid range (`TrainConfigError`, named as the `mmscope train`
-        option); reads the file system but writes nothing."""
-        for name, minimum, note in _COUNTS:
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                _refuse(name, value, f"must be {'at least' if _is_int(value) else 'a whole number, at least'} "
-                                     f"{minimum}{note}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
-            _refuse("seed", self.seed, "must be a whole number from 0 to 2**63 - 1")
-        if not _is_real(self.lr) or not self.lr > 0:
-            _refuse("lr", self.lr, "must be a finite number above 0")
-        for name in ("weight_decay", *(f"{loss}_loss_weight" for loss in _LOSSES)):
-            value = getattr(self, name)
-            if not _is_real(value) or value < 0:
-                _refuse(name, value, "must be a finite number, at least 0" + (" (0 turns that loss off)"
-                                                                               if name != "weight_decay" else ""))
-        for name in _SHARES:
-            value = getattr(self, name)
-            if not _is_real(value) or not 0 <= value <= 1:
-                _refuse(name, value, "must lie in [0, 1]")
-            if value and self.turns == 1:
-                _refuse(name, value, "needs --turns above 1: it is the share of the turns after the first")
-        if _is_int(self.steps) and _is_int(self.caption_steps) and self.caption_steps >= self.steps:
-            _refuse("caption_steps", self.caption_steps, f"must be below --steps {self.steps}: they are its first steps")
-        given = [name for name in _SHARES if getattr(self, name)]
-        if sum(getattr(self, name) for name in given) > 1:  # named: the last share given, beside the others
-            *others, last = given
-            _refuse(last, getattr(self, last), "plus " + " and ".join(f"--{name.replace('_', '-')} "
-                                                                    f"{getattr(self, name)}" for name in others)
-                    + " must be at most 1")
-        if not _is_real(self.focus) or not 0 <= self.focus <= 1:
-            _refuse("focus", self.focus, "must lie in [0, 1] (0: uniform over categories)")
-        for name in ("freeze_vision", "caption_positions", "wandb"):
-            if not isinstance(getattr(self, name), bool):
-                _refuse(name, getattr(self, name), "must be True or False")
-        if self.bf16 is not None and not isinstance(self.bf16, bool):
-            _refuse("bf16", self.bf16, "must be True or False (or None: where the CPU has bf16 instructions)")
-        if not isinstance(self.spec, TinyLlavaSpec):
-            _refuse("spec", self.spec, "must be a TinyLlavaSpec")
-        layers, heads = self.spec.text_layers, self.spec.text_heads
-        if not _is_int(layers) or layers < 1:
-            _refuse("text_layers", layers, "must be a whole number, at least 1 (the spec's decoder layers)")
-        # A layer option matters only while a loss reads that layer.
-        read = {"grounding_layer": self.grounding_loss_weight, "gather_layer": self.gather_loss_weight
-                or self.named_loss_weight}
-        for name in ("grounding_layer", "gather_layer"):
-            value = getattr(self, name)
-            if read[name] and (not _is_int(value) or not 1 <= value <= layers):
-                _refuse(name, value, f"must be 1..{layers}: the output of that many decoder layers (the spec has "
-                                     f"{layers})")
-        if self.attention_loss_weight:
-            if not _is_int(self.attention_layer) or not 0 <= self.attention_layer < layers:
-                _refuse("attention_layer", self.attention_layer, f"must be 0..{layers - 1}: a 0-based decoder "
-                                                                 f"layer (the spec has {layers})")
-            if not _is_int(self.attention_head) or not 0 <= self.attention_head < heads:
-                _refuse("attention_head", self.attention_head, f"must be 0..{heads - 1}: the spec's decoder layers "
-                                                               f"have {heads} heads")
-        if not isinstance(self.out, str):
-            _refuse("out", self.out, "must be a string: the folder's path")
-        if not self.out:
-            _refuse("out", self.out, "must name a folder (it is created if missing)")
-        out = Path(self.out).absolute()
-        existing = next(path for path in (out, *out.parents) if path.exists())
-        if not existing.is_dir():
-            where = "is" if existing == out else f"lies under {str(existing)!r}, which is"
-            _refuse("out", self.out, f"{where} a file, not a folder; give a folder (it is created if missing)")
-        if self.data is not None:
-            if not isinstance(self.data, str):
-                _refuse("data", self.data, "must be a string (the folder's path) or None")
-            if not self.data or not (Path(self.data) / "world.json").is_file():
-                _refuse("data", self.data, "is not a synthetic-world folder (it has no world.json); make one with "
-                                           "`mmscope data synth`, or omit --data to generate one next to --out")
-            if out.resolve() == Path(self.data).resolve():
-                _refuse("out", self.out, "is the --data folder; give another folder for the trained model")
-
-
-class TrainConfigError(MMScopeError, ValueError):
-    """A `TrainConfig` value outside its valid range."""
 
 
 class TrainingStateError(MMScopeError, ValueError):
     """`OUT/resume.pt` is not a training state this run can continue."""
-
-
-# Whole-number options: (name, minimum, what the minimum means).
-_COUNTS = (("steps", 1, ""), ("vision_steps", 0, " (0 skips stage 1, vision pre-training)"), ("batch_size", 1, ""),
-           ("vision_batch_size", 1, ""), ("n_scenes", 10, " (every split, 80/10/10 train/val/test, needs a scene)"),
-           ("eval_every", 1, ""), ("eval_questions", 1, ""), ("warmup", 1, ""), ("turns", 1, ""),
-           ("caption_steps", 0, " (0: no caption-only steps)"))
-_LOSSES = ("patch", "grounding", "attention", "gather", "named")
-_SHARES = ("caption_share", "statement_share", "description_share")  # of the turns after the first
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return _is_int(value) or isinstance(value, float) and math.isfinite(value)
-
-
-def _refuse(name: str, value: Any, rule: str) -> NoReturn:
-    """`steps -1 (--steps): must be at least 1`."""
-    raise TrainConfigError(f"{name} {value!r} (--{name.replace('_', '-')}): {rule}")
 
 
 def prompt_of(question: str, instruction: bool = True) -> str:
@@ -838,7 +679,7 @@ def train(config: TrainConfig) -> Path:
     corpus = questions + answers + (pool.corpus() if pool else [])
     tokenizer = build_word_tokenizer(corpus)
     model, processor = build_llava(tokenizer, config.spec, seed=config.seed)
-    internals = any(getattr(config, f"{loss}_loss_weight") for loss in _LOSSES if loss != "patch")
+    internals = any(getattr(config, f"{loss}_loss_weight") for loss in LOSSES if loss != "patch")
     if config.attention_loss_weight:
         model.set_attn_implementation("eager")  # the attention loss needs the weights
     model.train()

@@ -1,0 +1,321 @@
+"""Every command as the command line knows it: its name, its help, and its options class — each option's type,
+default, help and checks (`mmscope.experiments.options`) — and where the code that runs it lives.
+
+Nothing here imports a heavy library (torch, transformers, nnsight, datasets, pandas, matplotlib): `mmscope
+--help`, a command's `--help` and an option refused before any data or model is read are answered without
+them. What a command computes — an experiment's rows, figure and findings (`mmscope.experiments.<name>`), or
+`evaluate`'s accuracy table — is imported when it runs (`Command.runs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mmscope.experiments.options import (
+    ENGINES,
+    Command,
+    OptionError,
+    QuestionOptions,
+    check_at_least,
+    check_choice,
+    column_mapping,
+    columns_option,
+    data_option,
+    engine_option,
+    flag_of,
+    limit_option,
+    model_option,
+    option,
+    out_option,
+    seed_option,
+    split_option,
+    wandb_option,
+)
+from mmscope.experiments.references import REFERENCES, read_reference
+from mmscope.sites import SITES
+from mmscope.zoo import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from mmscope.model import Model
+
+# knockout
+
+CONTROL_GROUP = "random_patches"  # as many image patches as the object's, drawn at random outside it (seeded)
+STUDY_FLOWS = (
+    "image->last",
+    "question->last",
+    "last->last",
+    "image->question",
+    "object->question",
+    "other_patches->question",
+)
+# The defaults: the study's six flows and the object flow's matched random-patch control.
+DEFAULT_FLOWS = (*STUDY_FLOWS, f"{CONTROL_GROUP}->question")
+
+
+def flow_ends(text: str) -> tuple[str, str]:
+    """The source and target group of a flow named `source->target` (`mmscope.experiments.knockout.Flow`)."""
+    parts = text.split("->")
+    if len(parts) != 2 or not all(part.strip() for part in parts):
+        quoting = (" — quote it: unquoted, the shell reads '>' as a redirection (and writes a file named after the "
+                   "target)" if text.rstrip().endswith("-") and "->" not in text else "")
+        raise OptionError(f"flow {text!r} (--flow) must read 'source->target', e.g. --flow 'image->last'{quoting}")
+    return parts[0].strip(), parts[1].strip()
+
+
+def default_window(n_layers: int) -> int:
+    """The default knockout window for a model of `n_layers`: the study's 9 on its 32- and 40-layer models; on a
+    shallower one a third of its depth (rounded down, at least 1), so that centres still differ."""
+    return max(1, min(9, n_layers // 3))
+
+
+@dataclass(frozen=True)
+class KnockoutOptions(QuestionOptions):
+    """`mmscope knockout`: the flows to block, the window of layers around each centre, the sweep engine."""
+
+    flows: list[str] | None = option(None, "source->target (repeatable; default: the study's six flows and the "
+                                     "random-patch control of object->question).",
+                                     flag="--flow")
+    window: int | None = option(None, "Window k of layers blocked around each centre layer (default: about a "
+                                      "third of the model's depth, at most the study's 9).")
+    reference: str | None = option(None, "A published curve to draw over the run's: a CSV of centre layer and "
+                                         f"mean Δp% (see the README), or a shipped one: {', '.join(REFERENCES)}.")
+    engine: str = engine_option()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "flows", list(self.flows or DEFAULT_FLOWS))  # recorded as run, defaults included
+        for flow in self.flows:
+            flow_ends(flow)
+        check_at_least("window", self.window, 1)
+        check_choice("engine", self.engine, ENGINES)
+        if self.reference is not None:
+            read_reference(self.reference)  # a bad file fails before the model loads
+
+    def configure(self, model: Model):
+        """The protocol's knobs, and the window: when not given, `default_window` of the model's depth."""
+        options, lines = super().configure(model)
+        if options.window is None:
+            options = dataclasses.replace(options, window=default_window(model.n_layers))
+            lines = [*lines, f"window {options.window} (the default for {model.n_layers} layers: about a third of "
+                             "the depth, at most the study's 9)"]
+        return options, lines
+
+
+# lens
+
+
+@dataclass(frozen=True)
+class LensOptions(QuestionOptions):
+    """`mmscope lens`: which lens, on which axis."""
+
+    lens: str | None = option(None, "raw (no final norm, as in the study; the default) or normed.")
+    lens_axis: str | None = option(None, "layers (L points: after each decoder layer; the default protocol's) or "
+                                         "hidden-states (L+1: embeddings, after each layer, the final-normed "
+                                         "output; the study's).")
+
+
+# truncate
+
+
+@dataclass(frozen=True)
+class TruncateOptions(QuestionOptions):
+    """`mmscope truncate`: the sweep engine."""
+
+    engine: str = engine_option()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("engine", self.engine, ENGINES)
+
+
+# patch
+
+PATCH_GROUPS = ("image", "object", "question", "last")
+
+
+@dataclass(frozen=True)
+class PatchOptions(QuestionOptions):
+    """`mmscope patch`: fewer questions by default, the site patched, the token groups, the sweep engine."""
+
+    limit: int | None = limit_option(10)
+    site: str = option("residual", "residual, attention or mlp.")
+    groups: list[str] | None = option(None, "Token groups to patch (repeatable).", flag="--group")
+    engine: str = engine_option()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("site", self.site, SITES)
+        check_choice("engine", self.engine, ENGINES)
+        object.__setattr__(self, "groups", list(self.groups or PATCH_GROUPS))  # recorded as run, defaults included
+
+
+# map
+
+KINDS = ("knockout", "patch", "lens", "attention")
+TARGETS = ("last", "question")
+LENS_TOKENS = ("answer", "object")
+
+
+@dataclass(frozen=True)
+class MapOptions(QuestionOptions):
+    """`mmscope map`: the kinds of map, the targets, the block side, the knockout windows, the layers of the
+    other kinds, patch's site, the lens token, the sweep engine. An option the kinds asked for do not use is
+    refused; its default is filled in only for a kind that uses it (so a run's config.yaml names no option the
+    run did not use)."""
+
+    kinds: list[str] | None = option(None, "Kind of map (repeatable): knockout (the default), patch, lens, "
+                                           "attention.", flag="--kind")
+    targets: list[str] | None = option(None, "Target group of knockout and attention maps: whose attention to "
+                                             "each region is blocked or read (repeatable; default: last and "
+                                             "question).", flag="--target")
+    region: int = option(1, "Side N of each region in patches: each region is an NxN block of the image-token grid.")
+    window: int | None = option(None, "knockout: window k of layers blocked around each centre (default: "
+                                      "knockout's, about a third of the depth, at most 9).")
+    centers: list[int] | None = option(None, "knockout: centre layer of a window, one panel each (repeatable; "
+                                             "default: the middle layer).", flag="--center")
+    layers: list[int] | None = option(None, "patch, lens, attention: a layer, one panel each (repeatable; default: "
+                                            "the middle layer for patch, every layer for lens and attention).",
+                                      flag="--layer")
+    site: str | None = option(None, "patch: the site patched, residual (the default), attention or mlp.")
+    lens_token: str | None = option(None, "lens: the token whose probability is read, answer (the clean answer's "
+                                          "first token; the default) or object (the question's object name's).")
+    engine: str = engine_option()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kinds = list(dict.fromkeys(self.kinds or ["knockout"]))
+        object.__setattr__(self, "kinds", kinds)
+        for name in ("targets", "centers", "layers"):  # each panel or target once, in the order given
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
+        for kind in kinds:
+            check_choice("kind", kind, KINDS, flag="--kind")
+        uses = {"targets": ("knockout", "attention"), "window": ("knockout",), "centers": ("knockout",),
+                "layers": ("patch", "lens", "attention"), "site": ("patch",), "lens_token": ("lens",)}
+        flags = {field.name: field.metadata.get("flag") or flag_of(field.name) for field in dataclasses.fields(self)}
+        for name, users in uses.items():
+            if getattr(self, name) is not None and not set(users) & set(kinds):
+                flag = flags[name]
+                raise OptionError(f"{flag} applies to --kind {' or '.join(users)}; this run draws "
+                                  f"{', '.join(kinds)}")
+        if set(uses["targets"]) & set(kinds):
+            object.__setattr__(self, "targets", list(self.targets or TARGETS))
+            for target in self.targets:
+                check_choice("target", target, TARGETS)
+        if "patch" in kinds:
+            object.__setattr__(self, "site", self.site or "residual")
+            check_choice("site", self.site, SITES)
+        if "lens" in kinds:
+            object.__setattr__(self, "lens_token", self.lens_token or "answer")
+            check_choice("lens token", self.lens_token, LENS_TOKENS, flag="--lens-token")
+        check_at_least("region", self.region, 1)
+        check_at_least("window", self.window, 1)
+        for center in self.centers or ():
+            check_at_least("center", center, 0)
+        for layer in self.layers or ():
+            check_at_least("layer", layer, 0)
+        check_choice("engine", self.engine, ENGINES)
+
+    def configure(self, model: Model):
+        """The protocol's knobs, and the windows, centres and layers when not given (printed in the run header);
+        layers beyond the model's refused."""
+        options, lines = super().configure(model)
+        kinds = options.kinds
+        if "knockout" in kinds and options.window is None:
+            options = dataclasses.replace(options, window=default_window(model.n_layers))
+            lines = [*lines, f"window {options.window} (knockout's default for {model.n_layers} layers: about a "
+                             "third of the depth, at most the study's 9)"]
+        if "knockout" in kinds and options.centers is None:
+            options = dataclasses.replace(options, centers=[model.n_layers // 2])
+            lines = [*lines, f"center {options.centers[0]} (the default: the middle layer)"]
+        if {"patch", "lens", "attention"} & set(kinds) and options.layers is None:
+            every = {"lens", "attention"} & set(kinds)
+            options = dataclasses.replace(options, layers=list(range(model.n_layers)) if every else
+                                          [model.n_layers // 2])
+            said = (f"0..{model.n_layers - 1} (the default for {' and '.join(sorted(every))}: every layer"
+                    f"{'; patch at each' if 'patch' in kinds else ''})" if every else
+                    f"{options.layers[0]} (the default for patch: the middle layer)")
+            lines = [*lines, f"layers {said}"]
+        for name, values in (("center", options.centers), ("layer", options.layers)):
+            for value in values or ():
+                if value >= model.n_layers:
+                    raise OptionError(f"{name} {value} (--{name}): {model.name} has layers 0..{model.n_layers - 1}")
+        return options, lines
+
+
+# probe
+
+PROBE_KINDS = ("linear", "mlp")
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """`mmscope probe`: the model, the scene graphs' split, how many images, which probe, and the run folder."""
+
+    model: str = model_option()
+    data: Path | None = data_option()
+    split: str = split_option()
+    n_images: int = option(300, "Images (scenes) to build the probe datasets from.")
+    probe_kind: str = option("linear", "linear or mlp.", flag="--probe")
+    controls: bool = option(True, "Also train each probe on a shuffled-label baseline and a control task, and "
+                                  "report selectivity (triples the training).")
+    out: Path | None = out_option()
+    wandb: bool = wandb_option()
+    seed: int = seed_option()
+
+    def __post_init__(self) -> None:
+        check_choice("probe", self.probe_kind, PROBE_KINDS)
+        check_at_least("n_images", self.n_images, 1)
+
+
+# evaluate
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """`mmscope evaluate`: the model, the questions, the batch size, and what else to measure or write."""
+
+    model: str = option(DEFAULT_MODEL, "Embedded model name, checkpoint folder or hub id.")
+    data: Path | None = option(None, "Synthetic-world or GQA folder, or a table of questions (default: the "
+                                     "embedded test split).")
+    columns: str | None = columns_option()
+    split: str = option("test", "Which split of --data.")
+    limit: int | None = option(None, "Evaluate at most N questions per category.")
+    batch_size: int = option(32)
+    blank: bool = option(True, "Also evaluate with blank images (the model must use the image).")
+    card: bool = option(False, "Write the result into the model folder's model card.", flag="--card")
+
+    def __post_init__(self) -> None:
+        check_at_least("limit", self.limit, 1, omitted="all questions")
+        check_at_least("batch_size", self.batch_size, 1)
+        column_mapping(self.columns)
+
+
+# The commands, in the order `mmscope --help` lists them (`train`, `data`: `mmscope.cli`). An experiment runs as
+# its `Experiment` declares it (`mmscope.experiments.runner`), and takes `--config` (a run's own config.yaml works).
+
+KNOCKOUT = Command(name="knockout", help="Attention-knockout sweep over flows × centre layers: Δp% of the answer "
+                                         "per GQA category.",
+                   options=KnockoutOptions, runs="mmscope.experiments.knockout:KNOCKOUT.main", config_file=True)
+LENS = Command(name="lens", help="Logit lens at the last position: p(answer) in lower case and capitalised, and the "
+                                 "false option, per layer.",
+               options=LensOptions, runs="mmscope.experiments.lens:LENS.main", config_file=True)
+TRUNCATE = Command(name="truncate", help="Early exit after each layer: p(answer) and whether it is still the top "
+                                         "token.",
+                   options=TruncateOptions, runs="mmscope.experiments.truncate:TRUNCATE.main", config_file=True)
+PATCH = Command(name="patch", help="Clean → corrupted (another scene's image) activation patching: layer × "
+                                   "token-group heatmap.",
+                options=PatchOptions, runs="mmscope.experiments.patch:PATCH.main", config_file=True)
+MAP = Command(name="map", help="Image maps (knockout, patch, lens, attention): each block of the image's effect on "
+                               "the answer, drawn over it.",
+              options=MapOptions, runs="mmscope.experiments.maps:MAP.main", config_file=True)
+PROBE = Command(name="probe", help="Layer-wise probes: image–text entailment (global) vs object recognition "
+                                   "(local).",
+                options=ProbeOptions, runs="mmscope.experiments.probe:PROBE.main", config_file=True)
+EXPERIMENTS = (KNOCKOUT, LENS, TRUNCATE, PATCH, MAP, PROBE)
+EVALUATE = Command(name="evaluate", help="Greedy accuracy per GQA category, with and without the image.",
+                   options=EvaluateOptions, runs="mmscope.experiments.evaluate:evaluate")
