@@ -243,3 +243,14 @@ def test_map_figures_wrap_long_rows_and_leave_no_dead_margin(tmp_path, drawn):
     titles = [axis.get_title() for axis in panels(drawn[2])]
     assert titles[0].endswith("(n=3)") and titles[1].endswith("(n=2)")
     assert "p < 0.001 everywhere" in notes(panels(drawn[2])[0]) and notes(panels(drawn[2])[1]) == ""
+
+
+def test_a_layer_axis_with_the_embeddings_names_them_and_one_without_keeps_plain_numbers(drawn, tmp_path):
+    rows = [{"layer": layer, "curve": "answer", "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 3}
+            for layer in range(-1, 4)]
+    curves(pd.DataFrame(rows), tmp_path / "a.png", x="layer", hue="curve", panel=None, ylabel="p", title="t")
+    (axis,) = panels(drawn[-1])
+    assert [tick.get_text() for tick in axis.get_xticklabels()] == ["embeddings", "0", "1", "2", "3"]
+    curves(pd.DataFrame(rows[1:]), tmp_path / "b.png", x="layer", hue="curve", panel=None, ylabel="p", title="t")
+    (axis,) = panels(drawn[-1])
+    assert "embeddings" not in [tick.get_text() for tick in axis.get_xticklabels()]

@@ -133,6 +133,8 @@ def test_probe_command_reports_selectivity_from_a_control_task_on_the_features(e
     report = "\n".join(printed)
     assert "best layer by selectivity:" in report and "shuffled-label baseline" in report
     table = pd.read_parquet(run_dir.folder / "results.parquet")
+    assert sorted(table["layer"].unique()) == list(range(-1, embedded.n_layers))  # the embeddings are layer -1
+    assert "\nembeddings " in report
     assert set(table["task"]) == {"entailment", "objects"}
     assert (table["selectivity"] == table["accuracy"] - table["control_accuracy"]).all()
     assert table[["control_accuracy", "shuffled_accuracy"]].notna().all().all()
@@ -140,8 +142,8 @@ def test_probe_command_reports_selectivity_from_a_control_task_on_the_features(e
     assert {"control_accuracy", "shuffled_accuracy", "selectivity"} <= set(summary.columns)
     # One layer's control-task score, recomputed from the model's features and the seed rule.
     data = PROBE.data(options)["entailment"]
-    layer = embedded.n_layers // 2
-    features = layer_features(embedded, data["image"], list(data["statement"]), "last", progress=False)[:, layer]
+    layer = embedded.n_layers // 2  # after decoder layer `layer`: the features' point layer + 1 (0 = embeddings)
+    features = layer_features(embedded, data["image"], list(data["statement"]), "last", progress=False)[:, layer + 1]
     groups, labels = list(data["image_id"]), torch.tensor(data["label"])
     train, test = held_out_split(groups, options.seed)
     control = control_labels(labels, control_types("entailment", data), options.seed)

@@ -183,8 +183,8 @@ def test_lens_command_under_the_study_protocol_keeps_a_capitalised_answer_and_sh
     table = pd.read_parquet(out / "results.parquet")
     assert set(table["generated"]) == {"Red"}
     assert sorted(table["token"].unique()) == ["Answer", "answer"]
-    assert sorted(table["layer"].unique()) == list(range(capitalising.n_layers + 1))
-    top = table[table["layer"] == capitalising.n_layers].set_index("token")["prob"]
+    assert sorted(table["layer"].unique()) == list(range(-1, capitalising.n_layers))  # the embeddings are -1
+    top = table[table["layer"] == capitalising.n_layers - 1].set_index("token")["prob"]
     assert top["Answer"] > 0.99 and top["answer"] < 0.01  # the model's own output says "Red"
 
 

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mmscope.sites import EMBEDDINGS, layer_name  # noqa: E402
+
 if TYPE_CHECKING:
     from mmscope.experiments.references import Reference
 
@@ -45,6 +47,17 @@ def n_text(n: pd.Series | np.ndarray | Sequence[int]) -> str:
         return "n=0"
     low, high = int(counts.min()), int(counts.max())
     return f"n={low}" if low == high else f"n={low}–{high}"
+
+
+def name_layers(axis, x: str, values: Iterable) -> None:
+    """On a layer axis that shows the embeddings (layer −1, `mmscope.sites`), a tick at every layer drawn, the
+    embeddings' named."""
+    values = sorted({int(v) for v in values})
+    if x == "layer" and EMBEDDINGS in values:
+        axis.set_xticks(values, [layer_name(v) for v in values])
+        first = axis.get_xticklabels()[0]  # the long name leans left, clear of layer 0's number
+        first.set_rotation(30)
+        first.set_horizontalalignment("right")
 
 
 def clipped(values: pd.Series, limits: tuple[float | None, float | None] | None) -> pd.Series:
@@ -88,7 +101,8 @@ def curves(summary: pd.DataFrame, path: Path, *, x: str, hue: str, panel: str | 
             (line,) = axis.plot(curve[x], curve["mean"], label=str(label), linewidth=1.6, color=colours[label],
                                 linestyle=styles.get(label, "-"))
             low, high = clipped(curve["ci_low"], limits), clipped(curve["ci_high"], limits)
-            band = tuple(tuple(np.round(values, 12)) for values in (curve[x], curve["mean"], low, high))
+            # the same means, the same data (e.g. two names of one token): bootstrap bands of it differ by chance
+            band = tuple(tuple(np.round(values, 12)) for values in (curve[x], curve["mean"]))
             if band not in banded:
                 axis.fill_between(curve[x], low, high, color=colours[label], alpha=0.2, linewidth=0)
                 banded.add(band)
@@ -108,6 +122,7 @@ def curves(summary: pd.DataFrame, path: Path, *, x: str, hue: str, panel: str | 
         heading = str(name) if name is not None else ""
         axis.set_title(f"{heading} ({counted})" if heading and counted else heading or counted or "", fontsize=10)
         axis.set_xlabel(x.replace("_", " "))
+        name_layers(axis, x, part[x])
         axis.grid(alpha=0.3)
     for axis in axes[:, 0]:
         axis.set_ylabel(ylabel)
@@ -138,7 +153,7 @@ def heatmap(matrix: pd.DataFrame, path: Path, *, title: str, colorbar: str, n: p
         n = n.reindex(index=matrix.index, columns=matrix.columns)
         rows = [f"{row} ({n_text(n.loc[label])})" for row, label in zip(rows, matrix.index, strict=True)]
         title = f"{title} ({n_text(n.to_numpy().ravel())})"
-    axis.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns])
+    axis.set_xticks(range(matrix.shape[1]), [layer_name(c) for c in matrix.columns])
     axis.set_yticks(range(matrix.shape[0]), rows)
     axis.set_xlabel(str(matrix.columns.name or "layer"))
     axis.set_title(title, fontsize=10)
@@ -177,6 +192,7 @@ def curves_with_controls(summary: pd.DataFrame, path: Path, *, x: str, hue: str,
     differences.set_title(difference.replace("_", " ") + counted, fontsize=10)
     for axis in (scores, differences):
         axis.set_xlabel(x.replace("_", " "))
+        name_layers(axis, x, summary[x])
         axis.grid(alpha=0.3)
     handles, labels = scores.get_legend_handles_labels()  # below the panels, where it hides no curve
     ncol = min(len(labels), 3)

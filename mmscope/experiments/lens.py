@@ -13,11 +13,12 @@ token of the clean greedy answer starts with one (`ĠRed`, `▁Red`), without it
 tokenizers two different tokens. The report names the token strings tracked and how often each spelling was
 chosen.
 
-The x axis (`--lens-axis`):
+The x axis (`--lens-axis`), in mmscope's one layer numbering (`mmscope.sites`: decoder layers 0 … L−1, the
+embeddings −1):
   * `layers`: L points, layer ℓ = the stream after decoder layer ℓ;
-  * `hidden-states`: L + 1 points, as transformers' `hidden_states` — 0 = the input embeddings, ℓ = after
-    decoder layer ℓ − 1, L = the final-normed output (so its point is the model's own next-token distribution,
-    whatever the lens).
+  * `hidden-states`: L + 1 points, transformers' `hidden_states` — the embeddings (−1), then after each decoder
+    layer ℓ, the last one (L−1) through the final norm (so its point is the model's own next-token
+    distribution, whatever the lens).
 The lens only reads activations: it applies no intervention.
 """
 
@@ -34,6 +35,7 @@ from mmscope.experiments.figures import PROBABILITY, curves
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions
 from mmscope.layout import Example
 from mmscope.model import Model
+from mmscope.sites import EMBEDDINGS, layer_name
 
 
 def tracked_tokens(model: Model, example: Example, row: dict, leading_space: bool | None = None) -> dict[str, int]:
@@ -68,12 +70,13 @@ def lens_rows(sweep: Sweep[LensOptions], question: Question) -> list[dict]:
     space = model.writes_leading_space(question.example, [question.answer.first_token])[0]
     other = tracked_tokens(model, question.example, question.row, not space)
     spelled = model.tokenizer.convert_ids_to_tokens
+    first = EMBEDDINGS if options.lens_axis == "hidden-states" else 0  # the layer of the axis's first point
     return [
-        {"generated": question.answer.text, "lens": options.lens, "axis": options.lens_axis, "layer": layer,
+        {"generated": question.answer.text, "lens": options.lens, "axis": options.lens_axis, "layer": first + point,
          "token": name, "token_id": token, "token_text": spelled(token), "leading_space": space,
-         "other_spelling": spelled(other[name]) if other[name] != token else None, "prob": probs[layer, token].item()}
+         "other_spelling": spelled(other[name]) if other[name] != token else None, "prob": probs[point, token].item()}
         for name, token in tracked_tokens(model, question.example, question.row, space).items()
-        for layer in range(len(probs))
+        for point in range(len(probs))
     ]
 
 
@@ -110,7 +113,8 @@ def lens_figure(summary: pd.DataFrame, path: Path, options: LensOptions) -> Path
     """Mean p(token) ± 95% CI against the layer, one curve per tracked token (one colour each in every panel;
     the capitalised forms dashed, so a curve equal to its lower-case one stays visible), one panel per
     category."""
-    axis = "0 = embeddings, L = final output" if options.lens_axis == "hidden-states" else "after each layer"
+    axis = ("embeddings, after each layer, the last through the final norm" if options.lens_axis == "hidden-states"
+            else "after each layer")
     return curves(summary, path, x="layer", hue="token", panel="category", ylabel="probability",
                   title=f"Logit lens at the last position ({options.lens}; {axis})", limits=PROBABILITY,
                   hue_order=TOKENS, styles={"Answer": "--", "False_option": "--"})
@@ -122,19 +126,20 @@ def lens_findings(table: pd.DataFrame, summary: pd.DataFrame, options: LensOptio
     note = ("raw lens: hidden states go straight to lm_head, without the final norm, as in the study"
             if options.lens == "raw" else "normed lens: hidden states pass the final norm before lm_head")
     if options.lens_axis == "hidden-states":
-        note += "; layer 0 = embeddings, ℓ = after decoder layer ℓ-1, the last = the final-normed output"
+        note += "; the embeddings, then ℓ = after decoder layer ℓ, the last through the final norm (the output)"
     else:
         note += "; layer ℓ = after decoder layer ℓ"
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     pooled = table.pivot_table(index="token", columns="layer", values="prob", aggfunc="mean")
     order = [token for token in ("answer", "Answer", "false_option", "False_option") if token in pooled.index]
     pooled = pooled.loc[order]
-    peaks = ", ".join(f"{token} → {int(pooled.loc[token].idxmax())}" for token in order)
+    peaks = ", ".join(f"{token} → {layer_name(pooled.loc[token].idxmax())}" for token in order)
     lines = [note, *spelling_findings(table), "", "Mean p(token) by layer, all categories:",
-             pooled.to_string(float_format=fmt), "", f"peak layer: {peaks}"]
+             pooled.rename(columns=layer_name).to_string(float_format=fmt), "", f"peak layer: {peaks}"]
     for token in ("answer", "Answer"):
         part = summary[summary["token"] == token].pivot(index="category", columns="layer", values="mean")
-        lines += ["", f"Mean p({token}) by category and layer:", part.to_string(float_format=fmt)]
+        lines += ["", f"Mean p({token}) by category and layer:",
+                  part.rename(columns=layer_name).to_string(float_format=fmt)]
     return lines
 
 

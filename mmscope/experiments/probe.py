@@ -43,6 +43,7 @@ from mmscope.experiments.workspace import probe_datasets
 from mmscope.interventions import Intervention
 from mmscope.model import Model
 from mmscope.probes import ProbeConfig, layer_features, layerwise
+from mmscope.sites import EMBEDDINGS, layer_name
 
 OBJECT_PROMPT = "What objects are in the image?"
 POOLINGS = {"entailment": ("last", "text"), "objects": ("image", "last")}
@@ -71,7 +72,7 @@ def probe_rows(model: Model, task: str, dataset, pooling: str, config: ProbeConf
     return [
         {"task": task, "pooling": pooling, "probe": config.kind, "n": len(dataset), **scores}
         for scores in layerwise(features, labels, multilabel, config=config, groups=list(dataset["image_id"]),
-                                controls=controls, types=types)
+                                controls=controls, types=types, first_layer=EMBEDDINGS)
     ]
 
 
@@ -128,28 +129,31 @@ def _by_layer(table: pd.DataFrame, column: str) -> pd.DataFrame:
     return table.dropna(subset=[column]).pivot_table(index="layer", columns="curve", values=column)
 
 
+def _printed(pivot: pd.DataFrame) -> str:
+    """A layer × curve table as printed, the embeddings' row named."""
+    return pivot.rename(index=layer_name).to_string(float_format="{:.3f}".format)
+
+
 def _best_layers(pivot: pd.DataFrame) -> str:
-    return ", ".join(f"{curve} → {int(pivot[curve].idxmax())}" for curve in pivot.columns)
+    return ", ".join(f"{curve} → {layer_name(pivot[curve].idxmax())}" for curve in pivot.columns)
 
 
 def probe_findings(table: pd.DataFrame, summary: pd.DataFrame, options: ProbeOptions) -> list[str]:
     """Accuracy per layer of each curve, the best layer of each, and the object probes' micro-F1; with controls,
     the selectivity and the shuffled-label baseline per layer, and the best layer by selectivity."""
     table = with_curves(table)
-    number = "{:.3f}".format
     pivot = _by_layer(table, "accuracy")
-    lines = ["Held-out probe accuracy by layer (layer 0 = embeddings):", pivot.to_string(float_format=number), "",
-             "best layer: " + _best_layers(pivot)]
+    lines = ["Held-out probe accuracy by layer (embeddings, then after each decoder layer 0 … L−1):", _printed(pivot),
+             "", "best layer: " + _best_layers(pivot)]
     if "f1" in table:
-        lines += ["", "object recognition micro-F1:", _by_layer(table, "f1").to_string(float_format=number)]
+        lines += ["", "object recognition micro-F1:", _printed(_by_layer(table, "f1"))]
     if "selectivity" in table:
         selectivity = _by_layer(table, "selectivity")
-        lines += ["", "Selectivity (accuracy − control-task accuracy) by layer:",
-                  selectivity.to_string(float_format=number), "",
+        lines += ["", "Selectivity (accuracy − control-task accuracy) by layer:", _printed(selectivity), "",
                   "best layer by selectivity: " + _best_layers(selectivity)]
     if "shuffled_accuracy" in table:
         lines += ["", "shuffled-label baseline (the same probe on permuted labels) by layer:",
-                  _by_layer(table, "shuffled_accuracy").to_string(float_format=number)]
+                  _printed(_by_layer(table, "shuffled_accuracy"))]
     return lines
 
 

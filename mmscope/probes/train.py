@@ -6,7 +6,7 @@ cross-entropy and report accuracy; multi-label tasks (object recognition, multi-
 per-label binary cross-entropy and report exact-match accuracy and micro-F1.
 
 Reading the result: a probe measures what is *linearly decodable* from a layer, not what the model uses.
-Compare layers against each other and against a baseline (layer 0, the embeddings), not in absolute terms.
+Compare layers against each other and against a baseline (the embeddings), not in absolute terms.
 
 Controls (`layerwise(..., controls=True)`) say how much of an accuracy the probe's own capacity would reach
 without the information asked about. Each trains the very same probe (config, seed, features, split) on other
@@ -114,8 +114,9 @@ def control_labels(labels: torch.Tensor, types: Sequence[str], seed: int = 0) ->
 
 def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, test_fraction: float = 0.25,
               config: ProbeConfig = ProbeConfig(), groups: Sequence[str] | None = None, *, controls: bool = False,
-              types: Sequence[str] | None = None) -> list[dict[str, float]]:
+              types: Sequence[str] | None = None, first_layer: int = 0) -> list[dict[str, float]]:
     """One probe per layer of `features [N, L, D]`; a seeded split holds out `test_fraction` of the examples.
+    Rows are numbered from `first_layer` (−1 when the first features are the embeddings, `mmscope.sites`).
 
     With `groups` (e.g. image ids) whole groups are held out, so that a true statement and its hard negative
     about the same image never sit on both sides of the split (a probe could otherwise learn the pair).
@@ -136,7 +137,7 @@ def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, te
             arms["control_"] = control_labels(labels, types, config.seed)
     rows = []
     for layer in range(features.shape[1]):
-        row: dict[str, float] = {"layer": layer}
+        row: dict[str, float] = {"layer": first_layer + layer}
         for prefix, target in arms.items():
             scores = fit_probe(features[train, layer], target[train], features[test, layer], target[test],
                                multilabel, config)
