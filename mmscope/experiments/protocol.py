@@ -19,9 +19,9 @@ reproduces the paper; each knob is also its own option, which wins over the prot
     ci                normal: mean ± 1.96 standard errors      bootstrap: 95% percentile bootstrap of the mean
                                                                (seaborn's default, the study's figures)
     lens              raw (no final norm)                      raw
-    lens axis         layers: 0..L-1 = after decoder layer ℓ   hidden-states: 0 = embeddings, ℓ = after layer ℓ-1,
-                                                               L = the final-normed output (transformers'
-                                                               hidden_states)
+    lens axis         layers: 0..L-1 = after decoder layer ℓ   hidden-states: the embeddings (layer −1), then
+                                                               0..L-1, the last through the final norm
+                                                               (transformers' hidden_states)
 
 A knob left unset (None) takes its protocol's value when the run starts (`configure`), against the loaded model;
 config.yaml records the values the run used.
