@@ -5,13 +5,23 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from mmscope.experiments.probe import PROBE, ProbeOptions, control_types
 from mmscope.experiments.runner import run
-from mmscope.probes import ProbeConfig, control_labels, fit_probe, layer_features, layerwise, shuffled_labels, split
+from mmscope.probes import (
+    ProbeConfig,
+    control_labels,
+    fit_probe,
+    layer_features,
+    layerwise,
+    probe_predictions,
+    shuffled_labels,
+    split,
+)
 
 
 def held_out_split(groups: list[str], seed: int, test_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,17 +59,24 @@ def statements(n: int = 240, n_types: int = 24, seed: int = 3):
 
 def test_selectivity_is_accuracy_minus_the_control_task_the_seed_rule_gives():
     features, labels, types, groups = statements()
-    config = ProbeConfig(epochs=150, seed=5)
+    config = ProbeConfig(seed=5)
     rows = layerwise(features, labels, False, config=config, groups=groups, controls=True, types=types)
     train, test = held_out_split(groups, config.seed)
     shuffled, control = by_seed_rule(labels, types, train, test, config.seed)
+    folds = [groups[i] for i in train.tolist()]  # the probe's cross-validation keeps images whole
     for layer, row in enumerate(rows):
         x_train, x_test = features[train, layer], features[test, layer]
-        accuracy = fit_probe(x_train, labels[train], x_test, labels[test], False, config)["accuracy"]
-        control_accuracy = fit_probe(x_train, control[train], x_test, control[test], False, config)["accuracy"]
-        shuffled_accuracy = fit_probe(x_train, shuffled[train], x_test, shuffled[test], False, config)["accuracy"]
-        assert row == {"layer": layer, "accuracy": accuracy, "shuffled_accuracy": shuffled_accuracy,
-                       "control_accuracy": control_accuracy, "selectivity": accuracy - control_accuracy}
+        accuracy = fit_probe(x_train, labels[train], x_test, labels[test], False, config, folds)["accuracy"]
+        control_accuracy = fit_probe(x_train, control[train], x_test, control[test], False, config, folds)["accuracy"]
+        shuffled_accuracy = fit_probe(x_train, shuffled[train], x_test, shuffled[test], False, config,
+                                      folds)["accuracy"]
+        scores = {key: row[key] for key in ("layer", "accuracy", "shuffled_accuracy", "control_accuracy",
+                                            "selectivity")}
+        assert scores == {"layer": layer, "accuracy": accuracy, "shuffled_accuracy": shuffled_accuracy,
+                          "control_accuracy": control_accuracy, "selectivity": accuracy - control_accuracy}
+        for arm in ("", "shuffled_", "control_"):
+            assert row[f"{arm}accuracy_low"] <= row[f"{arm}accuracy"] <= row[f"{arm}accuracy_high"]
+        assert row["selectivity_low"] <= row["selectivity"] <= row["selectivity_high"]
     # The label lies in one coordinate of layer 1 and the statement's identity nowhere: all accuracy, no control.
     assert rows[1]["accuracy"] == 1.0
     assert 0.3 <= rows[1]["control_accuracy"] <= 0.7 and 0.3 <= rows[1]["shuffled_accuracy"] <= 0.7
@@ -118,10 +135,11 @@ def test_the_control_task_gives_every_type_one_label_drawn_by_the_seed():
 def test_without_controls_the_rows_keep_their_columns():
     features, labels, types, groups = statements(n=80)
     [row] = layerwise(features[:, :1], labels, False, groups=groups)
-    assert list(row) == ["layer", "accuracy"]
+    assert list(row) == ["layer", "accuracy", "accuracy_low", "accuracy_high"]
     multi = torch.stack([labels, 1 - labels], dim=1)
     [row] = layerwise(features[:, :1], multi, True, groups=groups, controls=True)  # no types: no control task
-    assert list(row) == ["layer", "accuracy", "f1", "shuffled_accuracy", "shuffled_f1"]
+    assert list(row) == ["layer", "accuracy", "f1", "accuracy_low", "accuracy_high", "shuffled_accuracy",
+                         "shuffled_f1", "shuffled_accuracy_low", "shuffled_accuracy_high"]
     with pytest.raises(ValueError, match="controls=True"):
         layerwise(features, labels, False, groups=groups, types=types)
 
@@ -131,7 +149,8 @@ def test_probe_command_reports_selectivity_from_a_control_task_on_the_features(e
     options = ProbeOptions(data=world, split="test", n_images=12, out=tmp_path / "probe")
     run_dir = run(PROBE, options, printed.append)
     report = "\n".join(printed)
-    assert "best layer by selectivity:" in report and "shuffled-label baseline" in report
+    assert "best layer (where it beats its control beyond the 95% intervals):" in report
+    assert "shuffled-label baseline" in report
     table = pd.read_parquet(run_dir.folder / "results.parquet")
     assert sorted(table["layer"].unique()) == list(range(-1, embedded.n_layers))  # the embeddings are layer -1
     assert "\nembeddings " in report
@@ -148,7 +167,7 @@ def test_probe_command_reports_selectivity_from_a_control_task_on_the_features(e
     train, test = held_out_split(groups, options.seed)
     control = control_labels(labels, control_types("entailment", data), options.seed)
     expected = fit_probe(features[train], control[train], features[test], control[test], False,
-                         ProbeConfig(seed=options.seed))["accuracy"]
+                         ProbeConfig(seed=options.seed), [groups[i] for i in train.tolist()])["accuracy"]
     at = (table["task"] == "entailment") & (table["pooling"] == "last") & (table["layer"] == layer)
     [row] = table[at].itertuples()
     assert row.control_accuracy == expected
@@ -157,3 +176,113 @@ def test_probe_command_reports_selectivity_from_a_control_task_on_the_features(e
     names = objects.features["label_ids"].feature.names
     assert control_types("objects", objects) == [",".join(name for name, on in zip(names, row, strict=True) if on)
                                                  for row in objects["labels"]]
+
+
+def test_each_score_has_a_bootstrap_interval_over_held_out_images_computed_as_written():
+    """The interval of a layer's accuracy, rebuilt with a plain loop: resample the held-out images with
+    replacement (numpy's default_rng(seed), images in sorted order), score each resample's statements."""
+    features, labels, types, groups = statements(n=120)
+    config = ProbeConfig(seed=2)
+    rows = layerwise(features, labels, False, config=config, groups=groups)
+    train, test = held_out_split(groups, config.seed)
+    folds = [groups[i] for i in train.tolist()]
+    predicted = probe_predictions(features[train, 0], labels[train], features[test, 0], False, config, folds)
+    correct = predicted == labels[test].numpy()
+    images = [groups[i] for i in test.tolist()]
+    names = sorted(set(images))
+    draws = np.random.default_rng(config.seed).integers(0, len(names), size=(1000, len(names)))
+    means = []
+    for draw in draws:
+        chosen = [correct[[j for j, image in enumerate(images) if image == names[k]]] for k in draw]
+        means.append(np.concatenate(chosen).mean())
+    low, high = np.percentile(means, [2.5, 97.5])
+    assert (rows[0]["accuracy_low"], rows[0]["accuracy_high"]) == pytest.approx((low, high), abs=1e-12)
+    assert rows[0]["accuracy_high"] - rows[0]["accuracy_low"] > 0.05  # noise features: a wide interval
+    assert rows[1]["accuracy_low"] == rows[1]["accuracy_high"] == 1.0  # the label in one coordinate
+
+
+def test_a_best_layer_is_named_only_where_it_beats_its_control_beyond_the_intervals():
+    from mmscope.experiments.probe import best_layer_lines
+
+    def curve(name, selectivity_lows):
+        return [{"curve": name, "layer": layer - 1, "accuracy": 0.7, "accuracy_low": 0.6, "accuracy_high": 0.8,
+                 "selectivity": low + 0.1, "selectivity_low": low, "selectivity_high": low + 0.2,
+                 "shuffled_accuracy": 0.5, "shuffled_accuracy_high": 0.6}
+                for layer, low in enumerate(selectivity_lows)]
+
+    table = pd.DataFrame(curve("entailment / last", [-0.1, 0.05, 0.2, -0.05]) + curve("objects / image", [-0.2] * 4))
+    assert best_layer_lines(table) == [
+        "  entailment / last → 1: selectivity 0.300 [0.20, 0.40], accuracy 0.700 [0.60, 0.80]",
+        "  objects / image: no layer beats its control task beyond the 95% intervals"]
+    shuffled_only = table.drop(columns=["selectivity", "selectivity_low", "selectivity_high"])
+    assert best_layer_lines(shuffled_only)[1] == ("  objects / image: no layer beats the shuffled-label baseline "
+                                                  "beyond the 95% intervals")  # 0.6 is not above 0.6
+
+
+def transformers_features(model, images, texts, group: str) -> torch.Tensor:
+    """`[N, L + 1, D]` pooled features read with transformers alone: `output_hidden_states` for the embeddings
+    and the layers below the last, a forward hook for the last layer's output (the model's own last hidden
+    state has passed the final norm); mmscope supplies the prompt and which positions `group` holds."""
+    hf, features = model.hf, []
+    for image, text in zip(images, texts, strict=True):
+        example = model.prepare(image.convert("RGB"), text)
+        seen = {}
+        handle = hf.model.language_model.layers[-1].register_forward_hook(
+            lambda module, args, output: seen.setdefault("last", output[0] if isinstance(output, tuple) else output))
+        try:
+            with torch.no_grad():
+                output = hf(**example.inputs, output_hidden_states=True)
+        finally:
+            handle.remove()
+        states = torch.cat([torch.stack(output.hidden_states[:-1])[:, 0], seen["last"]])  # [L + 1, T, D]
+        positions = [example.seq_len - 1] if group == "last" else example.layout[group]
+        features.append(states[:, positions].mean(1))
+    return torch.stack(features).float()
+
+
+def converged_accuracy(x_train, y_train, x_test, y_test, groups, multilabel: bool) -> float:
+    """A logistic regression solved to a tight tolerance, its C chosen by grouped grid search — plain
+    scikit-learn, written apart from mmscope's probe."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, GroupKFold
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = LogisticRegression(max_iter=20000, tol=1e-8)
+    model = OneVsRestClassifier(model) if multilabel else model
+    grid = {f"probe__{'estimator__' if multilabel else ''}C": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]}
+    search = GridSearchCV(Pipeline([("scale", StandardScaler()), ("probe", model)]), grid, cv=GroupKFold(3),
+                          scoring="accuracy")
+    search.fit(x_train.double().numpy(), y_train.numpy(), groups=groups)
+    predicted = search.predict(x_test.double().numpy())
+    truth = y_test.numpy()
+    return float(((predicted == truth).all(-1) if multilabel else predicted == truth).mean())
+
+
+def test_the_probe_agrees_with_a_converged_logistic_regression_on_features_transformers_reads(embedded, world):
+    import warnings
+
+    from mmscope.experiments.probe import OBJECT_PROMPT, probe_rows
+    from mmscope.probes.features import POOLINGS
+
+    options = ProbeOptions(data=world, split="test", n_images=200, controls=False)
+    datasets = PROBE.data(options)
+    for task, poolings in (("entailment", ("last", "text")), ("objects", ("image", "last"))):
+        dataset = datasets[task]
+        if task == "entailment":
+            texts, labels, multilabel = list(dataset["statement"]), torch.tensor(dataset["label"]), False
+        else:
+            texts, labels, multilabel = [OBJECT_PROMPT] * len(dataset), torch.tensor(dataset["labels"]), True
+        groups = list(dataset["image_id"])
+        train, test = held_out_split(groups, options.seed)
+        for pooling in poolings:
+            ours = {row["layer"]: row["accuracy"] for row in probe_rows(embedded, task, dataset, pooling,
+                                                                        ProbeConfig(seed=options.seed))}
+            features = transformers_features(embedded, dataset["image"], texts, POOLINGS[pooling])
+            for point in range(features.shape[1]):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # labels always or never present among the training images
+                    expected = converged_accuracy(features[train, point], labels[train], features[test, point],
+                                                  labels[test], [groups[i] for i in train.tolist()], multilabel)
+                assert ours[point - 1] == pytest.approx(expected, abs=0.03), (task, pooling, point - 1)

@@ -171,8 +171,9 @@ def curves_with_controls(summary: pd.DataFrame, path: Path, *, x: str, hue: str,
                          difference: str, ylabel: str, title: str, n_note: str = "") -> Path:
     """Two panels. Left: `mean` against `x`, a solid line per `hue`, and in its colour each `controls` column
     (column → legend name; dashed, then dotted). Right: the `difference` column (e.g. selectivity) per `hue`,
-    with a zero line. Each hue's legend entry carries its `n`, each panel's title the range of them, the
-    figure's title `n_note` (what n counts)."""
+    with a zero line. Bands where the summary has them: `ci_low`–`ci_high` around `mean`, `<difference>_low`–
+    `<difference>_high` around the difference. Each hue's legend entry carries its `n`, each panel's title the
+    range of them, the figure's title `n_note` (what n counts)."""
     figure, (scores, differences) = plt.subplots(1, 2, figsize=(9.6, 4.6))
     styles = ["--", ":", "-."]
     colours = hue_colours(sorted(summary[hue].unique(), key=str))
@@ -181,9 +182,15 @@ def curves_with_controls(summary: pd.DataFrame, path: Path, *, x: str, hue: str,
         colour = colours[label]
         name = f"{label} ({n_text(curve['n'])})" if "n" in curve else str(label)
         scores.plot(curve[x], curve["mean"], color=colour, linewidth=1.6, label=name)
+        if "ci_low" in curve:
+            scores.fill_between(curve[x], clipped(curve["ci_low"], PROBABILITY), clipped(curve["ci_high"], PROBABILITY),
+                                color=colour, alpha=0.15, linewidth=0)
         for style, column in zip(styles, controls, strict=False):
             scores.plot(curve[x], curve[column], color=colour, linewidth=1.1, linestyle=style, alpha=0.8)
         differences.plot(curve[x], curve[difference], color=colour, linewidth=1.6, label=name)
+        if f"{difference}_low" in curve:
+            differences.fill_between(curve[x], curve[f"{difference}_low"], curve[f"{difference}_high"], color=colour,
+                                     alpha=0.15, linewidth=0)
     for style, name in zip(styles, controls.values(), strict=False):
         scores.plot([], [], color="grey", linestyle=style, label=name)
     differences.axhline(0, color="grey", linewidth=0.8)

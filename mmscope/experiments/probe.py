@@ -103,10 +103,14 @@ CONTROLS = {"control_accuracy": "control task", "shuffled_accuracy": "shuffled l
 
 
 def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """The held-out accuracy per curve and layer (`mean`) and the examples it was measured on (`n`); with
-    controls, also `control_accuracy`, `shuffled_accuracy` and `selectivity`."""
-    controlled = [column for column in (*CONTROLS, "selectivity") if column in table]
-    return with_curves(table).rename(columns={"accuracy": "mean"})[["curve", "layer", "mean", "n", *controlled]]
+    """The held-out accuracy per curve and layer (`mean`), its 95% bootstrap interval over held-out images
+    (`ci_low`, `ci_high`) and the examples it was measured on (`n`); with controls, also `control_accuracy`,
+    `shuffled_accuracy`, `selectivity` and its interval (`selectivity_low`, `selectivity_high`)."""
+    controlled = [column for column in (*CONTROLS, "selectivity", "selectivity_low", "selectivity_high")
+                  if column in table]
+    renamed = with_curves(table).rename(columns={"accuracy": "mean", "accuracy_low": "ci_low",
+                                                 "accuracy_high": "ci_high"})
+    return renamed[["curve", "layer", "mean", "ci_low", "ci_high", "n", *controlled]]
 
 
 HELD_OUT = "examples per task, a quarter held out by image"  # what a probe's n counts (layerwise's split)
@@ -118,10 +122,11 @@ def probe_figure(summary: pd.DataFrame, path: Path, options: ProbeOptions) -> Pa
     if "selectivity" in summary:
         return curves_with_controls(summary, path, x="layer", hue="curve", controls=CONTROLS,
                                     difference="selectivity", ylabel="held-out accuracy",
-                                    title="Layer-wise probes and their controls", n_note=HELD_OUT)
-    bandless = summary.assign(ci_low=summary["mean"], ci_high=summary["mean"])
-    return curves(bandless, path, x="layer", hue="curve", panel=None, ylabel="held-out accuracy",
-                  title="Layer-wise probes", limits=PROBABILITY, n_note=f" {HELD_OUT}")
+                                    title="Layer-wise probes and their controls\n95% bootstrap intervals over "
+                                          "held-out images", n_note=HELD_OUT)
+    return curves(summary, path, x="layer", hue="curve", panel=None, ylabel="held-out accuracy",
+                  title="Layer-wise probes (95% bootstrap interval over held-out images)", limits=PROBABILITY,
+                  n_note=f" {HELD_OUT}")
 
 
 def _by_layer(table: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -134,27 +139,65 @@ def _printed(pivot: pd.DataFrame) -> str:
     return pivot.rename(index=layer_name).to_string(float_format="{:.3f}".format)
 
 
-def _best_layers(pivot: pd.DataFrame) -> str:
-    return ", ".join(f"{curve} → {layer_name(pivot[curve].idxmax())}" for curve in pivot.columns)
+def _with_intervals(table: pd.DataFrame, column: str) -> str:
+    """`column` and its 95% interval (`<column>_low`, `<column>_high`) as a printed layer × curve table."""
+    part = table.dropna(subset=[column])
+    cells = part.assign(cell=[f"{value:.3f} [{low:.2f}, {high:.2f}]" for value, low, high in
+                              zip(part[column], part[f"{column}_low"], part[f"{column}_high"], strict=True)])
+    return cells.pivot(index="layer", columns="curve", values="cell").rename(index=layer_name).to_string()
+
+
+def best_layer_lines(table: pd.DataFrame) -> list[str]:
+    """Per curve, the best layer only where it beats its control beyond the 95% intervals: the largest
+    selectivity among layers whose selectivity interval lies above 0 (with a control task), or the largest
+    accuracy among layers whose interval lies above the shuffled-label baseline's (without one); without
+    controls, the largest accuracy, said to be unchecked. Otherwise, plainly, that no layer does."""
+    lines = []
+    for curve, part in table.groupby("curve", sort=True):
+        part = part.set_index("layer")
+        if "selectivity" in part and part["selectivity"].notna().all():
+            beating = part[part["selectivity_low"] > 0]
+            if beating.empty:
+                lines.append(f"  {curve}: no layer beats its control task beyond the 95% intervals")
+                continue
+            layer = beating["selectivity"].idxmax()
+            row = beating.loc[layer]
+            lines.append(f"  {curve} → {layer_name(layer)}: selectivity {row['selectivity']:.3f} "
+                         f"[{row['selectivity_low']:.2f}, {row['selectivity_high']:.2f}], accuracy "
+                         f"{row['accuracy']:.3f} [{row['accuracy_low']:.2f}, {row['accuracy_high']:.2f}]")
+        elif "shuffled_accuracy" in part:
+            beating = part[part["accuracy_low"] > part["shuffled_accuracy_high"]]
+            if beating.empty:
+                lines.append(f"  {curve}: no layer beats the shuffled-label baseline beyond the 95% intervals")
+                continue
+            layer = beating["accuracy"].idxmax()
+            row = beating.loc[layer]
+            lines.append(f"  {curve} → {layer_name(layer)}: accuracy {row['accuracy']:.3f} [{row['accuracy_low']:.2f}, "
+                         f"{row['accuracy_high']:.2f}], above the shuffled-label baseline's interval")
+        else:
+            layer = part["accuracy"].idxmax()
+            row = part.loc[layer]
+            lines.append(f"  {curve} → {layer_name(layer)}: accuracy {row['accuracy']:.3f} [{row['accuracy_low']:.2f}, "
+                         f"{row['accuracy_high']:.2f}] (no control was run to test it against: --controls)")
+    return lines
 
 
 def probe_findings(table: pd.DataFrame, summary: pd.DataFrame, options: ProbeOptions) -> list[str]:
-    """Accuracy per layer of each curve, the best layer of each, and the object probes' micro-F1; with controls,
-    the selectivity and the shuffled-label baseline per layer, and the best layer by selectivity."""
+    """Accuracy per layer of each curve with its 95% interval, and the object probes' micro-F1; with controls,
+    the selectivity (with its interval) and the shuffled-label baseline per layer; the best layer of each curve,
+    named only where it beats its control beyond the intervals (`best_layer_lines`)."""
     table = with_curves(table)
-    pivot = _by_layer(table, "accuracy")
-    lines = ["Held-out probe accuracy by layer (embeddings, then after each decoder layer 0 … L−1):", _printed(pivot),
-             "", "best layer: " + _best_layers(pivot)]
+    lines = ["Held-out probe accuracy by layer [95% bootstrap interval over held-out images] (embeddings, then "
+             "after each decoder layer 0 … L−1):", _with_intervals(table, "accuracy")]
     if "f1" in table:
         lines += ["", "object recognition micro-F1:", _printed(_by_layer(table, "f1"))]
     if "selectivity" in table:
-        selectivity = _by_layer(table, "selectivity")
-        lines += ["", "Selectivity (accuracy − control-task accuracy) by layer:", _printed(selectivity), "",
-                  "best layer by selectivity: " + _best_layers(selectivity)]
+        lines += ["", "Selectivity (accuracy − control-task accuracy) by layer [95% interval]:",
+                  _with_intervals(table, "selectivity")]
     if "shuffled_accuracy" in table:
         lines += ["", "shuffled-label baseline (the same probe on permuted labels) by layer:",
                   _printed(_by_layer(table, "shuffled_accuracy"))]
-    return lines
+    return [*lines, "", "best layer (where it beats its control beyond the 95% intervals):", *best_layer_lines(table)]
 
 
 PROBE = Experiment(

@@ -1,16 +1,21 @@
-"""Train one simple probe per layer on frozen features, and score it on held-out examples.
+"""Train one simple probe per layer on frozen features, to convergence, and score it on held-out examples.
 
-A probe is a linear map (or a one-hidden-layer MLP) trained with AdamW on standardised features — full batch,
-a fixed number of epochs, weight decay as the only regulariser. Single-label tasks (image–text entailment) use
-cross-entropy and report accuracy; multi-label tasks (object recognition, multi-hot targets) use a
-per-label binary cross-entropy and report exact-match accuracy and micro-F1.
+A probe is scikit-learn's, in a `Pipeline` after a `StandardScaler`:
+  * `linear` (the default): `LogisticRegressionCV` — multinomial for single-label tasks (image–text entailment),
+    one-vs-rest for multi-hot ones (object recognition) — solved to convergence (lbfgs), its L2 strength C
+    chosen among `ProbeConfig.Cs` values by cross-validation *within the training side* of the split, on folds
+    of whole groups (images: `GroupKFold`), so no image's statements sit on both sides of a fold;
+  * `mlp`: `MLPClassifier` with one hidden layer and early stopping on a seeded validation slice of the
+    training side.
+Single-label tasks report accuracy; multi-label tasks exact-match accuracy (every label right) and micro-F1.
 
 Reading the result: a probe measures what is *linearly decodable* from a layer, not what the model uses.
-Compare layers against each other and against a baseline (the embeddings), not in absolute terms.
+Compare layers against each other and against a baseline (the embeddings), not in absolute terms; each score
+carries a 95% bootstrap interval over the held-out *images* (`layerwise`).
 
 Controls (`layerwise(..., controls=True)`) say how much of an accuracy the probe's own capacity would reach
-without the information asked about. Each trains the very same probe (config, seed, features, split) on other
-labels, through the same `fit_probe`:
+without the information asked about. Each trains the very same probe (config, seed, features, split, folds) on
+other labels, through the same `probe_predictions`:
   * the *shuffled-label baseline* (`shuffled_labels`): the labels permuted at random within each side of the
     split (whole rows for multi-hot labels), so every label keeps its frequency on both sides while the link
     between an input and its label is broken; it scores about what the majority class (the most common label
@@ -26,55 +31,95 @@ labels, through the same `fit_probe`:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import GroupKFold
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+PROBE_KINDS = ("linear", "mlp")
+BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    kind: str = "linear"  # or "mlp"
-    epochs: int = 300
-    lr: float = 1e-2
-    weight_decay: float = 1e-2
+    """Which probe, and how it is fitted: the inverse L2 strengths `Cs` tried by `folds`-fold group
+    cross-validation within the training side (linear); `hidden` units, early stopping (mlp); `seed` for the
+    split, the controls and the MLP."""
+
+    kind: str = "linear"
+    Cs: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    folds: int = 3
+    max_iter: int = 1000
     hidden: int = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.kind not in PROBE_KINDS:
+            raise ValueError(f"unknown probe kind {self.kind!r}; known: {', '.join(PROBE_KINDS)}")
 
-def _probe(dim: int, outputs: int, config: ProbeConfig) -> torch.nn.Module:
-    if config.kind == "linear":
-        return torch.nn.Linear(dim, outputs)
+
+def make_probe(config: ProbeConfig, multilabel: bool, folds):
+    """The unfitted scikit-learn probe (a pipeline: standardisation, then the classifier); `folds` are the
+    (train, validation) index pairs its cross-validation uses."""
     if config.kind == "mlp":
-        return torch.nn.Sequential(torch.nn.Linear(dim, config.hidden), torch.nn.GELU(),
-                                   torch.nn.Linear(config.hidden, outputs))
-    raise ValueError(f"unknown probe kind {config.kind!r}; known: linear, mlp")
+        return make_pipeline(StandardScaler(), MLPClassifier(
+            hidden_layer_sizes=(config.hidden,), early_stopping=True, validation_fraction=0.15, max_iter=500,
+            n_iter_no_change=20, random_state=config.seed))
+    linear = LogisticRegressionCV(Cs=list(config.Cs), cv=folds, max_iter=config.max_iter, scoring="accuracy")
+    return make_pipeline(StandardScaler(), OneVsRestClassifier(linear) if multilabel else linear)
+
+
+def group_folds(groups: Sequence[str], folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`folds` (train, validation) splits of whole groups (at most one fold per group; at least 2)."""
+    count = max(2, min(folds, len(set(groups))))
+    return list(GroupKFold(n_splits=count).split(np.zeros(len(groups)), groups=list(groups)))
+
+
+def probe_predictions(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, multilabel: bool,
+                      config: ProbeConfig = ProbeConfig(), groups: Sequence[str] | None = None) -> np.ndarray:
+    """Fit a probe on `train_x [N, D]` → `train_y` (`[N]` classes, or `[N, C]` multi-hot) and predict the test
+    examples (`[M]` or `[M, C]`); `groups` (one per training example, e.g. image ids) keep the cross-validation
+    folds whole (default: every example its own group)."""
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(train_x))]
+    x, y = train_x.double().numpy(), train_y.numpy()
+    if not multilabel and len(np.unique(y)) < 2:  # one class on the training side: that is the prediction
+        return np.full(len(test_x), y[0])
+    probe = make_probe(config, multilabel, group_folds(groups, config.folds))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a fold's largest C on separable features
+        warnings.filterwarnings("ignore", message="Label .* present in all training examples")  # an object always or never there
+        warnings.filterwarnings("ignore", message="The least populated class")
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's notices of coming defaults
+        probe.fit(x, y)
+    return probe.predict(test_x.double().numpy())
+
+
+def scores_of(predicted: np.ndarray, truth: np.ndarray, multilabel: bool) -> dict[str, float]:
+    """Accuracy (exact match for multi-hot labels) and, for multi-hot labels, micro-F1."""
+    if not multilabel:
+        return {"accuracy": float((predicted == truth).mean())}
+    predicted, truth = predicted.astype(bool), truth.astype(bool)
+    true_positive = (predicted & truth).sum()
+    f1 = 2 * true_positive / max(1, predicted.sum() + truth.sum())
+    return {"accuracy": float((predicted == truth).all(-1).mean()), "f1": float(f1)}
 
 
 def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-              multilabel: bool, config: ProbeConfig = ProbeConfig()) -> dict[str, float]:
-    """Train on `train_x [N, D]` → `train_y` (`[N]` classes, or `[N, C]` multi-hot) and score on the test set."""
-    torch.manual_seed(config.seed)
-    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    outputs = train_y.shape[1] if multilabel else int(max(train_y.max(), test_y.max())) + 1
-    probe = _probe(train_x.shape[1], outputs, config)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = torch.nn.BCEWithLogitsLoss() if multilabel else torch.nn.CrossEntropyLoss()
-    target = train_y.float() if multilabel else train_y.long()
-    for _ in range(config.epochs):
-        optimizer.zero_grad()
-        loss_fn(probe(train_x), target).backward()
-        optimizer.step()
-    with torch.no_grad():
-        logits = probe(test_x)
-    if not multilabel:
-        return {"accuracy": (logits.argmax(-1) == test_y).float().mean().item()}
-    predicted, truth = logits > 0, test_y.bool()
-    true_positive = (predicted & truth).sum().item()
-    precision_denominator, recall_denominator = predicted.sum().item(), truth.sum().item()
-    f1 = 2 * true_positive / max(1, precision_denominator + recall_denominator)
-    return {"accuracy": (predicted == truth).all(-1).float().mean().item(), "f1": f1}
+              multilabel: bool, config: ProbeConfig = ProbeConfig(),
+              groups: Sequence[str] | None = None) -> dict[str, float]:
+    """Train on `train_x [N, D]` → `train_y` (`[N]` classes, or `[N, C]` multi-hot) and score on the test set
+    (`probe_predictions`, `scores_of`)."""
+    predicted = probe_predictions(train_x, train_y, test_x, multilabel, config, groups)
+    return scores_of(predicted, test_y.numpy(), multilabel)
 
 
 def split(groups: Sequence[str], test_fraction: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,30 +164,67 @@ def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, te
     Rows are numbered from `first_layer` (−1 when the first features are the embeddings, `mmscope.sites`).
 
     With `groups` (e.g. image ids) whole groups are held out, so that a true statement and its hard negative
-    about the same image never sit on both sides of the split (a probe could otherwise learn the pair).
+    about the same image never sit on both sides of the split (a probe could otherwise learn the pair), and the
+    probe's cross-validation folds keep them whole too.
+
+    Each score has a 95% percentile-bootstrap interval over the held-out groups (`accuracy_low`,
+    `accuracy_high`): the same `BOOTSTRAP_SAMPLES` resamples of held-out images, seeded with `config.seed`,
+    for every layer and arm, so intervals of a layer and its control are computed on the same draws.
 
     With `controls`, each layer's row also holds the same probe's scores on the shuffled-label baseline
     (`shuffled_accuracy`, and `shuffled_f1` for multi-hot labels) and, where the task has input `types` (one
     per example; None: it has no meaningful control task), on the control task (`control_accuracy`,
-    `control_f1`) and `selectivity` = accuracy − control_accuracy. Both are seeded with `config.seed`.
+    `control_f1`) and `selectivity` = accuracy − control_accuracy, with its own interval (`selectivity_low`,
+    `selectivity_high`: the difference on each resample). Both are seeded with `config.seed`.
     """
     if types is not None and not controls:
         raise ValueError("types name the control task's inputs: pass controls=True with them")
-    groups = groups if groups is not None else [str(i) for i in range(len(features))]
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(features))]
     train, test = split(groups, test_fraction, config.seed)
     arms = {"": labels}
     if controls:
         arms["shuffled_"] = shuffled_labels(labels, train, test, config.seed)
         if types is not None:
             arms["control_"] = control_labels(labels, types, config.seed)
+    train_groups = [groups[i] for i in train.tolist()]
+    resamples = group_resamples([groups[i] for i in test.tolist()], config.seed)
     rows = []
     for layer in range(features.shape[1]):
         row: dict[str, float] = {"layer": first_layer + layer}
+        correct = {}
         for prefix, target in arms.items():
-            scores = fit_probe(features[train, layer], target[train], features[test, layer], target[test],
-                               multilabel, config)
-            row |= {prefix + name: value for name, value in scores.items()}
+            truth = target[test].numpy()
+            predicted = probe_predictions(features[train, layer], target[train], features[test, layer], multilabel,
+                                          config, train_groups)
+            row |= {prefix + name: value for name, value in scores_of(predicted, truth, multilabel).items()}
+            correct[prefix] = (predicted == truth).all(-1) if multilabel else predicted == truth
+            low, high = interval(resampled_means(correct[prefix], resamples))
+            row |= {f"{prefix}accuracy_low": low, f"{prefix}accuracy_high": high}
         if "control_accuracy" in row:
             row["selectivity"] = row["accuracy"] - row["control_accuracy"]
+            difference = resampled_means(correct[""], resamples) - resampled_means(correct["control_"], resamples)
+            row["selectivity_low"], row["selectivity_high"] = interval(difference)
         rows.append(row)
     return rows
+
+
+def group_resamples(groups: Sequence[str], seed: int, samples: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
+    """`[samples, n]` weights of the `n` examples: how often each one's group is drawn in each of `samples`
+    resamples of the distinct groups with replacement (`numpy.random.default_rng(seed)`)."""
+    names = sorted(set(groups))
+    index = np.array([names.index(g) for g in groups])
+    drawn = np.random.default_rng(seed).integers(0, len(names), size=(samples, len(names)))
+    counts = np.stack([np.bincount(row, minlength=len(names)) for row in drawn])  # [samples, groups]
+    return counts[:, index]
+
+
+def resampled_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The mean of `values [n]` in each resample (`weights [samples, n]`)."""
+    totals = weights.sum(1)
+    return (weights @ values.astype(float)) / np.maximum(totals, 1)
+
+
+def interval(means: np.ndarray) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of resampled means."""
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
