@@ -172,7 +172,9 @@ def test_probe_command_trains_a_probe_per_layer_for_both_tasks(embedded, world, 
     probes = pd.read_parquet(tmp_path / "probe" / "results.parquet")
     assert set(probes["task"]) == {"entailment", "objects"}
     assert probes["layer"].nunique() == embedded.n_layers + 1
-    assert set(probes.columns) == {"task", "pooling", "probe", "n", "layer", "accuracy", "f1"}
+    assert set(probes.columns) == {"task", "pooling", "probe", "n", "layer", "accuracy", "f1", "accuracy_low",
+                                   "accuracy_high"}
+    assert (probes["accuracy_low"] <= probes["accuracy"]).all() and (probes["accuracy"] <= probes["accuracy_high"]).all()
 
 
 def test_evaluate_prints_the_accuracy_an_answer_by_answer_count_gives(embedded, world):
