@@ -67,8 +67,10 @@ class Sites:
         self.envoy = envoy
 
     def layer(self, layer: int):
-        if not 0 <= layer < self.n_layers:
-            raise InterventionError(f"layer {layer} out of range; the model has layers 0..{self.n_layers - 1}")
+        if not _whole(layer) or not 0 <= layer < self.n_layers:
+            what = "out of range" if _whole(layer) else "is not a whole number"
+            shown = layer if _whole(layer) else repr(layer)
+            raise InterventionError(f"layer {shown} {what}; the model has layers 0..{self.n_layers - 1}")
         return self.layers[layer]
 
     def attention(self, layer: int):
@@ -85,8 +87,10 @@ class Sites:
 
     def vision_layer(self, layer: int, asked: str):
         layers = self.vision_layers(asked)
-        if not 0 <= layer < len(layers):
-            raise InterventionError(f"{asked}: vision layer {layer} out of range; the vision tower has layers "
+        if not _whole(layer) or not 0 <= layer < len(layers):
+            what = "out of range" if _whole(layer) else "is not a whole number"
+            shown = layer if _whole(layer) else repr(layer)
+            raise InterventionError(f"{asked}: vision layer {shown} {what}; the vision tower has layers "
                                     f"0..{len(layers) - 1}")
         return layers[layer]
 
@@ -471,3 +475,7 @@ def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tens
 def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
+
+def _whole(value) -> bool:
+    """Whether `value` is an int (a NumPy or torch integer too), not a bool: a layer index."""
+    return not isinstance(value, bool) and hasattr(value, "__index__")

@@ -176,7 +176,20 @@ def check_image(image) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise InputError(f"image must be a PIL.Image.Image or the path of an image file; got "
                          f"{type(image).__name__}: {str(image)[:60]!r}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.width < 1 or image.height < 1:
+        raise InputError(f"image {_image_name(image)}is {image.width}x{image.height} pixels; it must have at least "
+                         "one pixel each way")
+    try:
+        image.load()  # an image opened lazily reads its file only now: a truncated one fails here
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise InputError(f"image {_image_name(image)}cannot be read ({error})") from None
+
+
+def _image_name(image: Image.Image) -> str:
+    """`'path' ` for an image opened from a file, else "" — for error messages."""
+    filename = getattr(image, "filename", "")
+    return f"{str(filename)!r} " if filename else ""
 
 
 def check_box(box, image_width: int, image_height: int, tolerance: float = 1.0) -> tuple[float, float, float, float]:

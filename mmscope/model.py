@@ -148,8 +148,7 @@ def load(
     if device_map is not None:
         placement = {"device_map": device_map, "max_memory": max_memory,
                      "offload_folder": str(offload_folder or tempfile.mkdtemp(prefix="mmscope-offload-"))}
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = _check_dtype(dtype)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
     if Path(source).is_dir():
@@ -176,6 +175,22 @@ def load(
     if preprocessing is not None:
         model.set_preprocessing(preprocessing)
     return model
+
+
+def _check_dtype(dtype) -> torch.dtype | str | None:
+    """`dtype` as `from_pretrained` takes it: a torch dtype, None or "auto" (the checkpoint's); a name such as
+    "bfloat16" or "torch.float16" becomes its torch dtype, and anything else is refused, naming it."""
+    if dtype is None or isinstance(dtype, torch.dtype) or (isinstance(dtype, str) and dtype == "auto"):
+        return dtype
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(found, torch.dtype):
+            return found
+        names = ("float32", "float16", "bfloat16", "float64")
+        raise ModelLoadError(f"dtype {dtype!r} is not a torch dtype; use one of {known(names)} or 'auto'"
+                             f"{suggest(dtype, names)}")
+    raise ModelLoadError(f"dtype {dtype!r} must be a torch.dtype or its name (e.g. 'bfloat16'); got "
+                         f"{type(dtype).__name__}")
 
 
 def _check_json_files(folder: Path) -> None:
@@ -297,6 +312,12 @@ class Model:
         image = check_image(image)
         if not isinstance(question, str) or not question.strip():
             raise InputError(f"question must be a non-empty string; got {question!r}")
+        marker = next((marker for marker in self.adapter.placeholder_tokens() if marker in question), None)
+        if marker is not None:
+            raise InputError(f"question {question[:60]!r} holds {marker!r}, the image placeholder token of "
+                             f"{self.name or 'the model'}: the processor would read it as another image; remove it")
+        if meta is not None and not isinstance(meta, dict):
+            raise InputError(f"meta must be a dict (or None); got {type(meta).__name__} {meta!r:.60}")
         if isinstance(template, str):
             template = PromptTemplate.from_string(template)
         template = template or self.adapter.template
@@ -431,14 +452,14 @@ class Model:
         unknown = [site for site in sites if site not in SITES + VISION_SITES]
         if unknown:
             raise InputError(f"unknown site(s) {unknown}; known: {known(SITES + VISION_SITES)}")
-        layers = range(self.n_layers) if layers is None else sorted(set(layers))
+        layers = range(self.n_layers) if layers is None else sorted(_once(layers, "layers"))
         for layer in layers:
             self.sites.layer(layer)  # refuses a layer the model lacks
         pairs = [(site, layer) for layer in layers for site in ("attention", "mlp", "residual") if site in sites]
         vision = [site for site in ("vision_attention", "vision_mlp", "vision_residual") if site in sites]
         if vision:
             count = len(self.sites.vision_layers(f"model.cache(sites={vision})"))
-            vision_layers = range(count) if vision_layers is None else sorted(set(vision_layers))
+            vision_layers = range(count) if vision_layers is None else sorted(_once(vision_layers, "vision_layers"))
         # forward order: the vision tower's layers, the projector, then the decoder's
         vision_pairs = [(site, layer) for layer in (vision_layers if vision else ()) for site in vision]
         vision_pairs += [("projector", 0)] if "projector" in sites else []
@@ -653,10 +674,24 @@ def check_interventions(interventions) -> None:
     if not isinstance(interventions, Sequence) or isinstance(interventions, str):
         raise InterventionError(f"interventions must be a sequence of Intervention objects; got "
                                 f"{type(interventions).__name__} {interventions!r:.60}")
-    for item in interventions:
+    for index, item in enumerate(interventions):
         if not isinstance(item, Intervention):
-            raise InterventionError(f"interventions must hold Intervention objects; got {type(item).__name__} "
-                                    f"{item!r:.60} (a dict? rebuild it with Intervention.from_dict)")
+            hint = " (rebuild a dict with Intervention.from_dict)" if isinstance(item, dict) else ""
+            raise InterventionError(f"interventions[{index}] must be an Intervention object; got "
+                                    f"{type(item).__name__} {item!r:.60}{hint}")
+
+
+def _once(layers, name: str) -> list:
+    """`layers` as a list, each given once (a repeated one is refused, naming it, not silently dropped)."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        layers = [layers]
+    layers = list(layers)
+    if any(isinstance(layer, bool) or not hasattr(layer, "__index__") for layer in layers):
+        raise InputError(f"{name} must be whole layer numbers; got {layers!r}")
+    repeated = next((layer for index, layer in enumerate(layers) if layer in layers[:index]), None)
+    if repeated is not None:
+        raise InputError(f"{name} lists {repeated} twice; got {layers}: give each once")
+    return layers
 
 
 def last_logits(ctx: Context) -> torch.Tensor:

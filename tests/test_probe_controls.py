@@ -286,3 +286,48 @@ def test_the_probe_agrees_with_a_converged_logistic_regression_on_features_trans
                     expected = converged_accuracy(features[train, point], labels[train], features[test, point],
                                                   labels[test], [groups[i] for i in train.tolist()], multilabel)
                 assert ours[point - 1] == pytest.approx(expected, abs=0.03), (task, pooling, point - 1)
+
+
+def test_edited_features_are_scored_by_the_clean_probe_and_unreached_layers_shift_by_exactly_nothing():
+    from mmscope.probes.train import edited_layerwise
+
+    features, labels, types, groups = statements(n=160)  # layer 1 holds the label
+    features = torch.cat([features, features[:, 1:]], dim=1)  # layers 0 (noise), 1, 2 (both hold the label)
+    edited = features.clone()
+    edited[:, 2] = torch.randn(edited[:, 2].shape, generator=torch.Generator().manual_seed(9))  # the edit reaches 2
+    config = ProbeConfig(seed=1)
+    clean = layerwise(features, labels, False, config=config, groups=groups)
+    rows = edited_layerwise(features, {"edit": edited}, labels, False, config=config, groups=groups, retrain=True)
+    transfer = {row["layer"]: row for row in rows if row["mode"] == "transfer"}
+    retrained = {row["layer"]: row for row in rows if row["mode"] == "retrained"}
+    for layer in (0, 1):  # before the edit's first layer: the clean features, the clean scores
+        assert transfer[layer]["delta_accuracy"] == 0.0 and transfer[layer]["delta_low"] == 0.0
+        assert transfer[layer]["accuracy"] == clean[layer]["accuracy"] == transfer[layer]["clean_accuracy"]
+    assert transfer[2]["clean_accuracy"] == 1.0 and transfer[2]["accuracy"] < 0.8  # the label is gone from layer 2
+    assert transfer[2]["delta_high"] < 0  # and the interval says so
+    assert retrained[1]["accuracy"] == 1.0 and retrained[2]["accuracy"] < 0.8  # not decodable there at all
+    identity = edited_layerwise(features, {"none": features.clone()}, labels, False, config=config, groups=groups)
+    assert all(row["delta_accuracy"] == 0.0 for row in identity)  # an edit that changes nothing
+
+
+def test_probe_under_edits_keeps_the_clean_scores_below_each_window_and_draws_the_shifts(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmscope.cli import app
+
+    out = tmp_path / "probe"
+    result = CliRunner().invoke(app, ["probe", "--data", str(world), "--split", "test", "--n-images", "12",
+                                      "--no-controls", "--flow", "image->question", "--window", "1", "--center", "2",
+                                      "--center", "5", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out / "results.parquet")
+    assert {"edit", "center", "mode", "accuracy", "clean_accuracy", "delta_accuracy"} <= set(table.columns)
+    edited = table[table["edit"] != "clean"]
+    assert set(edited["edit"]) == {"image->question"} and set(edited["center"]) == {2, 5}
+    assert set(edited["mode"]) == {"transfer"}  # no --retrain
+    clean = table[table["edit"] == "clean"].set_index(["task", "pooling", "layer"])["accuracy"]
+    for _, row in edited.iterrows():
+        assert row["clean_accuracy"] == clean[row["task"], row["pooling"], row["layer"]]
+        if row["layer"] < row["center"]:  # window 1: the edit's only layer is its centre
+            assert row["delta_accuracy"] == 0.0, row.to_dict()
+    assert (out / "probe_edits.png").exists() and "edits (1 flows × 2 centres)" in result.output

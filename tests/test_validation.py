@@ -7,6 +7,7 @@ run folder (`finished`), whose every file is compared before and after.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,10 +27,23 @@ from typer.testing import CliRunner
 import mmscope
 from data_fixtures import STUDY_FOLDER
 from mmscope.cli import app
-from mmscope.errors import MMScopeError
+from mmscope.data.errors import DataError
+from mmscope.errors import InputError, InterventionError, MMScopeError, ModelLoadError
 from mmscope.experiments.runs import RunDir
 from mmscope.experiments.workspace import load_questions
-from mmscope.interventions import ActivationPatch, Intervention, Knockout, Truncate
+from mmscope.data import synthesize
+from mmscope.interventions import (
+    ActivationPatch,
+    CachedPatch,
+    Intervention,
+    Knockout,
+    SkipLayers,
+    Truncate,
+    VisionCachedPatch,
+    VisionKnockout,
+    VisionScale,
+    knockout_window,
+)
 
 runner = CliRunner()
 RUN = ["--limit", "1", "--categories", "ChooseAttr"]  # a sweep of one question
@@ -95,11 +110,19 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 # command that takes --out gets the finished run folder's.
 CLI_CASES = [
     (["knockout", "--flow", "image"], "flow 'image' (--flow) must read 'source->target'"),
+    (["probe", "--flow", "image->question", "--center", "2", "--center", "2"],
+     "center 2 (--center) is given twice; give each centre once"),
+    (["probe", "--window", "2"], "--window applies to the edits of --flow; this run probes the clean model only"),
     (["knockout", "--flow", "image-"], "flow 'image-' (--flow) must read 'source->target', e.g. --flow "
                                        "'image->last' — quote it: unquoted, the shell reads '>' as a redirection"),
     (["knockout", "--flow", "foo->last"], "unknown token group 'foo' (--flow)"),
     (["knockout", "--flow", "imgae->last"], "did you mean 'image'?"),
     (["patch", "--group", "foo"], "unknown token group 'foo' (--group)"),
+    (["knockout", "--flow", "image->last", "--flow", "image->last"],
+     "flow 'image->last' (--flow) is given twice; give each flow once"),
+    (["knockout", "--flow", "image->last", "--flow", "image -> last"],
+     "flow 'image -> last' (--flow) is given twice (as 'image->last')"),
+    (["patch", "--group", "image", "--group", "image"], "token group 'image' (--group) is given twice"),
     (["knockout", "--window", "0"], "window 0 (--window): must be at least 1"),
     (["lens", "--device-map", "everywhere"], "device_map 'everywhere' (--device-map): use one of auto, balanced"),
     (["knockout", "--window", "15"], "window 15 (--window) blocks all 8 layers of shapes-llava at every centre"),
@@ -210,11 +233,20 @@ def image(width=64, height=64) -> Image.Image:
     return Image.new("RGB", (width, height), (90, 120, 200))
 
 
+def truncated_image_file(suffix: str) -> Path:
+    """A PNG or JPEG file cut off halfway, as an interrupted download leaves it."""
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buffer, suffix.upper().replace("JPG", "JPEG"))
+    path = Path(tempfile.mkdtemp()) / f"cut.{suffix}"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
 def knockout(**fields) -> Knockout:
     return Knockout(**{"source": "image", "target": "last", "layers": (3,), **fields})
 
 
-# (what to call with the embedded model and a prepared example, a piece of the message)
+# (what to call with the embedded model and a prepared example, a piece of the message[, the error's class])
 API_CASES = [
     (lambda m, e: knockout(layers="12"), "Knockout.layers"),
     (lambda m, e: knockout(layers=()), "Knockout.layers"),
@@ -233,7 +265,8 @@ API_CASES = [
     (lambda m, e: m.next_token_probs(e, [knockout().to_dict()]), "got dict"),
     (lambda m, e: m.next_token_probs(e, "image->last"), "got str"),
     (lambda m, e: m.prepare(image(), ""), "question must be a non-empty string"),
-    (lambda m, e: m.prepare(image(), "What color is the cube? " * 100), "more than the 512 positions of shapes-llava's"),
+    (lambda m, e: m.prepare(image(), "What color is the cube? " * 100),
+     "more than the 512 positions of shapes-llava's"),
     (lambda m, e: m.prepare(image(), "What color is the cube?", boxes=[]), "boxes is empty"),
     (lambda m, e: m.prepare(image(), "What color is the cube?", boxes=[(math.nan, 1, 2, 2)]), "nan"),
     (lambda m, e: m.prepare("picture.png", "What color is the cube?"), "picture.png"),
@@ -243,17 +276,81 @@ API_CASES = [
     (lambda m, e: m.next_token_probs(e, [Truncate(8)]), "layer 8 out of range"),
     (lambda m, e: mmscope.load("shapes_llava"), "did you mean 'shapes-llava'?"),
     (lambda m, e: mmscope.load(attn_implementation="flash_attention_2"), "flash_attention_2"),
+    (lambda m, e: knockout_window(3, math.nan, 8), "window k nan must be a whole number", InterventionError),
+    (lambda m, e: knockout_window(3, math.inf, 8), "window k inf must be a whole number", InterventionError),
+    (lambda m, e: knockout_window(3, 2.5, 8), "window k 2.5 must be a whole number", InterventionError),
+    (lambda m, e: knockout_window(2.5, 3, 8), "centre layer 2.5 must be a whole number", InterventionError),
+    (lambda m, e: knockout_window(3, 99, 8),
+     "window k=99 blocks all 8 layers at every centre; choose 1 to 14", InterventionError),
+    (lambda m, e: knockout(layers=[math.nan]), "Knockout.layers must be ints; got [nan]", InterventionError),
+    (lambda m, e: knockout(layers=math.inf), "Knockout.layers must be ints; got inf", InterventionError),
+    (lambda m, e: knockout(layers=[3, 4, 3]), "Knockout.layers lists 3 twice; got [3, 4, 3]", InterventionError),
+    (lambda m, e: knockout(heads=[1, 1]), "Knockout.heads lists 1 twice", InterventionError),
+    (lambda m, e: ActivationPatch("residual", (2, 2), "image"),
+     "ActivationPatch.layers lists 2 twice", InterventionError),
+    (lambda m, e: CachedPatch("residual", [5, 5], "image"), "CachedPatch.layers lists 5 twice", InterventionError),
+    (lambda m, e: CachedPatch("residual", 2.0, "image"),
+     "CachedPatch.layers must be ints; got 2.0", InterventionError),
+    (lambda m, e: SkipLayers([1, 1]), "SkipLayers.layers lists 1 twice", InterventionError),
+    (lambda m, e: Truncate(math.nan), "Truncate.layer must be an int; got nan", InterventionError),
+    (lambda m, e: VisionKnockout("patches", "cls", [0, 0]), "VisionKnockout.layers lists 0 twice", InterventionError),
+    (lambda m, e: VisionScale("vision_residual", [0, 0]), "VisionScale.layers lists 0 twice", InterventionError),
+    (lambda m, e: VisionScale("vision_residual", [0], factor=math.nan), "VisionScale.factor must be a finite "
+                                                                        "number; got nan", InterventionError),
+    (lambda m, e: VisionScale("vision_residual", [0], factor="half"),
+     "VisionScale.factor must be a finite number", InterventionError),
+    (lambda m, e: VisionCachedPatch("vision_residual", [1, 1]),
+     "VisionCachedPatch.layers lists 1 twice", InterventionError),
+    (lambda m, e: m.next_token_probs(e, [None]),
+     "interventions[0] must be an Intervention object; got NoneType", InterventionError),
+    (lambda m, e: m.next_token_probs(e, [knockout(), None]),
+     "interventions[1] must be an Intervention object", InterventionError),
+    (lambda m, e: m.generate_answer(e, max_new_tokens=0),
+     "max_new_tokens must be a whole number of at least 1; got 0", InputError),
+    (lambda m, e: m.generate_tokens(e, [knockout()], max_new_tokens=0),
+     "max_new_tokens must be a whole number", InputError),
+    (lambda m, e: mmscope.load("shapes-llava", dtype="float17"),
+     "dtype 'float17' is not a torch dtype; use one of float32, float16, bfloat16, float64 or 'auto'; did you mean "
+     "'float16'?", ModelLoadError),
+    (lambda m, e: mmscope.load("shapes-llava", dtype=16),
+     "dtype 16 must be a torch.dtype or its name", ModelLoadError),
+    (lambda m, e: m.prepare(Image.new("RGB", (0, 0)), "What color is the cube?"),
+     "image is 0x0 pixels; it must have at least one pixel each way", InputError),
+    (lambda m, e: m.prepare(image(0, 64), "What color is the cube?"), "image is 0x64 pixels", InputError),
+    (lambda m, e: m.prepare(truncated_image_file("png"), "What color is the cube?"),
+     "cut.png' cannot be read", InputError),
+    (lambda m, e: m.prepare(Image.open(truncated_image_file("jpg")), "What color is the cube?"),
+     "cut.jpg' cannot be read (image file is truncated", InputError),
+    (lambda m, e: m.prepare(image(), "What color is the cube?", meta=["red"]),
+     "meta must be a dict (or None); got list ['red']", InputError),
+    (lambda m, e: m.prepare(image(), "What color is the cube?", meta="red"),
+     "meta must be a dict (or None); got str", InputError),
+    (lambda m, e: m.prepare(image(), "What color is the <image> cube?"),
+     "question 'What color is the <image> cube?' holds '<image>', the image placeholder token of shapes-llava", InputError),
+    (lambda m, e: m.cache(e, layers=[1, 2, 1]), "layers lists 1 twice; got [1, 2, 1]", InputError),
+    (lambda m, e: m.cache(e, layers=[1.5]), "layers must be whole layer numbers; got [1.5]", InputError),
+    (lambda m, e: m.cache(e, sites=["vision_residual"], vision_layers=[0, 0]), "vision_layers lists 0 twice",
+     InputError),
+    (lambda m, e: m.run(e, readout=lambda ctx: ctx.residual(1.5)), "layer 1.5 is not a whole number; the model has "
+                                                                   "layers 0..7", InterventionError),
+    (lambda m, e: synthesize(tempfile.mkdtemp(), math.nan, progress=False),
+     "n_scenes must be a whole number; got nan", DataError),
+    (lambda m, e: synthesize(tempfile.mkdtemp(), 2.5, progress=False),
+     "n_scenes must be a whole number; got 2.5", DataError),
     (lambda m, e: load_questions(None, limit=0), "limit 0 (--limit)"),
     (lambda m, e: load_questions(None, categories=[]), "an empty category selection"),
 ]
 
 
-@pytest.mark.parametrize(("call", "message"), API_CASES, ids=[message for _, message in API_CASES])
-def test_a_bad_api_input_raises_an_mmscope_error_naming_it(call, message, embedded):
+@pytest.mark.parametrize(("call", "message", "error"), [(*case, MMScopeError)[:3] for case in API_CASES],
+                         ids=[case[1] for case in API_CASES])
+def test_a_bad_api_input_raises_an_mmscope_error_naming_it(call, message, error, embedded):
     example = embedded.prepare(image(), "What color is the cube?")
     with pytest.raises(MMScopeError) as raised:
         call(embedded, example)
+    assert isinstance(raised.value, error), repr(raised.value)
     assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
 
 
 def test_unknown_words_warn_that_the_model_reads_them_as_the_unknown_token(embedded):

@@ -88,8 +88,13 @@ class KnockoutOptions(QuestionOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "flows", list(self.flows or DEFAULT_FLOWS))  # recorded as run, defaults included
+        seen: dict[tuple[str, str], str] = {}
         for flow in self.flows:
-            flow_ends(flow)
+            ends = flow_ends(flow)
+            if ends in seen:
+                earlier = "" if seen[ends] == flow else f" (as {seen[ends]!r})"
+                raise OptionError(f"flow {flow!r} (--flow) is given twice{earlier}; give each flow once")
+            seen[ends] = flow
         check_at_least("window", self.window, 1)
         check_choice("engine", self.engine, ENGINES)
         if self.reference is not None:
@@ -151,6 +156,9 @@ class PatchOptions(QuestionOptions):
         check_choice("site", self.site, SITES)
         check_choice("engine", self.engine, ENGINES)
         object.__setattr__(self, "groups", list(self.groups or PATCH_GROUPS))  # recorded as run, defaults included
+        repeated = next((group for index, group in enumerate(self.groups) if group in self.groups[:index]), None)
+        if repeated is not None:
+            raise OptionError(f"token group {repeated!r} (--group) is given twice; give each group once")
 
 
 # map
@@ -263,6 +271,15 @@ class ProbeOptions:
     probe_kind: str = option("linear", "linear or mlp.", flag="--probe")
     controls: bool = option(True, "Also train each probe on a shuffled-label baseline and a control task, and "
                                   "report selectivity (triples the training).")
+    flows: list[str] | None = option(None, "An edit to probe under: block source->target attention (repeatable; "
+                                           "e.g. 'image->question'). Each probe fitted on clean features is "
+                                           "scored on features read under each edit.", flag="--flow")
+    window: int | None = option(None, "With --flow: window k of layers blocked around each centre (default: "
+                                      "knockout's, about a third of the depth).")
+    centers: list[int] | None = option(None, "With --flow: a centre layer (repeatable; default: every layer).",
+                                       flag="--center")
+    retrain: bool = option(False, "With --flow: also fit and score a probe on the edited features (is the "
+                                  "information still decodable at all?).", flag="--retrain")
     out: Path | None = out_option()
     wandb: bool = wandb_option()
     seed: int = seed_option()
@@ -270,6 +287,38 @@ class ProbeOptions:
     def __post_init__(self) -> None:
         check_choice("probe", self.probe_kind, PROBE_KINDS)
         check_at_least("n_images", self.n_images, 1)
+        if self.flows is not None:
+            seen: set[tuple[str, str]] = set()
+            for flow in self.flows:
+                ends = flow_ends(flow)
+                if ends in seen:
+                    raise OptionError(f"flow {flow!r} (--flow) is given twice; give each flow once")
+                seen.add(ends)
+        for name, flag in (("window", "--window"), ("centers", "--center"), ("retrain", "--retrain")):
+            if not self.flows and getattr(self, name) not in (None, False):
+                raise OptionError(f"{flag} applies to the edits of --flow; this run probes the clean model only")
+        check_at_least("window", self.window, 1)
+        for index, center in enumerate(self.centers or ()):
+            check_at_least("center", center, 0)
+            if center in self.centers[:index]:
+                raise OptionError(f"center {center} (--center) is given twice; give each centre once")
+
+    def configure(self, model: Model):
+        """With --flow, the window and centres when not given (printed in the run header); centres beyond the
+        model's layers refused."""
+        if not self.flows:
+            return self, []
+        options, lines = self, []
+        if options.window is None:
+            options = dataclasses.replace(options, window=default_window(model.n_layers))
+            lines.append(f"window {options.window} (knockout's default for {model.n_layers} layers)")
+        if options.centers is None:
+            options = dataclasses.replace(options, centers=list(range(model.n_layers)))
+            lines.append(f"centres 0..{model.n_layers - 1} (the default: every layer)")
+        for center in options.centers:
+            if center >= model.n_layers:
+                raise OptionError(f"center {center} (--center): {model.name} has layers 0..{model.n_layers - 1}")
+        return options, lines
 
 
 # evaluate

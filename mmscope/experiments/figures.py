@@ -167,6 +167,44 @@ def heatmap(matrix: pd.DataFrame, path: Path, *, title: str, colorbar: str, n: p
     return path
 
 
+def heatmaps(panels: dict[str, pd.DataFrame], path: Path, *, colorbar: str, title: str, rows: str, columns: str,
+             per_row: int = 2) -> Path:
+    """One heatmap per panel (title → a rows × columns matrix, e.g. edit centre × probed layer), at most
+    `per_row` in a row, on one symmetric colour scale (blue below 0, red above) and one colour bar; the
+    columns' layer numbers name the embeddings."""
+    names = list(panels)
+    values = np.concatenate([panels[name].to_numpy(dtype=float).ravel() for name in names])
+    finite = values[np.isfinite(values)]
+    scale = max(float(np.abs(finite).max()) if len(finite) else 0.0, 1e-3)
+    across = min(per_row, len(names))
+    down = -(-len(names) // across)
+    first = panels[names[0]]
+    width = max(3.2, 0.42 * first.shape[1] + 1.4)
+    figure, axes = plt.subplots(down, across, figsize=(width * across + 1.2, (0.32 * first.shape[0] + 1.5) * down + 0.8),
+                                squeeze=False)
+    image = None
+    for axis, name in zip(axes.flat, names, strict=False):
+        matrix = panels[name]
+        image = axis.imshow(matrix.to_numpy(dtype=float), aspect="auto", cmap="RdBu_r", vmin=-scale, vmax=scale)
+        axis.set_xticks(range(matrix.shape[1]), [layer_name(c) for c in matrix.columns], fontsize=8)
+        axis.set_yticks(range(matrix.shape[0]), [str(r) for r in matrix.index], fontsize=8)
+        axis.set_xlabel(columns)
+        axis.set_ylabel(rows)
+        axis.set_title(name, fontsize=9)
+        shown = matrix.to_numpy(dtype=float)
+        if np.isfinite(shown).any() and np.nanmax(np.abs(shown)) == 0:
+            axis.text(0.5, 0.5, "no change anywhere", transform=axis.transAxes, ha="center", va="center",
+                      fontsize=9, bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "grey"})
+    for axis in list(axes.flat)[len(names):]:
+        axis.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout(rect=(0, 0, 0.9, 0.97))
+    figure.colorbar(image, ax=axes.ravel().tolist(), label=colorbar, fraction=0.03)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def curves_with_controls(summary: pd.DataFrame, path: Path, *, x: str, hue: str, controls: dict[str, str],
                          difference: str, ylabel: str, title: str, n_note: str = "") -> Path:
     """Two panels. Left: `mean` against `x`, a solid line per `hue`, and in its colour each `controls` column

@@ -20,6 +20,8 @@ edits reach every row of a forward (a layer skip): the engine gives it a forward
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import operator
 import types
 import typing
@@ -43,8 +45,9 @@ class Intervention:
     Subclasses are registered by class name for `from_dict`. Fields are normalised once, from their annotations,
     before `check` runs: a `tuple[int, ...]` field takes an int, a list, a range or any non-empty sequence of
     ints and stores a tuple (so the dataclass stays hashable); a token-group field (`Group`) takes a name or
-    positions; a `bool` field must be a bool, an `int` field an int. Anything else there is refused with the
-    field's name.
+    positions; a `bool` field must be a bool, an `int` field an int, a `float` field a finite real number. A
+    `tuple[int, ...]` field lists each int once (a layer given twice is a slip, not a stronger edit). Anything else
+    there is refused with the field's name and value.
     """
 
     registry: ClassVar[dict[str, type[Intervention]]] = {}
@@ -165,6 +168,10 @@ def _normalise(annotation, value, where: str):
         return _ints(value, where, "a token-group name or positions" if str in options else "ints")
     if annotation is bool and not isinstance(value, bool):
         raise InterventionError(f"{where} must be True or False; got {value!r}")
+    if float in options and int not in options:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise InterventionError(f"{where} must be a finite number; got {value!r}")
+        return float(value)
     if int in options and not (float in options and isinstance(value, float)):
         if isinstance(value, bool) or not hasattr(value, "__index__"):
             raise InterventionError(f"{where} must be an int; got {value!r}")
@@ -195,9 +202,13 @@ def _ints(value, where: str, expected: str) -> tuple[int, ...]:
     try:
         if any(isinstance(item, bool) for item in items):
             raise TypeError
-        return tuple(operator.index(item) for item in items)
+        ints = tuple(operator.index(item) for item in items)
     except TypeError:
         raise InterventionError(f"{where} must be {expected}; got {value!r}") from None
+    repeated = next((item for index, item in enumerate(ints) if item in ints[:index]), None)
+    if repeated is not None and expected == "ints":  # positions of a token group may repeat; layers, heads, rows not
+        raise InterventionError(f"{where} lists {repeated} twice; got {value!r}: give each once")
+    return ints
 
 
 def _plain(value):

@@ -14,6 +14,7 @@ therefore sweeps a centred window of k layers (`knockout_window`) over the whole
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,12 +29,23 @@ if TYPE_CHECKING:
 def knockout_window(center: int, k: int, n_layers: int) -> tuple[int, ...]:
     """Layers blocked for centre layer `center` with window `k`: `max(0, c - k//2) … min(L, c + k - k//2) - 1`.
 
-    This is the study's convention: e.g. k=9, c=0 gives layers 0..4; c=L-1 gives L-5..L-1.
+    This is the study's convention: e.g. k=9, c=0 gives layers 0..4; c=L-1 gives L-5..L-1. Each argument must be
+    a whole number (a NaN, infinite or fractional one is refused, not rounded), and `k` at most `2L - 2`: any
+    wider and the window around every centre holds all L layers, so the windows could not differ.
     """
+    for name, value in (("n_layers", n_layers), ("window k", k), ("centre layer", center)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InterventionError(f"{name} {value!r} must be a whole number")
+    if n_layers < 1:
+        raise InterventionError(f"n_layers {n_layers} must be at least 1")
     if k < 1:
         raise InterventionError(f"window k={k} must be at least 1")
+    widest = max(1, 2 * n_layers - 2)
+    if k > widest:
+        raise InterventionError(f"window k={k} blocks all {n_layers} layers at every centre; choose 1 to {widest}")
     if not 0 <= center < n_layers:
         raise InterventionError(f"centre layer {center} out of range; the model has layers 0..{n_layers - 1}")
+    center, k = int(center), int(k)
     return tuple(range(max(0, center - k // 2), min(n_layers, center + k - k // 2)))
 
 

@@ -118,6 +118,17 @@ class Adapter:
         """The string the prompt carries where the image goes (expanded to image tokens by the processor)."""
         return self.image_token or self.processor.image_token
 
+    def placeholder_tokens(self) -> tuple[str, ...]:
+        """The strings a question must not hold: the placeholder and the processor's image tokens (begin- and
+        end-of-image included), which the processor would read as another image."""
+        found = [self.placeholder(), self.image_token]
+        for name in ("image_token", "boi_token", "eoi_token", "video_token"):
+            try:
+                found.append(getattr(self.processor, name, None))
+            except (AttributeError, ValueError):  # a bare tokenizer without that special token
+                pass
+        return tuple(dict.fromkeys(marker for marker in found if isinstance(marker, str) and marker.strip()))
+
     @functools.cached_property
     def image_token_id(self) -> int | None:
         """The id of the image-feature token in `input_ids`."""

@@ -65,6 +65,10 @@ class QwenVLAdapter(Adapter):
     def placeholder(self) -> str:
         return f"<|vision_start|>{self.processor.image_token}<|vision_end|>"
 
+    def placeholder_tokens(self) -> tuple[str, ...]:
+        """Each of the placeholder's three tokens alone, besides the whole."""
+        return tuple(dict.fromkeys((*super().placeholder_tokens(), "<|vision_start|>", "<|vision_end|>")))
+
     @property
     def image_in_input_embeddings(self) -> bool:
         """False for Qwen3-VL, whose decoder adds "deepstack" visual features to image positions in early layers."""

@@ -89,10 +89,17 @@ def probe_predictions(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
     """Fit a probe on `train_x [N, D]` → `train_y` (`[N]` classes, or `[N, C]` multi-hot) and predict the test
     examples (`[M]` or `[M, C]`); `groups` (one per training example, e.g. image ids) keep the cross-validation
     folds whole (default: every example its own group)."""
+    return fitted_probe(train_x, train_y, multilabel, config, groups)(test_x)
+
+
+def fitted_probe(train_x: torch.Tensor, train_y: torch.Tensor, multilabel: bool, config: ProbeConfig = ProbeConfig(),
+                 groups: Sequence[str] | None = None):
+    """A probe fitted as `probe_predictions` fits it: a function from features `[M, D]` to predictions, to score
+    the same probe on several feature sets (clean, and read under each edit)."""
     groups = list(groups) if groups is not None else [str(i) for i in range(len(train_x))]
     x, y = train_x.double().numpy(), train_y.numpy()
     if not multilabel and len(np.unique(y)) < 2:  # one class on the training side: that is the prediction
-        return np.full(len(test_x), y[0])
+        return lambda test_x: np.full(len(test_x), y[0])
     probe = make_probe(config, multilabel, group_folds(groups, config.folds))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a fold's largest C on separable features
@@ -100,7 +107,7 @@ def probe_predictions(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
         warnings.filterwarnings("ignore", message="The least populated class")
         warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's notices of coming defaults
         probe.fit(x, y)
-    return probe.predict(test_x.double().numpy())
+    return lambda test_x: probe.predict(test_x.double().numpy())
 
 
 def scores_of(predicted: np.ndarray, truth: np.ndarray, multilabel: bool) -> dict[str, float]:
@@ -228,3 +235,42 @@ def interval(means: np.ndarray) -> tuple[float, float]:
     """The 2.5th and 97.5th percentiles of resampled means."""
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
+
+
+def edited_layerwise(features: torch.Tensor, edits: dict, labels: torch.Tensor, multilabel: bool,
+                     test_fraction: float = 0.25, config: ProbeConfig = ProbeConfig(),
+                     groups: Sequence[str] | None = None, *, retrain: bool = False,
+                     first_layer: int = 0) -> list[dict]:
+    """How edits shift what each layer's probe reads: for every edit (`edits`: name → its features `[N, L, D]`,
+    read from the same examples under the edit) and layer, the probe fitted on the clean `features` scored on
+    the edited features of the held-out examples (`mode` "transfer"), and with `retrain` a probe fitted and
+    scored on edited features ("retrained"). Each row keeps the clean probe's accuracy beside it
+    (`clean_accuracy`), and `delta_accuracy` = accuracy − clean_accuracy with a 95% interval (`delta_low`,
+    `delta_high`) over the same resamples of held-out images as `layerwise`'s. Split, folds and seeds are
+    `layerwise`'s, so `clean_accuracy` is its `accuracy`; a layer the edit does not reach has the clean features,
+    and so `delta_accuracy` exactly 0 under transfer."""
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(features))]
+    train, test = split(groups, test_fraction, config.seed)
+    train_groups = [groups[i] for i in train.tolist()]
+    resamples = group_resamples([groups[i] for i in test.tolist()], config.seed)
+    truth = labels[test].numpy()
+
+    def correct(predicted: np.ndarray) -> np.ndarray:
+        return (predicted == truth).all(-1) if multilabel else predicted == truth
+
+    rows = []
+    for layer in range(features.shape[1]):
+        probe = fitted_probe(features[train, layer], labels[train], multilabel, config, train_groups)
+        clean = correct(probe(features[test, layer]))
+        for name, edited in edits.items():
+            modes = {"transfer": lambda edited=edited: probe(edited[test, layer])}
+            if retrain:
+                modes["retrained"] = lambda edited=edited: probe_predictions(
+                    edited[train, layer], labels[train], edited[test, layer], multilabel, config, train_groups)
+            for mode, predict in modes.items():
+                right = correct(predict())
+                low, high = interval(resampled_means(right, resamples) - resampled_means(clean, resamples))
+                rows.append({"layer": first_layer + layer, "edit": name, "mode": mode, "accuracy": float(right.mean()),
+                             "clean_accuracy": float(clean.mean()), "delta_accuracy": float(right.mean() - clean.mean()),
+                             "delta_low": low, "delta_high": high})
+    return rows

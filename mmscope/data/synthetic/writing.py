@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import numbers
 import os
 import random
 import re
@@ -224,6 +225,10 @@ def synthesize(
         render: the splits whose images to draw now (default: all); `render_splits` draws the others later,
             identically. The questions and scene graphs of every split are always written.
     """
+    for name, value in (("n_scenes", n_scenes), ("seed", seed), ("image_size", image_size),
+                        ("questions_per_scene", questions_per_scene)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise DataError(f"{name} must be a whole number; got {value!r}")
     if n_scenes < 1 or questions_per_scene < 1 or image_size < 32:
         raise DataError(f"need n_scenes >= 1, questions_per_scene >= 1 and image_size >= 32; got {n_scenes}, "
                         f"{questions_per_scene}, {image_size}")
