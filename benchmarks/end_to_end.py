@@ -26,7 +26,8 @@ from knockout_sweep import QUESTIONS, add_model_arguments, model_from
 from PIL import Image
 
 from mmscope.experiments.engine import Variant, run_variants
-from mmscope.experiments.knockout import STUDY_FLOWS, Flow
+from mmscope.experiments.declarations import STUDY_FLOWS
+from mmscope.experiments.knockout import Flow
 from mmscope.interventions import knockout_window
 
 

@@ -3,7 +3,7 @@
 A map blocks, for each region of the image-token grid and each target group (`last`, `question`), the target's
 attention to the region's image tokens in one window of layers (a third of the depth around the middle layer,
 `mmscope map`'s default). Per example and per region side (1x1 and 2x2 patches), this runs the map's variants
-(`region_variants` of `example_regions`) with the prefix engine and with the naive loop (one full forward per
+(`knockout_variants` of `example_regions`) with the prefix engine and with the naive loop (one full forward per
 region × target), taking turns per example in one process, and prints each one's wall time, its time per
 variant, the ratio naive / prefix and the largest difference in any next-token probability between the two.
 
@@ -38,6 +38,7 @@ import argparse
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -45,7 +46,8 @@ from PIL import Image
 
 import mmscope
 from mmscope.experiments.engine import run_variants
-from mmscope.experiments.maps import TARGETS, example_regions, region_variants
+from mmscope.experiments.declarations import TARGETS
+from mmscope.experiments.maps import example_regions, knockout_variants
 from mmscope.interventions import knockout_window
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -82,7 +84,9 @@ def benchmark(name: str, model: mmscope.Model, examples, naive_limit: int) -> di
         n_variants = n_timed = 0
         max_dp = 0.0
         for image, example in examples:  # the engines take turns per example
-            variants = region_variants(example_regions(model, image, example, side), TARGETS, layers)
+            window = SimpleNamespace(centers=[model.n_layers // 2], targets=TARGETS,
+                                     window=max(1, round(model.n_layers / 3)))  # the layers of `map_layers`
+            variants = knockout_variants(example_regions(model, image, example, side), window, model.n_layers)
             seconds, prefix_probs = timed(model, example, variants, "prefix")
             prefix_s += seconds
             chosen = list(range(len(variants)))
