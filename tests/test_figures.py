@@ -254,3 +254,12 @@ def test_a_layer_axis_with_the_embeddings_names_them_and_one_without_keeps_plain
     curves(pd.DataFrame(rows[1:]), tmp_path / "b.png", x="layer", hue="curve", panel=None, ylabel="p", title="t")
     (axis,) = panels(drawn[-1])
     assert "embeddings" not in [tick.get_text() for tick in axis.get_xticklabels()]
+
+
+def test_the_knockout_legend_keeps_the_order_the_flows_were_asked_for(drawn, tmp_path):
+    summary = knockout_summary()
+    flows = sorted(set(summary["flow"]), reverse=True)  # not alphabetical
+    knockout_figure(summary, tmp_path / "knockout.png", SimpleNamespace(reference=None, ci="normal", window=2,
+                                                                        flows=flows))
+    legend = drawn[-1].legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == flows

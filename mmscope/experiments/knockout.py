@@ -107,13 +107,14 @@ def knockout_scores(layers: Sequence[int], p_clean: float, p_ko: float) -> dict:
 
 
 def knockout_figure(summary: pd.DataFrame, path: Path, options: KnockoutOptions) -> Path:
-    """Mean Δp% ± 95% CI against the centre layer, one curve per flow, one panel per category; with
-    `--reference`, the published curve dashed over the panels and flow it names."""
+    """Mean Δp% ± 95% CI against the centre layer, one curve per flow (in the order the flows were asked for,
+    which the legend keeps), one panel per category; with `--reference`, the published curve dashed over the
+    panels and flow it names."""
     overlay = read_reference(options.reference) if options.reference is not None else None
     band = "bootstrap" if options.ci == "bootstrap" else "normal"
     return curves(summary, path, x="center", hue="flow", panel="category", ylabel="Δp (%)",
                   title=f"Attention knockout, window {options.window} (95% CI, {band})", zero_line=True,
-                  overlay=overlay, limits=DELTA_PCT)
+                  overlay=overlay, limits=DELTA_PCT, hue_order=list(getattr(options, "flows", None) or ()))
 
 
 def knockout_findings(table: pd.DataFrame, summary: pd.DataFrame, options: KnockoutOptions) -> list[str]:
