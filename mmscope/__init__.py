@@ -6,8 +6,9 @@ does not import torch, transformers or nnsight; `mmscope.load(...)` does.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mmscope.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from mmscope.layout import Example
@@ -35,14 +36,4 @@ __all__ = ["DEFAULT_MODEL", "LLAVA_15", "AnswerScore", "Example", "Model", "Prep
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first use."""
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)
