@@ -215,29 +215,23 @@ def best_layer_lines(table: pd.DataFrame) -> list[str]:
     for curve, part in table.groupby("curve", sort=True):
         part = part.set_index("layer")
         if "selectivity" in part and part["selectivity"].notna().all():
-            beating = part[part["selectivity_low"] > 0]
-            if beating.empty:
-                lines.append(f"  {curve}: no layer beats its control task beyond the 95% intervals")
-                continue
-            layer = beating["selectivity"].idxmax()
-            row = beating.loc[layer]
-            lines.append(f"  {curve} → {layer_name(layer)}: selectivity {row['selectivity']:.3f} "
-                         f"[{row['selectivity_low']:.2f}, {row['selectivity_high']:.2f}], accuracy "
-                         f"{row['accuracy']:.3f} [{row['accuracy_low']:.2f}, {row['accuracy_high']:.2f}]")
+            beating, by, note = part[part["selectivity_low"] > 0], "selectivity", "its control task"
         elif "shuffled_accuracy" in part:
-            beating = part[part["accuracy_low"] > part["shuffled_accuracy_high"]]
-            if beating.empty:
-                lines.append(f"  {curve}: no layer beats the shuffled-label baseline beyond the 95% intervals")
-                continue
-            layer = beating["accuracy"].idxmax()
-            row = beating.loc[layer]
-            lines.append(f"  {curve} → {layer_name(layer)}: accuracy {row['accuracy']:.3f} [{row['accuracy_low']:.2f}, "
-                         f"{row['accuracy_high']:.2f}], above the shuffled-label baseline's interval")
+            beating, by = part[part["accuracy_low"] > part["shuffled_accuracy_high"]], "accuracy"
+            note = "the shuffled-label baseline"
         else:
-            layer = part["accuracy"].idxmax()
-            row = part.loc[layer]
-            lines.append(f"  {curve} → {layer_name(layer)}: accuracy {row['accuracy']:.3f} [{row['accuracy_low']:.2f}, "
-                         f"{row['accuracy_high']:.2f}] (no control was run to test it against: --controls)")
+            beating, by, note = part, "accuracy", None
+        if beating.empty:
+            lines.append(f"  {curve}: no layer beats {note} beyond the 95% intervals")
+            continue
+        layer = beating[by].idxmax()
+        row = beating.loc[layer]
+        scores = ("selectivity", "accuracy") if by == "selectivity" else ("accuracy",)
+        said = ", ".join(f"{name} {row[name]:.3f} [{row[name + '_low']:.2f}, {row[name + '_high']:.2f}]"
+                         for name in scores)
+        why = ("" if by == "selectivity" else ", above the shuffled-label baseline's interval" if note else
+               " (no control was run to test it against: --controls)")
+        lines.append(f"  {curve} → {layer_name(layer)}: {said}{why}")
     return lines
 
 

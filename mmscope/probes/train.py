@@ -110,14 +110,19 @@ def fitted_probe(train_x: torch.Tensor, train_y: torch.Tensor, multilabel: bool,
     return lambda test_x: probe.predict(test_x.double().numpy())
 
 
+def correct_of(predicted: np.ndarray, truth: np.ndarray, multilabel: bool) -> np.ndarray:
+    """Per example, whether the prediction is right (every label of a multi-hot row)."""
+    return (predicted == truth).all(-1) if multilabel else predicted == truth
+
+
 def scores_of(predicted: np.ndarray, truth: np.ndarray, multilabel: bool) -> dict[str, float]:
     """Accuracy (exact match for multi-hot labels) and, for multi-hot labels, micro-F1."""
+    accuracy = float(correct_of(predicted, truth, multilabel).mean())
     if not multilabel:
-        return {"accuracy": float((predicted == truth).mean())}
+        return {"accuracy": accuracy}
     predicted, truth = predicted.astype(bool), truth.astype(bool)
-    true_positive = (predicted & truth).sum()
-    f1 = 2 * true_positive / max(1, predicted.sum() + truth.sum())
-    return {"accuracy": float((predicted == truth).all(-1).mean()), "f1": float(f1)}
+    f1 = 2 * (predicted & truth).sum() / max(1, predicted.sum() + truth.sum())
+    return {"accuracy": accuracy, "f1": float(f1)}
 
 
 def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -204,7 +209,7 @@ def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, te
             predicted = probe_predictions(features[train, layer], target[train], features[test, layer], multilabel,
                                           config, train_groups)
             row |= {prefix + name: value for name, value in scores_of(predicted, truth, multilabel).items()}
-            correct[prefix] = (predicted == truth).all(-1) if multilabel else predicted == truth
+            correct[prefix] = correct_of(predicted, truth, multilabel)
             low, high = interval(resampled_means(correct[prefix], resamples))
             row |= {f"{prefix}accuracy_low": low, f"{prefix}accuracy_high": high}
         if "control_accuracy" in row:
@@ -218,8 +223,8 @@ def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, te
 def group_resamples(groups: Sequence[str], seed: int, samples: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
     """`[samples, n]` weights of the `n` examples: how often each one's group is drawn in each of `samples`
     resamples of the distinct groups with replacement (`numpy.random.default_rng(seed)`)."""
-    names = sorted(set(groups))
-    index = np.array([names.index(g) for g in groups])
+    names = {name: i for i, name in enumerate(sorted(set(groups)))}
+    index = np.array([names[g] for g in groups])
     drawn = np.random.default_rng(seed).integers(0, len(names), size=(samples, len(names)))
     counts = np.stack([np.bincount(row, minlength=len(names)) for row in drawn])  # [samples, groups]
     return counts[:, index]
@@ -254,21 +259,17 @@ def edited_layerwise(features: torch.Tensor, edits: dict, labels: torch.Tensor, 
     train_groups = [groups[i] for i in train.tolist()]
     resamples = group_resamples([groups[i] for i in test.tolist()], config.seed)
     truth = labels[test].numpy()
-
-    def correct(predicted: np.ndarray) -> np.ndarray:
-        return (predicted == truth).all(-1) if multilabel else predicted == truth
-
     rows = []
     for layer in range(features.shape[1]):
         probe = fitted_probe(features[train, layer], labels[train], multilabel, config, train_groups)
-        clean = correct(probe(features[test, layer]))
+        clean = correct_of(probe(features[test, layer]), truth, multilabel)
         for name, edited in edits.items():
             modes = {"transfer": lambda edited=edited: probe(edited[test, layer])}
             if retrain:
                 modes["retrained"] = lambda edited=edited: probe_predictions(
                     edited[train, layer], labels[train], edited[test, layer], multilabel, config, train_groups)
             for mode, predict in modes.items():
-                right = correct(predict())
+                right = correct_of(predict(), truth, multilabel)
                 low, high = interval(resampled_means(right, resamples) - resampled_means(clean, resamples))
                 rows.append({"layer": first_layer + layer, "edit": name, "mode": mode, "accuracy": float(right.mean()),
                              "clean_accuracy": float(clean.mean()), "delta_accuracy": float(right.mean() - clean.mean()),
