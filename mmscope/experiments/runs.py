@@ -207,7 +207,8 @@ class RunDir:
 
     def counts(self) -> dict[str, int]:
         """Examples that produced rows, and examples skipped."""
-        return {"used": len(self.used()), "skipped": len(list(self.parts.glob("*.skipped")))}
+        # every part in the folder is one of this run's units (a grown run's earlier ones included)
+        return {"used": len(list(self.parts.glob("*.parquet"))), "skipped": len(list(self.parts.glob("*.skipped")))}
 
     def used(self) -> list[int]:
         """The indices of the units that produced rows, in order."""
