@@ -487,7 +487,7 @@ class Model:
             if not isinstance(answer, str) or not answer.strip():
                 raise InputError(f"answer must be a non-empty string; got {answer!r}")
         if leading_space is None:
-            leading_space = self.writes_leading_space(example, self.run(example).argmax(-1).tolist())
+            leading_space = self.greedy_leading_space(example)
         spaces = [leading_space] * len(example) if isinstance(leading_space, bool) else list(leading_space)
         if len(spaces) != len(example) or not all(isinstance(space, bool) for space in spaces):
             raise InputError(f"leading_space must be a bool or one bool per row of the batch of {len(example)}; "
@@ -506,6 +506,11 @@ class Model:
                 warnings.warn(f"answer {answer.strip()!r} has words the tokenizer does not know: it is scored as "
                               f"{self.tokenizer.unk_token!r}, which any unknown word would match", stacklevel=3)
         return tokens
+
+    def greedy_leading_space(self, example: Example) -> list[bool]:
+        """Per row, whether the model's greedy next token after the prompt starts with whitespace: how it writes
+        an answer there (one forward)."""
+        return self.writes_leading_space(example, self.run(example).argmax(-1).tolist())
 
     def writes_leading_space(self, example: Example, tokens: Sequence[int]) -> list[bool]:
         """Per row, whether `tokens[row]` written right after that row's prompt starts with whitespace: the text

@@ -38,12 +38,15 @@ from mmscope.model import Model
 from mmscope.sites import EMBEDDINGS, layer_name
 
 
+TOKENS = ("answer", "Answer", "false_option", "False_option")  # the tracked tokens, in the figure's order
+
+
 def tracked_tokens(model: Model, example: Example, row: dict, leading_space: bool | None = None) -> dict[str, int]:
     """Token ids the lens follows: the first token of the gold answer in lower case and capitalised, and of the
     false option in both forms where the question has one (the same id may appear under two names), each written
     with a leading space or not (`leading_space`; None: as the model's greedy next token is written)."""
     if leading_space is None:
-        leading_space = model.writes_leading_space(example, model.run(example).argmax(-1).tolist())[0]
+        leading_space = model.greedy_leading_space(example)[0]
     tokens = {}
     for name, text in (("answer", row["answer"]), ("false_option", row.get("false_option"))):
         if text and text.strip():
@@ -89,7 +92,7 @@ def spelling_findings(table: pd.DataFrame) -> list[str]:
     lines = ["", f"tracked tokens: each label's first token written as the model writes its own answer after the "
                  f"prompt — with a leading space on {spaced} of {len(per_question)} questions, without on "
                  f"{len(per_question) - spaced} (read from the first token of each clean greedy answer):"]
-    for name in ("answer", "Answer", "false_option", "False_option"):
+    for name in TOKENS:
         part = first[first["token"] == name]
         if part.empty:
             continue
@@ -104,9 +107,6 @@ def spelling_findings(table: pd.DataFrame) -> list[str]:
                      f"(e.g. {row['token_text']!r} tracked, not {row['other_spelling']!r}): the one the model "
                      f"writes is tracked")
     return lines
-
-
-TOKENS = ("answer", "Answer", "false_option", "False_option")  # the tracked tokens, in the figure's order
 
 
 def lens_figure(summary: pd.DataFrame, path: Path, options: LensOptions) -> Path:
@@ -131,7 +131,7 @@ def lens_findings(table: pd.DataFrame, summary: pd.DataFrame, options: LensOptio
         note += "; layer ℓ = after decoder layer ℓ"
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     pooled = table.pivot_table(index="token", columns="layer", values="prob", aggfunc="mean")
-    order = [token for token in ("answer", "Answer", "false_option", "False_option") if token in pooled.index]
+    order = [token for token in TOKENS if token in pooled.index]
     pooled = pooled.loc[order]
     peaks = ", ".join(f"{token} → {layer_name(pooled.loc[token].idxmax())}" for token in order)
     lines = [note, *spelling_findings(table), "", "Mean p(token) by layer, all categories:",
