@@ -73,8 +73,9 @@ def test_sweep_commands_take_the_shared_options_around_their_own(command, own, d
 def test_probe_evaluate_and_train_keep_their_options_and_defaults():
     probe = options_of("probe")
     assert list(probe) == ["--model", "--data", "--split", "--n-images", "--probe", "--controls", "--flow", "--window",
-                           "--center", "--retrain", "--out", "--wandb", "--seed", "--config"]
+                           "--center", "--truncate", "--retrain", "--engine", "--out", "--wandb", "--seed", "--config"]
     assert probe["--flow"].multiple and probe["--center"].multiple and probe["--retrain"].is_flag
+    assert probe["--truncate"].is_flag and probe["--engine"].default == "prefix"
     assert (probe["--n-images"].default, probe["--probe"].default, probe["--probe"].name) == (300, "linear",
                                                                                               "probe_kind")
     assert probe["--controls"].secondary_opts == ["--no-controls"] and probe["--controls"].default is True

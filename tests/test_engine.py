@@ -16,8 +16,8 @@ from conftest import scene
 from PIL import ImageOps
 
 import mmscope
-from mmscope.errors import InputError, InterventionError
-from mmscope.experiments.engine import ENGINES, Variant, clean_pass, plan, run_variants
+from mmscope.errors import InputError, InterventionError, LayoutError
+from mmscope.experiments.engine import ENGINES, Variant, clean_pass, plan, run_variants, variant_features
 from mmscope.experiments.shared_prefix import SharedPrefixCache
 from mmscope.interventions import (
     SITES,
@@ -373,3 +373,51 @@ def test_a_cached_patch_needs_a_source_with_the_group_and_the_site(tiny):
     with pytest.raises(InterventionError, match="positions in the source example but"):
         tiny.next_token_probs(corrupted, [CachedPatch("residual", (1,), "question")], source=tiny.cache(longer))
     assert torch.allclose(cache.site("residual", 1)[0], tiny.hidden_states(clean)[2, 0], atol=1e-6, rtol=0)
+
+
+FEATURE_TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("which", ["short", "long", "left-padded"])
+def test_pooled_features_of_each_variant_equal_one_full_forward_per_variant(tiny, examples, which):
+    """`variant_features` reads each variant's pooled residual stream from the engine's passes: equal to
+    `model.hidden_states` under the variant, pooled by hand, at every depth; depths below a variant's first
+    layer are the clean ones exactly."""
+    short, long, batch = examples
+    example = {"short": short, "long": long, "left-padded": batch.select([0])}[which]
+    variants = sweep(tiny, AFTER_PREFIX + INTO_PREFIX, k=2)
+    variants += [Variant(("truncate", layer), (Truncate(layer),)) for layer in range(tiny.n_layers)]
+    variants += [Variant(("skip", layer), (SkipLayers((layer,)),)) for layer in range(tiny.n_layers)]
+    groups = ["last", "image", "question", "object"]
+    clean, features = variant_features(tiny, example, variants, groups)
+    naive_clean, naive = variant_features(tiny, example, variants, groups, engine="naive")
+    assert clean.keys() == features.keys() == set(groups)
+    for group in groups:
+        at = example.positions(group, 0)
+        by_hand = tiny.hidden_states(example)[:, 0, at].mean(1)  # [L + 1, D]
+        assert torch.allclose(clean[group], by_hand, atol=FEATURE_TOLERANCE, rtol=0)
+        assert torch.allclose(naive_clean[group], by_hand, atol=FEATURE_TOLERANCE, rtol=0)
+        for index, variant in enumerate(variants):
+            expected = tiny.hidden_states(example, variant.interventions)[:, 0, at].mean(1)
+            assert torch.allclose(features[group][index], expected, atol=FEATURE_TOLERANCE, rtol=0), (group, variant.key)
+            assert torch.allclose(naive[group][index], expected, atol=FEATURE_TOLERANCE, rtol=0)
+            first = min(intervention.first_layer() for intervention in variant.interventions)
+            assert torch.equal(features[group][index, : first + 1], clean[group][: first + 1]), (group, variant.key)
+    moved = torch.stack([(features[group] - clean[group]).abs().amax((1, 2)) for group in groups]).amax(0)
+    assert (moved[: len(variants) - 2 * tiny.n_layers] > 1e-6).all(), "every knockout must move some feature"
+
+
+def test_pooled_features_refuse_what_they_cannot_read(tiny, examples):
+    short, _, batch = examples
+    read = variant_features
+    with pytest.raises(InputError, match="one example"):
+        read(tiny, batch, [], ["last"])
+    with pytest.raises(LayoutError, match="unknown token group 'imag'"):
+        read(tiny, short, [], ["imag"])
+    with pytest.raises(InputError, match="non-empty sequence"):
+        read(tiny, short, [], "last")
+    with pytest.raises(InputError, match="unknown engine"):
+        read(tiny, short, [], ["last"], engine="fast")
+    patch = Variant(("patch", 0), (CachedPatch("residual", (0,), "image"),))
+    with pytest.raises(InputError, match="source run"):
+        read(tiny, short, [patch], ["last"])

@@ -318,16 +318,56 @@ def test_probe_under_edits_keeps_the_clean_scores_below_each_window_and_draws_th
     out = tmp_path / "probe"
     result = CliRunner().invoke(app, ["probe", "--data", str(world), "--split", "test", "--n-images", "12",
                                       "--no-controls", "--flow", "image->question", "--window", "1", "--center", "2",
-                                      "--center", "5", "--out", str(out)], catch_exceptions=False)
+                                      "--center", "7", "--truncate", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(out / "results.parquet")
     assert {"edit", "center", "mode", "accuracy", "clean_accuracy", "delta_accuracy"} <= set(table.columns)
     edited = table[table["edit"] != "clean"]
-    assert set(edited["edit"]) == {"image->question"} and set(edited["center"]) == {2, 5}
+    assert set(edited["edit"]) == {"image->question", "truncate"} and set(edited["center"]) == {2, 7}
     assert set(edited["mode"]) == {"transfer"}  # no --retrain
     clean = table[table["edit"] == "clean"].set_index(["task", "pooling", "layer"])["accuracy"]
     for _, row in edited.iterrows():
         assert row["clean_accuracy"] == clean[row["task"], row["pooling"], row["layer"]]
-        if row["layer"] < row["center"]:  # window 1: the edit's only layer is its centre
+        # window 1: the knockout's only layer is its centre; truncation computes layers up to its centre
+        reach = row["center"] + (row["edit"] == "truncate")
+        assert row["edited_from"] == reach
+        if row["layer"] < reach or (row["edit"] == "truncate" and row["center"] == 7):  # 7: the last layer
             assert row["delta_accuracy"] == 0.0, row.to_dict()
-    assert (out / "probe_edits.png").exists() and "edits (1 flows × 2 centres)" in result.output
+    moved = edited[(edited["edit"] == "truncate") & (edited["center"] == 2) & (edited["layer"] > 2)]
+    assert (moved["delta_accuracy"] != 0).any()  # exiting early changes what later probes read
+    assert "4 edits (image->question, truncate at 2 centres each)" in result.output
+    assert "transfer scores equal the clean ones exactly" in result.output
+    assert (out / "probe_edits.png").exists()
+
+
+def test_edited_probe_features_through_the_engine_equal_one_full_forward_per_edit(embedded, world):
+    """The probe's edited features come from the sweep engine; one full forward of each example under each edit
+    (`engine="naive"`: `model.hidden_states`, pooled) reads the same, the clean ones equal `layer_features`'
+    padded batches, and layers below an edit's first are the clean ones exactly."""
+    from mmscope.experiments.probe import POOLINGS, probe_edits, probe_inputs, task_features
+
+    options = ProbeOptions(data=world, split="test", n_images=4, controls=False, flows=["image->question",
+                           "image->last"], window=2, centers=[1, 5], truncate=True)
+    datasets = PROBE.data(options)
+    edits = probe_edits(options, embedded)
+    assert set(edits) == {(flow, center) for flow in ("image->question", "image->last", "truncate") for center in (1, 5)}
+    for task, dataset in datasets.items():
+        features = task_features(embedded, task, dataset, POOLINGS[task], edits=edits, progress=False)
+        naive = task_features(embedded, task, dataset, POOLINGS[task], edits=edits, engine="naive", progress=False)
+        images, texts, _, _ = probe_inputs(task, dataset)
+        for pooling in POOLINGS[task]:
+            batched = layer_features(embedded, images, texts, pooling, progress=False)
+            assert (features.clean[pooling] - batched).abs().max() <= 2e-5, (task, pooling)  # padding moves rounding
+            assert (features.clean[pooling] - naive.clean[pooling]).abs().max() <= 1e-5, (task, pooling)
+            for key, applied in edits.items():
+                # float32 rounding: the suffix computes in other shapes; this model's stream grows to ~25 in its
+                # last layers, where 1e-5 is two units in the last place — so 1e-5 plus 1e-6 of each depth's scale
+                expected = naive.edited[key][pooling]
+                difference = (features.edited[key][pooling] - expected).abs().amax((0, 2))
+                allowed = 1e-5 + 1e-6 * expected.abs().amax((0, 2))
+                assert (difference <= allowed).all(), (task, pooling, key, difference)
+                first = applied[0].first_layer()  # depth d holds the stream after layer d − 1
+                assert torch.equal(features.edited[key][pooling][:, : first + 1],
+                                   features.clean[pooling][:, : first + 1]), (task, pooling, key)
+            moved = max((features.edited[key][pooling] - features.clean[pooling]).abs().max() for key in edits)
+            assert moved > 1e-3, (task, pooling)  # the edits do something to every pooling's features

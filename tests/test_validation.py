@@ -112,7 +112,10 @@ CLI_CASES = [
     (["knockout", "--flow", "image"], "flow 'image' (--flow) must read 'source->target'"),
     (["probe", "--flow", "image->question", "--center", "2", "--center", "2"],
      "center 2 (--center) is given twice; give each centre once"),
-    (["probe", "--window", "2"], "--window applies to the edits of --flow; this run probes the clean model only"),
+    (["probe", "--window", "2"], "--window applies to the knockouts of --flow; this run has none"),
+    (["probe", "--truncate", "--window", "2"], "--window applies to the knockouts of --flow; this run has none"),
+    (["probe", "--retrain"], "--retrain applies to the edits of --flow or --truncate; this run probes the clean "
+                             "model only"),
     (["knockout", "--flow", "image-"], "flow 'image-' (--flow) must read 'source->target', e.g. --flow "
                                        "'image->last' — quote it: unquoted, the shell reads '>' as a redirection"),
     (["knockout", "--flow", "foo->last"], "unknown token group 'foo' (--flow)"),

@@ -278,8 +278,11 @@ class ProbeOptions:
                                       "knockout's, about a third of the depth).")
     centers: list[int] | None = option(None, "With --flow: a centre layer (repeatable; default: every layer).",
                                        flag="--center")
-    retrain: bool = option(False, "With --flow: also fit and score a probe on the edited features (is the "
+    truncate: bool = option(False, "An edit to probe under: exit after each centre layer (the later layers "
+                                   "skipped, as in `mmscope truncate`).", flag="--truncate")
+    retrain: bool = option(False, "With an edit: also fit and score a probe on the edited features (is the "
                                   "information still decodable at all?).", flag="--retrain")
+    engine: str = engine_option()
     out: Path | None = out_option()
     wandb: bool = wandb_option()
     seed: int = seed_option()
@@ -294,9 +297,14 @@ class ProbeOptions:
                 if ends in seen:
                     raise OptionError(f"flow {flow!r} (--flow) is given twice; give each flow once")
                 seen.add(ends)
-        for name, flag in (("window", "--window"), ("centers", "--center"), ("retrain", "--retrain")):
-            if not self.flows and getattr(self, name) not in (None, False):
-                raise OptionError(f"{flag} applies to the edits of --flow; this run probes the clean model only")
+        check_choice("engine", self.engine, ENGINES)
+        for name, flag in (("centers", "--center"), ("retrain", "--retrain")):
+            if not (self.flows or self.truncate) and getattr(self, name) not in (None, False):
+                raise OptionError(f"{flag} applies to the edits of --flow or --truncate; this run probes the clean "
+                                  "model only")
+        if not self.flows and self.window is not None:
+            raise OptionError("--window applies to the knockouts of --flow; this run has none (--truncate exits "
+                              "after each centre, with no window)")
         check_at_least("window", self.window, 1)
         for index, center in enumerate(self.centers or ()):
             check_at_least("center", center, 0)
@@ -306,10 +314,10 @@ class ProbeOptions:
     def configure(self, model: Model):
         """With --flow, the window and centres when not given (printed in the run header); centres beyond the
         model's layers refused."""
-        if not self.flows:
+        if not (self.flows or self.truncate):
             return self, []
         options, lines = self, []
-        if options.window is None:
+        if options.flows and options.window is None:
             options = dataclasses.replace(options, window=default_window(model.n_layers))
             lines.append(f"window {options.window} (knockout's default for {model.n_layers} layers)")
         if options.centers is None:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -89,7 +89,7 @@ class CleanRun:
     embeds: torch.Tensor | None = None  # the decoder's input embeddings (image features in place), [1, T, D]
     position_ids: torch.Tensor | None = None  # the decoder's position ids, [..., 1, T]
     suffix_starts: torch.Tensor | None = None  # [T] bool: a suffix pass may start at this position
-    states: list[torch.Tensor] | None = None  # per layer, the stream entering it, [1, T, D]
+    states: list[torch.Tensor] | None = None  # per layer, the stream entering it, then the last one's output, [1, T, D]
     activations: ActivationCache | None = None  # a source run's: the activations its patches read
     source: CleanRun | None = None  # the source example's clean run (clean → corrupted patching)
 
@@ -137,16 +137,9 @@ def run_variants(
     `layer_overhead` is the fixed cost of one more pass, per layer, in positions' worth of compute (default by
     device: `LAYER_OVERHEAD`) — it sets how the planner groups rows of different first layers.
     """
-    if engine not in ENGINES:
-        raise InputError(f"unknown engine {engine!r}; known: {known(ENGINES)}")
-    if len(example) != 1:
-        raise InputError(f"run_variants takes one example (a batch of 1); got a batch of {len(example)}")
+    check_sweep("run_variants", example, engine, memory_budget_mb, layer_overhead)
     if source is not None and len(source) != 1:
         raise InputError(f"the source is one example (a batch of 1); got a batch of {len(source)}")
-    if memory_budget_mb is not None and not memory_budget_mb > 0:
-        raise InputError(f"memory_budget_mb must be positive; got {memory_budget_mb}")
-    if layer_overhead is not None and not layer_overhead >= 0:
-        raise InputError(f"layer_overhead must be at least 0; got {layer_overhead}")
     variants = list(variants)
     needed = frozenset().union(*(variant.source_sites() for variant in variants))
     if needed and source is None:
@@ -186,6 +179,112 @@ def run_variants(
     return clean, probs
 
 
+def check_sweep(name: str, example: Example, engine: str, memory_budget_mb: float | None,
+                layer_overhead: float | None) -> None:
+    """Refuse what a sweep of one example cannot take, naming the argument."""
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}; known: {known(ENGINES)}")
+    if len(example) != 1:
+        raise InputError(f"{name} takes one example (a batch of 1); got a batch of {len(example)}")
+    if memory_budget_mb is not None and not memory_budget_mb > 0:
+        raise InputError(f"memory_budget_mb must be positive; got {memory_budget_mb}")
+    if layer_overhead is not None and not layer_overhead >= 0:
+        raise InputError(f"layer_overhead must be at least 0; got {layer_overhead}")
+
+
+def variant_features(
+    model: Model,
+    example: Example,
+    variants: Sequence[Variant],
+    groups: Sequence[str],
+    *,
+    engine: str = "prefix",
+    memory_budget_mb: float | None = None,
+    layer_overhead: float | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """For ONE example (batch of 1): the residual stream pooled over each token group of `groups` (the mean over
+    its positions) at every depth — the decoder's input embeddings, then after each layer: the probes'
+    features (`mmscope.probes.layer_features`) — in the clean run, `{group: [L + 1, D]}`, and under each
+    variant, `{group: [n_variants, L + 1, D]}`, float32.
+
+    The prefix engine reads them from the passes `run_variants` runs: a variant's depths up to its first layer,
+    and its positions before its suffix's start, are the clean pass's (the very values: a depth no variant
+    reaches equals the clean features exactly); the rest comes from its row of the suffix pass. A variant that
+    no suffix can serve runs as a full forward. `engine="naive"`: one full `model.hidden_states` per variant.
+    """
+    check_sweep("variant_features", example, engine, memory_budget_mb, layer_overhead)
+    variants = list(variants)
+    if any(variant.source_sites() for variant in variants):
+        raise InputError("variant_features reads no source run: these variants patch from one (CachedPatch)")
+    if isinstance(groups, str) or not groups:
+        raise InputError(f"groups must be a non-empty sequence of token group names; got {groups!r}")
+    positions = {group: example.positions(group, 0) for group in groups}  # refuses an unknown group
+    empty = [group for group, at in positions.items() if not len(at)]
+    if empty:
+        raise InputError(f"token group(s) {empty} hold no position in this example: nothing to pool")
+
+    def pool(states: torch.Tensor) -> dict[str, torch.Tensor]:  # [L + 1, T, D] → {group: [L + 1, D]}
+        return {group: states[:, at].sum(1) / len(at) for group, at in positions.items()}
+
+    bar = tqdm(total=len(variants), desc="variants", unit="variant", disable=not progress, leave=False)
+    if engine == "naive":
+        clean = pool(model.hidden_states(example)[:, 0])
+        edited = []
+        for variant in variants:
+            edited.append(pool(model.hidden_states(example, variant.interventions)[:, 0]))
+            bar.update()
+        bar.close()
+        return clean, {group: torch.stack([one[group] for one in edited]) if edited else
+                       clean[group].new_empty(0, *clean[group].shape) for group in positions}
+    run = clean_pass(model, example)
+    if run.states is None or not run.shared:
+        states = model.hidden_states(example)[:, 0]
+    else:
+        states = torch.stack([state[0].to(model.device).float() for state in run.states])  # [L + 1, T, D]
+    clean = pool(states)
+    features = {group: value.expand(len(variants), -1, -1).clone() for group, value in clean.items()}
+    for batch in plan(model, example, run, variants, memory_budget_mb, layer_overhead):
+        if batch.first_layer >= model.n_layers:  # nothing changes: the clean features
+            pass
+        elif batch.start == 0 and batch.first_layer == 0:
+            for index in batch.variants:
+                for group, value in pool(model.hidden_states(example, variants[index].interventions)[:, 0]).items():
+                    features[group][index] = value
+        else:
+            chosen = [variants[index] for index in batch.variants]
+            sums = suffix_pass(model, example, run, batch, chosen, readout=suffix_sums(model, positions, batch))
+            for group, at in positions.items():
+                if not (at >= batch.start).any():  # every position in the shared prefix: clean in every layer
+                    continue
+                prefix = states[:, at[at < batch.start]].sum(1)  # [L + 1, D]
+                for row, index in enumerate(batch.variants):
+                    own = batch.first_layers[row]  # depths own + 1 … L are the outputs of layers own … L − 1
+                    features[group][index, own + 1 :] = (prefix[own + 1 :] + sums[group][row, own - batch.first_layer :]
+                                                         ) / len(at)
+        bar.update(len(batch.variants))
+    bar.close()
+    return clean, features
+
+
+def suffix_sums(model: Model, positions: dict[str, torch.Tensor], batch: Batch) -> Callable[[Context], dict]:
+    """A suffix pass's readout for `variant_features`: per group, each row's residual stream after each layer
+    from the pass's first one, summed over the group's positions in the suffix, `{group: [rows, L − first, D]}`
+    (float32)."""
+    start, first = batch.start, batch.first_layer
+    within = {group: at[at >= start] - start for group, at in positions.items()}
+
+    def read(ctx: Context) -> dict[str, torch.Tensor]:
+        sums: dict[str, list[torch.Tensor]] = {group: [] for group in within}
+        for layer in range(first, model.n_layers):
+            output = ctx.residual(layer)
+            for group, at in within.items():
+                sums[group].append(output[:, at.to(output.device)].float().sum(1).to(model.device))
+        return {group: torch.stack(parts, 1) for group, parts in sums.items()}
+
+    return read
+
+
 def clean_pass(model: Model, example: Example, keep: frozenset[tuple[str, int]] = frozenset(),
                streams: bool = True) -> CleanRun:
     """One full forward that keeps every layer's keys and values and (with `streams`) input stream, the
@@ -215,6 +314,9 @@ def clean_pass(model: Model, example: Example, keep: frozenset[tuple[str, int]] 
             for site in order:
                 if (site, layer) in keep:
                     kept[site, layer] = ctx.site(site, layer).clone()
+        if streams:  # and the stream after the last layer (read once: a second read of one output is refused)
+            top = ("residual", model.n_layers - 1)
+            states.append(kept[top] if top in kept else ctx.residual(model.n_layers - 1))
         return (kwargs.get("inputs_embeds"), kwargs.get("position_ids"), reach, states, kept,
                 ctx.logits()[0, last].float())
 
@@ -269,10 +371,11 @@ class LayerStart:
 
 
 def suffix_pass(model: Model, example: Example, clean: CleanRun, batch: Batch,
-                variants: Sequence[Variant]) -> torch.Tensor:
+                variants: Sequence[Variant], readout: Callable[[Context], object] | None = None):
     """Next-token probs `[n, V]`: one row per variant over positions `batch.start`…T-1 and layers from each
     row's first layer, the clean prefix (or the source's) shared and the stream entering a row's first layer
-    taken from the clean pass."""
+    taken from the clean pass. `readout(ctx)`: what to return instead, read through the pass's unrestricted
+    context (its positions start at `batch.start`)."""
     rows, start = len(variants), batch.start
     if start == 0:  # one row, the full forward's own inputs (what a family builds from them, e.g. a prefix-LM
         if rows != 1:  # mask, stays its own); only the layers before its first are skipped
@@ -304,6 +407,8 @@ def suffix_pass(model: Model, example: Example, clean: CleanRun, batch: Batch,
     last = last_position(example) - start
     attention = shared_prefix_attention_in(model.adapter.text_config) if start > 0 else nullcontext()
     with attention:
+        if readout is not None:
+            return model.run_inputs(inputs, applied, lambda: readout(whole))
         logits = model.run_inputs(inputs, applied, lambda: whole.logits()[:, last].float())
     return logits.softmax(-1)
 

@@ -30,21 +30,25 @@ needs input *types* that recur across the image-grouped split:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from mmscope.errors import known, suggest
+from mmscope.errors import InputError, known, suggest
 from mmscope.experiments import declarations
 from mmscope.experiments.declarations import ProbeOptions, flow_ends  # declared without torch
+from mmscope.experiments.engine import Variant, variant_features
 from mmscope.experiments.figures import PROBABILITY, curves, curves_with_controls, heatmaps
 from mmscope.experiments.knockout import Flow
 from mmscope.experiments.options import OptionError
 from mmscope.experiments.runner import Experiment, Work
 from mmscope.experiments.workspace import probe_datasets
-from mmscope.interventions import Intervention, knockout_window
-from mmscope.model import Model
+from mmscope.interventions import Intervention, Truncate, knockout_window
+from mmscope.model import Model, check_interventions
+from mmscope.probes import POOLINGS as FEATURE_POOLINGS
 from mmscope.probes import ProbeConfig, layer_features, layerwise
 from mmscope.probes.train import edited_layerwise
 from mmscope.sites import EMBEDDINGS, layer_name
@@ -62,41 +66,95 @@ def control_types(task: str, dataset) -> list[str]:
     return [",".join(names[i] for i in ids) for ids in dataset["label_ids"]]
 
 
-def probe_rows(model: Model, task: str, dataset, pooling: str, config: ProbeConfig,
-               interventions: Sequence[Intervention] = (), controls: bool = False,
-               edits: dict[tuple[str, int], Sequence[Intervention]] | None = None, retrain: bool = False) -> list[dict]:
-    """Per-layer probe scores for one task and pooling; with `controls`, also its control arms' and selectivity.
-    With `edits` ((flow, centre) → the interventions of that edit), the rows gain an `edit` column ("clean" for
-    the rows above) and, per edit × layer, the clean probe scored on features read under the edit (and with
-    `retrain` a probe fitted on them): `edited_layerwise`'s columns, with the edit's flow and `center`."""
-    images = dataset["image"]
+def probe_inputs(task: str, dataset) -> tuple[list, list[str], torch.Tensor, bool]:
+    """A task's images, texts, labels and whether they are multi-hot: the statements and their truth for
+    entailment, one fixed prompt and each image's object set for objects."""
     if task == "entailment":
-        texts, labels, multilabel = list(dataset["statement"]), torch.tensor(dataset["label"]), False
-    else:
-        texts = [OBJECT_PROMPT] * len(dataset)
-        labels, multilabel = torch.tensor(dataset["labels"]), True
-    features = layer_features(model, images, texts, pooling, interventions=interventions)
+        return dataset["image"], list(dataset["statement"]), torch.tensor(dataset["label"]), False
+    return dataset["image"], [OBJECT_PROMPT] * len(dataset), torch.tensor(dataset["labels"]), True
+
+
+Edits = dict[tuple[str, int], Sequence[Intervention]]  # (edit name, centre) → the interventions of that edit
+
+
+@dataclass
+class TaskFeatures:
+    """One task's features per pooling, `[N, L + 1, D]`: `clean`, and under each edit (`edited[key][pooling]`)."""
+
+    clean: dict[str, torch.Tensor]
+    edited: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def task_features(model: Model, task: str, dataset, poolings: Sequence[str], interventions: Sequence[Intervention] = (),
+                  edits: Edits | None = None, engine: str = "prefix", progress: bool = True) -> TaskFeatures:
+    """The features of every pooling of `task`. Without `edits`, read in padded batches (`layer_features`). With
+    them, through the sweep engine, one example at a time: each example's clean pass, and every edit a variant
+    of it (`variant_features`), so a layer below an edit's first one is the clean pass's own value; under
+    `interventions` too, each edit adds its own to them and "clean" is a variant of its own."""
+    images, texts, _, _ = probe_inputs(task, dataset)
+    if not edits:
+        return TaskFeatures({pooling: layer_features(model, images, texts, pooling, interventions=interventions,
+                                                     progress=progress) for pooling in poolings})
+    unknown = [pooling for pooling in poolings if pooling not in FEATURE_POOLINGS]
+    if unknown:
+        raise InputError(f"unknown pooling(s) {unknown}; known: {known(FEATURE_POOLINGS)}")
+    check_interventions(interventions)
+    variants = [Variant(key, (*interventions, *applied)) for key, applied in edits.items()]
+    if interventions:
+        variants.insert(0, Variant(("clean", -1), tuple(interventions)))
+    groups = {pooling: FEATURE_POOLINGS[pooling] for pooling in poolings}
+    clean: dict[str, list] = {pooling: [] for pooling in poolings}
+    edited: dict[tuple, dict[str, list]] = {key: {pooling: [] for pooling in poolings} for key in edits}
+    for image, text in tqdm(zip(images, texts, strict=True), total=len(texts), desc=f"{task} features",
+                            unit="example", disable=not progress):
+        example = model.prepare(image.convert("RGB"), text)
+        ran, under = variant_features(model, example, variants, sorted(set(groups.values())), engine=engine)
+        for pooling, group in groups.items():
+            clean[pooling].append(under[group][0] if interventions else ran[group])
+            for row, key in enumerate(edits, start=1 if interventions else 0):
+                edited[key][pooling].append(under[group][row])
+    return TaskFeatures({pooling: torch.stack(rows).cpu() for pooling, rows in clean.items()},
+                        {key: {pooling: torch.stack(rows).cpu() for pooling, rows in by.items()}
+                         for key, by in edited.items()})
+
+
+def probe_rows(model: Model, task: str, dataset, pooling: str, config: ProbeConfig,
+               interventions: Sequence[Intervention] = (), controls: bool = False, edits: Edits | None = None,
+               retrain: bool = False, engine: str = "prefix", features: TaskFeatures | None = None) -> list[dict]:
+    """Per-layer probe scores for one task and pooling; with `controls`, also its control arms' and selectivity.
+    With `edits` ((edit name, centre) → the interventions of that edit), the rows gain an `edit` column ("clean"
+    for the rows above) and, per edit × layer, the clean probe scored on features read under the edit (and with
+    `retrain` a probe fitted on them): `edited_layerwise`'s columns, with the edit's name, `center` and
+    `edited_from` (its first layer: every probed layer below it reads the clean features). `features`: the
+    task's, when already read (`task_features`)."""
+    _, _, labels, multilabel = probe_inputs(task, dataset)
+    features = features or task_features(model, task, dataset, [pooling], interventions, edits, engine)
+    clean = features.clean[pooling]
     types = control_types(task, dataset) if controls else None
     base = {"task": task, "pooling": pooling, "probe": config.kind, "n": len(dataset)}
     groups = list(dataset["image_id"])
     rows = [{**base, **({"edit": "clean"} if edits else {}), **scores}
-            for scores in layerwise(features, labels, multilabel, config=config, groups=groups,
+            for scores in layerwise(clean, labels, multilabel, config=config, groups=groups,
                                     controls=controls, types=types, first_layer=EMBEDDINGS)]
     if edits:
-        edited = {key: layer_features(model, images, texts, pooling, interventions=[*interventions, *applied],
-                                      progress=False)
-                  for key, applied in edits.items()}
-        for scores in edited_layerwise(features, edited, labels, multilabel, config=config, groups=groups,
+        edited = {key: by[pooling] for key, by in features.edited.items()}
+        for scores in edited_layerwise(clean, edited, labels, multilabel, config=config, groups=groups,
                                        retrain=retrain, first_layer=EMBEDDINGS):
-            flow, center = scores.pop("edit")
-            rows.append({**base, "edit": flow, "center": center, **scores})
+            key = scores.pop("edit")
+            reach = min((intervention.first_layer() for intervention in edits[key]), default=model.n_layers)
+            rows.append({**base, "edit": key[0], "center": key[1], "edited_from": reach, **scores})
     return rows
 
 
-def probe_edits(options: ProbeOptions, model: Model) -> dict[tuple[str, int], tuple[Intervention, ...]]:
-    """Every --flow × --center, each blocking its flow in the window around the centre (as knockout does)."""
-    return {(flow, center): (Flow.parse(flow).knockout(knockout_window(center, options.window, model.n_layers)),)
-            for flow in options.flows or () for center in options.centers or ()}
+def probe_edits(options: ProbeOptions, model: Model) -> Edits:
+    """Every --flow × --center, each blocking its flow in the window around the centre (as knockout does), and
+    with --truncate, an exit after each centre layer (as truncate does)."""
+    edits: Edits = {(flow, center): (Flow.parse(flow).knockout(knockout_window(center, options.window,
+                                                                               model.n_layers)),)
+                    for flow in options.flows or () for center in options.centers or ()}
+    if options.truncate:
+        edits |= {("truncate", center): (Truncate(center),) for center in options.centers}
+    return edits
 
 
 def probe_data(options: ProbeOptions) -> dict:
@@ -116,16 +174,24 @@ def probe_work(model: Model, options: ProbeOptions, datasets: dict) -> Work:
                 raise OptionError(f"unknown token group {group!r} (--flow); the probes' examples (no object boxes) "
                                   f"hold {known(held)}{suggest(group, held)}")
 
+    features: dict[str, TaskFeatures] = {}  # per task: every pooling's features, read once
+
     def rows(index: int) -> list[dict]:
         task, pooling = units[index]
+        if task not in features:
+            features.clear()  # one task's at a time
+            features[task] = task_features(model, task, datasets[task], POOLINGS[task], edits=edits,
+                                           engine=options.engine)
         return probe_rows(model, task, datasets[task], pooling, config, controls=options.controls, edits=edits,
-                          retrain=options.retrain)
+                          retrain=options.retrain, features=features[task])
 
     described = f"{len(datasets['objects'])} images, {len(datasets['entailment'])} statements"
+    record = {}
     if edits:
-        described += f", {len(edits)} edits ({len(options.flows)} flows × {len(options.centers)} centres)"
-    record = {"flows": options.flows, "window": options.window, "centers": options.centers,
-              "example": [ko.to_dict() for ko in next(iter(edits.values()))]} if edits else {}
+        kinds = [*(options.flows or ()), *(["truncate"] if options.truncate else [])]
+        described += f", {len(edits)} edits ({', '.join(kinds)} at {len(options.centers)} centres each)"
+        record = {"flows": options.flows, "truncate": options.truncate, "window": options.window,
+                  "centers": options.centers, "example": [edit.to_dict() for edit in next(iter(edits.values()))]}
     return Work(len(units), rows, described, record)
 
 
@@ -174,8 +240,8 @@ def probe_figure(summary: pd.DataFrame, path: Path, options: ProbeOptions) -> Pa
                   for (probed, edit, mode), part in edits.groupby(["probed", "edit", "mode"], sort=True)}
         n = int(edits["n"].min())
         others = heatmaps(panels, path.with_name("probe_edits.png"), colorbar="Δ held-out accuracy (edit − clean)",
-                          title=f"Probes under attention knockout, window {options.window}: what each probed "
-                                f"layer still encodes (n ≥ {n} examples per task)", rows="edit centre",
+                          title=f"Probes under {edits_named(options)}: what each probed layer still encodes "
+                                f"(n ≥ {n} examples per task)", rows="edit centre",
                           columns="probed layer")
         return [drawn, others]
     if "selectivity" in summary:
@@ -186,6 +252,12 @@ def probe_figure(summary: pd.DataFrame, path: Path, options: ProbeOptions) -> Pa
     return curves(summary, path, x="layer", hue="curve", panel=None, ylabel="held-out accuracy",
                   title="Layer-wise probes (95% bootstrap interval over held-out images)", limits=PROBABILITY,
                   n_note=f" {HELD_OUT}")
+
+
+def edits_named(options: ProbeOptions) -> str:
+    """The run's edits in words, e.g. `attention knockout (window 2) and truncation`."""
+    named = [f"attention knockout (window {options.window})"] if options.flows else []
+    return " and ".join(named + (["truncation (exit after the centre layer)"] if options.truncate else []))
 
 
 def _by_layer(table: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -255,10 +327,10 @@ def probe_findings(table: pd.DataFrame, summary: pd.DataFrame, options: ProbeOpt
         lines += ["", "shuffled-label baseline (the same probe on permuted labels) by layer:",
                   _printed(_by_layer(table, "shuffled_accuracy"))]
     lines += ["", "best layer (where it beats its control beyond the 95% intervals):", *best_layer_lines(table)]
-    return lines + edit_findings(with_curves(edits), options.window) if edits is not None else lines
+    return lines + edit_findings(with_curves(edits)) if edits is not None else lines
 
 
-def edit_findings(edits: pd.DataFrame, window: int) -> list[str]:
+def edit_findings(edits: pd.DataFrame) -> list[str]:
     """Per probed curve × flow × mode, the largest drop of held-out accuracy an edit causes (centre, layer, its
     interval), and whether the layers below each window kept the clean scores exactly (transfer: they must)."""
     lines = ["", "Δ held-out accuracy under each edit (edit − clean; transfer: the clean probe on edited features, "
@@ -273,10 +345,10 @@ def edit_findings(edits: pd.DataFrame, window: int) -> list[str]:
                      f"{worst['delta_high']:+.2f}] at centre {int(worst['center'])}, probed layer "
                      f"{layer_name(int(worst['layer']))} (clean {worst['clean_accuracy']:.3f})")
     transfer = edits[edits["mode"] == "transfer"]
-    below = transfer[transfer["layer"] < (transfer["center"] - window // 2).clip(lower=0)]
+    below = transfer[transfer["layer"] < transfer["edited_from"]]
     unchanged = int((below["delta_accuracy"] == 0).sum())
-    lines.append(f"layers below each window (the edit cannot reach them): {unchanged} of {len(below)} transfer "
-                 "scores equal the clean ones exactly")
+    lines.append(f"layers below each edit's first layer (it cannot reach them): {unchanged} of {len(below)} "
+                 "transfer scores equal the clean ones exactly")
     return lines
 
 
