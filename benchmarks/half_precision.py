@@ -8,11 +8,17 @@ minimum). Each row prints, over all questions × variants, the largest differenc
 clean greedy answer's first token (absolute), in Δp% (percentage points), and the median |ΔΔp%|.
 
     python benchmarks/half_precision.py --questions 4
+    python benchmarks/half_precision.py --families   # also each family's tiny random checkpoint (the tests')
+
+With `--families`, each family's tiny random checkpoint of the test suite (`tests/families.py`) is checked the
+way `mmscope check` checks half precision: the study's flows each example holds, at the first, middle and last
+centre, on two prompts, the engine in bfloat16 and float16 against the float32 naive loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +70,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=4, help="held-out questions (with a box) per model")
     parser.add_argument("--window", type=int, default=3, help="knockout window k")
     parser.add_argument("--random", action="store_true", help="also the random LLaVA of knockout_sweep.py")
+    parser.add_argument("--families", action="store_true", help="also each family's tiny random checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     questions, index = [], 0
@@ -79,7 +86,33 @@ def main() -> None:
                 args.dtype = dtype
                 return model_from(args, Path(folder) / dtype)
             rows += measure(f"random LLaVA, {args.layers} layers", random_llava, questions, args.window)
+    if args.families:
+        rows += families()
     print("\n".join(rows))
+
+
+def families() -> list[str]:
+    """Each tiny family checkpoint's half-precision agreement, as `mmscope check` measures it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import scene
+    from families import BUILDERS, QUESTIONS
+
+    from mmscope.experiments.check import half_precision
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, build in sorted(BUILDERS.items()):
+            try:
+                model = mmscope.load(build(Path(folder) / name))
+            except ImportError as error:  # e.g. SmolVLM's processor without num2words
+                rows.append(f"{name:<22} skipped: {error}")
+                continue
+            examples = [model.prepare(scene(40, 30, seed=1), QUESTIONS[0]),
+                        model.prepare(scene(40, 30, seed=2), QUESTIONS[1])]
+            for dtype in DTYPES[1:]:
+                outcome = half_precision(model, examples, dtype)
+                rows.append(f"{name:<22} {dtype:<9} {outcome.status:<4} {outcome.said}")
+    return rows
 
 
 if __name__ == "__main__":

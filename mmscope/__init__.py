@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from mmscope.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from mmscope.experiments.check import Report, check
     from mmscope.layout import Example
     from mmscope.model import DEFAULT_MODEL, AnswerScore, Model, load
     from mmscope.models.preprocessing import Preprocessing
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 # Each public name -> the module that defines it.
 _HOMES = {
+    "Report": "mmscope.experiments.check",
+    "check": "mmscope.experiments.check",
     "Example": "mmscope.layout",
     "DEFAULT_MODEL": "mmscope.model",
     "AnswerScore": "mmscope.model",
@@ -31,8 +34,8 @@ _HOMES = {
     "sample": "mmscope.zoo",
 }
 
-__all__ = ["DEFAULT_MODEL", "LLAVA_15", "AnswerScore", "Example", "Model", "Preprocessing", "PromptTemplate", "Sample",
-           "load", "sample"]
+__all__ = ["DEFAULT_MODEL", "LLAVA_15", "AnswerScore", "Example", "Model", "Preprocessing", "PromptTemplate", "Report",
+           "Sample", "check", "load", "sample"]
 __version__ = "0.1.0"
 
 

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 
 from mmscope.data.cli import app as data_app
 from mmscope.errors import MMScopeError, known, suggest, yaml_problem
-from mmscope.experiments.declarations import EVALUATE, EXPERIMENTS
+from mmscope.experiments.declarations import CHECK, EVALUATE, EXPERIMENTS
 from mmscope.experiments.options import Command, fields_in_order
 from mmscope.zoo.shapes_llava.config import TrainConfig, embedded_spec
 
@@ -254,6 +254,7 @@ def _register_commands() -> None:
     add_command("train", "Train the embedded LLaVA from scratch on the synthetic GQA-format world (defaults: the "
                          "shipped recipe).", train_parameters(), train)
     add_declared(EVALUATE)
+    add_declared(CHECK)
     app.add_typer(data_app, name="data", help="Synthesize, load and inspect GQA-format data.")
 
 

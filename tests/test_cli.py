@@ -48,7 +48,7 @@ def recorded(monkeypatch) -> list:
 
 def test_commands_are_listed_in_their_order():
     assert list(typer.main.get_command(app).commands) == ["knockout", "lens", "truncate", "patch", "map", "probe", "train",
-                                                          "evaluate", "data"]
+                                                          "evaluate", "check", "data"]
 
 
 @pytest.mark.parametrize(("command", "own", "defaults"), [
@@ -128,7 +128,7 @@ def test_every_switch_is_a_flag_and_help_shows_it_as_one(recorded):
     printed = runner.invoke(app, ["knockout", "--help"], env={"COLUMNS": "240"}).stdout
     assert re.search(r"--include-all\s+Keep questions the model answers wrongly\.", printed)
     commands = [((), typer.main.get_command(app)), *every_command()]
-    assert len(commands) == 12  # mmscope, its 9 commands, data's 2
+    assert len(commands) == 13  # mmscope, its 10 commands, data's 2
     switches = 0
     for words, command in commands:
         for option in command.params:

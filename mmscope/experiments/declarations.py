@@ -352,6 +352,33 @@ class EvaluateOptions:
         column_mapping(self.columns)
 
 
+# check
+
+HALF_DTYPES = ("bfloat16", "float16", "none")
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """`mmscope check`: the model (and how to load it), the examples, the half-precision copy, the JSON report."""
+
+    model: str = model_option()
+    device: str | None = option(None, "Device to load the model on (default: CUDA when available).")
+    dtype: str | None = option(None, "Dtype to load the model in (default: float32 on CPU, the checkpoint's on GPU).")
+    data: Path | None = option(None, "Synthetic-world or GQA folder, or a table of questions, whose first "
+                                     "--examples questions are checked (default: the embedded test split's first "
+                                     "questions with object boxes).")
+    split: str = option("test", "Which split of --data.")
+    examples: int = option(3, "How many examples to check on (at least 2: one check pads them into a batch).")
+    half: str = option("bfloat16", "A float32 model's half-precision check runs a copy in this dtype (bfloat16, "
+                                   "float16, or none to skip it); a half-precision model is checked against a "
+                                   "float32 copy.")
+    json: Path | None = option(None, "Also write the report as JSON to this file.")
+
+    def __post_init__(self) -> None:
+        check_at_least("examples", self.examples, 2)
+        check_choice("half", self.half, HALF_DTYPES)
+
+
 # The commands, in the order `mmscope --help` lists them (`train`, `data`: `mmscope.cli`). An experiment runs as
 # its `Experiment` declares it (`mmscope.experiments.runner`), and takes `--config` (a run's own config.yaml works).
 
@@ -374,5 +401,8 @@ PROBE = Command(name="probe", help="Layer-wise probes: image–text entailment (
                                    "(local).",
                 options=ProbeOptions, runs="mmscope.experiments.probe:PROBE.main", config_file=True)
 EXPERIMENTS = (KNOCKOUT, LENS, TRUNCATE, PATCH, MAP, PROBE)
+CHECK = Command(name="check", help="Is mmscope right on this model? Its invariants on the model's own examples, "
+                                   "then what mmscope can do with it.",
+                options=CheckOptions, runs="mmscope.experiments.check:check_command")
 EVALUATE = Command(name="evaluate", help="Greedy accuracy per GQA category, with and without the image.",
                    options=EvaluateOptions, runs="mmscope.experiments.evaluate:evaluate")
