@@ -89,8 +89,11 @@ def test_knockout_command_writes_table_figure_config_and_its_dp_matches_the_core
 
 def test_wandb_offline_run_holds_the_summary_values(embedded, world, tmp_path):
     out = tmp_path / "lens"
-    printed = invoke("lens", *common(world, out), "--wandb", "--include-all")
+    printed = invoke("lens", *common(world, out), "--wandb", "--include-all", "--lens-axis", "hidden-states")
     local = next(out.glob("wandb/offline-run-*"))
+    # every layer's record kept, the embeddings' (layer −1) too: W&B drops a record at a negative step
+    assert (pd.read_csv(out / "summary.csv")["layer"] == -1).any()
+    assert "ignoring partial history record" not in (local / "logs" / "debug-internal.log").read_text()
     assert f"W&B: logged offline to {local}; upload it with: wandb sync {local}" in printed.splitlines()
     summary = pd.read_csv(out / "summary.csv")
     tables = list(out.glob("wandb/offline-run-*/files/media/table/summary_*.table.json"))

@@ -2,7 +2,8 @@
 
 Offline unless an API key is configured (`WANDB_MODE=offline` is set for you), so a run always leaves a local
 record under `<run folder>/wandb/` that `wandb sync` can upload later. Curves are logged with the layer as the
-W&B step, one metric per (panel, curve) — e.g. `knockout/ChooseAttr/image->last` — so each is a line chart.
+x axis (`define_metric`; the W&B step is its rank, as steps cannot be negative and the embeddings are layer −1),
+one metric per (panel, curve) — e.g. `knockout/ChooseAttr/image->last` — so each is a line chart.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ def log_run(folder: Path, name: str, config: dict, summary: pd.DataFrame, *, x: 
     run = wandb.init(project="mmscope", name=name, job_type=config.get("experiment", {}).get("kind", "sweep"),
                      config=config, dir=str(folder), reinit="finish_previous")
     try:
-        for step, at_step in summary.groupby(x, sort=True):
+        # W&B steps count up from 0, and a record at a negative step is dropped (the embeddings are layer −1):
+        # step i is the i-th value of `x`, which is logged beside it as the charts' x axis
+        run.define_metric(x)
+        run.define_metric(f"{name}/*", step_metric=x)
+        for step, (value, at_step) in enumerate(summary.groupby(x, sort=True)):
             metrics = {
                 "/".join([name, *(str(part) for part in (key if isinstance(key, tuple) else (key,)))]): row["mean"]
                 for key, row in at_step.set_index(keys).iterrows()
             }
-            run.log({**metrics, x: step}, step=int(step))
+            run.log({**metrics, x: value}, step=step)
         run.log({f"figures/{path.stem}": wandb.Image(str(path)) for path in figures})
         run.log({"summary": wandb.Table(dataframe=summary)})
         if results is not None:
