@@ -20,20 +20,20 @@ else
 fi
 summary=()
 
-item() {  # item NAME COMMAND...: run it, keep its log, remember its last line and how long it took
+item() {  # item NAME COMMAND...: run it, keep its log, remember its last line (or $PICK's) and how long it took
   local name="$1"; shift
   local started=$SECONDS
   "$@" >"$LOGS/$name.log" 2>&1
   local status=$?
   local last
-  last="$(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1)"
+  last="$(grep -E "${PICK:-.}" "$LOGS/$name.log" | grep -v '^\s*$' | tail -n 1)"
   summary+=("$(printf '%-12s %-4s %4ds  %s' "$name" "$([[ $status == 0 ]] && echo ok || echo FAIL)" \
     $((SECONDS - started)) "$last")")
 }
 
 folder="$LOGS/random-llava"
 item build python benchmarks/random_model.py --out "$folder" "${model[@]}"
-item check mmscope check --model "$folder" --device "$device" --dtype "$check_dtype" --examples 3 \
+PICK='checks pass' item check mmscope check --model "$folder" --device "$device" --dtype "$check_dtype" --examples 3 \
   --json "$LOGS/check.json"
 item knockout python benchmarks/knockout_sweep.py --device "$device" "${model[@]}" --examples 2
 item patch python benchmarks/patch_sweep.py --device "$device" "${model[@]}" --examples 2

@@ -295,6 +295,9 @@ API_CASES = [
     (lambda m, e: CachedPatch("residual", 2.0, "image"),
      "CachedPatch.layers must be ints; got 2.0", InterventionError),
     (lambda m, e: SkipLayers([1, 1]), "SkipLayers.layers lists 1 twice", InterventionError),
+    (lambda m, e: knockout(layers=[-1]), "Knockout.layers counts from 0 (layers, heads and rows have no negative "
+                                         "numbers); got (-1,)", InterventionError),
+    (lambda m, e: Truncate(-1), "Truncate.layer counts from 0", InterventionError),
     (lambda m, e: Truncate(math.nan), "Truncate.layer must be an int; got nan", InterventionError),
     (lambda m, e: VisionKnockout("patches", "cls", [0, 0]), "VisionKnockout.layers lists 0 twice", InterventionError),
     (lambda m, e: VisionScale("vision_residual", [0, 0]), "VisionScale.layers lists 0 twice", InterventionError),

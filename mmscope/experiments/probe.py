@@ -10,9 +10,15 @@ The study found intermediate layers best for entailment, while object informatio
 
 Not a per-question sweep: its data are the probe datasets built from one split's scene graphs, and its unit
 of work (one part of the run folder) is one task × pooling, each training a probe per layer. Its rows are
-already one score per layer, so its summary relabels them (no confidence interval: a probe has one held-out
-score). Probes may be trained on features read under an intervention (`probe_rows(..., interventions=)`),
-e.g. after an image→question knockout, to see how the edit changes what each layer encodes.
+already one score per layer, so its summary relabels them, with each score's 95% bootstrap interval over the
+held-out images (`mmscope.probes.train`).
+
+Under edits (`--flow` knockouts in a window around each `--center`, `--truncate` exits after it) every probe
+fitted on clean features is also scored on the features read under each edit (transfer) and, with
+`--retrain`, refitted on them; the rows gain the edit, its centre, its first layer and Δaccuracy. The edited
+features come from the sweep engine (`variant_features`): one clean pass per example, the edits as rows of
+batched suffix passes, every depth below an edit's first layer the clean pass's own value — so the transfer
+score of a layer no edit reaches equals the clean one exactly.
 
 The study had no control. With `--controls` (the default; `--no-controls` skips them, two thirds of the
 training) every layer's probe is also trained on a shuffled-label baseline and on a control task (Hewitt &

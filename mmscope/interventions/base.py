@@ -52,6 +52,7 @@ class Intervention:
 
     registry: ClassVar[dict[str, type[Intervention]]] = {}
     whole_batch: ClassVar[bool] = False  # its edits reach every row of a forward (e.g. a layer skip)
+    counted: ClassVar[tuple[str, ...]] = ()  # fields of numbers counted from 0 (layers, heads, rows): none negative
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -71,6 +72,11 @@ class Intervention:
             normalised = _normalise(annotation, value, f"{type(self).__name__}.{name}")
             if normalised is not value:
                 object.__setattr__(self, name, normalised)
+        for name in self.counted:
+            value = getattr(self, name)
+            if value is not None and min((value,) if isinstance(value, int) else value) < 0:
+                raise InterventionError(f"{type(self).__name__}.{name} counts from 0 (layers, heads and rows have no "
+                                        f"negative numbers); got {value!r}")
         self.check()
 
     def check(self) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from mmscope.errors import InterventionError
 from mmscope.interventions.base import Context, Group, Intervention, earliest
@@ -62,6 +62,7 @@ class Knockout(Intervention):
     target: Group
     layers: tuple[int, ...]
     heads: tuple[int, ...] | None = None
+    counted: ClassVar[tuple[str, ...]] = ("layers", "heads")
     keep_self: bool = True
 
     def apply(self, ctx: Context) -> None:

@@ -18,7 +18,7 @@ to the stream). The group must have as many positions in the source as in each r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -39,6 +39,7 @@ class ActivationPatch(Intervention):
     positions: Group
     source_row: int = 0
     target_rows: tuple[int, ...] | None = None
+    counted: ClassVar[tuple[str, ...]] = ("layers", "source_row", "target_rows")
 
     def check(self) -> None:
         check_site(self.site)
@@ -96,6 +97,7 @@ class CachedPatch(Intervention):
 
     site: str
     layers: tuple[int, ...]
+    counted: ClassVar[tuple[str, ...]] = ("layers",)
     positions: Group
 
     def check(self) -> None:

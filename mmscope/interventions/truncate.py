@@ -19,6 +19,7 @@ class SkipLayers(Intervention):
     """Skip the decoder layers in `layers`: each passes its input on unchanged."""
 
     layers: tuple[int, ...]
+    counted: ClassVar[tuple[str, ...]] = ("layers",)
     whole_batch: ClassVar[bool] = True
 
     def apply(self, ctx: Context) -> None:
@@ -34,6 +35,7 @@ class Truncate(Intervention):
     """Exit after decoder layer `layer`: every later layer is skipped; final norm and lm_head still apply."""
 
     layer: int
+    counted: ClassVar[tuple[str, ...]] = ("layer",)
     whole_batch: ClassVar[bool] = True
 
     def apply(self, ctx: Context) -> None:

@@ -30,7 +30,7 @@ gives it a full forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -70,6 +70,7 @@ class VisionKnockout(VisionIntervention):
     sources: Group
     targets: Group
     layers: tuple[int, ...]
+    counted: ClassVar[tuple[str, ...]] = ("layers",)
     keep_self: bool = True
 
     def apply(self, ctx: Context) -> None:
@@ -94,6 +95,7 @@ class VisionScale(VisionIntervention):
 
     site: str
     layers: tuple[int, ...]
+    counted: ClassVar[tuple[str, ...]] = ("layers",)
     tokens: Group = "patches"
     factor: float = 0.0
 
@@ -114,6 +116,7 @@ class VisionCachedPatch(VisionIntervention):
 
     site: str
     layers: tuple[int, ...]
+    counted: ClassVar[tuple[str, ...]] = ("layers",)
     tokens: Group = "patches"
 
     def check(self) -> None:
