@@ -1,4 +1,12 @@
-"""Exceptions raised by mmscope. Each names the bad input and, where it can, what would be valid."""
+"""Exceptions raised by mmscope. Each names the bad input and, where it can, what would be valid.
+
+Every error mmscope raises on purpose is an `MMScopeError`, and also the builtin a caller would catch for it
+(`ValueError`, `KeyError`, `FileNotFoundError` or `RuntimeError`). The errors shared across rooms are here; a
+room's own live in that room and subclass `MMScopeError`: `mmscope.data.errors` (`DataError` and its kinds),
+`mmscope.probes.ProbeError`, `OptionError` (`mmscope.experiments.options`), `RunFolderError` and
+`RunLockedError` (`mmscope.experiments.runs`), `RankError` (`mmscope.experiments.distributed`),
+`TrainConfigError` and `TrainingStateError` (`mmscope.zoo.shapes_llava`), `ConfigFileError` (`mmscope.cli`).
+"""
 
 from __future__ import annotations
 

@@ -34,11 +34,14 @@ from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.tracing.tracer import skip_context, skippable
 from PIL import Image
 from safetensors import SafetensorError
-from transformers import AutoModelForImageTextToText, DynamicCache
+from transformers import AutoModelForImageTextToText
 
-from mmscope.context import SITES, VISION_SITES, ActivationCache, Context, Restriction, Sites
-from mmscope.errors import InputError, InterventionError, MMScopeError, ModelLoadError, known, suggest
+from mmscope.context import SITES, VISION_SITES, ActivationCache, Context
+from mmscope.envoys import Sites
+from mmscope.errors import InputError, MMScopeError, ModelLoadError, known, suggest
+from mmscope.generation import Generation
 from mmscope.interventions import Intervention
+from mmscope.interventions.base import check_interventions
 from mmscope.layout import Example, check_image, collate, token_layout
 from mmscope.models import Adapter, adapter_for
 from mmscope.models.adapter import attribute_path
@@ -235,7 +238,7 @@ class Trace(InterleavingTracer):
             super().execute(code)
 
 
-class Model:
+class Model(Generation):
     """A VLM under nnsight with its bound adapter. Build with `mmscope.load`, or — for a model `load` cannot
     build, such as a `trust_remote_code` one — from an adapter bound to the Hugging Face model and its processor
     (or bare tokenizer): `Model(GenericAdapter(hf_model, tokenizer, layers=..., ...))`."""
@@ -380,11 +383,10 @@ class Model:
         return Example(inputs, example.layouts, example.prompts, example.padding, example.meta)
 
     # --- running ---------------------------------------------------------------------------------------------
-    def context(self, example: Example, restriction: Restriction | None = None,
-                source: ActivationCache | None = None) -> Context:
+    def context(self, example: Example, source: ActivationCache | None = None) -> Context:
         """The `Context` interventions and readouts see for a forward pass over `example` (with `source`: the
         activations of another run, which a `CachedPatch` reads)."""
-        return Context(self.sites, example, restriction, source)
+        return Context(self.sites, example, source)
 
     def trace(self, example: Example) -> Trace:
         """An nnsight trace of one forward pass over `example`, for edits written inline:
@@ -557,102 +559,6 @@ class Model:
             n_tokens=lengths,
         )
 
-    def generate_answer(
-        self, example: Example, interventions: Sequence[Intervention] = (), max_new_tokens: int = 8
-    ) -> str | list[str]:
-        """Greedy answer(s), stripped: `generate_tokens` decoded without the stop token and special tokens."""
-        texts = [self.decode_answer(ids) for ids in self.generate_tokens(example, interventions, max_new_tokens)]
-        return texts[0] if len(example) == 1 else texts
-
-    def generate_tokens(
-        self, example: Example, interventions: Sequence[Intervention] = (), max_new_tokens: int = 8
-    ) -> list[list[int]]:
-        """The token ids each row writes by greedy decoding, up to `max_new_tokens`, the stop token (eos or pad)
-        that ends a row included: `[0]` is the token a sweep scores. Interventions apply at every step, over the
-        whole sequence so far (their positions stay the prompt's); without any, the steps share a key/value
-        cache — a prefill, then one token per step — and give the tokens of the uncached steps."""
-        check_interventions(interventions)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a whole number of at least 1; got {max_new_tokens!r}")
-        if interventions or self.adapter.forward_position_ids(example.inputs) is None:
-            return self._greedy(example, self._uncached_steps(example, interventions), max_new_tokens)
-        return self._greedy(example, self._cached_steps(), max_new_tokens)
-
-    def decode_answer(self, tokens: Sequence[int]) -> str:
-        """The text of generated `tokens`: the stop tokens (eos, pad) and special tokens left out, stripped."""
-        stop = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        return self.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True).strip()
-
-    def _generate_uncached(
-        self, example: Example, interventions: Sequence[Intervention], max_new_tokens: int
-    ) -> str | list[str]:
-        """Greedy answer(s) by one full forward (`run`, under `interventions`) per generated token."""
-        rows = self._greedy(example, self._uncached_steps(example, interventions), max_new_tokens)
-        texts = [self.decode_answer(ids) for ids in rows]
-        return texts[0] if len(example) == 1 else texts
-
-    def _uncached_steps(
-        self, example: Example, interventions: Sequence[Intervention]
-    ) -> Callable[[Example, int], torch.Tensor]:
-        """Next-token logits `[B, V]` of `example` extended by `step` tokens: one full forward (`run`) each."""
-        last = torch.tensor([layout["last"][0] for layout in example.layouts])
-
-        def next_logits(current: Example, step: int) -> torch.Tensor:
-            def readout(ctx: Context) -> torch.Tensor:
-                logits = ctx.logits()
-                return logits[torch.arange(len(last)), (last + step).to(logits.device)]
-
-            return self.run(current, interventions, readout)
-
-        return next_logits
-
-    def _cached_steps(self) -> Callable[[Example, int], torch.Tensor]:
-        """Next-token logits `[B, V]` of the plain model, keeping a key/value cache: step 0 runs the whole prompt,
-        every later step only the token the step before appended — with the attention mask, token types and
-        position ids a full forward over the sequence so far would give it."""
-        cache = DynamicCache(config=self.adapter.text_config)
-
-        def next_logits(current: Example, step: int) -> torch.Tensor:
-            cached = {self.adapter.cache_keyword: cache, "use_cache": True}
-            with torch.no_grad():
-                if step == 0:
-                    return self.hf(**self.model_inputs(current), **cached).logits[:, -1]
-                return self.adapter.decode_forward({**self._decode_inputs(current), **cached}).logits[:, -1]
-
-        return next_logits
-
-    def _decode_inputs(self, example: Example) -> dict[str, torch.Tensor]:
-        """The inputs of a cached forward over the last token of `example`, on the model's device: its column of
-        every sequence input and position ids, the whole attention mask, no image inputs (the cache holds them)."""
-        full = example.inputs
-        inputs = {key: full[key][:, -1:] for key in self.adapter.sequence_keys}
-        inputs["attention_mask"] = full["attention_mask"]
-        inputs["position_ids"] = self.adapter.forward_position_ids(full)[..., -1:]
-        return {key: value.to(self.device) for key, value in inputs.items()}
-
-    def _greedy(
-        self, example: Example, next_logits: Callable[[Example, int], torch.Tensor], max_new_tokens: int
-    ) -> list[list[int]]:
-        """Greedy decoding with `next_logits(sequence so far, step) -> [B, V]`: the ids each row writes, up to and
-        including the eos or pad that stops it (the batch steps on, padded, until every row has stopped)."""
-        stop = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        pad = torch.tensor(self.tokenizer.pad_token_id)
-        generated = torch.empty(len(example), 0, dtype=torch.long)
-        done = torch.zeros(len(example), dtype=torch.bool)
-        current = example
-        for step in range(max_new_tokens):
-            token = torch.where(done, pad, next_logits(current, step).argmax(-1).cpu())
-            generated = torch.cat([generated, token[:, None]], dim=1)
-            done |= torch.tensor([t in stop for t in token.tolist()])
-            if done.all():
-                break
-            current = self.extend(current, token[:, None])
-        rows = []
-        for row in generated.tolist():
-            ends = [step for step, token in enumerate(row) if token in stop]
-            rows.append(row[: ends[0] + 1] if ends else row)
-        return rows
-
     def hidden_states(self, example: Example, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
         """Residual stream `[n_layers + 1, B, T, D]`: the decoder's input embeddings, then after each layer."""
 
@@ -668,22 +574,6 @@ class Model:
         with torch.no_grad():
             hidden = hidden.to(self.device, self.hf.dtype)
             return self.adapter.final_logits(self.lm_head(self.final_norm(hidden) if normed else hidden)).float()
-
-
-def check_interventions(interventions) -> None:
-    """Refuse `interventions` unless it is a sequence of `Intervention` objects (a bare one, or a dict, would
-    otherwise fail deep inside the trace, or iterate into its fields)."""
-    if isinstance(interventions, Intervention):
-        raise InterventionError(f"interventions must be a sequence of Intervention objects; got one "
-                                f"{type(interventions).__name__}: pass [it]")
-    if not isinstance(interventions, Sequence) or isinstance(interventions, str):
-        raise InterventionError(f"interventions must be a sequence of Intervention objects; got "
-                                f"{type(interventions).__name__} {interventions!r:.60}")
-    for index, item in enumerate(interventions):
-        if not isinstance(item, Intervention):
-            hint = " (rebuild a dict with Intervention.from_dict)" if isinstance(item, dict) else ""
-            raise InterventionError(f"interventions[{index}] must be an Intervention object; got "
-                                    f"{type(item).__name__} {item!r:.60}{hint}")
 
 
 def _once(layers, name: str) -> list:

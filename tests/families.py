@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import scene
+from conftest import WORDS, scene
 from oracle import Family, plain_model
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
@@ -86,11 +86,9 @@ from mmscope.models.kosmos2 import KOSMOS2_VQA
 from mmscope.models.paligemma import PALIGEMMA_VQA
 from mmscope.models.qwen2_vl import QWEN_CHAT
 from mmscope.prompts import IMAGE, QUESTION
-from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer
+from mmscope.zoo.build import WORD_PATTERN, TinyLlavaSpec, build_llava, build_word_tokenizer
 
-WORDS = "is the cube sphere cylinder red blue green yes no left right what color of object this".split()
 QUESTIONS = ("Is the cube red or blue?", "What color is this object of the cube left of the sphere?")
-_WORD_PATTERN = r"[A-Za-z0-9]+|[^\sA-Za-z0-9]"
 
 
 def word_tokenizer(
@@ -113,7 +111,7 @@ def word_tokenizer(
     """
     specials = list(dict.fromkeys([*([bos] if bos else []), pad, eos, unk, *special_tokens]))  # fairseq's order
     pattern = "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True))
-    word_pattern = r"\n|" + _WORD_PATTERN if newlines else _WORD_PATTERN
+    word_pattern = r"\n|" + WORD_PATTERN if newlines else WORD_PATTERN
     words = set(WORDS)
     for text in texts:
         plain = re.sub(pattern, " ", text)

@@ -15,7 +15,7 @@ from oracle import (
     scaled_logits,
 )
 
-from mmscope.context import Restriction
+from mmscope.experiments.rows import Restriction, RowContext
 from mmscope.interventions import Context, Intervention
 from mmscope.interventions.masks import block, pair_mask
 
@@ -93,7 +93,7 @@ class ScaleImageAfter(Intervention):
 def test_a_context_restricted_to_one_row_edits_that_row_only(tiny, tiny_folder, examples):
     first, second, batch = examples
     masks: dict = {}
-    row = tiny.context(batch.select([1]), Restriction(slice(1, 2), 0, masks))
+    row = RowContext(tiny.sites, batch.select([1]), Restriction(slice(1, 2), 0, masks))
     whole = tiny.context(batch)
     probs = tiny.run_inputs(tiny.model_inputs(batch), [(ScaleImageAfter(0.5, 1), row)],
                             lambda: whole.logits()[:, -1].float().softmax(-1))

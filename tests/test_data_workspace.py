@@ -9,7 +9,7 @@ import pytest
 from data_fixtures import QUESTIONS, STUDY_FOLDER, clear_error, synthetic_world, write_gqa
 from PIL import Image
 
-from mmscope.data import load_gqa, load_study_csvs
+from mmscope.data import load_gqa, load_study_csvs, sources
 from mmscope.data.errors import DataError, DataFileNotFoundError, MalformedFileError
 from mmscope.errors import suggest
 from mmscope.experiments.workspace import load_questions, probe_datasets
@@ -114,6 +114,19 @@ def test_limit_and_n_images_must_be_at_least_one(world, limit):
     with pytest.raises(DataError) as error:
         probe_datasets(world.root, "test", n_images=limit)
     assert clear_error(error) == f"n_images {limit} (--n-images): must be at least 1"
+    with pytest.raises(DataError) as error:
+        sources.load_questions(world.root, "test", limit=limit)
+    assert clear_error(error) == f"limit {limit}: must be at least 1, or None for all questions"
+    with pytest.raises(DataError) as error:
+        sources.probe_datasets(world.root, "test", n_images=limit)
+    assert clear_error(error) == f"n_images {limit}: must be at least 1"
+
+
+def test_the_data_sources_read_a_path_as_the_experiments_door_does(world):
+    by_source = sources.load_questions(world.root, "test", limit=2)
+    assert by_source["question_id"] == load_questions(world.root, "test", limit=2)["question_id"]
+    with pytest.raises(DataFileNotFoundError):
+        sources.load_questions(world.root / "nowhere")
 
 
 def test_probe_datasets_name_an_unknown_split_and_a_missing_images_folder(world, tmp_path):

@@ -131,6 +131,21 @@ def test_truncate_command_exits_after_each_layer_and_the_last_layer_is_the_clean
     truncated = pd.read_parquet(tmp_path / "truncate" / "results.parquet")
     last = truncated[truncated["layer"] == embedded.n_layers - 1]
     assert last["p_answer"].to_numpy() == pytest.approx(last["p_clean"].to_numpy(), abs=1e-6)
+    # below the last layer, against transformers' own hidden state after that layer, read through the final norm
+    # and lm_head by hand (where exiting early changes the answer's probability)
+    dataset = load_questions(world, "test", limit=2)
+    changed = 0
+    for _, row in truncated[truncated["layer"] < embedded.n_layers - 1].iterrows():
+        example = example_of(embedded, dataset[int(row["example"])])
+        with torch.no_grad():
+            hidden = embedded.hf(**embedded.model_inputs(example), output_hidden_states=True).hidden_states
+            logits = embedded.hf.lm_head(embedded.hf.model.language_model.norm(hidden[row["layer"] + 1][0, -1]))
+        probs = logits.float().softmax(-1)
+        token = first_token(embedded, example, "")
+        assert row["p_answer"] == pytest.approx(probs[token].item(), abs=1e-5), row.to_dict()
+        assert row["top1"] == float(int(probs.argmax()) == token)
+        changed += abs(row["p_answer"] - row["p_clean"]) > 1e-3
+    assert changed, "exiting early must change p(answer) somewhere"
     config = yaml.safe_load((tmp_path / "truncate" / "config.yaml").read_text())
     assert config["interventions"]["parameters"] == {"layers": list(range(embedded.n_layers))}
     assert recorded_example(config, "Truncate") == ([0], Truncate(0))

@@ -19,7 +19,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -27,9 +29,13 @@ from typer.testing import CliRunner
 import mmscope
 from data_fixtures import STUDY_FOLDER
 from mmscope.cli import app
-from mmscope.data.errors import DataError
+from mmscope.data.errors import DataError, MalformedFileError
+from mmscope.data.program import central_objects
+from mmscope.data.render import render
 from mmscope.errors import InputError, InterventionError, MMScopeError, ModelLoadError
-from mmscope.experiments.runs import RunDir
+from mmscope.experiments.answers import normalise
+from mmscope.experiments.options import OptionError
+from mmscope.experiments.runs import RunDir, summarize
 from mmscope.experiments.workspace import load_questions
 from mmscope.data import synthesize
 from mmscope.interventions import (
@@ -44,6 +50,7 @@ from mmscope.interventions import (
     VisionScale,
     knockout_window,
 )
+from mmscope.probes import ProbeConfig, ProbeError, control_labels, layerwise
 
 runner = CliRunner()
 RUN = ["--limit", "1", "--categories", "ChooseAttr"]  # a sweep of one question
@@ -345,6 +352,18 @@ API_CASES = [
      "n_scenes must be a whole number; got 2.5", DataError),
     (lambda m, e: load_questions(None, limit=0), "limit 0 (--limit)"),
     (lambda m, e: load_questions(None, categories=[]), "an empty category selection"),
+    (lambda m, e: ProbeConfig(kind="linaer"), "unknown probe kind 'linaer'; known: linear, mlp; did you mean "
+                                              "'linear'?", ProbeError),
+    (lambda m, e: control_labels(torch.zeros(3), ["a"]), "need one type per example: 1 types for 3 labels",
+     ProbeError),
+    (lambda m, e: layerwise(torch.zeros(4, 1, 2), torch.zeros(4), False, types=["a"] * 4),
+     "pass controls=True with them", ProbeError),
+    (lambda m, e: normalise("red", "exact"), "unknown answer match 'exact'; known: lenient, lower", OptionError),
+    (lambda m, e: summarize(pd.DataFrame({"layer": [0], "value": [1.0]}), ["layer"], "value", ci="boot"),
+     "unknown confidence-interval method 'boot'; known: normal, bootstrap; did you mean 'bootstrap'?", OptionError),
+    (lambda m, e: render(8, [("pyramid", (0, 0, 0), False, (1, 1, 4))]), "unknown shape 'pyramid'", DataError),
+    (lambda m, e: central_objects([{"operation": "select", "dependencies": [2]}]),
+     "step 0 ('select') has dependencies [2]", MalformedFileError),
 ]
 
 

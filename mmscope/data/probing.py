@@ -1,7 +1,8 @@
 """Datasets for probing what a model's hidden states encode: image-text entailment and object recognition.
 
-Two probing tasks, each built from GQA-format scene graphs (the synthetic world's or GQA's, read by
-`mmscope.data.scene_graphs`) or from MS COCO annotation files:
+Two probing tasks, each built here from GQA-format scene graphs (the synthetic world's or GQA's, read by
+`mmscope.data.scene_graphs`), or from MS COCO annotation files by `mmscope.data.coco`, which shares this
+module's columns, swap vocabulary and row builders:
 
 - **Image-text entailment** — (image, statement, label): does the statement describe the image? True
   statements are read off the annotations; each comes with a *hard negative*, the same sentence with exactly one
@@ -26,7 +27,6 @@ as the question loaders, see `mmscope.data.rows`).
 from __future__ import annotations
 
 import random
-import re
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import ijson
 from datasets import ClassLabel, Dataset, Features, Value
 
 from mmscope.data.balance import Balancer
-from mmscope.data.errors import DataError, MalformedFileError
+from mmscope.data.errors import DataError
 from mmscope.data.rows import (
     attach_images,
     check_on_missing_image,
@@ -47,7 +46,6 @@ from mmscope.data.rows import (
     file_stamp,
     generate_dataset,
     image_path,
-    invalid_json,
 )
 from mmscope.data.scene_graphs import GraphObject, SceneGraph, read_scene_graphs
 
@@ -66,12 +64,9 @@ OPPOSITE_RELATIONS = {
     "to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above",
     "in front of": "behind", "behind": "in front of",
 }
-# Caption words COCO negatives may swap for their opposite (relations) or another colour (attributes).
-_CAPTION_OPPOSITES = {"left": "right", "right": "left", "above": "below", "below": "above", "under": "over",
-                      "over": "under", "inside": "outside", "outside": "inside", "in front of": "behind",
-                      "behind": "in front of"}
-_MEANING = {word: (group, words) for group, meanings in ATTRIBUTE_GROUPS.items() for words in meanings
-            for word in words}
+# Each grouped attribute word -> (its group, the synonyms of its meaning).
+MEANING = {word: (group, words) for group, meanings in ATTRIBUTE_GROUPS.items() for words in meanings
+           for word in words}
 
 ENTAILMENT_FEATURES = Features({
     "image_id": Value("string"),
@@ -117,7 +112,7 @@ class _Vocabulary:
             for obj in graph.objects:
                 vocabulary.names[obj.name] += 1
                 for attribute in obj.attributes:
-                    if attribute in _MEANING:
+                    if attribute in MEANING:
                         vocabulary.attributes.add(attribute)
                         vocabulary.names_with_attribute[attribute][obj.name] += 1
                 for relation in obj.relations:
@@ -153,7 +148,7 @@ class _Statements:
         """Kind -> the facts a true statement of that kind can state."""
         facts = {kind: [] for kind in KINDS}
         for obj in self.objects:
-            grouped = [a for a in obj.attributes if a in _MEANING]
+            grouped = [a for a in obj.attributes if a in MEANING]
             facts["attribute"] += [(obj.name, attribute) for attribute in grouped]
             facts["object"] += [(obj.name, attribute) for attribute in grouped or [None]]
             facts["relation"] += [(obj.name, r.name, self.by_id[r.object_id].name) for r in obj.relations]
@@ -172,8 +167,8 @@ class _Statements:
         name, attribute = fact
         phrase = f"{attribute} {name}" if attribute else name
         if kind == "attribute":
-            group, synonyms = _MEANING[attribute]
-            options = sorted(a for a in self.vocabulary.attributes if _MEANING[a][0] == group
+            group, synonyms = MEANING[attribute]
+            options = sorted(a for a in self.vocabulary.attributes if MEANING[a][0] == group
                              and a not in synonyms and not self.has(name, a))
             if not options:
                 return None
@@ -188,7 +183,8 @@ class _Statements:
         return f"There is {_article(phrase)}.", f"There is {_article(swapped_phrase)}."
 
 
-def _pairs_rows(image_id: str, pairs: list[tuple[str, str, str]], images: Path | None, file_name: str) -> list[dict]:
+def pairs_rows(image_id: str, pairs: list[tuple[str, str, str]], images: Path | None, file_name: str) -> list[dict]:
+    """Rows of `ENTAILMENT_FEATURES` for one image's `(kind, true, false)` statement pairs, true one first."""
     rows = []
     for number, (kind, true, false) in enumerate(pairs):
         for statement, label in ((true, 1), (false, 0)):
@@ -197,7 +193,8 @@ def _pairs_rows(image_id: str, pairs: list[tuple[str, str, str]], images: Path |
     return rows
 
 
-def _warn_skipped(skipped: int, total: int, what: str, source: str) -> None:
+def warn_skipped(skipped: int, total: int, what: str, source: str) -> None:
+    """Warn, at the dataset builder's caller, of the `skipped` of `total` items of `source` that gave no pair."""
     if skipped:
         warnings.warn(f"skipped {skipped} of {total} {what} of {source} that gave no statement with a false "
                       f"one-swap counterpart", stacklevel=3)
@@ -252,13 +249,14 @@ def entailment_dataset(
                 pairs.append((kind, *made))
         if not pairs:
             skipped += 1
-        rows += _pairs_rows(graph.image_id, pairs, images_dir, f"{graph.image_id}.jpg")
-    _warn_skipped(skipped, total, "images", ", ".join(map(str, files)))
+        rows += pairs_rows(graph.image_id, pairs, images_dir, f"{graph.image_id}.jpg")
+    warn_skipped(skipped, total, "images", ", ".join(map(str, files)))
     dataset = Dataset.from_list(rows, features=ENTAILMENT_FEATURES)
     return attach_images(dataset, images_dir, on_missing_image, "pair_id", what="statement pair")
 
 
-def _recognition_features(categories: Sequence[str]) -> Features:
+def recognition_features(categories: Sequence[str]) -> Features:
+    """The columns of an object-recognition dataset over `categories`, in label order."""
     return Features({
         "image_id": Value("string"),
         "labels": datasets.List(Value("int8"), length=len(categories)),
@@ -267,7 +265,8 @@ def _recognition_features(categories: Sequence[str]) -> Features:
     })
 
 
-def _check_categories(categories: Sequence[str]) -> list[str]:
+def distinct_categories(categories: Sequence[str]) -> list[str]:
+    """`categories` as a list, refused when empty or when a name repeats."""
     categories = list(categories)
     repeated = sorted(name for name, n in Counter(categories).items() if n > 1)
     if not categories or repeated:
@@ -275,7 +274,8 @@ def _check_categories(categories: Sequence[str]) -> list[str]:
     return categories
 
 
-def _recognition_row(image_id: str, present: set[str], index: dict[str, int], path: str) -> dict:
+def recognition_row(image_id: str, present: set[str], index: dict[str, int], path: str) -> dict:
+    """One image's row: multi-hot `labels` and `label_ids` of the `present` names that `index` numbers."""
     ids = sorted(index[name] for name in present if name in index)
     labels = [0] * len(index)
     for i in ids:
@@ -287,7 +287,7 @@ def _graph_recognition_rows(files: tuple[str, ...], categories: tuple[str, ...],
     index = {name: i for i, name in enumerate(categories)}
     for graph in _read_graphs([Path(f) for f in files]):
         path = image_path(Path(images) if images else None, f"{graph.image_id}.jpg")
-        yield _recognition_row(graph.image_id, {o.name for o in graph.objects}, index, path)
+        yield recognition_row(graph.image_id, {o.name for o in graph.objects}, index, path)
 
 
 def object_recognition_dataset(
@@ -314,169 +314,9 @@ def object_recognition_dataset(
     images_dir = existing_folder(images, "images folder") if images is not None else None
     if categories is None:
         categories = sorted(_Vocabulary.of(files).names)
-    categories = _check_categories(categories)
+    categories = distinct_categories(categories)
     gen_kwargs = {"files": tuple(str(f.resolve()) for f in files), "categories": tuple(categories),
                   "images": str(images_dir) if images_dir else None}
-    dataset = generate_dataset(_graph_recognition_rows, gen_kwargs, _recognition_features(categories),
+    dataset = generate_dataset(_graph_recognition_rows, gen_kwargs, recognition_features(categories),
                                [[file_stamp(f) for f in files], gen_kwargs])
     return attach_images(dataset, images_dir, on_missing_image, "image_id", what="image")
-
-
-# ---------------------------------------------------------------------------------------------- COCO
-
-
-def _coco_items(path: Path, key: str, what: str) -> Iterator[dict]:
-    """The records of `key` ("images", "annotations", "categories") of a COCO JSON file, streamed."""
-    with path.open("rb") as handle:
-        try:
-            yield from ijson.items(handle, f"{key}.item", use_float=True)
-        except ijson.JSONError as error:
-            raise invalid_json(what, path, error) from None
-
-
-def _coco_field(record: object, field_name: str, path: Path, key: str):
-    if not isinstance(record, dict):
-        raise MalformedFileError(f"COCO file {path}: the records of {key!r} must be objects, found {record!r}")
-    if field_name not in record:
-        raise MalformedFileError(f"COCO file {path}: a record of {key!r} lacks {field_name!r} "
-                                 f"(has {', '.join(sorted(record))})")
-    return record[field_name]
-
-
-@dataclass
-class _CocoInstances:
-    """What a COCO instances file says: category names (by id), supercategories, images, objects per image."""
-
-    names: dict[int, str]
-    supercategory: dict[str, str]
-    file_names: dict[int, str]
-    present: defaultdict
-
-    @classmethod
-    def read(cls, path: Path) -> _CocoInstances:
-        """Stream `path`'s categories, images and annotations (segmentations are read but not kept)."""
-        names, supercategory = {}, {}
-        for record in _coco_items(path, "categories", "COCO instances file"):
-            name = _coco_field(record, "name", path, "categories")
-            names[int(_coco_field(record, "id", path, "categories"))] = name
-            supercategory[name] = record.get("supercategory", "")
-        if not names:
-            raise MalformedFileError(f"COCO instances file {path} lists no categories")
-        file_names = {int(_coco_field(r, "id", path, "images")): _coco_field(r, "file_name", path, "images")
-                      for r in _coco_items(path, "images", "COCO instances file")}
-        present = defaultdict(set)
-        for record in _coco_items(path, "annotations", "COCO instances file"):
-            category = int(_coco_field(record, "category_id", path, "annotations"))
-            if category not in names:
-                raise MalformedFileError(f"COCO instances file {path}: annotation {record.get('id')!r} has "
-                                         f"category_id {category}, which 'categories' does not list")
-            present[int(_coco_field(record, "image_id", path, "annotations"))].add(names[category])
-        return cls(names, supercategory, file_names, present)
-
-
-def _coco_recognition_rows(instances: str, images: str | None):
-    coco = _CocoInstances.read(Path(instances))
-    categories = [coco.names[i] for i in sorted(coco.names)]
-    index = {name: i for i, name in enumerate(categories)}
-    for image_id, file_name in coco.file_names.items():
-        path = image_path(Path(images) if images else None, file_name)
-        yield _recognition_row(str(image_id), coco.present[image_id], index, path)
-
-
-def coco_object_recognition_dataset(
-    instances_json: str | Path, images: str | Path | None, *, on_missing_image: str = "error"
-) -> Dataset:
-    """Multi-hot labels over COCO's categories (in category-id order) for every image of `instances_*.json`.
-
-    Same columns as `object_recognition_dataset`; `images` is the folder holding the files the JSON names.
-    """
-    check_on_missing_image(on_missing_image)
-    path = existing_file(instances_json, "COCO instances file")
-    images_dir = existing_folder(images, "images folder") if images is not None else None
-    names = {int(_coco_field(r, "id", path, "categories")): _coco_field(r, "name", path, "categories")
-             for r in _coco_items(path, "categories", "COCO instances file")}
-    if not names:
-        raise MalformedFileError(f"COCO instances file {path} lists no categories")
-    categories = _check_categories([names[i] for i in sorted(names)])
-    gen_kwargs = {"instances": str(path.resolve()), "images": str(images_dir) if images_dir else None}
-    dataset = generate_dataset(_coco_recognition_rows, gen_kwargs, _recognition_features(categories),
-                               [file_stamp(path), gen_kwargs])
-    return attach_images(dataset, images_dir, on_missing_image, "image_id", what="image")
-
-
-def _caption_swaps(caption: str, present: set[str], coco: _CocoInstances) -> dict[str, list[tuple]]:
-    """Kind -> (start, end, replacement options) spans of `caption` whose swap makes it false."""
-    text = caption.lower()
-    swaps: dict[str, list[tuple]] = defaultdict(list)
-    absent = sorted(set(coco.names.values()) - present)
-    for name in present:
-        for match in re.finditer(rf"\b{re.escape(name)}(s|es)?\b", text):
-            same_kind = [n for n in absent if coco.supercategory[n] == coco.supercategory[name]]
-            options = [n + (match.group(1) or "") for n in (same_kind or absent)]
-            if options:
-                swaps["object"].append((match.start(), match.end(), options))
-    for match in re.finditer(r"\b[a-z]+\b", text):
-        group = _MEANING.get(match.group())
-        if group and group[0] == "color":
-            options = [m[0] for m in ATTRIBUTE_GROUPS["color"] if m != group[1]]
-            swaps["attribute"].append((match.start(), match.end(), options))
-    for phrase, opposite in _CAPTION_OPPOSITES.items():
-        for match in re.finditer(rf"\b{phrase}\b", text):
-            swaps["relation"].append((match.start(), match.end(), [opposite]))
-    return swaps
-
-
-def coco_entailment_dataset(
-    captions_json: str | Path,
-    instances_json: str | Path,
-    images: str | Path | None,
-    seed: int = 0,
-    *,
-    captions_per_image: int = 1,
-    on_missing_image: str = "error",
-) -> Dataset:
-    """Balanced image-text entailment pairs from MS COCO captions, with one-word-swap hard negatives.
-
-    The true statement is a human caption; its negative swaps one word: an object the image contains (per
-    `instances_json`) for one of the same supercategory it does not contain ("a dog on a couch" -> "a cat on a
-    couch"), a colour word for another colour, or a spatial word for its opposite ("left" -> "right"). Captions
-    without such a word are skipped with a warning. Columns as in `entailment_dataset`.
-    """
-    check_on_missing_image(on_missing_image)
-    captions_path = existing_file(captions_json, "COCO captions file")
-    instances_path = existing_file(instances_json, "COCO instances file")
-    images_dir = existing_folder(images, "images folder") if images is not None else None
-    coco = _CocoInstances.read(instances_path)
-    file_names = {int(_coco_field(r, "id", captions_path, "images")): _coco_field(r, "file_name", captions_path,
-                                                                                  "images")
-                  for r in _coco_items(captions_path, "images", "COCO captions file")}
-    captions = defaultdict(list)
-    for record in _coco_items(captions_path, "annotations", "COCO captions file"):
-        image_id = int(_coco_field(record, "image_id", captions_path, "annotations"))
-        if image_id not in file_names:
-            raise MalformedFileError(f"COCO captions file {captions_path}: caption {record.get('id')!r} is about "
-                                     f"image {image_id}, which its 'images' does not list")
-        captions[image_id].append(str(_coco_field(record, "caption", captions_path, "annotations")).strip())
-    rng = random.Random(seed)
-    balancer = Balancer(rng)
-    rows, total, skipped = [], 0, 0
-    for image_id in sorted(captions):
-        pairs = []
-        for caption in captions[image_id]:
-            if len(pairs) == captions_per_image:
-                break
-            total += 1
-            swaps = _caption_swaps(caption, coco.present[image_id], coco)
-            if not swaps:
-                skipped += 1
-                continue
-            kind = balancer.least_used("kind", list(swaps))
-            start, end, options = rng.choice(swaps[kind])
-            replacement = rng.choice(options)
-            if caption[start].isupper():
-                replacement = replacement.capitalize()
-            pairs.append((kind, caption, caption[:start] + replacement + caption[end:]))
-        rows += _pairs_rows(str(image_id), pairs, images_dir, file_names[image_id])
-    _warn_skipped(skipped, total, "captions", str(captions_path))
-    dataset = Dataset.from_list(rows, features=ENTAILMENT_FEATURES)
-    return attach_images(dataset, images_dir, on_missing_image, "pair_id", what="statement pair")

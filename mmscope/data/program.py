@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mmscope.data.errors import MalformedFileError
+
 # "name (id)" / "name (id1,id2)" / "name (-)": ids are word characters after a space ("not(white)" is no id).
 _IDS_AT_END = re.compile(r"^(?P<head>.*\S)\s+\((?P<ids>\s*[\w-]+(?:\s*,\s*[\w-]+)*\s*)\)\s*$")
 # GQA answers relation choices with the relation's key word: "to the left of" -> "left", "in front of" -> "front".
@@ -54,14 +56,14 @@ def argument_objects(argument: str) -> list[ProgramObject]:
 def central_objects(program: list[dict]) -> list[ProgramObject]:
     """The objects the final step of `program` (GQA `semantic` list) works on, in program order, no repeats.
 
-    Raises ValueError for a step whose dependencies point outside the steps before it.
+    Raises `MalformedFileError` (a `ValueError`) for a step whose dependencies point outside the steps before it.
     """
     refs: list[list[ProgramObject]] = []
     for index, step in enumerate(program):
         dependencies = step.get("dependencies") or []
         if any(not isinstance(d, int) or not 0 <= d < index for d in dependencies):
-            raise ValueError(f"step {index} ({step.get('operation')!r}) has dependencies {dependencies}, "
-                             f"which must be indices of earlier steps (0..{index - 1})")
+            raise MalformedFileError(f"step {index} ({step.get('operation')!r}) has dependencies {dependencies}, "
+                                     f"which must be indices of earlier steps (0..{index - 1})")
         own = argument_objects(str(step.get("argument", "")))
         inherited = [obj for d in dependencies for obj in refs[d]]
         refs.append(own or inherited)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
+from mmscope.data.errors import DataError
+
 SUPERSAMPLE = 3
 BACKGROUND = (222, 220, 212)
 OUTLINE = (28, 28, 32)
@@ -56,7 +58,7 @@ def draw_object(
         draw.polygon([(x + s / 2, y), (x + s, y + s - e / 2), (x, y + s - e / 2)], fill=rgb, **line)
         spot = (x + 0.36 * s, y + 0.4 * s, x + 0.48 * s, y + 0.7 * s)
     else:
-        raise ValueError(f"unknown shape {shape!r}; known: cube, sphere, cylinder, cone")
+        raise DataError(f"unknown shape {shape!r}; known: cube, sphere, cylinder, cone")
     if metal:
         draw.ellipse(spot, fill=HIGHLIGHT)
 

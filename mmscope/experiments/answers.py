@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mmscope.errors import known, suggest
+from mmscope.experiments.options import OptionError
 from mmscope.layout import Example
 from mmscope.model import Model
 
@@ -25,7 +27,7 @@ def normalise(answer: str, match: str = "lenient") -> str:
     """The form in which an answer is compared with its label: `lenient` strips, lower-cases and drops a final
     full stop; `lower` only strips and lower-cases (the study's `answer.strip().lower()`)."""
     if match not in MATCHES:
-        raise ValueError(f"unknown answer match {match!r}; known: {', '.join(MATCHES)}")
+        raise OptionError(f"unknown answer match {match!r}; known: {known(MATCHES)}{suggest(match, MATCHES)}")
     text = answer.strip().lower()
     return text.rstrip(".") if match == "lenient" else text
 

@@ -42,8 +42,9 @@ import torch
 
 import mmscope
 from mmscope.errors import InputError, MMScopeError
-from mmscope.experiments.declarations import STUDY_FLOWS, CheckOptions, default_window, flow_ends
+from mmscope.experiments.declarations import STUDY_FLOWS, CheckOptions, default_window
 from mmscope.experiments.engine import Variant, clean_pass, last_position, latest_start, run_variants
+from mmscope.experiments.scores import Flow
 from mmscope.experiments.workspace import load_questions
 from mmscope.interventions import Knockout, knockout_window
 from mmscope.layout import Example
@@ -354,10 +355,10 @@ def sample_variants(model: Model, example: Example) -> list[Variant]:
     """The study's flows the example holds, at the first, middle and last centre, knockout's default window."""
     window = default_window(model.n_layers)
     centers = sorted({0, model.n_layers // 2, model.n_layers - 1})
-    flows = [flow for flow in STUDY_FLOWS if all(group in example.layout for group in flow_ends(flow))]
-    return [Variant((flow, center), (Knockout(*flow_ends(flow), knockout_window(center, window, model.n_layers),
-                                              keep_self=flow_ends(flow)[0] != flow_ends(flow)[1]),))
-            for flow in flows for center in centers]
+    flows = [Flow.parse(flow) for flow in STUDY_FLOWS]
+    return [Variant((flow.name, center), (flow.knockout(knockout_window(center, window, model.n_layers)),))
+            for flow in flows if flow.source in example.layout and flow.target in example.layout
+            for center in centers]
 
 
 def engine_naive(model: Model, examples: Sequence[Example]) -> Outcome:

@@ -21,10 +21,10 @@ Per example the engine therefore
   3. runs the variants of each start as batched suffix passes — one row per variant, over positions start…T-1
      and layers first…L-1 only, the clean prefix shared by all rows without copies (`SharedPrefixCache`), the
      stream entering the first layer from the clean pass, each variant's interventions applied through a
-     `Context` restricted to its row. Rows of one pass start at the pass's first layer, the earliest of its
-     rows: a planner groups rows whose first layers are close, weighing the compute a row spends on layers it
-     did not need against the fixed cost of one more pass (`layer_overhead`), in batches that fit a memory
-     budget;
+     `Context` restricted to its row (`RowContext`, `mmscope.experiments.rows`). Rows of one pass start at the
+     pass's first layer, the earliest of its rows: a planner groups rows whose first layers are close, weighing
+     the compute a row spends on layers it did not need against the fixed cost of one more pass
+     (`layer_overhead`), in batches that fit a memory budget;
   4. runs the variants that no suffix can serve (position 0) as full forwards, one each — from their first
      layer on, the earlier ones skipped — and those that claim nothing as plain full forwards.
 
@@ -51,9 +51,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from mmscope.context import VISION_SITES, ActivationCache, Context, Restriction
+from mmscope.context import VISION_SITES, ActivationCache, Context
 from mmscope.errors import InputError, known
 from mmscope.experiments.options import ENGINES
+from mmscope.experiments.rows import row_contexts
 from mmscope.experiments.shared_prefix import SharedPrefixCache, shareable, shared_prefix_attention_in
 from mmscope.interventions import Intervention
 from mmscope.layout import Example
@@ -81,7 +82,7 @@ class Variant:
 
 
 @dataclass
-class CleanRun:
+class CleanPass:
     """The clean pass of one example and, from the prefix engine, what its suffix passes reuse."""
 
     probs: torch.Tensor  # [V] next-token probabilities at the last prompt position, float32
@@ -91,16 +92,16 @@ class CleanRun:
     suffix_starts: torch.Tensor | None = None  # [T] bool: a suffix pass may start at this position
     states: list[torch.Tensor] | None = None  # per layer, the stream entering it, then the last one's output, [1, T, D]
     activations: ActivationCache | None = None  # a source run's: the activations its patches read
-    source: CleanRun | None = None  # the source example's clean run (clean → corrupted patching)
+    source: CleanPass | None = None  # the source example's clean pass (clean → corrupted patching)
 
     @property
     def shared(self) -> bool:
-        """Whether suffix passes can reuse this run (else every variant runs as a full forward)."""
+        """Whether suffix passes can reuse this pass (else every variant runs as a full forward)."""
         return self.cache is not None
 
 
 @dataclass(frozen=True)
-class Batch:
+class SuffixBatch:
     """Variants (indices into the sweep) that run together over positions `start`…, each row from its own first
     layer (`first_layers`; the pass runs from the earliest). Start 0: one variant, a full forward; first layer
     `n_layers`: nothing to compute (the clean probabilities). `from_source`: the prefix's keys and values are
@@ -128,7 +129,7 @@ def run_variants(
     memory_budget_mb: float | None = None,
     layer_overhead: float | None = None,
     progress: bool = False,
-) -> tuple[CleanRun, torch.Tensor]:
+) -> tuple[CleanPass, torch.Tensor]:
     """For ONE example (batch of 1): the clean run and next-token probs `[n_variants, V]` at the last prompt
     position under each variant (float32). `source`: the example patches read from (`ctx.source`; its clean
     run is `clean.source`). `engine="naive"`: one full `model.run` per variant.
@@ -146,14 +147,14 @@ def run_variants(
         raise InputError("these variants patch from a source run (CachedPatch): pass source=<the clean example>")
     bar = tqdm(total=len(variants), desc="variants", unit="variant", disable=not progress, leave=False)
     if engine == "naive":
-        clean = CleanRun(model.next_token_probs(example))
+        clean = CleanPass(model.next_token_probs(example))
         cache = None
         if source is not None:
             vision = {pair for pair in needed if pair[0] in VISION_SITES}
             cache = model.cache(source, sorted({site for site, _ in needed}),
                                 sorted({layer for _, layer in needed - vision}),
                                 vision_layers=sorted({layer for site, layer in vision if site != "projector"}))
-            clean.source = CleanRun(cache.probs, activations=cache)
+            clean.source = CleanPass(cache.probs, activations=cache)
         probs = []
         for variant in variants:
             probs.append(model.next_token_probs(example, variant.interventions, source=cache))
@@ -267,7 +268,7 @@ def variant_features(
     return clean, features
 
 
-def suffix_sums(model: Model, positions: dict[str, torch.Tensor], batch: Batch) -> Callable[[Context], dict]:
+def suffix_sums(model: Model, positions: dict[str, torch.Tensor], batch: SuffixBatch) -> Callable[[Context], dict]:
     """A suffix pass's readout for `variant_features`: per group, each row's residual stream after each layer
     from the pass's first one, summed over the group's positions in the suffix, `{group: [rows, L − first, D]}`
     (float32)."""
@@ -286,7 +287,7 @@ def suffix_sums(model: Model, positions: dict[str, torch.Tensor], batch: Batch) 
 
 
 def clean_pass(model: Model, example: Example, keep: frozenset[tuple[str, int]] = frozenset(),
-               streams: bool = True) -> CleanRun:
+               streams: bool = True) -> CleanPass:
     """One full forward that keeps every layer's keys and values and (with `streams`) input stream, the
     decoder's inputs, its masks' reach and the activations `keep` (`(site, layer)` pairs, for a source run)."""
     cache = DynamicCache(config=model.adapter.text_config)
@@ -334,8 +335,8 @@ def clean_pass(model: Model, example: Example, keep: frozenset[tuple[str, int]] 
             "embeddings and position ids; every variant runs as a full forward",
             stacklevel=3,
         )
-        return CleanRun(probs, suffix_starts=torch.zeros_like(starts), activations=activations)
-    return CleanRun(probs, cache, embeds, position_ids, starts, states if streams else None, activations)
+        return CleanPass(probs, suffix_starts=torch.zeros_like(starts), activations=activations)
+    return CleanPass(probs, cache, embeds, position_ids, starts, states if streams else None, activations)
 
 
 def latest_key(mask: torch.Tensor) -> torch.Tensor:
@@ -370,7 +371,7 @@ class LayerStart:
             residual[rows] = self.stream(layer, len(rows)).to(residual.device)
 
 
-def suffix_pass(model: Model, example: Example, clean: CleanRun, batch: Batch,
+def suffix_pass(model: Model, example: Example, clean: CleanPass, batch: SuffixBatch,
                 variants: Sequence[Variant], readout: Callable[[Context], object] | None = None):
     """Next-token probs `[n, V]`: one row per variant over positions `batch.start`…T-1 and layers from each
     row's first layer, the clean prefix (or the source's) shared and the stream entering a row's first layer
@@ -390,11 +391,8 @@ def suffix_pass(model: Model, example: Example, clean: CleanRun, batch: Batch,
             model.adapter.cache_keyword: SharedPrefixCache((clean.source if batch.from_source else clean).cache, start),
             "use_cache": True,
         }
-    masks: dict[int, torch.Tensor] = {}  # per layer, the one mask copy every row's edits write into
-    converted: dict = {}
     source = clean.source.activations if clean.source is not None else None
-    contexts = [model.context(example, Restriction(slice(row, row + 1), start, masks, rows, converted), source)
-                for row in range(rows)]
+    contexts = row_contexts(model.sites, example, rows, start, source)
     whole = model.context(example)  # unrestricted: its logits are every variant row's
     omitted = batch.omitted or (None,) * rows
     applied = [(LayerStart(batch.first_layers, clean.states, start), whole)] if max(batch.first_layers) > 0 else []
@@ -413,8 +411,8 @@ def suffix_pass(model: Model, example: Example, clean: CleanRun, batch: Batch,
     return logits.softmax(-1)
 
 
-def plan(model: Model, example: Example, clean: CleanRun, variants: Sequence[Variant],
-         memory_budget_mb: float | None = None, layer_overhead: float | None = None) -> list[Batch]:
+def plan(model: Model, example: Example, clean: CleanPass, variants: Sequence[Variant],
+         memory_budget_mb: float | None = None, layer_overhead: float | None = None) -> list[SuffixBatch]:
     """Group variants by the position their suffix starts from and the layers they run, in batches that fit
     `memory_budget_mb`.
 
@@ -451,9 +449,9 @@ def plan(model: Model, example: Example, clean: CleanRun, variants: Sequence[Var
             start, first, from_source, omitted = 0, 0, False, None  # a pass over the image positions would lack
             # what the decoder adds there
         if first >= n_layers:
-            batches.append(Batch(start, (index,), (n_layers,), from_source, (omitted,)))
+            batches.append(SuffixBatch(start, (index,), (n_layers,), from_source, (omitted,)))
         elif start == 0 or any(intervention.whole_batch for intervention in interventions):
-            batches.append(Batch(start, (index,), (first,), from_source, (omitted,)))  # a forward of its own
+            batches.append(SuffixBatch(start, (index,), (first,), from_source, (omitted,)))  # a forward of its own
         else:
             groups.setdefault((start, from_source), []).append((first, index, omitted))
     overhead = layer_overhead if layer_overhead is not None else LAYER_OVERHEAD.get(model.device.type,
@@ -464,18 +462,19 @@ def plan(model: Model, example: Example, clean: CleanRun, variants: Sequence[Var
         cuts = partition([first for first, _, _ in members], length - start, cap, overhead, n_layers)
         for begin, end in zip(cuts, cuts[1:], strict=False):
             chosen = members[begin:end]
-            batches.append(Batch(start, tuple(index for _, index, _ in chosen), tuple(first for first, _, _ in chosen),
-                                 from_source, tuple(omitted for _, _, omitted in chosen)))
+            batches.append(SuffixBatch(start, tuple(index for _, index, _ in chosen),
+                                       tuple(first for first, _, _ in chosen), from_source,
+                                       tuple(omitted for _, _, omitted in chosen)))
     return batches
 
 
-def latest_start(clean: CleanRun, claim: int, last: int) -> int:
+def latest_start(clean: CleanPass, claim: int, last: int) -> int:
     """The latest position a suffix may start from at or before `claim` (and the last prompt position); 0: none."""
     allowed = torch.nonzero(clean.suffix_starts[: min(claim, last) + 1]).flatten()
     return int(allowed[-1]) if len(allowed) else 0
 
 
-def agree_before(clean: CleanRun, source: CleanRun) -> int:
+def agree_before(clean: CleanPass, source: CleanPass) -> int:
     """The first position where the two runs' decoder inputs (embeddings or position ids) differ: every earlier
     position computes the same in both, in every layer."""
     if not (clean.shared and source.shared) or clean.embeds.shape != source.embeds.shape or \

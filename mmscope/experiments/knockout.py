@@ -15,8 +15,6 @@ All variants of one example run through the sweep engine, which computes the sha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,37 +25,15 @@ from mmscope.experiments.declarations import (  # the options, declared without 
     DEFAULT_FLOWS,
     KnockoutOptions,
     default_window,
-    flow_ends,
 )
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.figures import DELTA_PCT, curves
 from mmscope.experiments.options import OptionError
 from mmscope.experiments.references import read_reference
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
-from mmscope.interventions import Knockout, knockout_window
+from mmscope.experiments.scores import Flow, knockout_scores
+from mmscope.interventions import knockout_window
 from mmscope.model import Model
-
-
-@dataclass(frozen=True)
-class Flow:
-    """A named knockout direction: information may no longer move from `source` to `target`."""
-
-    source: str
-    target: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.source}->{self.target}"
-
-    @classmethod
-    def parse(cls, text: str) -> Flow:
-        """A flow from its name, `source->target`."""
-        return cls(*flow_ends(text))
-
-    def knockout(self, layers: Sequence[int]) -> Knockout:
-        """The knockout of this flow in `layers`."""
-        # Blocking last->last must block the last position's attention to itself, the only edge it names.
-        return Knockout(self.source, self.target, tuple(layers), keep_self=self.source != self.target)
 
 
 def knockout_variants(options: KnockoutOptions, model: Model) -> Variants:
@@ -74,7 +50,7 @@ def knockout_variants(options: KnockoutOptions, model: Model) -> Variants:
         for center in centers
     )
     parameters = {"flows": [flow.name for flow in flows], "window": options.window, "centers": centers}
-    return Variants(parameters, variants, option="--flow")
+    return Variants(parameters, variants, named_by="--flow")
 
 
 def knockout_rows(sweep: Sweep[KnockoutOptions], question: Question) -> list[dict]:
@@ -97,13 +73,6 @@ def knockout_rows(sweep: Sweep[KnockoutOptions], question: Question) -> list[dic
             **knockout_scores(layers, p_clean, p_ko),
         })
     return rows
-
-
-def knockout_scores(layers: Sequence[int], p_clean: float, p_ko: float) -> dict:
-    """The columns every knockout row ends with: the window's first and last layer, p(answer) clean and under
-    the knockout, and Δp% = (p_ko − p_clean) / p_clean · 100."""
-    return {"first_layer": layers[0], "last_layer": layers[-1], "p_clean": p_clean, "p_ko": p_ko,
-            "delta_pct": (p_ko - p_clean) / p_clean * 100.0}
 
 
 def knockout_figure(summary: pd.DataFrame, path: Path, options: KnockoutOptions) -> Path:

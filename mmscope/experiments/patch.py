@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmscope.data.errors import DataError
 from mmscope.experiments import declarations
 from mmscope.experiments.declarations import (  # the options, declared without torch; kept importable from here
     PATCH_GROUPS,
@@ -30,11 +29,9 @@ from mmscope.experiments.declarations import (  # the options, declared without 
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.figures import heatmap
 from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
+from mmscope.experiments.scores import MIN_EFFECT, corrupted_example, restored_share
 from mmscope.interventions import CachedPatch
-from mmscope.layout import Example
 from mmscope.model import Model
-
-MIN_EFFECT = 0.05
 
 
 def patch_variants(options: PatchOptions, model: Model) -> Variants:
@@ -43,36 +40,7 @@ def patch_variants(options: PatchOptions, model: Model) -> Variants:
     variants = tuple(Variant((group, layer), (CachedPatch(options.site, (layer,), group),))
                      for group in options.groups for layer in layers)
     return Variants({"site": options.site, "groups": list(options.groups), "layers": layers}, variants,
-                    option="--group")
-
-
-def corrupting_row(dataset, index: int) -> dict:
-    """The next row with a different image (the corrupted run's image)."""
-    for offset in range(1, len(dataset)):
-        other = dataset[(index + offset) % len(dataset)]
-        if other["image_id"] != dataset[index]["image_id"]:
-            return other
-    raise DataError(f"patching needs at least two different images in the data; all {len(dataset)} questions "
-                    f"are about image {dataset[index]['image_id']!r}")
-
-
-def corrupted_example(model: Model, dataset, question: Question, *, same_size: bool = False) -> tuple[dict, Example]:
-    """The corrupting row (`corrupting_row`) and the corrupted example: the same question and boxes about its
-    image — resized to the clean image's size with `same_size`, so that every image token shows the same part
-    of the frame in both runs (an any-resolution family then cuts both into the same tiles)."""
-    clean = question.example
-    other = corrupting_row(dataset, question.index)
-    image = other["image"].convert("RGB")
-    if same_size:
-        image = image.resize(clean.meta[0]["image_size"])
-    return other, model.prepare(image, question.row["question"], boxes=clean.meta[0]["boxes"])
-
-
-def restored_share(p_clean: float, p_corrupted: float, p_patched: float) -> float:
-    """(p_patched − p_corrupted) / (p_clean − p_corrupted); NaN where the corruption moved p by less than
-    `MIN_EFFECT`."""
-    effect = p_clean - p_corrupted
-    return (p_patched - p_corrupted) / effect if abs(effect) >= MIN_EFFECT else float("nan")
+                    named_by="--group")
 
 
 def patch_rows(sweep: Sweep[PatchOptions], question: Question) -> list[dict]:

@@ -48,9 +48,9 @@ from mmscope.experiments import declarations
 from mmscope.experiments.declarations import ProbeOptions, flow_ends  # declared without torch
 from mmscope.experiments.engine import Variant, variant_features
 from mmscope.experiments.figures import PROBABILITY, curves, curves_with_controls, heatmaps
-from mmscope.experiments.knockout import Flow
 from mmscope.experiments.options import OptionError
 from mmscope.experiments.runner import Experiment, Work
+from mmscope.experiments.scores import Flow
 from mmscope.experiments.workspace import probe_datasets
 from mmscope.interventions import Intervention, Truncate, knockout_window
 from mmscope.model import Model, check_interventions

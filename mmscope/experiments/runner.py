@@ -72,7 +72,7 @@ class Variants:
 
     parameters: dict[str, Any]
     variants: tuple[Variant, ...]
-    option: str = ""  # the option the variants' token groups come from (e.g. "--flow"), for error messages
+    named_by: str = ""  # the command-line option naming the variants' token groups (e.g. "--flow"), for messages
 
     @property
     def groups(self) -> frozenset[str]:
@@ -84,11 +84,11 @@ class Variants:
         when no question of the data has one (every variant on it would be left out, in silence)."""
         unknown = sorted(self.groups - set(model.groups))
         if unknown:
-            raise OptionError(f"unknown token group {unknown[0]!r} ({self.option or 'variants'}): the examples of "
+            raise OptionError(f"unknown token group {unknown[0]!r} ({self.named_by or 'variants'}): the examples of "
                               f"{model.name} hold {known(model.groups)}{suggest(unknown[0], model.groups)}")
         boxed = sorted(self.groups & BOX_GROUPS)
         if boxed and not any(boxes_of(row) for row in dataset.select_columns(["object_boxes"])):
-            raise OptionError(f"token group {boxed[0]!r} ({self.option or 'variants'}) needs object boxes, and no "
+            raise OptionError(f"token group {boxed[0]!r} ({self.named_by or 'variants'}) needs object boxes, and no "
                               "question of the data has one (boxes come from the scene graphs, or a table's boxes "
                               "column: give --data a folder with them, or map one with --columns boxes=COLUMN)")
 
@@ -196,7 +196,7 @@ class PerQuestion(Generic[Q]):
                 lacking = sum(not boxes_of(row) for row in boxes)
                 if lacking:
                     lines.append(f"{lacking} of {len(used)} examples used have no object box: their variants on "
-                                 f"{known(boxed)} ({generated.option}) were left out")
+                                 f"{known(boxed)} ({generated.named_by}) were left out")
             return lines
 
         record = generated.record() if self.variants is not None else {}
@@ -310,7 +310,7 @@ def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], wor
 
 def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Sequence[str]) -> list[str]:
     """Collect results.parquet, write summary.csv, draw the figure, log to W&B when asked; the report's lines."""
-    table = run_dir.results()
+    table = run_dir.write_results()
     if table.empty:
         warnings.warn(f"{run_dir.folder}: no rows (every example was skipped)", stacklevel=2)
         return list(status)

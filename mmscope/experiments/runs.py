@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mmscope.errors import MMScopeError, yaml_problem
+from mmscope.errors import MMScopeError, known, suggest, yaml_problem
+from mmscope.experiments.options import OptionError
 
 VERSIONED = ("mmscope", "torch", "transformers", "nnsight", "datasets", "wandb", "einops")
 
@@ -216,9 +217,9 @@ class RunDir:
             return sorted(int(path.stem) for path in self.parts.glob("*.parquet"))
         return [index for index in range(len(self.keys)) if self.part_path(index).exists()]
 
-    def results(self) -> pd.DataFrame:
-        """All rows so far, in example order, written to `results.parquet` (each unit's `example` column is its
-        index in this run, whichever run computed it)."""
+    def write_results(self) -> pd.DataFrame:
+        """Write all rows so far, in example order, to `results.parquet`, and return them (each unit's `example`
+        column is its index in this run, whichever run computed it)."""
         frames = []
         for index in self.used():
             frame = _read_part(self.part_path(index))
@@ -241,7 +242,8 @@ def summarize(table: pd.DataFrame, by: list[str], value: str, ci: str = "normal"
     `numpy.random.default_rng(seed)` group after group in the summary's order — the same seed, the same band.
     """
     if ci not in CI_METHODS:
-        raise ValueError(f"unknown confidence-interval method {ci!r}; known: {', '.join(CI_METHODS)}")
+        raise OptionError(f"unknown confidence-interval method {ci!r}; known: {known(CI_METHODS)}"
+                          f"{suggest(ci, CI_METHODS)}")
     grouped = table.groupby(by, sort=True)[value]
     summary = grouped.agg(mean="mean", std="std", n="count").reset_index()
     if ci == "normal":

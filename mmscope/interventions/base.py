@@ -11,7 +11,7 @@ nnsight then interleaves them with the forward pass, so every intervention may t
 order and edits to the same site chain (the second sees what the first wrote).
 
 A sweep engine may run several variants as rows of one forward over only the positions after a cached prefix
-and only the layers from some layer on (see `mmscope.context`). An intervention may declare, through
+and only the layers from some layer on (see `mmscope.experiments.rows`). An intervention may declare, through
 `affected_from`, the first position it reads or changes and, through `first_layer`, the first layer; the engine
 only runs it on a suffix that starts at or before that position and that layer. `whole_batch` marks one whose
 edits reach every row of a forward (a layer skip): the engine gives it a forward of its own.
@@ -26,7 +26,7 @@ import operator
 import types
 import typing
 from dataclasses import dataclass
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmscope.context import SITES, Context, Group
@@ -35,7 +35,7 @@ from mmscope.errors import InterventionError, known
 if TYPE_CHECKING:
     from mmscope.layout import Example
 
-__all__ = ["SITES", "Context", "Group", "Intervention", "earliest"]
+__all__ = ["SITES", "Context", "Group", "Intervention", "check_interventions", "earliest"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,22 @@ def earliest(example: Example, group: Group, rows: Iterable[int] | None = None) 
     rows = range(len(example)) if rows is None else rows
     found = [example.positions(group, row) for row in rows]
     return min((int(positions.min()) for positions in found if len(positions)), default=example.seq_len)
+
+
+def check_interventions(interventions) -> None:
+    """Refuse `interventions` unless it is a sequence of `Intervention` objects (a bare one, or a dict, would
+    otherwise fail deep inside the trace, or iterate into its fields)."""
+    if isinstance(interventions, Intervention):
+        raise InterventionError(f"interventions must be a sequence of Intervention objects; got one "
+                                f"{type(interventions).__name__}: pass [it]")
+    if not isinstance(interventions, Sequence) or isinstance(interventions, str):
+        raise InterventionError(f"interventions must be a sequence of Intervention objects; got "
+                                f"{type(interventions).__name__} {interventions!r:.60}")
+    for index, item in enumerate(interventions):
+        if not isinstance(item, Intervention):
+            hint = " (rebuild a dict with Intervention.from_dict)" if isinstance(item, dict) else ""
+            raise InterventionError(f"interventions[{index}] must be an Intervention object; got "
+                                    f"{type(item).__name__} {item!r:.60}{hint}")
 
 
 _FIELD_TYPES: dict[type, dict[str, Any]] = {}

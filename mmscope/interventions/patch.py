@@ -91,8 +91,8 @@ class CachedPatch(Intervention):
         probs = model.next_token_probs(corrupted, [CachedPatch("residual", 12, "image")], source=cache)
 
     The group must have as many positions in the source example as in each row. In an engine's suffix pass,
-    positions before the forward's first one are left alone: the engine starts there only where they already
-    hold the source's values (`source_prefix`).
+    positions before the forward's first one are left alone (`Context.write_positions`): the engine starts there
+    only where they already hold the source's values (`source_prefix`).
     """
 
     site: str
@@ -116,8 +116,7 @@ class CachedPatch(Intervention):
                         f"group {self.positions!r} has {len(from_positions)} positions in the source example but "
                         f"{len(destination)} in row {row}"
                     )
-                live = destination >= ctx.offset
-                activation[row, destination[live] - ctx.offset] = value[live].to(activation.device, activation.dtype)
+                ctx.write_positions(activation, row, destination, value)
 
     def affected_from(self, example: Example) -> int:
         """The earliest patched position."""

@@ -4,6 +4,7 @@ from mmscope.probes.features import POOLINGS, layer_features
 from mmscope.probes.train import (
     PROBE_KINDS,
     ProbeConfig,
+    ProbeError,
     control_labels,
     fit_probe,
     layerwise,
@@ -12,5 +13,5 @@ from mmscope.probes.train import (
     split,
 )
 
-__all__ = ["POOLINGS", "PROBE_KINDS", "ProbeConfig", "control_labels", "fit_probe", "layer_features", "layerwise",
-           "probe_predictions", "shuffled_labels", "split"]
+__all__ = ["POOLINGS", "PROBE_KINDS", "ProbeConfig", "ProbeError", "control_labels", "fit_probe", "layer_features",
+           "layerwise", "probe_predictions", "shuffled_labels", "split"]

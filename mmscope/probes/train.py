@@ -45,8 +45,14 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mmscope.errors import MMScopeError, known, suggest
+
 PROBE_KINDS = ("linear", "mlp")
 BOOTSTRAP_SAMPLES = 1000
+
+
+class ProbeError(MMScopeError, ValueError):
+    """A probe configuration or probe input that cannot be used (an unknown kind, types that do not fit the labels)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,8 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in PROBE_KINDS:
-            raise ValueError(f"unknown probe kind {self.kind!r}; known: {', '.join(PROBE_KINDS)}")
+            raise ProbeError(f"unknown probe kind {self.kind!r}; known: {known(PROBE_KINDS)}"
+                             f"{suggest(self.kind, PROBE_KINDS)}")
 
 
 def make_probe(config: ProbeConfig, multilabel: bool, folds):
@@ -161,7 +168,7 @@ def control_labels(labels: torch.Tensor, types: Sequence[str], seed: int = 0) ->
     distribution — by `torch.randint(N, (n_types,))` on a generator seeded with `seed`; every occurrence of
     the type carries it."""
     if len(types) != len(labels):
-        raise ValueError(f"need one type per example: {len(types)} types for {len(labels)} labels")
+        raise ProbeError(f"need one type per example: {len(types)} types for {len(labels)} labels")
     generator = torch.Generator().manual_seed(seed)
     names = sorted(set(types))
     drawn = torch.randint(len(labels), (len(names),), generator=generator)
@@ -190,7 +197,7 @@ def layerwise(features: torch.Tensor, labels: torch.Tensor, multilabel: bool, te
     `selectivity_high`: the difference on each resample). Both are seeded with `config.seed`.
     """
     if types is not None and not controls:
-        raise ValueError("types name the control task's inputs: pass controls=True with them")
+        raise ProbeError("types name the control task's inputs: pass controls=True with them")
     groups = list(groups) if groups is not None else [str(i) for i in range(len(features))]
     train, test = split(groups, test_fraction, config.seed)
     arms = {"": labels}

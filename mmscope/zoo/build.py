@@ -30,12 +30,12 @@ from mmscope.zoo.spec import TinyLlavaSpec  # declared without torch (a training
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 # Words and punctuation become separate tokens; the regex keeps character offsets exact.
-_WORD_PATTERN = r"[A-Za-z0-9]+|[^\sA-Za-z0-9]"
+WORD_PATTERN = r"[A-Za-z0-9]+|[^\sA-Za-z0-9]"
 
 
 def words_of(text: str) -> list[str]:
     """The word-level pieces the built tokenizer splits `text` into (lower-cased)."""
-    return re.findall(_WORD_PATTERN, text.lower())
+    return re.findall(WORD_PATTERN, text.lower())
 
 
 def build_word_tokenizer(corpus: Iterable[str], extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
@@ -53,7 +53,7 @@ def build_word_tokenizer(corpus: Iterable[str], extra_words: Iterable[str] = ())
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")]
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")]
     )
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]

@@ -1,0 +1,202 @@
+"""The four kinds of map, each a value per region and panel: what is run for it and what is read.
+
+`knockout` and `patch` sweep one intervention per region (`knockout_variants`, `patch_variants`, recorded by
+`map_variants`) and score them as knockout and patch do (`mmscope.experiments.scores`); `lens` and `attention`
+read the clean run (`image_lens`, `image_attention`). `map_rows` gives one question's rows, every kind's values
+beside their region; `kind_values` reads each row's value from its kind's column (`VALUES`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from mmscope.errors import InputError, MMScopeError
+from mmscope.experiments.declarations import MapOptions
+from mmscope.experiments.engine import Variant, run_variants
+from mmscope.experiments.maps.regions import Region, example_regions, region_columns
+from mmscope.experiments.options import OptionError
+from mmscope.experiments.runner import Question, Sweep, Variants
+from mmscope.experiments.scores import corrupted_example, knockout_scores, restored_share
+from mmscope.interventions import CachedPatch, Knockout, knockout_window
+from mmscope.layout import Example
+from mmscope.model import Model
+
+VALUES = {"knockout": "delta_pct", "patch": "restored", "lens": "prob", "attention": "attention"}  # per kind
+
+
+def knockout_variants(regions: Sequence[Region], options: MapOptions, n_layers: int) -> tuple[Variant, ...]:
+    """One knockout per centre × target × region: the target no longer reads the region's image tokens in the
+    centre's window."""
+    return tuple(Variant(("knockout", center, target, region.index),
+                         (Knockout(region.positions, target, knockout_window(center, options.window, n_layers)),))
+                 for center in options.centers for target in options.targets for region in regions)
+
+
+def patch_variants(regions: Sequence[Region], options: MapOptions) -> tuple[Variant, ...]:
+    """One clean → corrupted patch per layer × region: the clean run's site at the region's tokens."""
+    return tuple(Variant(("patch", layer, options.site, region.index),
+                         (CachedPatch(options.site, (layer,), region.positions),))
+                 for layer in options.layers for region in regions)
+
+
+def attention_weights_available(model: Model, example: Example) -> None:
+    """Refuse `--kind attention` for a model whose self-attention gives no weights (sdpa attention)."""
+    try:
+        model.run(example, [], lambda ctx: ctx.attention_weights(0).shape)
+    except MMScopeError as error:
+        raise OptionError(f"--kind attention reads attention weights: {' '.join(str(error).split())}") from None
+
+
+def map_variants(options: MapOptions, model: Model) -> Variants:
+    """The interventions of a blank square image's example (config.yaml's record; each question computes its
+    own regions, from its image); refuses a family without patch rectangles, or without attention weights for
+    `--kind attention`, before any question runs."""
+    blank = Image.new("RGB", (64, 64), (128, 128, 128))
+    example = model.prepare(blank, "What is this?")
+    regions = example_regions(model, blank, example, options.region)
+    if "attention" in options.kinds:
+        attention_weights_available(model, example)
+    parameters = {"kinds": list(options.kinds), "region": options.region}
+    parameters |= {name: getattr(options, name) for name in ("targets", "window", "centers", "layers", "site",
+                                                             "lens_token") if getattr(options, name) is not None}
+    variants = knockout_variants(regions, options, model.n_layers) if "knockout" in options.kinds else ()
+    variants += patch_variants(regions, options) if "patch" in options.kinds else ()
+    return Variants(parameters, variants, named_by="--target")
+
+
+def knockout_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per centre × target × region, the knockout's window and Δp%."""
+    options, model, example = sweep.options, sweep.model, question.example
+    variants = knockout_variants(regions, options, model.n_layers)
+    clean, probs = run_variants(model, example, variants, engine=options.engine)
+    token = question.answer.first_token
+    p_clean = clean.probs[token].item()
+    rows = []
+    for variant, variant_probs in zip(variants, probs, strict=True):
+        _, center, target, index = variant.key
+        layers = knockout_window(center, options.window, model.n_layers)
+        rows.append({"kind": "knockout", "target": target, "layer": center, "region": index,
+                     "window": options.window, "center": center,
+                     **knockout_scores(layers, p_clean, variant_probs[token].item())})
+    return rows
+
+
+def patch_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per layer × region, p(answer) patched and the share restored (target: the site patched)."""
+    options, model, clean = sweep.options, sweep.model, question.example
+    other, corrupted = corrupted_example(model, sweep.dataset, question, same_size=True)
+    if corrupted.layout["image"] != clean.layout["image"] or corrupted.seq_len != clean.seq_len:
+        raise InputError(f"question {question.row['question_id']}: the corrupted run's image tokens sit elsewhere "
+                         "than the clean run's; region patching needs them at the same positions")
+    variants = patch_variants(regions, options)
+    run, probs = run_variants(model, corrupted, variants, source=clean, engine=options.engine)
+    token = question.answer.first_token
+    p_clean, p_corrupted = run.source.probs[token].item(), run.probs[token].item()
+    rows = []
+    for variant, patched in zip(variants, probs, strict=True):
+        _, layer, site, index = variant.key
+        p_patched = patched[token].item()
+        rows.append({"kind": "patch", "target": site, "layer": layer, "region": index, "site": site,
+                     "corrupting_image_id": str(other["image_id"]), "p_clean": p_clean, "p_corrupted": p_corrupted,
+                     "p_patched": p_patched, "restored": restored_share(p_clean, p_corrupted, p_patched)})
+    return rows
+
+
+def lens_token(model: Model, question: Question, which: str) -> int | None:
+    """The token the lens reads: the clean answer's first token, or the first token of the question's first
+    object name, written as the model writes its answer (None where it names none)."""
+    if which == "answer":
+        return question.answer.first_token
+    names = [name for name in question.row.get("object_names") or [] if name and name.strip()]
+    if not names:
+        return None
+    space = model.writes_leading_space(question.example, [question.answer.first_token])
+    return model.answer_tokens(question.example, names[0].strip(), space)[0][0]
+
+
+def image_lens(model: Model, example: Example, layers: Sequence[int], token: int) -> torch.Tensor:
+    """`[len(layers), n_image]`: p(`token`) of the normed logit lens on each image token's residual stream after
+    each layer."""
+    states = model.hidden_states(example)[:, 0]  # [L + 1, T, D]: the embeddings, then after each layer
+    image = torch.tensor(example.layout["image"])
+    return torch.stack([model.unembed(states[layer + 1, image], normed=True).softmax(-1)[:, token].cpu()
+                        for layer in layers])
+
+
+def lens_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per layer × region, the mean p(token) of the lens over the region's tokens (target: the token read)."""
+    options, model, example = sweep.options, sweep.model, question.example
+    token = lens_token(model, question, options.lens_token)
+    if token is None:
+        return []
+    probs = image_lens(model, example, options.layers, token)
+    columns = region_columns(example, regions)
+    return [{"kind": "lens", "target": options.lens_token, "layer": layer, "region": region.index,
+             "token_id": token, "prob": probs[i, columns[region.index]].mean().item()}
+            for i, layer in enumerate(options.layers) for region in regions]
+
+
+def image_attention(model: Model, example: Example, layers: Sequence[int],
+                    targets: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per target, `[len(layers), n_image]`: the attention weight from the target's positions (their mean) to each
+    image token, the mean over heads, per layer — every target read from one forward."""
+    image = torch.tensor(example.layout["image"])
+    queries = {target: torch.tensor(example.layout[target]) for target in targets}
+
+    def readout(ctx) -> dict[str, torch.Tensor]:
+        weights = [ctx.attention_weights(layer)[0] for layer in layers]  # [H, T, T] each
+        return {target: torch.stack([w[:, rows.to(w.device)][..., image.to(w.device)].float().mean((0, 1)).cpu()
+                                     for w in weights])
+                for target, rows in queries.items()}
+
+    return model.run(example, [], readout)
+
+
+def attention_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per target × layer × region, the attention from the target to the region's tokens (summed over them)."""
+    options, model, example = sweep.options, sweep.model, question.example
+    columns = region_columns(example, regions)
+    weights = image_attention(model, example, options.layers, options.targets)
+    return [{"kind": "attention", "target": target, "layer": layer, "region": region.index,
+             "attention": weights[target][i, columns[region.index]].sum().item()}
+            for target in options.targets for i, layer in enumerate(options.layers) for region in regions]
+
+
+KIND_VALUES = {"knockout": knockout_values, "patch": patch_values, "lens": lens_values,
+               "attention": attention_values}
+
+
+def map_rows(sweep: Sweep[MapOptions], question: Question) -> list[dict]:
+    """The rows of one question: per kind, its (panel × target × region) values, each with its region."""
+    options, model, example = sweep.options, sweep.model, question.example
+    regions = example_regions(model, question.row["image"], example, options.region)
+    objects = set(example.layout.get("object", ()))
+    by_index = {region.index: region for region in regions}
+    rows = []
+    for kind in options.kinds:
+        for values in KIND_VALUES[kind](sweep, question, regions):
+            region = by_index[values["region"]]
+            x0, y0, x1, y1 = region.rectangle
+            rows.append({
+                "generated": question.answer.text, "correct": question.answer.correct,
+                **values,
+                "grid": region.grid, "grid_row": region.row, "grid_col": region.col,
+                "x0": x0, "y0": y0, "x1": x1, "y1": y1, "positions": list(region.positions),
+                "has_object": bool(objects), "on_object": bool(objects & set(region.positions)),
+            })
+    return rows
+
+
+def kind_values(table: pd.DataFrame) -> pd.Series:
+    """Each row's value: its kind's column (`VALUES`)."""
+    values = pd.Series(np.nan, index=table.index, dtype=float)
+    for kind, column in VALUES.items():
+        chosen = table["kind"] == kind
+        if chosen.any():
+            values[chosen] = table.loc[chosen, column].astype(float)
+    return values
