@@ -21,6 +21,7 @@ from mmscope.experiments.maps import NO_EFFECT, draw_centred, draw_example_map
 from mmscope.experiments.patch import patch_figure
 from mmscope.experiments.probe import probe_figure
 from mmscope.experiments.references import REFERENCES
+from mmscope.experiments.runner import Finished
 from mmscope.experiments.truncate import truncate_figure
 
 
@@ -67,7 +68,8 @@ def lens_summary() -> pd.DataFrame:
 
 
 def test_every_curve_name_has_one_colour_in_every_panel_and_in_the_legend(tmp_path, drawn):
-    lens_figure(lens_summary(), tmp_path / "lens.png", SimpleNamespace(lens="raw", lens_axis="layers"))
+    lens_figure(Finished(None, lens_summary(), SimpleNamespace(lens="raw", lens_axis="layers")),
+                tmp_path / "lens.png")
     [figure] = drawn
     choose, query = panels(figure)
     assert set(lines_by_label(query)) == {"answer", "Answer"}  # a panel without the false option
@@ -86,7 +88,8 @@ def test_every_curve_name_has_one_colour_in_every_panel_and_in_the_legend(tmp_pa
     # A panel that lacks the first curve of another (the object flow: no question with a box) keeps the colours.
     summary = knockout_summary()
     summary = summary[(summary["category"] == "ChooseAttr") | (summary["flow"] != "object->question")]
-    knockout_figure(summary, tmp_path / "knockout.png", SimpleNamespace(reference=None, ci="normal", window=2))
+    knockout_figure(Finished(None, summary, SimpleNamespace(reference=None, ci="normal", window=2)),
+                    tmp_path / "knockout.png")
     both, fewer = panels(drawn[1])
     assert set(lines_by_label(fewer)) == {"question->last"}
     assert to_rgba(lines_by_label(fewer)["question->last"].get_color()) == \
@@ -99,7 +102,7 @@ def test_a_curve_equal_to_another_adds_no_band_and_stays_visible_dashed(tmp_path
     query = summary["category"] == "QueryAttr"
     summary.loc[query & (summary["token"] == "Answer"), ["mean", "ci_low", "ci_high"]] = \
         summary.loc[query & (summary["token"] == "answer"), ["mean", "ci_low", "ci_high"]].to_numpy()
-    lens_figure(summary, tmp_path / "lens.png", SimpleNamespace(lens="raw", lens_axis="layers"))
+    lens_figure(Finished(None, summary, SimpleNamespace(lens="raw", lens_axis="layers")), tmp_path / "lens.png")
     choose, query_axis = panels(drawn[0])
     assert len([c for c in query_axis.collections if isinstance(c, PolyCollection)]) == 1
     assert len([c for c in choose.collections if isinstance(c, PolyCollection)]) == 4
@@ -108,7 +111,8 @@ def test_a_curve_equal_to_another_adds_no_band_and_stays_visible_dashed(tmp_path
 
 
 def test_probability_bands_are_clipped_to_0_1(tmp_path, drawn):
-    lens_figure(lens_summary(), tmp_path / "lens.png", SimpleNamespace(lens="raw", lens_axis="layers"))
+    lens_figure(Finished(None, lens_summary(), SimpleNamespace(lens="raw", lens_axis="layers")),
+                tmp_path / "lens.png")
     for axis in panels(drawn[0]):
         ys = band_ys(axis)
         assert ys.min() >= 0.0 and ys.max() <= 1.0
@@ -129,7 +133,7 @@ def knockout_summary(n_object: int = 3) -> pd.DataFrame:
 @pytest.mark.parametrize("reference", [None, next(iter(REFERENCES))])
 def test_knockout_bands_stay_above_minus_100_percent_with_or_without_a_reference(tmp_path, drawn, reference):
     options = SimpleNamespace(reference=reference, ci="normal", window=2)
-    knockout_figure(knockout_summary(), tmp_path / "knockout.png", options)
+    knockout_figure(Finished(None, knockout_summary(), options), tmp_path / "knockout.png")
     axes = panels(drawn[0])
     for axis in axes:
         ys = band_ys(axis)
@@ -140,10 +144,11 @@ def test_knockout_bands_stay_above_minus_100_percent_with_or_without_a_reference
 
 
 def test_each_panel_title_says_how_many_questions_it_averages(tmp_path, drawn):
-    knockout_figure(knockout_summary(), tmp_path / "knockout.png", SimpleNamespace(reference=None, ci="normal",
-                                                                                   window=2))
+    knockout_figure(Finished(None, knockout_summary(), SimpleNamespace(reference=None, ci="normal", window=2)),
+                    tmp_path / "knockout.png")
     assert [axis.get_title() for axis in panels(drawn[0])] == ["ChooseAttr (n=3–5)", "ChooseCat (n=3–5)"]
-    lens_figure(lens_summary(), tmp_path / "lens.png", SimpleNamespace(lens="raw", lens_axis="layers"))
+    lens_figure(Finished(None, lens_summary(), SimpleNamespace(lens="raw", lens_axis="layers")),
+                tmp_path / "lens.png")
     assert [axis.get_title() for axis in panels(drawn[1])] == ["ChooseAttr (n=5)", "QueryAttr (n=4)"]
     assert n_text([7, 7]) == "n=7" and n_text(pd.Series([2, 9])) == "n=2–9"
 
@@ -158,10 +163,9 @@ def test_truncate_draws_the_share_whose_answer_is_still_top1_not_p_answer(tmp_pa
                 rows.append({"example": example, "category": category, "layer": layer, "p_clean": 0.9,
                              "p_answer": 0.3 + 0.1 * layer, "top1": float(top1)})
     table = pd.DataFrame(rows)
-    table.to_parquet(tmp_path / "results.parquet")
     p_summary = table.groupby(["category", "layer"])["p_answer"].agg(mean="mean", n="count").reset_index()
-    truncate_figure(p_summary.assign(ci_low=0.0, ci_high=1.0), tmp_path / "truncate.png",
-                    SimpleNamespace(ci="normal", seed=0))
+    truncate_figure(Finished(table, p_summary.assign(ci_low=0.0, ci_high=1.0), SimpleNamespace(ci="normal", seed=0)),
+                    tmp_path / "truncate.png")
     choose, query = panels(drawn[0])
     [line] = choose.get_lines()
     assert list(line.get_ydata()) == pytest.approx([0.25, 0.75, 1.0])  # the top-1 share per layer
@@ -175,14 +179,14 @@ def test_truncate_draws_the_share_whose_answer_is_still_top1_not_p_answer(tmp_pa
 def test_patch_heatmap_and_probe_curves_say_their_n(tmp_path, drawn):
     summary = pd.DataFrame({"group": ["image", "image", "object", "object"], "layer": [0, 1, 0, 1],
                             "mean": [0.9, 0.1, 0.8, 0.0], "n": [5, 5, 3, 3]})
-    patch_figure(summary, tmp_path / "patch.png", SimpleNamespace(site="residual"))
+    patch_figure(Finished(None, summary, SimpleNamespace(site="residual")), tmp_path / "patch.png")
     [axis] = [axis for axis in drawn[0].axes if axis.get_label() != "<colorbar>"]
     assert "(n=3–5)" in axis.get_title()
     assert [label.get_text() for label in axis.get_yticklabels()] == ["image (n=5)", "object (n=3)"]
     probes = pd.DataFrame({"curve": ["entailment / last"] * 2 + ["objects / image"] * 2, "layer": [0, 1] * 2,
                            "mean": [0.5, 0.7, 0.3, 0.6], "n": [240, 240, 60, 60],
                            "control_accuracy": [0.5] * 4, "shuffled_accuracy": [0.5] * 4, "selectivity": [0.0] * 4})
-    probe_figure(probes, tmp_path / "probe.png", SimpleNamespace())
+    probe_figure(Finished(None, probes, SimpleNamespace()), tmp_path / "probe.png")
     titles = [axis.get_title() for axis in drawn[1].axes]
     assert all("n=60–240" in title for title in titles), titles
     labels = [text.get_text() for text in drawn[1].legends[0].get_texts()]
@@ -259,7 +263,7 @@ def test_a_layer_axis_with_the_embeddings_names_them_and_one_without_keeps_plain
 def test_the_knockout_legend_keeps_the_order_the_flows_were_asked_for(drawn, tmp_path):
     summary = knockout_summary()
     flows = sorted(set(summary["flow"]), reverse=True)  # not alphabetical
-    knockout_figure(summary, tmp_path / "knockout.png", SimpleNamespace(reference=None, ci="normal", window=2,
-                                                                        flows=flows))
+    knockout_figure(Finished(None, summary, SimpleNamespace(reference=None, ci="normal", window=2, flows=flows)),
+                    tmp_path / "knockout.png")
     legend = drawn[-1].legends[0]
     assert [text.get_text() for text in legend.get_texts()] == flows

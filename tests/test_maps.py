@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from families import build_kosmos2, build_llava_next
 from PIL import Image
 from typer.testing import CliRunner
@@ -38,6 +39,9 @@ runner = CliRunner()
 def square(seed: int = 0, side: int = 32) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
     return Image.fromarray((torch.rand(side, side, 3, generator=generator) * 255).to(torch.uint8).numpy())
+
+
+ONE_QUESTION = {"image": square(), "question": "Is the cube red or blue?"}  # the data a map's variants are built on
 
 
 def test_regions_of_a_2x2_block_setting_follow_the_fixed_grid(tiny):
@@ -128,6 +132,11 @@ def test_map_command_writes_rows_and_maps(embedded, world, tmp_path):
         assert row["p_ko"] == pytest.approx(p_ko, abs=1e-6)
         assert row["delta_pct"] == pytest.approx((p_ko - p_clean) / p_clean * 100, abs=1e-3)
     assert "maps over the images" in printed
+    # config.yaml records what ran: the first question's own regions (its first variant blocks region 0's positions)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    [recorded] = [e for e in config["interventions"]["examples"] if e["intervention"]["type"] == "Knockout"]
+    region_zero = table[(table["example"] == 0) & (table["region"] == 0)].iloc[0]["positions"]
+    assert list(recorded["intervention"]["source"]) == list(region_zero)
     # The run's own config.yaml is the same run: it resumes (nothing left to do) and prints the same report.
     again = runner.invoke(app, ["map", "--config", str(out / "config.yaml")], catch_exceptions=False)
     assert again.exit_code == 0, again.output
@@ -141,7 +150,7 @@ def test_a_family_without_patch_rectangles_is_refused_naming_it(world, tmp_path)
     folder = build_kosmos2(tmp_path / "kosmos2")
     kosmos = mmscope.load(folder)
     with pytest.raises(OptionError, match="kosmos2 family") as error:
-        map_variants(MapOptions(model="unused", window=1, centers=[0]), kosmos)
+        map_variants(MapOptions(model="unused", window=1, centers=[0]), kosmos, [ONE_QUESTION])
     assert "\n" not in str(error.value)
     result = runner.invoke(app, ["map", "--model", str(folder), "--data", str(world), "--split", "test", "--limit",
                                  "1", "--out", str(tmp_path / "run")])
@@ -239,7 +248,7 @@ def test_the_attention_map_equals_hf_attention_weights_under_eager_attention(tin
 
 def test_attention_maps_are_refused_without_attention_weights(tiny_sdpa):
     with pytest.raises(OptionError, match="--kind attention") as error:
-        map_variants(MapOptions(kinds=["attention"], model="unused"), tiny_sdpa)
+        map_variants(MapOptions(kinds=["attention"], model="unused"), tiny_sdpa, [ONE_QUESTION])
     assert "eager" in str(error.value) and "\n" not in str(error.value)
 
 

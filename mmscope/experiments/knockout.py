@@ -30,14 +30,15 @@ from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.figures import DELTA_PCT, curves
 from mmscope.experiments.options import OptionError
 from mmscope.experiments.references import read_reference
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
+from mmscope.experiments.runner import Experiment, Finished, PerQuestion, Question, Sweep, Variants, questions
 from mmscope.experiments.scores import Flow, knockout_scores
 from mmscope.interventions import knockout_window
 from mmscope.model import Model
 
 
-def knockout_variants(options: KnockoutOptions, model: Model) -> Variants:
-    """Every flow × centre layer, each blocking its flow in the window around the centre."""
+def knockout_variants(options: KnockoutOptions, model: Model, dataset=None) -> Variants:
+    """Every flow × centre layer, each blocking its flow in the window around the centre (the same for every
+    question of `dataset`)."""
     flows = [Flow.parse(flow) for flow in options.flows]
     widest = 2 * model.n_layers - 2  # any wider and the window around every centre holds all layers
     if options.window > widest:
@@ -75,10 +76,11 @@ def knockout_rows(sweep: Sweep[KnockoutOptions], question: Question) -> list[dic
     return rows
 
 
-def knockout_figure(summary: pd.DataFrame, path: Path, options: KnockoutOptions) -> Path:
+def knockout_figure(run: Finished[KnockoutOptions], path: Path) -> Path:
     """Mean Δp% ± 95% CI against the centre layer, one curve per flow (in the order the flows were asked for,
     which the legend keeps), one panel per category; with `--reference`, the published curve dashed over the
     panels and flow it names."""
+    summary, options = run.summary, run.options
     overlay = read_reference(options.reference) if options.reference is not None else None
     band = "bootstrap" if options.ci == "bootstrap" else "normal"
     return curves(summary, path, x="center", hue="flow", panel="category", ylabel="Δp (%)",

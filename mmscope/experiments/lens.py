@@ -32,7 +32,7 @@ import torch
 from mmscope.experiments import declarations
 from mmscope.experiments.declarations import LensOptions  # declared without torch; kept importable from here
 from mmscope.experiments.figures import PROBABILITY, curves
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, questions
+from mmscope.experiments.runner import Experiment, Finished, PerQuestion, Question, Sweep, questions
 from mmscope.layout import Example
 from mmscope.model import Model
 from mmscope.sites import EMBEDDINGS, layer_name
@@ -109,10 +109,11 @@ def spelling_findings(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def lens_figure(summary: pd.DataFrame, path: Path, options: LensOptions) -> Path:
+def lens_figure(run: Finished[LensOptions], path: Path) -> Path:
     """Mean p(token) ± 95% CI against the layer, one curve per tracked token (one colour each in every panel;
     the capitalised forms dashed, so a curve equal to its lower-case one stays visible), one panel per
     category."""
+    summary, options = run.summary, run.options
     axis = ("embeddings, after each layer, the last through the final norm" if options.lens_axis == "hidden-states"
             else "after each layer")
     return curves(summary, path, x="layer", hue="token", panel="category", ylabel="probability",

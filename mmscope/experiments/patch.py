@@ -28,14 +28,15 @@ from mmscope.experiments.declarations import (  # the options, declared without 
 )
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.figures import heatmap
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
+from mmscope.experiments.runner import Experiment, Finished, PerQuestion, Question, Sweep, Variants, questions
 from mmscope.experiments.scores import MIN_EFFECT, corrupted_example, restored_share
 from mmscope.interventions import CachedPatch
 from mmscope.model import Model
 
 
-def patch_variants(options: PatchOptions, model: Model) -> Variants:
-    """Every token group × layer, each patching the clean run's `site` into the corrupted run."""
+def patch_variants(options: PatchOptions, model: Model, dataset=None) -> Variants:
+    """Every token group × layer, each patching the clean run's `site` into the corrupted run (the same for
+    every question of `dataset`)."""
     layers = list(range(model.n_layers))
     variants = tuple(Variant((group, layer), (CachedPatch(options.site, (layer,), group),))
                      for group in options.groups for layer in layers)
@@ -67,10 +68,10 @@ def restored_matrix(summary: pd.DataFrame) -> pd.DataFrame:
     return summary.pivot(index="group", columns="layer", values="mean")
 
 
-def patch_figure(summary: pd.DataFrame, path: Path, options: PatchOptions) -> Path:
+def patch_figure(run: Finished[PatchOptions], path: Path) -> Path:
     """A group × layer heatmap of the mean share restored, each group's n (the examples whose corruption moved
     p(answer) enough to restore) beside its name."""
-    site = getattr(options, "site", None)
+    summary, site = run.summary, getattr(run.options, "site", None)
     return heatmap(restored_matrix(summary), path,
                    title="Clean → corrupted activation patching" + (f" of the {site}" if site else ""),
                    colorbar="share of p(answer) restored",

@@ -35,6 +35,7 @@ needs input *types* that recur across the image-grouped split:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from mmscope.experiments.declarations import ProbeOptions, flow_ends  # declared
 from mmscope.experiments.engine import Variant, variant_features
 from mmscope.experiments.figures import PROBABILITY, curves, curves_with_controls, heatmaps
 from mmscope.experiments.options import OptionError
-from mmscope.experiments.runner import Experiment, Work
+from mmscope.experiments.runner import Experiment, Finished, Work
 from mmscope.experiments.scores import Flow
 from mmscope.experiments.workspace import probe_datasets
 from mmscope.interventions import Intervention, Truncate, knockout_window
@@ -233,14 +234,15 @@ def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
 HELD_OUT = "examples per task, a quarter held out by image"  # what a probe's n counts (layerwise's split)
 
 
-def probe_figure(summary: pd.DataFrame, path: Path, options: ProbeOptions) -> Path | list[Path]:
+def probe_figure(run: Finished[ProbeOptions], path: Path) -> Path | list[Path]:
     """Held-out accuracy against the layer, one curve per task × pooling; with controls, each curve's control
     task (dashed) and shuffled-label baseline (dotted) beside it, and a second panel of selectivity. With edits,
     also `probe_edits.png`: Δaccuracy per edit centre × probed layer, a panel per task × pooling × flow × mode."""
+    summary, options = run.summary, run.options
     if "edit" in summary:
         edits = summary[summary["edit"] != "clean"]
         clean = summary[summary["edit"] == "clean"].dropna(axis=1, how="all").drop(columns="edit")
-        drawn = probe_figure(clean, path, options)
+        drawn = probe_figure(dataclasses.replace(run, summary=clean), path)
         panels = {f"{probed} · {edit} ({mode})": part.astype({"center": int}).pivot(index="center", columns="layer",
                                                                                   values="mean")
                   for (probed, edit, mode), part in edits.groupby(["probed", "edit", "mode"], sort=True)}

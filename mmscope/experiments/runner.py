@@ -167,10 +167,10 @@ class PerQuestion(Generic[Q]):
     correctly (all of them with `--include-all`); `variants`, when given, generates the interventions swept."""
 
     rows: Callable[[Sweep[Q], Question], list[dict]]
-    variants: Callable[[Q, Model], Variants] | None = None
+    variants: Callable[[Q, Model, Any], Variants] | None = None  # (options, model, the questions)
 
     def __call__(self, model: Model, options: Q, dataset) -> Work:
-        generated = self.variants(options, model) if self.variants is not None else Variants({}, ())
+        generated = self.variants(options, model, dataset) if self.variants is not None else Variants({}, ())
         generated.check(model, dataset)
         sweep = Sweep(model, dataset, options, generated.variants)
 
@@ -204,6 +204,17 @@ class PerQuestion(Generic[Q]):
         return Work(len(dataset), question_rows, f"{len(dataset)} questions", record, status, keys)
 
 
+@dataclass(frozen=True)
+class Finished(Generic[O]):
+    """What a finished run's figure draws from: its rows (results.parquet's table), their summary, the options it
+    ran with, and the data it walked over (`Experiment.data`'s: the questions of a per-question sweep)."""
+
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    options: O
+    data: Any = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Experiment(Generic[O]):
     """One experiment, declared: `mmscope <name>` builds `options` from its command line and `run` executes it.
@@ -215,8 +226,8 @@ class Experiment(Generic[O]):
     data)` makes its `Work`. `by` are the summary's group-by columns, the last one the layer axis (the figure's
     x, the W&B step); `summarize` replaces the default summary (mean, 95% CI and n of `value` per group) where rows already are
     one per group; `values(table)` computes `value` where rows of several kinds keep it in columns of their own.
-    `figure` draws the summary into the given path (and may return a list of the figures it drew, that path
-    first: W&B logs them all); `findings` are the report's lines between the status and the figure;
+    `figure` draws the finished run (`Finished`: table, summary, options, data) into the given path (and may
+    return a list of the figures it drew, that path first: W&B logs them all); `findings` are the report's lines between the status and the figure;
     `prints_table` adds where results.parquet is.
     """
 
@@ -225,7 +236,7 @@ class Experiment(Generic[O]):
     work: Callable[[Model, O, Any], Work]
     value: str
     by: tuple[str, ...]
-    figure: Callable[[pd.DataFrame, Path, O], Path | list[Path]]  # a list: the main figure first, all logged
+    figure: Callable[[Finished[O], Path], Path | list[Path]]  # a list: the main figure first, all logged
     findings: Callable[[pd.DataFrame, pd.DataFrame, O], list[str]]
     desc: str  # the progress bar's label
     summarize: Callable[[pd.DataFrame], pd.DataFrame] | None = None
@@ -304,19 +315,21 @@ def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], wor
             world.barrier()
             bar.update(len(pending) - bar.n)
         if world.main:
-            echo("\n".join(report(experiment, options, run_dir, work.status(run_dir))))
+            echo("\n".join(report(experiment, options, run_dir, work.status(run_dir), data)))
     return run_dir
 
 
-def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Sequence[str]) -> list[str]:
-    """Collect results.parquet, write summary.csv, draw the figure, log to W&B when asked; the report's lines."""
+def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Sequence[str], data: Any = None
+           ) -> list[str]:
+    """Collect results.parquet, write summary.csv, draw the figure (from the table, the summary and the run's
+    `data`), log to W&B when asked; the report's lines."""
     table = run_dir.write_results()
     if table.empty:
         warnings.warn(f"{run_dir.folder}: no rows (every example was skipped)", stacklevel=2)
         return list(status)
     summary = experiment.summary(table, options)
     summary.to_csv(run_dir.folder / "summary.csv", index=False)
-    drawn = experiment.figure(summary, run_dir.folder / f"{experiment.name}.png", options)
+    drawn = experiment.figure(Finished(table, summary, options, data), run_dir.folder / f"{experiment.name}.png")
     figures = drawn if isinstance(drawn, list) else [drawn]
     results = run_dir.folder / "results.parquet"
     logged = []

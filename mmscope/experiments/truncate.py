@@ -14,14 +14,14 @@ from mmscope.experiments import declarations
 from mmscope.experiments.declarations import TruncateOptions  # declared without torch; kept importable from here
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.figures import PROBABILITY, curves
-from mmscope.experiments.runner import Experiment, PerQuestion, Question, Sweep, Variants, questions
+from mmscope.experiments.runner import Experiment, Finished, PerQuestion, Question, Sweep, Variants, questions
 from mmscope.experiments.runs import summarize
 from mmscope.interventions import Truncate
 from mmscope.model import Model
 
 
-def truncate_variants(options: TruncateOptions, model: Model) -> Variants:
-    """An early exit after every layer."""
+def truncate_variants(options: TruncateOptions, model: Model, dataset=None) -> Variants:
+    """An early exit after every layer (the same for every question of `dataset`)."""
     layers = list(range(model.n_layers))
     return Variants({"layers": layers}, tuple(Variant((layer,), (Truncate(layer),)) for layer in layers))
 
@@ -45,11 +45,11 @@ def top1_summary(table: pd.DataFrame, options: TruncateOptions) -> pd.DataFrame:
                      seed=getattr(options, "seed", 0))
 
 
-def truncate_figure(summary: pd.DataFrame, path: Path, options: TruncateOptions) -> Path:
+def truncate_figure(run: Finished[TruncateOptions], path: Path) -> Path:
     """The share of questions whose answer is still top-1 after early exit ± 95% CI (clipped to [0, 1]) against
-    the layer, one panel per category; read from results.parquet beside `path` (`summary`, which the figure
-    does not draw, holds the mean p(answer))."""
-    shares = top1_summary(pd.read_parquet(path.parent / "results.parquet"), options)
+    the layer, one panel per category, from the run's rows (its summary, which the figure does not draw, holds
+    the mean p(answer))."""
+    shares = top1_summary(run.table, run.options)
     return curves(shares.assign(curve="answer still top-1"), path, x="layer", hue="curve", panel="category",
                   ylabel="share with the answer top-1", limits=PROBABILITY,
                   title="Truncation sweep: exit after layer ℓ (share of questions, 95% CI)")

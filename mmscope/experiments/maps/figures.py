@@ -20,7 +20,7 @@ from PIL import Image
 
 from mmscope.experiments.declarations import MapOptions
 from mmscope.experiments.maps.kinds import kind_values
-from mmscope.experiments.runner import boxes_of, questions
+from mmscope.experiments.runner import Finished, boxes_of
 from mmscope.experiments.scores import MIN_EFFECT
 
 MAPPED_EXAMPLES = 6  # the examples drawn one PNG each
@@ -280,11 +280,10 @@ def draw_centred(means: dict[tuple[str, str, int], np.ndarray], n_examples: int,
     return path
 
 
-def map_figure(summary: pd.DataFrame, path: Path, options: MapOptions) -> list[Path]:
-    """`map.png`, the object-centred mean maps, and `map_<example>.png` for the first examples of the run (read
-    from results.parquet beside `path`); returns them all, `map.png` first."""
-    table = pd.read_parquet(path.parent / "results.parquet")
-    dataset = questions(options)
+def map_figure(run: Finished[MapOptions], path: Path) -> list[Path]:
+    """`map.png`, the object-centred mean maps, and `map_<example>.png` for the first examples of the run (over
+    their questions' images); returns them all, `map.png` first."""
+    table, dataset, options = run.table, run.data, run.options
     drawn = []
     for example in sorted(table["example"].unique())[:MAPPED_EXAMPLES]:
         row = dataset[int(example)]

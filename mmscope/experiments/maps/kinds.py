@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from mmscope.errors import InputError, MMScopeError
 from mmscope.experiments.declarations import MapOptions
@@ -52,13 +51,14 @@ def attention_weights_available(model: Model, example: Example) -> None:
         raise OptionError(f"--kind attention reads attention weights: {' '.join(str(error).split())}") from None
 
 
-def map_variants(options: MapOptions, model: Model) -> Variants:
-    """The interventions of a blank square image's example (config.yaml's record; each question computes its
-    own regions, from its image); refuses a family without patch rectangles, or without attention weights for
-    `--kind attention`, before any question runs."""
-    blank = Image.new("RGB", (64, 64), (128, 128, 128))
-    example = model.prepare(blank, "What is this?")
-    regions = example_regions(model, blank, example, options.region)
+def map_variants(options: MapOptions, model: Model, dataset) -> Variants:
+    """The interventions of the first question of `dataset` (config.yaml's record of what ran; every question
+    builds its own, over the regions of its own image, in `map_rows`); refuses a family without patch
+    rectangles, or without attention weights for `--kind attention`, before any question runs."""
+    first = dataset[0]
+    image = first["image"].convert("RGB")
+    example = model.prepare(image, first["question"])  # regions need no boxes (and a family may refuse them)
+    regions = example_regions(model, image, example, options.region)
     if "attention" in options.kinds:
         attention_weights_available(model, example)
     parameters = {"kinds": list(options.kinds), "region": options.region}
