@@ -1,0 +1,84 @@
+"""Attribution patching: every activation patch's effect estimated from one forward and one backward pass.
+
+Exact clean → corrupted activation patching runs one (suffix) forward per site × layer × position. Its
+first-order estimate (Nanda 2023, "Attribution patching"; Syed et al. 2023; Kramár et al. 2024, AtP*) needs the
+corrupted run's activations and the gradient of the metric there, and the clean run's activations:
+
+    effect(site, layer, position) ≈ (a_clean − a_corrupted) · ∂metric/∂a |corrupted
+
+summed over the hidden dimension — the change of the metric to first order when that position's activation is
+replaced by the clean run's. The metric is p(token) at the last prompt position by default, as in the exact
+experiments, or its log (`metric="logprob"`). Estimates are approximations: attention saturation and other
+non-linearities make some of them wrong, so the estimate ranks candidates and the exact engine verifies the top
+of the ranking (`CachedPatch` through `run_variants`).
+
+The gradients come from nnsight's backward tracing (`with metric.backward(): activation.grad`), read in the
+reverse of the forward order; the forward runs with gradients enabled, the model's weights untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import nnsight
+import torch
+
+from mmscope.context import ActivationCache, check_site
+from mmscope.errors import InputError, known
+from mmscope.layout import Example
+from mmscope.model import Model
+
+METRICS = ("prob", "logprob")
+ORDER = ("attention", "mlp", "residual")  # the order a layer computes its sites in
+
+
+def metric_gradients(model: Model, example: Example, sites: Sequence[str], layers: Sequence[int], token: int,
+                     metric: str = "prob") -> tuple[float, dict[tuple[str, int], torch.Tensor],
+                                                    dict[tuple[str, int], torch.Tensor]]:
+    """One forward and one backward pass over a one-row `example`: the metric (p or log p of `token` at the last
+    prompt position), and per `(site, layer)` the activation `[T, D]` and the metric's gradient with respect to
+    it `[T, D]` (float32)."""
+    if len(example) != 1:
+        raise InputError(f"metric_gradients takes one example (a batch of 1); got a batch of {len(example)}")
+    if metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; known: {known(METRICS)}")
+    for site in sites:
+        check_site(site)
+    pairs = [(site, layer) for layer in sorted(set(layers)) for site in ORDER if site in sites]
+    for _, layer in pairs:
+        model.sites.layer(layer)  # refuses a layer the model lacks
+    ctx = model.context(example)
+    last = example.layout["last"][0]
+    with torch.enable_grad(), model.envoy.trace(**model.model_inputs(example)):
+        read = [ctx.site(site, layer) for site, layer in pairs]  # forward order
+        values = nnsight.save([value.detach().clone() for value in read])
+        scores = ctx.logits()[0, last].float().log_softmax(-1)[token]
+        measured = scores if metric == "logprob" else scores.exp()
+        kept = nnsight.save(measured.detach().clone())
+        with measured.backward():
+            grads = nnsight.save([read[index].grad for index in reversed(range(len(read)))])  # reverse order
+    grads = grads[::-1]
+    activations = {pair: value[0].float() for pair, value in zip(pairs, values, strict=True)}
+    gradients = {pair: grad[0].float() for pair, grad in zip(pairs, grads, strict=True)}
+    return float(kept), activations, gradients
+
+
+def patch_attribution(model: Model, corrupted: Example, source: ActivationCache, sites: Sequence[str],
+                      layers: Sequence[int], token: int, metric: str = "prob") -> dict[str, torch.Tensor]:
+    """The first-order estimate of patching each `(site, layer, position)` of the `source` run (the clean one,
+    `model.cache`) into the `corrupted` run: `{site: [len(layers), T]}`, rows in `layers`' sorted order. The two
+    examples must have the same length (the same prompt over two images of one geometry)."""
+    if source.example.seq_len != corrupted.seq_len:
+        raise InputError(f"the source example has {source.example.seq_len} positions and the corrupted one "
+                         f"{corrupted.seq_len}: attribution patches position by position, so they must match")
+    layers = sorted(set(layers))
+    _, activations, gradients = metric_gradients(model, corrupted, sites, layers, token, metric)
+    estimates = {}
+    for site in (name for name in ORDER if name in sites):
+        rows = []
+        for layer in layers:
+            difference = source.site(site, layer)[0].float().to(activations[site, layer].device) - \
+                activations[site, layer]
+            rows.append((difference * gradients[site, layer]).sum(-1))
+        estimates[site] = torch.stack(rows).cpu()
+    return estimates
