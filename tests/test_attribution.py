@@ -12,7 +12,7 @@ from conftest import scene
 from oracle import plain_model
 
 from mmscope.errors import InputError
-from mmscope.experiments.attribution import metric_gradients, patch_attribution
+from mmscope.experiments.attribution import knockout_attribution, metric_gradients, patch_attribution
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.interventions import CachedPatch
 from mmscope.layout import Example
@@ -70,6 +70,61 @@ def test_the_estimate_equals_plain_autograd_on_the_hf_model(tiny, tiny_folder, m
         difference, scale = (estimates[site] - expected).abs().max().item(), expected.abs().max().item()
         assert difference <= 1e-5 and difference <= 1e-4 * scale, (site, metric, difference, scale)
         assert scale > 1e-6, site  # the estimate is not vacuously zero
+
+
+def hooked_weights(hf, inputs: dict, token: int, last: int, metric: str) -> dict[int, tuple]:
+    """Every decoder layer's eager attention weights `[H, T, T]` and their gradients, by plain autograd."""
+    kept, hooks = {}, []
+
+    def keep(layer):
+        def hook(module, args, output):
+            output[1].retain_grad()
+            kept[layer] = output[1]
+
+        return hook
+
+    for layer, block in enumerate(hf.model.language_model.layers):
+        hooks.append(block.self_attn.register_forward_hook(keep(layer)))
+    try:
+        with torch.enable_grad():
+            scores = hf(**inputs).logits[0, last].float().log_softmax(-1)[token]
+            (scores if metric == "logprob" else scores.exp()).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {layer: (value[0].detach(), value.grad[0]) for layer, value in kept.items()}
+
+
+@pytest.mark.parametrize("metric", ["prob", "logprob"])
+@pytest.mark.parametrize(("source", "target"), [("image", "last"), ("question", "last"), ("image", "question"),
+                                                ("last", "last")])
+def test_the_knockout_estimate_equals_plain_autograd_through_the_renormalised_weights(tiny, tiny_folder, metric,
+                                                                                      source, target):
+    """Per layer: Σ over heads and edges of ∂metric/∂w times the change blocking makes — blocked weights to 0,
+    each target row's others scaled by 1 / (1 − what it lost) — written out here on weights and gradients read
+    by plain hooks on the HF model."""
+    example = tiny.prepare(scene(seed=1), QUESTION)
+    token = int(tiny.next_token_probs(example).argmax())
+    keep_self = source != target
+    estimates = knockout_attribution(tiny, example, source, target, range(tiny.n_layers), token, metric, keep_self)
+    read = hooked_weights(plain_model(tiny_folder), tiny.model_inputs(example), token, example.layout["last"][0],
+                          metric)
+    targets, sources = example.positions(target, 0).tolist(), example.positions(source, 0).tolist()
+    expected = []
+    for layer in range(tiny.n_layers):
+        weights, grads = read[layer]
+        total = 0.0
+        for query in targets:
+            edges = [key for key in sources if key <= query and not (keep_self and key == query)]
+            lost = weights[:, query, edges].sum(-1)  # [H]
+            row = weights[:, query, : query + 1] * (lost / (1 - lost))[:, None]
+            row[:, edges] = -weights[:, query, edges]
+            total += (grads[:, query, : query + 1] * row).sum().item()
+        expected.append(total)
+    expected = torch.tensor(expected)
+    difference, scale = (estimates - expected).abs().max().item(), expected.abs().max().item()
+    assert difference <= 1e-5 and difference <= 1e-3 * scale, (difference, scale)
+    assert scale > 1e-7
 
 
 def blend(example: Example, other: Example, share: float) -> Example:

@@ -12,6 +12,10 @@ experiments, or its log (`metric="logprob"`). Estimates are approximations: atte
 non-linearities make some of them wrong, so the estimate ranks candidates and the exact engine verifies the top
 of the ranking (`CachedPatch` through `run_variants`).
 
+The same holds for attention knockout at one layer: blocking target → source attention zeroes those weights
+and renormalises each target row over what it still attends to; its first-order effect is the metric's
+gradient with respect to the attention weights times that change of the weights (`knockout_attribution`).
+
 The gradients come from nnsight's backward tracing (`with metric.backward(): activation.grad`), read in the
 reverse of the forward order; the forward runs with gradients enabled, the model's weights untouched.
 """
@@ -23,8 +27,9 @@ from collections.abc import Sequence
 import nnsight
 import torch
 
-from mmscope.context import ActivationCache, check_site
+from mmscope.context import ActivationCache, Group, check_site
 from mmscope.errors import InputError, known
+from mmscope.interventions.masks import pair_mask
 from mmscope.layout import Example
 from mmscope.model import Model
 
@@ -61,6 +66,51 @@ def metric_gradients(model: Model, example: Example, sites: Sequence[str], layer
     activations = {pair: value[0].float() for pair, value in zip(pairs, values, strict=True)}
     gradients = {pair: grad[0].float() for pair, grad in zip(pairs, grads, strict=True)}
     return float(kept), activations, gradients
+
+
+def weight_gradients(model: Model, example: Example, layers: Sequence[int], token: int, metric: str = "prob"
+                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """One forward and one backward pass over a one-row `example` under eager attention: per layer, the
+    self-attention weights `[H, T, T]` and the metric's gradient with respect to them (float32)."""
+    if len(example) != 1:
+        raise InputError(f"weight_gradients takes one example (a batch of 1); got a batch of {len(example)}")
+    if metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; known: {known(METRICS)}")
+    layers = sorted(set(layers))
+    for layer in layers:
+        model.sites.layer(layer)  # refuses a layer the model lacks
+    ctx = model.context(example)
+    last = example.layout["last"][0]
+    with torch.enable_grad(), model.envoy.trace(**model.model_inputs(example)):
+        read = [ctx.attention_weights(layer) for layer in layers]  # forward order; refused without weights
+        values = nnsight.save([value.detach().clone() for value in read])
+        scores = ctx.logits()[0, last].float().log_softmax(-1)[token]
+        measured = scores if metric == "logprob" else scores.exp()
+        with measured.backward():
+            grads = nnsight.save([read[index].grad for index in reversed(range(len(read)))])  # reverse order
+    return {layer: (value[0].float(), grad[0].float()) for layer, value, grad in zip(layers, values, grads[::-1],
+                                                                                     strict=True)}
+
+
+def renormalised_change(weights: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """How blocking the `blocked` `[T, T]` edges changes attention weights `[H, T, T]`: blocked weights drop to
+    0, and each row's other weights grow by the share it lost (`w / (1 − w_blocked)` − `w`)."""
+    lost = (weights * blocked).sum(-1, keepdim=True)  # [H, T, 1]
+    kept = (1 - lost).clamp_min(torch.finfo(weights.dtype).tiny)
+    return torch.where(blocked, -weights, weights * lost / kept)
+
+
+def knockout_attribution(model: Model, example: Example, source: Group, target: Group, layers: Sequence[int],
+                         token: int, metric: str = "prob", keep_self: bool = True) -> torch.Tensor:
+    """The first-order estimate of blocking `target` → `source` attention at each single layer of `layers`
+    (the change of the metric: its gradient with respect to the attention weights times the weights' change,
+    `renormalised_change`, summed over heads and edges), `[len(layers)]` in `layers`' sorted order."""
+    blocked = pair_mask(example, target, source, keep_self)[0]  # [T, T]
+    estimates = []
+    for _, (weights, grads) in sorted(weight_gradients(model, example, layers, token, metric).items()):
+        change = renormalised_change(weights, blocked.to(weights.device))
+        estimates.append((grads * change).sum())
+    return torch.stack(estimates).cpu()
 
 
 def patch_attribution(model: Model, corrupted: Example, source: ActivationCache, sites: Sequence[str],
