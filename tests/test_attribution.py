@@ -12,7 +12,7 @@ from conftest import scene
 from oracle import plain_model
 
 from mmscope.errors import InputError
-from mmscope.experiments.attribution import knockout_attribution, metric_gradients, patch_attribution
+from mmscope.experiments.attribution import knockout_attribution, metric_gradients, patch_attribution, verify_patches
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.interventions import CachedPatch
 from mmscope.layout import Example
@@ -167,3 +167,31 @@ def test_attribution_refuses_what_it_cannot_estimate(tiny):
         metric_gradients(tiny, clean, ["residual"], [0], 3, metric="p")
     with pytest.raises(InputError, match="one example"):
         metric_gradients(tiny, tiny.batch([clean, longer]), ["residual"], [0], 3)
+
+
+def test_estimate_then_verify_runs_the_largest_estimates_and_a_seeded_sample_exactly(tiny):
+    from scipy import stats
+
+    clean, corrupted = tiny.prepare(scene(seed=1), QUESTION), tiny.prepare(scene(seed=2), QUESTION)
+    token = int(tiny.next_token_probs(clean).argmax())
+    found = verify_patches(tiny, clean, corrupted, "residual", token, top=5, sampled=6, seed=3)
+    cache = tiny.cache(clean, ["residual"])
+    grid = patch_attribution(tiny, corrupted, cache, ["residual"], range(tiny.n_layers), token)["residual"]
+    largest = {divmod(int(index), corrupted.seq_len) for index in grid.flatten().abs().topk(5).indices}
+    assert {found.cells[index] for index in found.top} == largest
+    assert len(found.sampled) == 6 and not set(found.sampled) & set(found.top)
+    p_corrupted = tiny.next_token_probs(corrupted)[token]
+    for index in found.top + found.sampled:  # one plain full forward each, no engine
+        layer, position = found.cells[index]
+        patched = tiny.next_token_probs(corrupted, [CachedPatch("residual", (layer,), (position,))], source=cache)
+        assert float(found.exact[index]) == pytest.approx(float(patched[token] - p_corrupted), abs=1e-6)
+    unverified = [i for i in range(len(found.cells)) if i not in found.top + found.sampled]
+    assert torch.isnan(found.exact[unverified]).all()
+    verified = found.top + found.sampled
+    rho, recall = found.agreement("verified")
+    assert rho == pytest.approx(stats.spearmanr(found.estimates[verified], found.exact[verified]).statistic)
+    by_exact = sorted(verified, key=lambda i: -abs(float(found.exact[i])))[:5]
+    assert recall == len(set(by_exact) & set(found.top)) / 5
+    again = verify_patches(tiny, clean, corrupted, "residual", token, top=5, sampled=6, seed=3)
+    other = verify_patches(tiny, clean, corrupted, "residual", token, top=5, sampled=6, seed=4)
+    assert again.sampled == found.sampled and other.sampled != found.sampled

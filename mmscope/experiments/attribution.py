@@ -23,12 +23,16 @@ reverse of the forward order; the forward runs with gradients enabled, the model
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import nnsight
 import torch
+from scipy import stats
 
 from mmscope.context import ActivationCache, Group, check_site
 from mmscope.errors import InputError, known
+from mmscope.experiments.engine import Variant, run_variants
+from mmscope.interventions import CachedPatch
 from mmscope.interventions.masks import pair_mask
 from mmscope.layout import Example
 from mmscope.model import Model
@@ -132,3 +136,52 @@ def patch_attribution(model: Model, corrupted: Example, source: ActivationCache,
             rows.append((difference * gradients[site, layer]).sum(-1))
         estimates[site] = torch.stack(rows).cpu()
     return estimates
+
+
+@dataclass
+class Verified:
+    """Estimated patches, some verified exactly: `cells` `(layer, position)` in the estimate's order (largest
+    |estimate| first), their `estimates`, and `exact` effects (NaN where not verified); `top` and `sampled` index
+    the cells verified as the K largest estimates and as a seeded random sample of the rest."""
+
+    cells: list[tuple[int, int]]
+    estimates: torch.Tensor
+    exact: torch.Tensor
+    top: list[int]
+    sampled: list[int]
+
+    def agreement(self, which: str = "top") -> tuple[float, float]:
+        """Spearman's rank correlation between estimate and exact effect over the `which` ("top", "sampled" or
+        "verified": both) cells, and the recall of the estimate's top K among the K largest |exact| effects of
+        the verified cells (K = len(top))."""
+        chosen = {"top": self.top, "sampled": self.sampled, "verified": self.top + self.sampled}[which]
+        rho = float(stats.spearmanr(self.estimates[chosen].numpy(), self.exact[chosen].numpy()).statistic) \
+            if len(chosen) > 2 else float("nan")
+        verified = self.top + self.sampled
+        largest = sorted(verified, key=lambda index: -abs(float(self.exact[index])))[: len(self.top)]
+        recall = len(set(largest) & set(self.top)) / len(self.top) if self.top else float("nan")
+        return rho, recall
+
+
+def verify_patches(model: Model, clean: Example, corrupted: Example, site: str, token: int, *, top: int = 20,
+                   sampled: int = 20, seed: int = 0, metric: str = "prob") -> Verified:
+    """Estimate every `(layer, position)` patch of `site` from `clean` into `corrupted` (`patch_attribution`),
+    then run exactly, through the sweep engine, the `top` largest |estimates| and a seeded random sample of
+    `sampled` of the rest: how far to trust the estimate on this model."""
+    if top < 1 or sampled < 0:
+        raise InputError(f"top must be at least 1 and sampled at least 0; got top={top}, sampled={sampled}")
+    cache = model.cache(clean, [site])
+    grid = patch_attribution(model, corrupted, cache, [site], range(model.n_layers), token, metric)[site]
+    order = grid.flatten().abs().argsort(descending=True, stable=True)
+    cells = [divmod(int(index), grid.shape[1]) for index in order]
+    estimates = grid.flatten()[order]
+    chosen = list(range(min(top, len(cells))))
+    rest = torch.randperm(len(cells) - len(chosen), generator=torch.Generator().manual_seed(seed))
+    drawn = sorted(int(index) + len(chosen) for index in rest[:sampled])
+    variants = [Variant(cells[index], (CachedPatch(site, (cells[index][0],), (cells[index][1],)),))
+                for index in chosen + drawn]
+    base, probs = run_variants(model, corrupted, variants, source=clean)
+    score = (lambda p: p.log()) if metric == "logprob" else (lambda p: p)
+    exact = torch.full((len(cells),), float("nan"))
+    exact[chosen + drawn] = (score(probs[:, token].double()) - score(base.probs[token].double())).float().cpu()
+    return Verified(cells, estimates, exact, chosen, drawn)
