@@ -118,7 +118,11 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 CLI_CASES = [
     (["knockout", "--flow", "image"], "flow 'image' (--flow) must read 'source->target'"),
     (["probe", "--flow", "image->question", "--center", "2", "--center", "2"],
-     "center 2 (--center) is given twice; give each centre once"),
+     "centre 2 (--center) is given twice; give each centre once"),
+    (["map", "--kind", "patch", "--kind", "patch"], "kind 'patch' (--kind) is given twice; give each kind once"),
+    (["map", "--target", "last", "--target", "last"], "target 'last' (--target) is given twice"),
+    (["map", "--center", "3", "--center", "3"], "centre 3 (--center) is given twice"),
+    (["map", "--kind", "lens", "--layer", "2", "--layer", "2"], "layer 2 (--layer) is given twice"),
     (["probe", "--window", "2"], "--window applies to the knockouts of --flow; this run has none"),
     (["probe", "--truncate", "--window", "2"], "--window applies to the knockouts of --flow; this run has none"),
     (["probe", "--retrain"], "--retrain applies to the edits of --flow or --truncate; this run probes the clean "

@@ -21,6 +21,7 @@ from mmscope.experiments.options import (
     QuestionOptions,
     check_at_least,
     check_choice,
+    check_once,
     column_mapping,
     columns_option,
     data_option,
@@ -156,9 +157,7 @@ class PatchOptions(QuestionOptions):
         check_choice("site", self.site, SITES)
         check_choice("engine", self.engine, ENGINES)
         object.__setattr__(self, "groups", list(self.groups or PATCH_GROUPS))  # recorded as run, defaults included
-        repeated = next((group for index, group in enumerate(self.groups) if group in self.groups[:index]), None)
-        if repeated is not None:
-            raise OptionError(f"token group {repeated!r} (--group) is given twice; give each group once")
+        check_once("token group", self.groups, "--group")
 
 
 # map
@@ -195,11 +194,11 @@ class MapOptions(QuestionOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        kinds = list(dict.fromkeys(self.kinds or ["knockout"]))
+        kinds = list(self.kinds or ["knockout"])
         object.__setattr__(self, "kinds", kinds)
-        for name in ("targets", "centers", "layers"):  # each panel or target once, in the order given
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
+        for what, name, flag in (("kind", "kinds", "--kind"), ("target", "targets", "--target"),
+                                 ("centre", "centers", "--center"), ("layer", "layers", "--layer")):
+            check_once(what, getattr(self, name), flag)  # each kind, target and panel once
         for kind in kinds:
             check_choice("kind", kind, KINDS, flag="--kind")
         uses = {"targets": ("knockout", "attention"), "window": ("knockout",), "centers": ("knockout",),
@@ -306,10 +305,9 @@ class ProbeOptions:
             raise OptionError("--window applies to the knockouts of --flow; this run has none (--truncate exits "
                               "after each centre, with no window)")
         check_at_least("window", self.window, 1)
-        for index, center in enumerate(self.centers or ()):
+        check_once("centre", self.centers, "--center")
+        for center in self.centers or ():
             check_at_least("center", center, 0)
-            if center in self.centers[:index]:
-                raise OptionError(f"center {center} (--center) is given twice; give each centre once")
 
     def configure(self, model: Model):
         """With --flow, the window and centres when not given (printed in the run header); centres beyond the

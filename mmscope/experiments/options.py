@@ -62,6 +62,15 @@ def check_choice(name: str, value: str, choices, *, flag: str | None = None) -> 
                           f"{suggest(value, choices)}")
 
 
+def check_once(what: str, values, flag: str) -> None:
+    """Refuse a repeatable option whose `values` name one thing twice, e.g. `center 2 (--center) is given twice;
+    give each center once` (a repeat would otherwise be run, drawn or counted twice, or silently dropped)."""
+    for index, value in enumerate(values or ()):
+        if value in values[:index]:
+            shown = repr(value) if isinstance(value, str) else value
+            raise OptionError(f"{what} {shown} ({flag}) is given twice; give each {what} once")
+
+
 def check_at_least(name: str, value: int | None, minimum: int, *, omitted: str | None = None,
                    error: type[MMScopeError] = OptionError) -> None:
     """Refuse a number below `minimum` for option `name` with `error` (None passes: the option was omitted,
