@@ -68,6 +68,12 @@ def _coco_field(record: object, field_name: str, path: Path, key: str):
     return record[field_name]
 
 
+def _coco_file_names(path: Path, what: str) -> dict[int, str]:
+    """Image id → file name, from the `images` records of a COCO JSON file (`what`: how errors name it)."""
+    return {int(_coco_field(record, "id", path, "images")): _coco_field(record, "file_name", path, "images")
+            for record in _coco_items(path, "images", what)}
+
+
 @dataclass
 class _CocoInstances:
     """What a COCO instances file says: category names (by id), supercategories, images, objects per image."""
@@ -87,8 +93,7 @@ class _CocoInstances:
             supercategory[name] = record.get("supercategory", "")
         if not names:
             raise MalformedFileError(f"COCO instances file {path} lists no categories")
-        file_names = {int(_coco_field(r, "id", path, "images")): _coco_field(r, "file_name", path, "images")
-                      for r in _coco_items(path, "images", "COCO instances file")}
+        file_names = _coco_file_names(path, "COCO instances file")
         present = defaultdict(set)
         for record in _coco_items(path, "annotations", "COCO instances file"):
             category = int(_coco_field(record, "category_id", path, "annotations"))
@@ -172,9 +177,7 @@ def coco_entailment_dataset(
     instances_path = existing_file(instances_json, "COCO instances file")
     images_dir = existing_folder(images, "images folder") if images is not None else None
     coco = _CocoInstances.read(instances_path)
-    file_names = {int(_coco_field(r, "id", captions_path, "images")): _coco_field(r, "file_name", captions_path,
-                                                                                  "images")
-                  for r in _coco_items(captions_path, "images", "COCO captions file")}
+    file_names = _coco_file_names(captions_path, "COCO captions file")
     captions = defaultdict(list)
     for record in _coco_items(captions_path, "annotations", "COCO captions file"):
         image_id = int(_coco_field(record, "image_id", captions_path, "annotations"))
