@@ -28,13 +28,14 @@ what the sweep engine can share, the token layout of one example, and the time a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import resource
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,21 +283,35 @@ def padded_pixels(batch: Example, examples: Sequence[Example]) -> tuple[int, ...
     return tuple(pixels.shape[-2:]) if own != {tuple(pixels.shape[-2:])} else None
 
 
+@contextlib.contextmanager
+def attention_as(model: Model, name: str) -> Iterator[str | None]:
+    """Run the block with the model's attention implementation switched to `name` in place, and back after;
+    yields None, or why the model cannot switch (the block then runs unswitched)."""
+    current = model.adapter.text_config._attn_implementation
+    if current == name:
+        yield None
+        return
+    try:
+        model.hf.set_attn_implementation(name)
+    except (ValueError, ImportError, AttributeError) as error:
+        yield f"the family cannot switch to {name}: {str(error).splitlines()[0][:120]}"
+        return
+    try:
+        switched = model.adapter.text_config._attn_implementation == name
+        yield None if switched else f"{type(model.hf).__name__} cannot switch to {name} in place"
+    finally:
+        model.hf.set_attn_implementation(current)
+
+
 def eager_sdpa(model: Model, examples: Sequence[Example]) -> Outcome:
     """The probabilities under the other attention implementation (switched in place, then back)."""
     current = model.adapter.text_config._attn_implementation
     other = "sdpa" if current == "eager" else "eager"
     before = [model.next_token_probs(example) for example in examples]
-    try:
-        model.hf.set_attn_implementation(other)
-    except (ValueError, ImportError, AttributeError) as error:
-        return Outcome("", NOT_APPLICABLE, f"the family cannot switch to {other}: {str(error).splitlines()[0][:120]}")
-    try:
-        if model.adapter.text_config._attn_implementation != other:
-            return Outcome("", NOT_APPLICABLE, f"{type(model.hf).__name__} cannot switch to {other} in place")
+    with attention_as(model, other) as refused:
+        if refused:
+            return Outcome("", NOT_APPLICABLE, refused)
         after = [model.next_token_probs(example) for example in examples]
-    finally:
-        model.hf.set_attn_implementation(current)
     worst = max((a - b).abs().max().item() for a, b in zip(before, after, strict=True))
     return bounded("", worst, TOLERANCE[kind(model)]["probs"], f"{current} against {other}: max |Δp|")
 
@@ -304,29 +319,27 @@ def eager_sdpa(model: Model, examples: Sequence[Example]) -> Outcome:
 def knockout_blocks(model: Model, examples: Sequence[Example]) -> Outcome:
     """Under image → last blocked in every layer, eager attention gives the last position no weight on any image
     position in any layer, and each of its rows still sums to 1 (the mask holds the dtype's minimum there)."""
-    current = model.adapter.text_config._attn_implementation
-    if current != "eager":
-        try:
-            model.hf.set_attn_implementation("eager")
-        except (ValueError, ImportError, AttributeError):
-            return Outcome("", NOT_APPLICABLE, f"{current} attention gives no weights, and the model cannot switch "
-                                               "to eager in place")
+    with attention_as(model, "eager") as refused:
+        if refused:
+            current = model.adapter.text_config._attn_implementation
+            return Outcome("", NOT_APPLICABLE, f"{current} attention gives no weights, and {refused}")
+        return blocked_weights(model, examples)
+
+
+def blocked_weights(model: Model, examples: Sequence[Example]) -> Outcome:
+    """`knockout_blocks` under eager attention."""
     everywhere = Knockout("image", "last", tuple(range(model.n_layers)))
     leaked, off = 0.0, 0.0
-    try:
-        for example in examples:
-            last, image = example.positions("last", 0), example.positions("image", 0)
+    for example in examples:
+        last, image = example.positions("last", 0), example.positions("image", 0)
 
-            def readout(ctx) -> torch.Tensor:
-                return torch.stack([ctx.attention_weights(layer)[0, :, last[0]].float().to(model.device)
-                                    for layer in range(model.n_layers)])  # [L, H, K]
+        def readout(ctx) -> torch.Tensor:
+            return torch.stack([ctx.attention_weights(layer)[0, :, last[0]].float().to(model.device)
+                                for layer in range(model.n_layers)])  # [L, H, K]
 
-            weights = model.run(example, [everywhere], readout)
-            leaked = max(leaked, weights[..., image].abs().max().item())
-            off = max(off, (weights.sum(-1) - 1).abs().max().item())
-    finally:
-        if current != "eager":
-            model.hf.set_attn_implementation(current)
+        weights = model.run(example, [everywhere], readout)
+        leaked = max(leaked, weights[..., image].abs().max().item())
+        off = max(off, (weights.sum(-1) - 1).abs().max().item())
     bound = TOLERANCE[kind(model)]["probs"]
     ok = leaked <= bound and off <= 100 * bound
     return Outcome("", PASS if ok else FAIL, f"largest attention weight left from last to an image position "
