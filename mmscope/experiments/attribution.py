@@ -22,14 +22,14 @@ reverse of the forward order; the forward runs with gradients enabled, the model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nnsight
 import torch
 from scipy import stats
 
-from mmscope.context import ActivationCache, Group, check_site
+from mmscope.context import ActivationCache, Context, Group, check_site
 from mmscope.errors import InputError, known
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.interventions import CachedPatch
@@ -41,59 +41,56 @@ METRICS = ("prob", "logprob")
 ORDER = ("attention", "mlp", "residual")  # the order a layer computes its sites in
 
 
+def traced_gradients(model: Model, example: Example, token: int, metric: str,
+                     read: Callable[[Context], list[torch.Tensor]], name: str
+                     ) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+    """One forward (gradients enabled) and one backward pass over a one-row `example`: the metric (p or log p of
+    `token` at the last prompt position), and for each tensor `read(ctx)` returns (in forward order) its value and
+    the metric's gradient with respect to it, batch row dropped, float32. `name` is the caller's, for errors."""
+    if len(example) != 1:
+        raise InputError(f"{name} takes one example (a batch of 1); got a batch of {len(example)}")
+    if metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; known: {known(METRICS)}")
+    ctx = model.context(example)
+    last = example.layout["last"][0]
+    with torch.enable_grad(), model.envoy.trace(**model.model_inputs(example)):
+        found = read(ctx)
+        values = nnsight.save([value.detach().clone() for value in found])
+        scores = ctx.logits()[0, last].float().log_softmax(-1)[token]
+        measured = scores if metric == "logprob" else scores.exp()
+        kept = nnsight.save(measured.detach().clone())
+        with measured.backward():
+            grads = nnsight.save([found[index].grad for index in reversed(range(len(found)))])  # reverse order
+    return float(kept), [value[0].float() for value in values], [grad[0].float() for grad in grads[::-1]]
+
+
 def metric_gradients(model: Model, example: Example, sites: Sequence[str], layers: Sequence[int], token: int,
                      metric: str = "prob") -> tuple[float, dict[tuple[str, int], torch.Tensor],
                                                     dict[tuple[str, int], torch.Tensor]]:
-    """One forward and one backward pass over a one-row `example`: the metric (p or log p of `token` at the last
-    prompt position), and per `(site, layer)` the activation `[T, D]` and the metric's gradient with respect to
-    it `[T, D]` (float32)."""
-    if len(example) != 1:
-        raise InputError(f"metric_gradients takes one example (a batch of 1); got a batch of {len(example)}")
-    if metric not in METRICS:
-        raise InputError(f"unknown metric {metric!r}; known: {known(METRICS)}")
+    """The metric, and per `(site, layer)` the activation `[T, D]` and the metric's gradient with respect to it
+    `[T, D]` (`traced_gradients`)."""
     for site in sites:
         check_site(site)
     pairs = [(site, layer) for layer in sorted(set(layers)) for site in ORDER if site in sites]
     for _, layer in pairs:
         model.sites.layer(layer)  # refuses a layer the model lacks
-    ctx = model.context(example)
-    last = example.layout["last"][0]
-    with torch.enable_grad(), model.envoy.trace(**model.model_inputs(example)):
-        read = [ctx.site(site, layer) for site, layer in pairs]  # forward order
-        values = nnsight.save([value.detach().clone() for value in read])
-        scores = ctx.logits()[0, last].float().log_softmax(-1)[token]
-        measured = scores if metric == "logprob" else scores.exp()
-        kept = nnsight.save(measured.detach().clone())
-        with measured.backward():
-            grads = nnsight.save([read[index].grad for index in reversed(range(len(read)))])  # reverse order
-    grads = grads[::-1]
-    activations = {pair: value[0].float() for pair, value in zip(pairs, values, strict=True)}
-    gradients = {pair: grad[0].float() for pair, grad in zip(pairs, grads, strict=True)}
-    return float(kept), activations, gradients
+    measured, values, grads = traced_gradients(
+        model, example, token, metric, lambda ctx: [ctx.site(site, layer) for site, layer in pairs],
+        "metric_gradients")
+    return measured, dict(zip(pairs, values, strict=True)), dict(zip(pairs, grads, strict=True))
 
 
 def weight_gradients(model: Model, example: Example, layers: Sequence[int], token: int, metric: str = "prob"
                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """One forward and one backward pass over a one-row `example` under eager attention: per layer, the
-    self-attention weights `[H, T, T]` and the metric's gradient with respect to them (float32)."""
-    if len(example) != 1:
-        raise InputError(f"weight_gradients takes one example (a batch of 1); got a batch of {len(example)}")
-    if metric not in METRICS:
-        raise InputError(f"unknown metric {metric!r}; known: {known(METRICS)}")
+    """Under eager attention, per layer the self-attention weights `[H, T, T]` and the metric's gradient with
+    respect to them (`traced_gradients`)."""
     layers = sorted(set(layers))
     for layer in layers:
         model.sites.layer(layer)  # refuses a layer the model lacks
-    ctx = model.context(example)
-    last = example.layout["last"][0]
-    with torch.enable_grad(), model.envoy.trace(**model.model_inputs(example)):
-        read = [ctx.attention_weights(layer) for layer in layers]  # forward order; refused without weights
-        values = nnsight.save([value.detach().clone() for value in read])
-        scores = ctx.logits()[0, last].float().log_softmax(-1)[token]
-        measured = scores if metric == "logprob" else scores.exp()
-        with measured.backward():
-            grads = nnsight.save([read[index].grad for index in reversed(range(len(read)))])  # reverse order
-    return {layer: (value[0].float(), grad[0].float()) for layer, value, grad in zip(layers, values, grads[::-1],
-                                                                                     strict=True)}
+    _, values, grads = traced_gradients(  # attention_weights refuses a layer that gives none
+        model, example, token, metric, lambda ctx: [ctx.attention_weights(layer) for layer in layers],
+        "weight_gradients")
+    return {layer: (value, grad) for layer, value, grad in zip(layers, values, grads, strict=True)}
 
 
 def renormalised_change(weights: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
