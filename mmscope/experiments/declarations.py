@@ -67,6 +67,17 @@ def flow_ends(text: str) -> tuple[str, str]:
     return parts[0].strip(), parts[1].strip()
 
 
+def check_flows(flows) -> None:
+    """Refuse a malformed flow, or one given twice (spacing aside: `image -> last` is `image->last`)."""
+    seen: dict[tuple[str, str], str] = {}
+    for flow in flows:
+        ends = flow_ends(flow)
+        if ends in seen:
+            earlier = "" if seen[ends] == flow else f" (as {seen[ends]!r})"
+            raise OptionError(f"flow {flow!r} (--flow) is given twice{earlier}; give each flow once")
+        seen[ends] = flow
+
+
 def default_window(n_layers: int) -> int:
     """The default knockout window for a model of `n_layers`: the study's 9 on its 32- and 40-layer models; on a
     shallower one a third of its depth (rounded down, at least 1), so that centres still differ."""
@@ -89,13 +100,7 @@ class KnockoutOptions(QuestionOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "flows", list(self.flows or DEFAULT_FLOWS))  # recorded as run, defaults included
-        seen: dict[tuple[str, str], str] = {}
-        for flow in self.flows:
-            ends = flow_ends(flow)
-            if ends in seen:
-                earlier = "" if seen[ends] == flow else f" (as {seen[ends]!r})"
-                raise OptionError(f"flow {flow!r} (--flow) is given twice{earlier}; give each flow once")
-            seen[ends] = flow
+        check_flows(self.flows)
         check_at_least("window", self.window, 1)
         check_choice("engine", self.engine, ENGINES)
         if self.reference is not None:
@@ -289,13 +294,7 @@ class ProbeOptions:
     def __post_init__(self) -> None:
         check_choice("probe", self.probe_kind, PROBE_KINDS)
         check_at_least("n_images", self.n_images, 1)
-        if self.flows is not None:
-            seen: set[tuple[str, str]] = set()
-            for flow in self.flows:
-                ends = flow_ends(flow)
-                if ends in seen:
-                    raise OptionError(f"flow {flow!r} (--flow) is given twice; give each flow once")
-                seen.add(ends)
+        check_flows(self.flows or ())
         check_choice("engine", self.engine, ENGINES)
         for name, flag in (("centers", "--center"), ("retrain", "--retrain")):
             if not (self.flows or self.truncate) and getattr(self, name) not in (None, False):
