@@ -88,6 +88,14 @@ def speedup(args) -> float:
     return scaled / seconds
 
 
+def rank_agreement(found: torch.Tensor, effects: torch.Tensor, k: int) -> tuple[float, float]:
+    """Spearman's correlation of estimates and exact effects, and how many of the `k` largest |exact| effects are
+    among the `k` largest |estimates| (a share)."""
+    rho = stats.spearmanr(found.numpy(), effects.numpy()).statistic
+    top = set(effects.abs().topk(k).indices.tolist())
+    return float(rho), len(top & set(found.abs().topk(k).indices.tolist())) / k
+
+
 def corrupting_pairs(model: mmscope.Model, pairs: int, pool: int = 60) -> list[tuple]:
     """Question pairs of the embedded test split: a question, and the same question about another scene that
     moves p of the model's answer by at least half (else every patch's effect is about 0)."""
@@ -118,9 +126,8 @@ def agreement(pairs: int) -> float:
         _, effects = exact(model, clean, corrupted, token)
         found = found.flatten()
         reached = (found != 0) | (effects != 0)  # cells where the two runs differ (not the shared text before
-        rho = stats.spearmanr(found[reached].numpy(), effects[reached].numpy()).statistic  # the image)
-        top = set(effects.abs().topk(20).indices.tolist())
-        recall = len(top & set(found.abs().topk(20).indices.tolist())) / 20
+        rho = rank_agreement(found[reached], effects[reached], 20)[0]  # the image)
+        recall = rank_agreement(found, effects, 20)[1]
         correlations.append(rho)
         print(f"  shapes-llava, {first.question!r} (image of question {first.question_id} → "
               f"{second.question_id}'s): {int(reached.sum())} of {len(effects)} cells reached, Spearman {rho:.3f}, "
@@ -151,9 +158,7 @@ def knockout_agreement(questions: int) -> float:
             _, exact_probs = run_variants(model, example, variants)
             effects += (exact_probs[:, token] - probs[token]).tolist()
         found, effects = torch.tensor(found), torch.tensor(effects)
-        rho = stats.spearmanr(found.numpy(), effects.numpy()).statistic
-        top = set(effects.abs().topk(5).indices.tolist())
-        recall = len(top & set(found.abs().topk(5).indices.tolist())) / 5
+        rho, recall = rank_agreement(found, effects, 5)
         correlations.append(rho)
         print(f"  shapes-llava knockout, {sample.question!r}: {len(effects)} flow × layer cells, Spearman {rho:.3f}, "
               f"top-5 recall {recall:.2f}, largest |exact| {effects.abs().max():.3f}, largest |estimate| "
