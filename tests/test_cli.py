@@ -56,8 +56,8 @@ def test_commands_are_listed_in_their_order():
                                                                      "--engine": "prefix", "--protocol": "default"}),
     ("lens", ["--lens", "--lens-axis"], {"--limit": 20, "--lens": None, "--lens-axis": None}),
     ("truncate", ["--engine"], {"--limit": 20, "--engine": "prefix"}),
-    ("patch", ["--site", "--group", "--engine"], {"--limit": 10, "--site": "residual", "--group": None,
-                                                  "--engine": "prefix"}),
+    ("patch", ["--site", "--group", "--engine", "--estimate", "--verify", "--verify-random", "--metric"],
+     {"--limit": 10, "--site": "residual", "--group": None, "--engine": "prefix", "--estimate": None, "--verify": None}),
 ])
 def test_sweep_commands_take_the_shared_options_around_their_own(command, own, defaults):
     options = options_of(command)

@@ -22,22 +22,25 @@ reverse of the forward order; the forward runs with gradients enabled, the model
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nnsight
+import numpy as np
+import pandas as pd
 import torch
 from scipy import stats
 
 from mmscope.context import ActivationCache, Context, Group, check_site
 from mmscope.errors import InputError, known
+from mmscope.experiments.declarations import METRICS  # declared without torch, for the options
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.interventions import CachedPatch
 from mmscope.interventions.masks import pair_mask
 from mmscope.layout import Example
 from mmscope.model import Model
 
-METRICS = ("prob", "logprob")
 ORDER = ("attention", "mlp", "residual")  # the order a layer computes its sites in
 
 
@@ -106,12 +109,23 @@ def knockout_attribution(model: Model, example: Example, source: Group, target: 
     """The first-order estimate of blocking `target` → `source` attention at each single layer of `layers`
     (the change of the metric: its gradient with respect to the attention weights times the weights' change,
     `renormalised_change`, summed over heads and edges), `[len(layers)]` in `layers`' sorted order."""
-    blocked = pair_mask(example, target, source, keep_self)[0]  # [T, T]
-    estimates = []
-    for _, (weights, grads) in sorted(weight_gradients(model, example, layers, token, metric).items()):
-        change = renormalised_change(weights, blocked.to(weights.device))
-        estimates.append((grads * change).sum())
-    return torch.stack(estimates).cpu()
+    gradients = weight_gradients(model, example, layers, token, metric)
+    return knockout_estimates(example, gradients, target, [source], keep_self)[:, 0]
+
+
+def knockout_estimates(example: Example, gradients: dict[int, tuple[torch.Tensor, torch.Tensor]], target: Group,
+                       sources: Sequence[Group], keep_self: bool = True) -> torch.Tensor:
+    """`[n_layers, len(sources)]`: per layer of `gradients` (`weight_gradients`: the attention weights and the
+    metric's gradient, sorted by layer) and per source, the first-order effect of blocking `target` → source
+    attention at that layer alone. Only the target's rows change, so only they are read."""
+    rows = example.positions(target, 0)
+    masks = [pair_mask(example, target, source, keep_self)[0][rows] for source in sources]  # [R, T] each
+    estimates = torch.zeros(len(gradients), len(sources))
+    for i, (_, (weights, grads)) in enumerate(sorted(gradients.items())):
+        weights, grads = weights[:, rows.to(weights.device)], grads[:, rows.to(grads.device)]  # [H, R, T]
+        for j, blocked in enumerate(masks):
+            estimates[i, j] = (grads * renormalised_change(weights, blocked.to(weights.device))).sum().cpu()
+    return estimates
 
 
 def patch_attribution(model: Model, corrupted: Example, source: ActivationCache, sites: Sequence[str],
@@ -135,11 +149,41 @@ def patch_attribution(model: Model, corrupted: Example, source: ActivationCache,
     return estimates
 
 
+VERIFIED = ("top", "random")  # how a verified candidate was chosen: among the largest |estimates|, or by chance
+
+
+def choose_verified(estimates: torch.Tensor, top: int, sampled: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Which candidates to run exactly: the indices of the `top` largest |estimates| (largest first), and a seeded
+    random sample of `sampled` of the rest (ascending)."""
+    if top < 0 or sampled < 0:
+        raise InputError(f"the candidates verified must be at least 0; got top={top}, sampled={sampled}")
+    order = estimates.flatten().abs().argsort(descending=True, stable=True)
+    chosen = [int(index) for index in order[:top]]
+    rest = order[len(chosen):]
+    drawn = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:sampled]
+    return chosen, sorted(int(rest[index]) for index in drawn)
+
+
+def rank_agreement(estimates: Sequence[float], exact: Sequence[float], top: Sequence[int],
+                   compared: Sequence[int]) -> tuple[float, float]:
+    """Spearman's rank correlation between estimate and exact effect over the `compared` candidates (NaN below
+    3), and the recall of the estimate's `top` among the len(top) largest |exact| effects of the `compared` and
+    `top` candidates together (NaN without a top)."""
+    estimates, exact = np.asarray(estimates, dtype=float), np.asarray(exact, dtype=float)
+    compared = list(compared)
+    rho = float(stats.spearmanr(estimates[compared], exact[compared]).statistic) if len(compared) > 2 \
+        else float("nan")
+    pool = list(dict.fromkeys([*top, *compared]))
+    largest = sorted(pool, key=lambda index: -abs(exact[index]))[: len(top)]
+    recall = len(set(largest) & set(top)) / len(top) if len(top) else float("nan")
+    return rho, recall
+
+
 @dataclass
 class Verified:
-    """Estimated patches, some verified exactly: `cells` `(layer, position)` in the estimate's order (largest
-    |estimate| first), their `estimates`, and `exact` effects (NaN where not verified); `top` and `sampled` index
-    the cells verified as the K largest estimates and as a seeded random sample of the rest."""
+    """Estimated patches, some verified exactly: `cells` `(layer, position)`, their `estimates`, and `exact`
+    effects (NaN where not verified); `top` and `sampled` index the cells verified as the K largest |estimates|
+    (largest first) and as a seeded random sample of the rest (`choose_verified`)."""
 
     cells: list[tuple[int, int]]
     estimates: torch.Tensor
@@ -150,14 +194,11 @@ class Verified:
     def agreement(self, which: str = "top") -> tuple[float, float]:
         """Spearman's rank correlation between estimate and exact effect over the `which` ("top", "sampled" or
         "verified": both) cells, and the recall of the estimate's top K among the K largest |exact| effects of
-        the verified cells (K = len(top))."""
+        the verified cells (K = len(top)) (`rank_agreement`)."""
         chosen = {"top": self.top, "sampled": self.sampled, "verified": self.top + self.sampled}[which]
-        rho = float(stats.spearmanr(self.estimates[chosen].numpy(), self.exact[chosen].numpy()).statistic) \
-            if len(chosen) > 2 else float("nan")
-        verified = self.top + self.sampled
-        largest = sorted(verified, key=lambda index: -abs(float(self.exact[index])))[: len(self.top)]
-        recall = len(set(largest) & set(self.top)) / len(self.top) if self.top else float("nan")
-        return rho, recall
+        estimates, exact = self.estimates.numpy(), self.exact.numpy()
+        rho = rank_agreement(estimates, exact, self.top, chosen)[0]
+        return rho, rank_agreement(estimates, exact, self.top, self.sampled)[1]
 
 
 def verify_patches(model: Model, clean: Example, corrupted: Example, site: str, token: int, *, top: int = 20,
@@ -169,16 +210,87 @@ def verify_patches(model: Model, clean: Example, corrupted: Example, site: str, 
         raise InputError(f"top must be at least 1 and sampled at least 0; got top={top}, sampled={sampled}")
     cache = model.cache(clean, [site])
     grid = patch_attribution(model, corrupted, cache, [site], range(model.n_layers), token, metric)[site]
-    order = grid.flatten().abs().argsort(descending=True, stable=True)
-    cells = [divmod(int(index), grid.shape[1]) for index in order]
-    estimates = grid.flatten()[order]
-    chosen = list(range(min(top, len(cells))))
-    rest = torch.randperm(len(cells) - len(chosen), generator=torch.Generator().manual_seed(seed))
-    drawn = sorted(int(index) + len(chosen) for index in rest[:sampled])
+    cells = [divmod(index, grid.shape[1]) for index in range(grid.numel())]
+    chosen, drawn = choose_verified(grid, top, sampled, seed)
     variants = [Variant(cells[index], (CachedPatch(site, (cells[index][0],), (cells[index][1],)),))
                 for index in chosen + drawn]
     base, probs = run_variants(model, corrupted, variants, source=clean)
-    score = (lambda p: p.log()) if metric == "logprob" else (lambda p: p)
     exact = torch.full((len(cells),), float("nan"))
-    exact[chosen + drawn] = (score(probs[:, token].double()) - score(base.probs[token].double())).float().cpu()
-    return Verified(cells, estimates, exact, chosen, drawn)
+    exact[chosen + drawn] = exact_change(base.probs[token], probs[:, token], metric).float().cpu()
+    return Verified(cells, grid.flatten(), exact, chosen, drawn)
+
+
+def exact_change(before: torch.Tensor, after: torch.Tensor, metric: str = "prob") -> torch.Tensor:
+    """The metric's exact change from probability `before` to probabilities `after` (float64)."""
+    before, after = before.double(), after.double()
+    return after.log() - before.log() if metric == "logprob" else after - before
+
+
+def verified_columns(estimates: torch.Tensor, top: Sequence[int], drawn: Sequence[int], exact: torch.Tensor
+                     ) -> list[dict]:
+    """Estimate, then verify: per candidate (in `estimates`' order) its `estimate`, its `exact` effect where
+    verified (NaN elsewhere) and `verified` — "top" (among the largest |estimates|), "random" (drawn from the
+    rest) or "" (not run); `top` and `drawn` from `choose_verified`, `exact` their effects in that order."""
+    values = torch.full((estimates.numel(),), float("nan"), dtype=torch.float64)
+    if len(top) + len(drawn):
+        values[[*top, *drawn]] = exact.double().cpu()
+    how = {index: "top" for index in top} | {index: "random" for index in drawn}
+    return [{"estimate": float(estimate), "exact": float(value), "verified": how.get(index, "")}
+            for index, (estimate, value) in enumerate(zip(estimates.flatten().tolist(), values.tolist(), strict=True))]
+
+
+AGREEMENT = ("questions", "top", "random", "spearman_top", "spearman_random", "median_spearman_top",
+             "median_spearman_random", "recall_top")
+
+
+def agreement_table(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """How far the estimate holds on this run, per `by` group (e.g. kind × target): over the verified rows of
+    every question (`example`), Spearman's rank correlation between `estimate` and `exact` for the top and the
+    random candidates (pooled over the questions, and the median of the per-question ones), and the mean
+    per-question recall of the top K among the K largest |exact| effects of the verified ones (`rank_agreement`).
+    `top` and `random` count the verified rows."""
+    rows = []
+    verified = table[table["verified"].isin(VERIFIED)]
+    for key, group in verified.groupby(list(by), sort=False) if by else [((), verified)]:
+        per_question = []
+        for _, question in group.groupby("example", sort=True):
+            estimates, exact = question["estimate"].to_numpy(float), question["exact"].to_numpy(float)
+            where = question["verified"].to_numpy()
+            top, drawn = np.flatnonzero(where == "top"), np.flatnonzero(where == "random")
+            per_question.append((rank_agreement(estimates, exact, top, top)[0],
+                                 rank_agreement(estimates, exact, top, drawn)))
+        pooled = {which: group[group["verified"] == which] for which in VERIFIED}
+        rho = {which: float(stats.spearmanr(part["estimate"], part["exact"]).statistic) if len(part) > 2 else
+               float("nan") for which, part in pooled.items()}
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the median of no finite value is NaN, as said
+            rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)),
+                         "questions": len(per_question), "top": len(pooled["top"]), "random": len(pooled["random"]),
+                         "spearman_top": rho["top"], "spearman_random": rho["random"],
+                         "median_spearman_top": float(np.nanmedian([q[0] for q in per_question])),
+                         "median_spearman_random": float(np.nanmedian([q[1][0] for q in per_question])),
+                         "recall_top": float(np.nanmean([q[1][1] for q in per_question]))})
+    return pd.DataFrame(rows, columns=[*by, *AGREEMENT])
+
+
+def agreement_lines(table: pd.DataFrame, by: Sequence[str], what: str) -> list[str]:
+    """The report's lines on the estimate's agreement with the exact effects, per `by` group (`what` names the
+    estimated effect)."""
+    lines = ["", f"{what}: the first-order estimate against the exact effect of the verified candidates"]
+    for _, row in agreement_table(table, by).iterrows():
+        name = " · ".join(str(row[column]) for column in by) or "all"
+        lines.append(f"  {name}: {int(row['questions'])} questions; {int(row['top'])} candidates among their questions' "
+                     f"largest |estimates|: Spearman {row['spearman_top']:+.2f} (median per question "
+                     f"{row['median_spearman_top']:+.2f}), recall of the largest exact effects "
+                     f"{row['recall_top']:.2f}; {int(row['random'])} random others: Spearman "
+                     f"{row['spearman_random']:+.2f} (median {row['median_spearman_random']:+.2f})")
+    return lines
+
+
+def agreement_scalars(table: pd.DataFrame, by: Sequence[str]) -> dict[str, float]:
+    """The agreement numbers for the W&B run summary: `agreement/<group>/<number>`."""
+    scalars = {}
+    for _, row in agreement_table(table, by).iterrows():
+        name = "/".join(str(row[column]) for column in by)
+        scalars |= {"/".join(filter(None, ["agreement", name, column])): float(row[column]) for column in AGREEMENT}
+    return scalars

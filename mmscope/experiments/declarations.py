@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mmscope.experiments.options import (
     ENGINES,
@@ -143,6 +143,46 @@ class TruncateOptions(QuestionOptions):
         check_choice("engine", self.engine, ENGINES)
 
 
+# estimates (attribution patching), patch and map
+
+ESTIMATES = ("atp",)  # first-order estimates: attribution patching (mmscope.experiments.attribution)
+METRICS = ("prob", "logprob")  # what an estimate estimates the change of: p of the answer's first token, or log p
+VERIFY = 20  # the largest |estimates| run exactly, and the random others, by default
+
+
+def verify_option() -> Any:
+    """`--verify K`: how many of the largest |estimates| run exactly."""
+    return option(None, f"Estimates: run the K largest |estimates| of each question exactly (default {VERIFY}).")
+
+
+def verify_random_option() -> Any:
+    """`--verify-random K`: how many random other candidates run exactly."""
+    return option(None, f"Estimates: also run K random others exactly, to see how far the estimate holds beyond "
+                        f"its top (default {VERIFY}).")
+
+
+def metric_option() -> Any:
+    """`--metric`: what the estimates estimate the change of."""
+    return option(None, "Estimates: the metric, prob (p of the clean answer's first token; the default) or "
+                        "logprob.")
+
+
+def check_estimates(options: Any, estimating: bool, needs: str) -> None:
+    """Fill `verify`, `verify_random` and `metric` in with their defaults where the run estimates, and check
+    them; refuse them where it does not (`needs` says what would)."""
+    given = [name for name in ("verify", "verify_random", "metric") if getattr(options, name) is not None]
+    if not estimating:
+        if given:
+            raise OptionError(f"{flag_of(given[0])} applies to estimates; {needs}")
+        return
+    for name, default in (("verify", VERIFY), ("verify_random", VERIFY), ("metric", "prob")):
+        if getattr(options, name) is None:
+            object.__setattr__(options, name, default)
+    check_at_least("verify", options.verify, 0)
+    check_at_least("verify_random", options.verify_random, 0)
+    check_choice("metric", options.metric, METRICS)
+
+
 # patch
 
 PATCH_GROUPS = ("image", "object", "question", "last")
@@ -156,18 +196,28 @@ class PatchOptions(QuestionOptions):
     site: str = option("residual", "residual, attention or mlp.")
     groups: list[str] | None = option(None, "Token groups to patch (repeatable).", flag="--group")
     engine: str = engine_option()
+    estimate: str | None = option(None, "atp: estimate every patch from one forward and one backward pass "
+                                        "(attribution patching) and run only --verify and --verify-random of them "
+                                        "exactly.")
+    verify: int | None = verify_option()
+    verify_random: int | None = verify_random_option()
+    metric: str | None = metric_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("site", self.site, SITES)
         check_choice("engine", self.engine, ENGINES)
+        if self.estimate is not None:
+            check_choice("estimate", self.estimate, ESTIMATES)
+        check_estimates(self, self.estimate is not None, "add --estimate atp")
         object.__setattr__(self, "groups", list(self.groups or PATCH_GROUPS))  # recorded as run, defaults included
         check_once("token group", self.groups, "--group")
 
 
 # map
 
-KINDS = ("knockout", "patch", "lens", "attention")
+KINDS = ("knockout", "patch", "lens", "attention", "atp-knockout", "atp-patch")
+ESTIMATED = {"atp-knockout": "knockout", "atp-patch": "patch"}  # each estimated kind: the kind it estimates
 TARGETS = ("last", "question")
 LENS_TOKENS = ("answer", "object")
 
@@ -180,7 +230,8 @@ class MapOptions(QuestionOptions):
     run did not use)."""
 
     kinds: list[str] | None = option(None, "Kind of map (repeatable): knockout (the default), patch, lens, "
-                                           "attention.", flag="--kind")
+                                           "attention; atp-knockout, atp-patch: knockout and patch estimated "
+                                           "(attribution patching), the largest verified.", flag="--kind")
     targets: list[str] | None = option(None, "Target group of knockout and attention maps: whose attention to "
                                              "each region is blocked or read (repeatable; default: last and "
                                              "question).", flag="--target")
@@ -196,6 +247,9 @@ class MapOptions(QuestionOptions):
     lens_token: str | None = option(None, "lens: the token whose probability is read, answer (the clean answer's "
                                           "first token; the default) or object (the question's object name's).")
     engine: str = engine_option()
+    verify: int | None = verify_option()
+    verify_random: int | None = verify_random_option()
+    metric: str | None = metric_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -206,8 +260,9 @@ class MapOptions(QuestionOptions):
             check_once(what, getattr(self, name), flag)  # each kind, target and panel once
         for kind in kinds:
             check_choice("kind", kind, KINDS, flag="--kind")
-        uses = {"targets": ("knockout", "attention"), "window": ("knockout",), "centers": ("knockout",),
-                "layers": ("patch", "lens", "attention"), "site": ("patch",), "lens_token": ("lens",)}
+        uses = {"targets": ("knockout", "attention", "atp-knockout"), "window": ("knockout", "atp-knockout"),
+                "centers": ("knockout", "atp-knockout"), "layers": ("patch", "lens", "attention", "atp-patch"),
+                "site": ("patch", "atp-patch"), "lens_token": ("lens",)}
         flags = {field.name: field.metadata.get("flag") or flag_of(field.name) for field in dataclasses.fields(self)}
         for name, users in uses.items():
             if getattr(self, name) is not None and not set(users) & set(kinds):
@@ -218,7 +273,8 @@ class MapOptions(QuestionOptions):
             object.__setattr__(self, "targets", list(self.targets or TARGETS))
             for target in self.targets:
                 check_choice("target", target, TARGETS)
-        if "patch" in kinds:
+        check_estimates(self, bool(set(ESTIMATED) & set(kinds)), f"add --kind {' or --kind '.join(ESTIMATED)}")
+        if {"patch", "atp-patch"} & set(kinds):
             object.__setattr__(self, "site", self.site or "residual")
             check_choice("site", self.site, SITES)
         if "lens" in kinds:
@@ -237,15 +293,16 @@ class MapOptions(QuestionOptions):
         layers beyond the model's refused."""
         options, lines = super().configure(model)
         kinds = options.kinds
-        if "knockout" in kinds and options.window is None:
+        knockouts = {"knockout", "atp-knockout"} & set(kinds)
+        if knockouts and options.window is None:
             options = dataclasses.replace(options, window=default_window(model.n_layers))
             lines = [*lines, f"window {options.window} (knockout's default for {model.n_layers} layers: about a "
                              "third of the depth, at most the study's 9)"]
-        if "knockout" in kinds and options.centers is None:
+        if knockouts and options.centers is None:
             options = dataclasses.replace(options, centers=[model.n_layers // 2])
             lines = [*lines, f"center {options.centers[0]} (the default: the middle layer)"]
-        if {"patch", "lens", "attention"} & set(kinds) and options.layers is None:
-            every = {"lens", "attention"} & set(kinds)
+        if {"patch", "lens", "attention", "atp-patch"} & set(kinds) and options.layers is None:
+            every = {"lens", "attention", "atp-patch"} & set(kinds)
             options = dataclasses.replace(options, layers=list(range(model.n_layers)) if every else
                                           [model.n_layers // 2])
             said = (f"0..{model.n_layers - 1} (the default for {' and '.join(sorted(every))}: every layer"

@@ -7,6 +7,7 @@ share in [0, 1]); each panel's title says how many questions (or examples) its m
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -197,7 +198,7 @@ def heatmaps(panels: dict[str, pd.DataFrame], path: Path, *, colorbar: str, titl
                       fontsize=9, bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "grey"})
     for axis in list(axes.flat)[len(names):]:
         axis.axis("off")
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle("\n".join(textwrap.wrap(title, max(40, int(figure.get_figwidth() * 11)))), fontsize=10)
     figure.tight_layout(rect=(0, 0, 0.9, 0.97))
     figure.colorbar(image, ax=axes.ravel().tolist(), label=colorbar, fraction=0.03)
     figure.savefig(path, dpi=120)
@@ -244,6 +245,49 @@ def curves_with_controls(summary: pd.DataFrame, path: Path, *, x: str, hue: str,
     figure.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     figure.suptitle(f"{title} (n: {n_note})" if n_note else title)
     figure.tight_layout(rect=(0, min(0.4, 0.22 * -(-len(labels) // ncol) / figure.get_figheight() + 0.02), 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def estimate_scatter(table: pd.DataFrame, path: Path, *, panel: Sequence[str], quantity: str, title: str) -> Path:
+    """The first-order estimate against the exact effect of every verified row (`verified` "top" or "random";
+    columns `estimate`, `exact`), a panel per `panel` group: the largest estimates in red, the random others in
+    grey, y = x dashed; each panel's title its counts and Spearman's ρ over them."""
+    from scipy import stats
+
+    verified = table[table["verified"].isin(["top", "random"])]
+    groups = list(verified.groupby(list(panel), sort=False)) if panel else [((), verified)]
+    if not groups:
+        groups = [(("no verified row",), verified)]
+    across = min(3, len(groups))
+    down = -(-len(groups) // across)
+    figure, axes = plt.subplots(down, across, figsize=(4.2 * across, 4.0 * down), squeeze=False)
+    for axis, (key, part) in zip(axes.flat, groups, strict=False):
+        for which, colour, label in (("random", "grey", "random others"), ("top", "C3", "largest |estimate|")):
+            chosen = part[part["verified"] == which]
+            axis.scatter(chosen["estimate"], chosen["exact"], s=12, alpha=0.7, color=colour,
+                         label=f"{label} (n={len(chosen)})")
+        values = part[["estimate", "exact"]].to_numpy(dtype=float)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            low, high = float(finite.min()), float(finite.max())
+            pad = 0.05 * (high - low or 1.0)
+            axis.plot([low - pad, high + pad], [low - pad, high + pad], "--", color="black", linewidth=0.8,
+                      label="y = x")
+        rho = stats.spearmanr(part["estimate"], part["exact"]).statistic if len(part) > 2 else float("nan")
+        name = " · ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+        axis.set_title(f"{name}\n{part['example'].nunique() if 'example' in part else 0} questions, "
+                       f"Spearman ρ {rho:+.2f}", fontsize=9)
+        axis.set_xlabel(f"estimated {quantity} (first order)")
+        axis.set_ylabel(f"exact {quantity}")
+        axis.axhline(0, color="lightgrey", linewidth=0.6, zorder=0)
+        axis.axvline(0, color="lightgrey", linewidth=0.6, zorder=0)
+        axis.legend(fontsize=7, loc="best")
+    for axis in list(axes.flat)[len(groups):]:
+        axis.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

@@ -228,7 +228,8 @@ class Experiment(Generic[O]):
     one per group; `values(table)` computes `value` where rows of several kinds keep it in columns of their own.
     `figure` draws the finished run (`Finished`: table, summary, options, data) into the given path (and may
     return a list of the figures it drew, that path first: W&B logs them all); `findings` are the report's lines between the status and the figure;
-    `prints_table` adds where results.parquet is.
+    `scalars(table)` are numbers for the W&B run's summary (e.g. how far an estimate agrees with the exact
+    effects); `prints_table` adds where results.parquet is.
     """
 
     command: Command[O]
@@ -241,6 +242,7 @@ class Experiment(Generic[O]):
     desc: str  # the progress bar's label
     summarize: Callable[[pd.DataFrame], pd.DataFrame] | None = None
     values: Callable[[pd.DataFrame], pd.Series] | None = None  # computes `value` from the rows, where no column holds it
+    scalars: Callable[[pd.DataFrame], dict[str, float]] | None = None  # the W&B run summary's numbers, if any
     prints_table: bool = False
 
     @property
@@ -334,7 +336,8 @@ def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Seque
     results = run_dir.folder / "results.parquet"
     logged = []
     if options.wandb:
+        scalars = experiment.scalars(table) if experiment.scalars is not None else {}
         logged = [log_run(run_dir.folder, experiment.name, run_dir.config, summary, x=experiment.by[-1],
-                          keys=list(experiment.by[:-1]), figures=figures, results=results)]
+                          keys=list(experiment.by[:-1]), figures=figures, results=results, scalars=scalars)]
     lines = [*status, *experiment.findings(table, summary, options), "", f"figure: {figures[0]}", *logged]
     return [*lines, f"table:  {results}"] if experiment.prints_table else lines

@@ -15,9 +15,10 @@ import pandas as pd
 
 
 def log_run(folder: Path, name: str, config: dict, summary: pd.DataFrame, *, x: str, keys: list[str],
-            figures: list[Path], results: Path | None = None) -> str:
+            figures: list[Path], results: Path | None = None, scalars: dict[str, float] | None = None) -> str:
     """Log one run; returns the report's line saying where it went: the run's page online, or offline its local
-    folder and the `wandb sync` command that uploads it. `keys` name the summary columns a curve is keyed by."""
+    folder and the `wandb sync` command that uploads it. `keys` name the summary columns a curve is keyed by;
+    `scalars` go into the run's summary."""
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -38,6 +39,7 @@ def log_run(folder: Path, name: str, config: dict, summary: pd.DataFrame, *, x: 
             run.log({**metrics, x: value}, step=step)
         run.log({f"figures/{path.stem}": wandb.Image(str(path)) for path in figures})
         run.log({"summary": wandb.Table(dataframe=summary)})
+        run.summary.update(scalars or {})
         if results is not None:
             artifact = wandb.Artifact(f"{name}-results", type="results")
             artifact.add_file(str(results))

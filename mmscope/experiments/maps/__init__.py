@@ -49,7 +49,7 @@ from mmscope.experiments.maps.figures import (
     object_centred,
     panel_rows,
 )
-from mmscope.experiments.maps.findings import map_findings
+from mmscope.experiments.maps.findings import estimate_scalars, map_findings
 from mmscope.experiments.maps.kinds import kind_values, knockout_variants, map_rows, map_variants
 from mmscope.experiments.maps.regions import Region, example_regions, grid_regions
 from mmscope.experiments.runner import Experiment, PerQuestion, questions
@@ -88,5 +88,6 @@ MAP = Experiment(
     findings=map_findings,
     desc="map",
     values=kind_values,  # the summary: each region's mean, 95% CI and n per kind × target × panel layer
+    scalars=estimate_scalars,
     prints_table=True,
 )

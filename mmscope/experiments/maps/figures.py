@@ -19,7 +19,8 @@ import pandas as pd
 from PIL import Image
 
 from mmscope.experiments.declarations import MapOptions
-from mmscope.experiments.maps.kinds import kind_values
+from mmscope.experiments.maps.kinds import ESTIMATES, VERIFIED, kind_values
+from mmscope.experiments.figures import estimate_scatter
 from mmscope.experiments.runner import Finished, boxes_of
 from mmscope.experiments.scores import MIN_EFFECT
 
@@ -42,11 +43,11 @@ def kind_scale(kind: str, values: pd.Series) -> Scale:
     from matplotlib.colors import Normalize, TwoSlopeNorm
 
     finite = values[np.isfinite(values.to_numpy(dtype=float))]
-    bad = "lightgrey"  # NaN: a share where the corruption did not move p, or outside the image
-    if kind in ("knockout", "patch"):
+    bad = "lightgrey"  # NaN: a share where the corruption did not move p, outside the image, or not verified
+    if kind in CHANGES:
         limit = float(finite.abs().max()) if len(finite) else 0.0
         limit = limit if limit > 0 else 1.0
-        label = "Δp (%)" if kind == "knockout" else "share of p(answer) restored"
+        label = CHANGE_LABELS[kind]
         return Scale(TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit), plt.get_cmap("RdBu_r").with_extremes(
             bad=bad), label)
     top = float(finite.max()) if len(finite) else 0.0
@@ -55,15 +56,26 @@ def kind_scale(kind: str, values: pd.Series) -> Scale:
                  label)
 
 
+# The kinds whose values are changes (a diverging scale about 0), and their colour bars' labels.
+CHANGE_LABELS = {"knockout": "Δp (%)", "patch": "share of p(answer) restored",
+                 "atp-knockout": "estimated Δ metric (first order)", "atp-patch": "estimated Δ metric (first order)",
+                 **{VERIFIED[kind]: "exact Δ metric (verified regions)" for kind in ESTIMATES}}
+CHANGES = tuple(CHANGE_LABELS)
+
+
 def knockout_spans(table: pd.DataFrame) -> dict[int, tuple[int, int]]:
     """Per knockout centre, the first and last layer of its window (from the rows)."""
-    rows = table[table["kind"] == "knockout"].drop_duplicates("center")
+    rows = table[table["kind"].isin(["knockout", "atp-knockout"])].drop_duplicates("center")
     return {int(r["center"]): (int(r["first_layer"]), int(r["last_layer"])) for _, r in rows.iterrows()}
 
 
 def panel_title(kind: str, target: str, layer: int, grid: int, spans: dict[int, tuple[int, int]]) -> str:
     """A panel's title: what was done or read, in which layers (and which grid, past the finest)."""
     scale = f", grid {grid} (coarser)" if grid else ""
+    for estimated in ESTIMATES:
+        if kind in (estimated, VERIFIED[estimated]):
+            said = "estimated" if kind == estimated else "exact, verified regions"
+            return f"{said}: {panel_title(estimated.removeprefix('atp-'), target, layer, grid, spans)}"
     if kind == "knockout":
         first, last = spans[layer]
         return f"blocked region → {target}, layers {first}-{last}{scale}"
@@ -84,7 +96,8 @@ PANEL_INCHES = 2.6  # a map panel's height (its width follows the image's aspect
 COLOUR_BAR_INCHES = 1.3  # the colour bars' column, with their labels
 # Below these |values| a panel is called empty and says so (knockout: Δp in %, i.e. 0.1 % of p(answer); patch: a
 # share restored of 0.001; lens: a probability; attention: a weight).
-NO_EFFECT = {"knockout": 0.1, "patch": 1e-3, "lens": 1e-3, "attention": 1e-3}
+NO_EFFECT = {"knockout": 0.1, "patch": 1e-3, "lens": 1e-3, "attention": 1e-3,
+             **{kind: 1e-4 for kind in (*ESTIMATES, *VERIFIED.values())}}  # estimates: a change of the metric
 FAINT = 0.05  # a panel whose |values| stay under this share of its colour scale looks empty: it says how small
 
 
@@ -96,16 +109,18 @@ def empty_note(kind: str, values, scale_max: float | None = None) -> str | None:
     values = np.asarray(values, dtype=float)
     finite = values[np.isfinite(values)]
     if finite.size == 0:
+        if kind in VERIFIED.values():
+            return "no region of this panel verified"
         return (f"no value: the corrupted image moved\np(answer) by < {MIN_EFFECT:g} (nothing to restore)"
                 if kind == "patch" else "no value")
     top, bound = float(np.abs(finite).max()), NO_EFFECT[kind]
     unit = " %" if kind == "knockout" else ""
-    if top < bound and kind in ("knockout", "patch"):
+    if top < bound and kind in CHANGES:
         return f"no measurable effect\n(|max| {top:.1g}{unit} < {bound:g}{unit})"
     if top < bound:
         return f"{'p' if kind == 'lens' else 'weight'} < {bound:g} everywhere\n(max {top:.1g})"
     if scale_max and top < FAINT * scale_max:
-        largest = "|max|" if kind in ("knockout", "patch") else "max"
+        largest = "|max|" if kind in CHANGES else "max"
         return f"faint on this scale:\n{largest} {top:.2g}{unit} (scale {scale_max:.2g}{unit})"
     return None
 
@@ -148,6 +163,17 @@ def panel_heading(text: str, aspect: float) -> str:
     return "\n".join(textwrap.wrap(text, max(24, int(PANEL_INCHES * aspect * 16))))
 
 
+def with_verified(part: pd.DataFrame) -> pd.DataFrame:
+    """The rows of an example's map, each estimated kind × target's rows followed by a copy of kind `VERIFIED[kind]`
+    (whose value is the exact one, NaN where not verified): the exact map beside the estimate."""
+    pieces = []
+    for (kind, _), own in part.groupby(["kind", "target"], sort=False):
+        pieces.append(own)
+        if kind in VERIFIED:
+            pieces.append(own.assign(kind=VERIFIED[kind]))
+    return pd.concat(pieces, ignore_index=True) if pieces else part
+
+
 def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, title: str) -> Path:
     """The input image with each region's value a semi-transparent colour over its rectangle: a row of panels
     per kind × target × grid (wrapped past `MAX_COLUMNS`), a panel per layer; one colour scale and colour bar
@@ -155,6 +181,7 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    part = with_verified(part)
     part = part.assign(value=kind_values(part))
     spans = knockout_spans(part)
     rows = []
@@ -297,4 +324,11 @@ def map_figure(run: Finished[MapOptions], path: Path) -> list[Path]:
             boxes[int(example)] = found[0]
     centred = draw_centred(centred_maps(table, boxes), len(boxes), path, options.region, knockout_spans(table),
                            centred_counts(table, boxes))
+    estimated = table[table["kind"].isin(ESTIMATES)]
+    if not estimated.empty:
+        metric = estimated["metric"].iloc[0]
+        drawn.append(estimate_scatter(estimated, path.parent / "map_estimates.png", panel=["kind", "target"],
+                                      quantity="Δp(answer)" if metric == "prob" else "Δ log p(answer)",
+                                      title=f"First-order estimates against exact effects, regions "
+                                            f"{options.region}x{options.region}"))
     return [centred, *drawn]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from mmscope.experiments.attribution import agreement_lines, agreement_scalars
 from mmscope.experiments.declarations import MapOptions
-from mmscope.experiments.maps.figures import MAPPED_EXAMPLES
-from mmscope.experiments.maps.kinds import kind_values
+from mmscope.experiments.maps.figures import CHANGES, MAPPED_EXAMPLES
+from mmscope.experiments.maps.kinds import ESTIMATES, kind_values
 
 
 def object_means(table: pd.DataFrame) -> pd.DataFrame:
@@ -23,7 +24,10 @@ def object_means(table: pd.DataFrame) -> pd.DataFrame:
 
 
 KIND_NAMES = {"knockout": "Region knockout, mean Δp %", "patch": "Region patching, mean share restored",
-              "lens": "Logit lens on the image tokens, mean p", "attention": "Attention to each region, mean weight"}
+              "lens": "Logit lens on the image tokens, mean p", "attention": "Attention to each region, mean weight",
+              "atp-knockout": "Region knockout estimated to first order, mean Δ metric",
+              "atp-patch": "Region patching estimated to first order, mean Δ metric"}
+DROPS = ("knockout", "atp-knockout")  # kinds whose finding is the largest mean drop
 
 
 def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions) -> list[str]:
@@ -32,7 +36,7 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
     means = object_means(table)
     lines = []
     for kind in dict.fromkeys(table["kind"]):
-        if kind == "knockout":
+        if kind in DROPS:
             centres = ", ".join(str(c) for c in options.centers)
             panels = f"window {options.window} around layer{'s' if len(options.centers) > 1 else ''} {centres}"
         else:
@@ -42,7 +46,7 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
                 f"layer{'s' if len(layers) > 1 else ''} {', '.join(str(layer) for layer in layers)}"
         lines += ["", f"{KIND_NAMES[kind]} ({panels}, regions {options.region}x{options.region}):"]
         own_table = table[table["kind"] == kind]
-        fmt = "+.3g" if kind in ("knockout", "patch") else ".3g"  # signed: a change; unsigned: a probability
+        fmt = "+.3g" if kind in CHANGES else ".3g"  # signed: a change; unsigned: a probability
         for target, layer in dict.fromkeys(zip(own_table["target"], own_table["layer"], strict=True)):
             part = means[(means["kind"] == kind) & (means["target"] == target) & (means["layer"] == layer)]
             on = part[part["on_object"].astype(bool)]["mean"]
@@ -54,13 +58,24 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
             if own.empty:
                 lines.append(f"  {target}, layer {layer}: {object_text}; no finite value")
                 continue
-            top = own.loc[own["mean"].idxmin() if kind == "knockout" else own["mean"].idxmax()]
+            top = own.loc[own["mean"].idxmin() if kind in DROPS else own["mean"].idxmax()]
             rect = own_table[own_table["region"] == top["region"]].iloc[0]
-            which = "largest mean drop" if kind == "knockout" else "largest mean"
+            which = "largest mean drop" if kind in DROPS else "largest mean"
             lines.append(f"  {target}, layer {layer}: {object_text}; {which}: region {int(top['region'])} "
                          f"(x {rect['x0']:.0f}-{rect['x1']:.0f}, y {rect['y0']:.0f}-{rect['y1']:.0f}) "
                          f"{top['mean']:{fmt}}")
+    estimated = table[table["kind"].isin(ESTIMATES)]
+    if not estimated.empty:
+        lines += agreement_lines(estimated, ["kind"], f"Estimates (Δ {options.metric}, each kind ranked over its targets, panels and regions)")
+        lines.append("  (map_estimates.png: estimate against exact; map_<example>.png: the exact map of the verified "
+                     "regions under each estimate)")
     shown = sorted(table["example"].unique())[:MAPPED_EXAMPLES]
     lines += ["", f"maps over the images: map_<example>.png for examples {', '.join(str(int(e)) for e in shown)}; "
                   "map.png: the object-centred mean"]
     return lines
+
+
+def estimate_scalars(table: pd.DataFrame) -> dict[str, float]:
+    """For the W&B run summary: the estimated kinds' agreement with the exact effects, per kind."""
+    estimated = table[table["kind"].isin(ESTIMATES)]
+    return agreement_scalars(estimated, ["kind"]) if not estimated.empty else {}

@@ -16,6 +16,14 @@ import torch
 
 from mmscope.errors import InputError, MMScopeError
 from mmscope.experiments.declarations import MapOptions
+from mmscope.experiments.attribution import (
+    choose_verified,
+    exact_change,
+    knockout_estimates,
+    patch_attribution,
+    verified_columns,
+    weight_gradients,
+)
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.maps.regions import Region, example_regions, region_columns
 from mmscope.experiments.options import OptionError
@@ -25,7 +33,10 @@ from mmscope.interventions import CachedPatch, Knockout, knockout_window
 from mmscope.layout import Example
 from mmscope.model import Model
 
-VALUES = {"knockout": "delta_pct", "patch": "restored", "lens": "prob", "attention": "attention"}  # per kind
+ESTIMATES = ("atp-knockout", "atp-patch")  # the kinds estimated to first order, some candidates verified
+VERIFIED = {kind: f"{kind} verified" for kind in ESTIMATES}  # figures: each estimated kind's exact values
+VALUES = {"knockout": "delta_pct", "patch": "restored", "lens": "prob", "attention": "attention",
+          **{kind: "estimate" for kind in ESTIMATES}, **{shown: "exact" for shown in VERIFIED.values()}}  # per kind
 
 
 def knockout_variants(regions: Sequence[Region], options: MapOptions, n_layers: int) -> tuple[Variant, ...]:
@@ -43,12 +54,13 @@ def patch_variants(regions: Sequence[Region], options: MapOptions) -> tuple[Vari
                  for layer in options.layers for region in regions)
 
 
-def attention_weights_available(model: Model, example: Example) -> None:
-    """Refuse `--kind attention` for a model whose self-attention gives no weights (sdpa attention)."""
+def attention_weights_available(model: Model, example: Example, kind: str = "attention") -> None:
+    """Refuse `--kind attention` (or `atp-knockout`) for a model whose self-attention gives no weights (sdpa
+    attention)."""
     try:
         model.run(example, [], lambda ctx: ctx.attention_weights(0).shape)
     except MMScopeError as error:
-        raise OptionError(f"--kind attention reads attention weights: {' '.join(str(error).split())}") from None
+        raise OptionError(f"--kind {kind} reads attention weights: {' '.join(str(error).split())}") from None
 
 
 def map_variants(options: MapOptions, model: Model, dataset) -> Variants:
@@ -59,11 +71,12 @@ def map_variants(options: MapOptions, model: Model, dataset) -> Variants:
     image = first["image"].convert("RGB")
     example = model.prepare(image, first["question"])  # regions need no boxes (and a family may refuse them)
     regions = example_regions(model, image, example, options.region)
-    if "attention" in options.kinds:
-        attention_weights_available(model, example)
+    for kind in {"attention", "atp-knockout"} & set(options.kinds):
+        attention_weights_available(model, example, kind)
     parameters = {"kinds": list(options.kinds), "region": options.region}
     parameters |= {name: getattr(options, name) for name in ("targets", "window", "centers", "layers", "site",
-                                                             "lens_token") if getattr(options, name) is not None}
+                                                             "lens_token", "verify", "verify_random", "metric")
+                   if getattr(options, name) is not None}
     variants = knockout_variants(regions, options, model.n_layers) if "knockout" in options.kinds else ()
     variants += patch_variants(regions, options) if "patch" in options.kinds else ()
     return Variants(parameters, variants, named_by="--target")
@@ -86,13 +99,21 @@ def knockout_values(sweep: Sweep[MapOptions], question: Question, regions: Seque
     return rows
 
 
-def patch_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
-    """Per layer × region, p(answer) patched and the share restored (target: the site patched)."""
-    options, model, clean = sweep.options, sweep.model, question.example
-    other, corrupted = corrupted_example(model, sweep.dataset, question, same_size=True)
+def region_corruption(sweep: Sweep[MapOptions], question: Question) -> tuple[dict, Example]:
+    """The corrupting row and the corrupted example of a region patch: the next other scene's image, resized to
+    the clean one's size; refused where its image tokens sit elsewhere than the clean run's."""
+    clean = question.example
+    other, corrupted = corrupted_example(sweep.model, sweep.dataset, question, same_size=True)
     if corrupted.layout["image"] != clean.layout["image"] or corrupted.seq_len != clean.seq_len:
         raise InputError(f"question {question.row['question_id']}: the corrupted run's image tokens sit elsewhere "
                          "than the clean run's; region patching needs them at the same positions")
+    return other, corrupted
+
+
+def patch_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per layer × region, p(answer) patched and the share restored (target: the site patched)."""
+    options, model, clean = sweep.options, sweep.model, question.example
+    other, corrupted = region_corruption(sweep, question)
     variants = patch_variants(regions, options)
     run, probs = run_variants(model, corrupted, variants, source=clean, engine=options.engine)
     token = question.answer.first_token
@@ -104,6 +125,67 @@ def patch_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence
         rows.append({"kind": "patch", "target": site, "layer": layer, "region": index, "site": site,
                      "corrupting_image_id": str(other["image_id"]), "p_clean": p_clean, "p_corrupted": p_corrupted,
                      "p_patched": p_patched, "restored": restored_share(p_clean, p_corrupted, p_patched)})
+    return rows
+
+
+def atp_knockout_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per centre × target × region, the first-order estimate of the knockout's change of the metric (the sum
+    of its window's single-layer estimates, `knockout_estimates`, from one forward and one backward pass), and
+    the exact change where verified (the largest |estimates| and a random sample of the others)."""
+    options, model, example = sweep.options, sweep.model, question.example
+    token = question.answer.first_token
+    variants = knockout_variants(regions, options, model.n_layers)
+    windows = {center: knockout_window(center, options.window, model.n_layers) for center in options.centers}
+    layers = sorted({layer for window in windows.values() for layer in window})
+    gradients = weight_gradients(model, example, layers, token, options.metric)
+    column = {region.index: i for i, region in enumerate(regions)}
+    single = {target: knockout_estimates(example, gradients, target, [region.positions for region in regions])
+              for target in options.targets}  # [len(layers), regions]
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    estimates = torch.stack([single[target][[row_of[layer] for layer in windows[center]], column[index]].sum()
+                             for _, center, target, index in (variant.key for variant in variants)])
+    top, drawn = choose_verified(estimates, options.verify, options.verify_random, options.seed + question.index)
+    clean, probs = run_variants(model, example, [variants[i] for i in top + drawn], engine=options.engine)
+    exact = exact_change(clean.probs[token], probs[:, token], options.metric)
+    p_clean = clean.probs[token].item()
+    rows = []
+    for variant, verified in zip(variants, verified_columns(estimates, top, drawn, exact), strict=True):
+        _, center, target, index = variant.key
+        rows.append({"kind": "atp-knockout", "target": target, "layer": center, "region": index,
+                     "window": options.window, "center": center, "first_layer": windows[center][0],
+                     "last_layer": windows[center][-1], "metric": options.metric, "p_clean": p_clean, **verified})
+    return rows
+
+
+def atp_patch_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
+    """Per layer × region, the first-order estimate of patching the clean run's site at the region's tokens
+    into the corrupted run (the sum of its tokens' estimates, `patch_attribution`, from one backward pass of the
+    corrupted run), and the exact change of the metric where verified (target: the site patched)."""
+    options, model, clean = sweep.options, sweep.model, question.example
+    other, corrupted = region_corruption(sweep, question)
+    token = question.answer.first_token
+    cache = model.cache(clean, [options.site])
+    grid = patch_attribution(model, corrupted, cache, [options.site], options.layers, token, options.metric)
+    row_of = {layer: i for i, layer in enumerate(sorted(set(options.layers)))}
+    columns = {region.index: torch.tensor(list(region.positions)) for region in regions}
+    variants = patch_variants(regions, options)
+    estimates = torch.stack([grid[options.site][row_of[layer], columns[index]].sum()
+                             for _, layer, _, index in (variant.key for variant in variants)])
+    top, drawn = choose_verified(estimates, options.verify, options.verify_random, options.seed + question.index)
+    run, probs = run_variants(model, corrupted, [variants[i] for i in top + drawn], source=clean,
+                              engine=options.engine)
+    exact = exact_change(run.probs[token], probs[:, token], options.metric)
+    p_clean, p_corrupted = run.source.probs[token].item(), run.probs[token].item()
+    patched = dict(zip(top + drawn, probs[:, token].tolist(), strict=True))
+    rows = []
+    for i, (variant, verified) in enumerate(zip(variants, verified_columns(estimates, top, drawn, exact),
+                                                strict=True)):
+        _, layer, site, index = variant.key
+        p_patched = patched.get(i, float("nan"))
+        rows.append({"kind": "atp-patch", "target": site, "layer": layer, "region": index, "site": site,
+                     "corrupting_image_id": str(other["image_id"]), "metric": options.metric, "p_clean": p_clean,
+                     "p_corrupted": p_corrupted, "p_patched": p_patched,
+                     "restored": restored_share(p_clean, p_corrupted, p_patched), **verified})
     return rows
 
 
@@ -168,7 +250,7 @@ def attention_values(sweep: Sweep[MapOptions], question: Question, regions: Sequ
 
 
 KIND_VALUES = {"knockout": knockout_values, "patch": patch_values, "lens": lens_values,
-               "attention": attention_values}
+               "attention": attention_values, "atp-knockout": atp_knockout_values, "atp-patch": atp_patch_values}
 
 
 def map_rows(sweep: Sweep[MapOptions], question: Question) -> list[dict]:
