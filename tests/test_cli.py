@@ -80,7 +80,8 @@ def test_probe_evaluate_and_train_keep_their_options_and_defaults():
                                                                                               "probe_kind")
     assert probe["--controls"].secondary_opts == ["--no-controls"] and probe["--controls"].default is True
     evaluate = options_of("evaluate")
-    assert list(evaluate) == ["--model", "--data", "--columns", "--split", "--limit", "--batch-size", "--blank", "--card"]
+    assert list(evaluate) == ["--model", "--data", "--columns", "--split", "--limit", "--batch-size", "--blank",
+                              "--statements", "--card"]
     assert evaluate["--blank"].secondary_opts == ["--no-blank"] and evaluate["--blank"].default is True
     assert evaluate["--card"].is_flag and not evaluate["--card"].secondary_opts
     assert (evaluate["--limit"].default, evaluate["--batch-size"].default) == (None, 32)

@@ -23,7 +23,7 @@ import mmscope
 from mmscope.cli import app
 from mmscope.experiments.knockout import Flow
 from mmscope.experiments.runner import example_of
-from mmscope.experiments.workspace import load_questions
+from mmscope.experiments.workspace import load_questions, probe_datasets
 from mmscope.interventions import ActivationPatch, CachedPatch, Intervention, Knockout, Truncate, knockout_window
 
 runner = CliRunner()
@@ -215,6 +215,24 @@ def test_evaluate_prints_the_accuracy_an_answer_by_answer_count_gives(embedded, 
         expected[category] = (*(f"{100 * hit / n:.1f}" for hit in hits), str(n))
     printed_rows = re.finditer(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", printed, flags=re.MULTILINE)
     assert {match[1]: match.groups()[1:] for match in printed_rows} == expected
+
+
+def test_evaluate_asks_held_out_statements_and_scores_them_one_by_one(embedded, world):
+    printed = invoke("evaluate", "--data", str(world), "--limit", "1", "--statements", "4", "--no-blank")
+    statements = printed[printed.index("Statements"):]
+    pairs = probe_datasets(world, "test", 4)["entailment"]
+    correct, total = Counter(), Counter()
+    for pair in pairs:
+        question = f"True or false: {pair['statement']}"
+        answer = embedded.generate_answer(embedded.prepare(pair["image"].convert("RGB"), question), max_new_tokens=4)
+        category = "true" if pair["label"] else f"false: {pair['negative_kind']} swapped"
+        total[category] += 1
+        correct[category] += answer.strip().lower() == ("true" if pair["label"] else "false")
+    rows = re.finditer(r"^(true|false: \w+ swapped|overall)\s+([\d.]+)\s+(\d+)$", statements, flags=re.MULTILINE)
+    expected = {category: (f"{100 * correct[category] / n:.1f}", str(n)) for category, n in total.items()}
+    expected["overall"] = (f"{100 * correct.total() / total.total():.1f}", str(total.total()))
+    assert {match[1]: match.groups()[1:] for match in rows} == expected
+    assert f"about {len(set(pairs['image_id']))} images" in statements
 
 
 def test_a_sweep_killed_midway_resumes_to_the_uninterrupted_table(embedded, world, tmp_path):

@@ -50,6 +50,7 @@ from mmscope.data.rows import (
 from mmscope.data.scene_graphs import GraphObject, SceneGraph, read_scene_graphs
 
 KINDS = ("attribute", "object", "relation")
+STATEMENT_REQUEST = "True or false: {statement}"  # a statement asked as a question (its answer: "true" or "false")
 
 # Attribute groups: each inner tuple is one meaning (synonyms are never swapped for each other).
 ATTRIBUTE_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {

@@ -398,10 +398,14 @@ class EvaluateOptions:
     limit: int | None = option(None, "Evaluate at most N questions per category.")
     batch_size: int = option(32)
     blank: bool = option(True, "Also evaluate with blank images (the model must use the image).")
+    statements: int | None = option(None, "Also ask true/false statements about the first N images of the split "
+                                          "(the probing study's entailment pairs, as \"True or false: ...\"; "
+                                          "needs its scene graphs).")
     card: bool = option(False, "Write the result into the model folder's model card.", flag="--card")
 
     def __post_init__(self) -> None:
         check_at_least("limit", self.limit, 1, omitted="all questions")
+        check_at_least("statements", self.statements, 1, omitted="no statements")
         check_at_least("batch_size", self.batch_size, 1)
         column_mapping(self.columns)
 

@@ -15,10 +15,11 @@ import pandas as pd
 
 import mmscope
 from mmscope.data import CATEGORIES
+from mmscope.data.probing import STATEMENT_REQUEST
 from mmscope.experiments.answers import Accuracy, accuracy, greedy_answers
 from mmscope.experiments.declarations import EvaluateOptions  # declared without torch; kept importable from here
 from mmscope.experiments.options import column_mapping
-from mmscope.experiments.workspace import load_questions
+from mmscope.experiments.workspace import load_questions, probe_datasets
 from mmscope.model import resolve
 from mmscope.zoo.shapes_llava.card import write_model_card
 
@@ -38,18 +39,48 @@ def accuracy_table(results: dict[str, Accuracy]) -> str:
     return table.to_string(float_format=lambda v: f"{v:.1f}")
 
 
+STATEMENT_KINDS = {"attribute": "false: attribute swapped", "object": "false: object swapped",
+                   "relation": "false: relation swapped"}  # a false statement's category: what its swap changed
+
+
+def statement_questions(data, split: str, n_images: int):
+    """The probing study's entailment pairs over the first `n_images` images of the split, as questions
+    (`STATEMENT_REQUEST`, answered "true" or "false"), categorised as true or by what the false one swapped."""
+    pairs = probe_datasets(data, split, n_images)["entailment"]
+
+    def asked(row: dict) -> dict:
+        return {"question": STATEMENT_REQUEST.format(statement=row["statement"]),
+                "answer": "true" if row["label"] else "false",
+                "category": "true" if row["label"] else STATEMENT_KINDS[row["negative_kind"]]}
+
+    return pairs.map(asked)
+
+
+def accuracies(model, dataset, options: EvaluateOptions, what: str) -> dict[str, Accuracy]:
+    """Greedy accuracy on `dataset`, with the image and (with `--blank`) with a blank one."""
+    results = {"image": accuracy(dataset, greedy_answers(model, dataset, batch_size=options.batch_size,
+                                                         desc=what))}
+    if options.blank:
+        answers = greedy_answers(model, dataset, batch_size=options.batch_size, blank=True, desc=f"{what}, blank")
+        results["blank image"] = accuracy(dataset, answers)
+    return results
+
+
 def evaluate(options: EvaluateOptions, echo: Callable[[str], None]) -> None:
-    """Print the accuracy table; with `card`, write it into the model card too."""
+    """Print the accuracy table (and with `--statements` the statements' own); with `card`, write it into the
+    model card too."""
     # A bad --data fails before the model loads.
     dataset = load_questions(options.data, options.split, limit=options.limit, columns=column_mapping(options.columns))
+    statements = statement_questions(options.data, options.split, options.statements) if options.statements else None
     model = mmscope.load(options.model)
-    results = {"image": accuracy(dataset, greedy_answers(model, dataset, batch_size=options.batch_size))}
-    if options.blank:
-        answers = greedy_answers(model, dataset, batch_size=options.batch_size, blank=True, desc="blank images")
-        results["blank image"] = accuracy(dataset, answers)
-    table = accuracy_table(results)
+    table = accuracy_table(accuracies(model, dataset, options, "questions"))
+    if statements is not None:
+        images = len(set(statements["image_id"]))
+        table += (f"\n\nStatements (\"{STATEMENT_REQUEST}\", answered true or false) about {images} images:\n"
+                  + accuracy_table(accuracies(model, statements, options, "statements")))
     echo(table)
     if options.card:
         command = f"mmscope evaluate --model {options.model}" + (f" --limit {options.limit}" if options.limit else "")
+        command += f" --statements {options.statements}" if options.statements else ""
         echo(f"model card: {write_model_card(resolve(options.model), table, command)}")
 

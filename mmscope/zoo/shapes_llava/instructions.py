@@ -25,12 +25,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from mmscope.data.probing import entailment_dataset
+from mmscope.data.probing import STATEMENT_REQUEST, entailment_dataset
 from mmscope.data.scene_graphs import GraphObject, read_scene_graphs
 
 CAPTION_REQUEST = "Describe the image."
 DESCRIPTION_REQUEST = "Describe the {name}."
-STATEMENT_REQUEST = "True or false: {statement}"
 COLUMNS = ("left", "center", "right")
 ROWS = ("top", "middle", "bottom")
 
