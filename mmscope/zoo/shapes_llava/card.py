@@ -23,9 +23,8 @@ def write_model_card(folder: str | Path, evaluation: str, command: str) -> Path:
     bf16 = summary.get("bf16", train_config.get("bf16"))  # as resolved on the machine (older runs: as set)
     precision = ("Mixed precision: bfloat16 autocast, float32 weights and optimizer state." if bf16
                  else "Float32 throughout.")
-    named = (f"; there too, whether each mentioned object has the attribute value the question names (\"Is there "
-             f"a cube or a cone that is *green*?\"; an absent object has none; weight "
-             f"{train_config['named_loss_weight']})" if train_config.get("named_loss_weight") else "")
+    statements = statement_paragraph(train_config)
+    route = planted_route(train_config)
     card = f"""# shapes-llava
 
 A small LLaVA-1.5-style vision-language model trained from scratch by mmscope on its synthetic GQA-format
@@ -53,18 +52,12 @@ queries. Splits share no scene: {world['splits']['train']['questions']} training
 1. vision pre-training, {train_config.get('vision_steps', 0)} steps of {train_config.get('vision_batch_size', 0)} images: the vision tower and projector learn, for
    every image token, the shape, colour, size and material of the object under it and the patch's row and column
    (from the scene graphs);
-2. instruction tuning, {train_config['steps']} steps of {train_config['batch_size']} questions, {tower}: cross-entropy on the answer tokens,
-   plus auxiliary losses read by linear heads that are discarded after training — the patch targets again at the
-   projector's output (weight {train_config['patch_loss_weight']}); at each object word of the question (GQA's annotations), whether that
-   object is in the image and its attributes and position, at the output of decoder layer {train_config.get('grounding_layer', '-')} (weight
-   {train_config.get('grounding_loss_weight', 0)}); the attention mass that head {train_config.get('attention_head', '-')} of layer {train_config.get('attention_layer', '-')} puts from that word on the object's patches
-   (weight {train_config.get('attention_loss_weight', 0)}); and the same object targets (one set of heads per mentioned object) at the last prompt
-   position, at the output of decoder layer {train_config.get('gather_layer', '-')} (weight {train_config.get('gather_loss_weight', 0)}){named}.
+2. instruction tuning, {train_config['steps']} steps of {train_config['batch_size']} questions, {tower}: cross-entropy on the answer tokens
+   (and the end token), plus the auxiliary losses of "The planted route" below (linear heads, discarded after
+   training).
 {precision}
 
-These auxiliary targets steer information along image → question words → last position, so knockouts on this
-model find that route partly by construction; use it to exercise the tools, and a real VLM for findings.
-
+{statements}{route}
 Trained in {summary['minutes']:.0f} minutes on {summary['machine']}.
 Final validation accuracy (teacher-forced whole answer): {summary['final_val_accuracy']:.3f}.
 
@@ -79,3 +72,63 @@ Greedy answers, stripped and lower-cased, against the label; "blank image" repla
     path = folder / "README.md"
     path.write_text(card)
     return path
+
+
+def statement_paragraph(config: dict) -> str:
+    """How the training mix holds true/false statements, where it does (empty where it holds none)."""
+    share, turns = config.get("statement_share", 0.0), config.get("turns", 1)
+    if not share or turns < 2:
+        return ""
+    per_sequence = share * (turns - 1)
+    return (f"Every training sequence holds {turns} turns about its image: the first is a question; each later one is "
+            f"a true/false statement with probability {share} (otherwise another question about the image), so about "
+            f"{per_sequence:.2f} statements per sequence, {100 * per_sequence / turns:.0f}% of the turns. A statement "
+            "is asked as `True or false: There is a red cube.` and answered `true` or `false` (answer-token loss "
+            "only, like the questions): the probing study's entailment pairs of the training split's scene graphs — "
+            "true captions, and hard negatives with one attribute, object or relation swapped "
+            "(`mmscope.data.probing.entailment_dataset`). Questions come before statements in a sequence, so no "
+            "question is answerable from an earlier statement.\n\n")
+
+
+def planted_route(config: dict) -> str:
+    """The route the auxiliary losses plant, step by step: which loss, at which layer and head, read at which
+    positions — in mmscope's numbering (decoder layers from 0; "after layer L" is the residual stream that layer
+    writes, `hidden_states[L + 1]`)."""
+    rows = []
+    if config.get("patch_loss_weight"):
+        rows.append(("patch", config["patch_loss_weight"], "projector output (the decoder's input)", "—",
+                     "every image token", "the attributes of the object under the patch (or background), its row and column"))
+    if config.get("attention_loss_weight"):
+        layer, head = config.get("attention_layer"), config.get("attention_head")
+        rows.append(("attention", config["attention_loss_weight"], f"layer {layer}", f"head {head}",
+                     "from each mentioned object's word to that object's image tokens",
+                     "attention mass on the object's patches (maximised)"))
+    if config.get("grounding_loss_weight"):
+        after = config.get("grounding_layer", 0) - 1
+        rows.append(("grounding", config["grounding_loss_weight"], f"after layer {after}", "—",
+                     "each mentioned object's word", "present or not; shape, colour, size, material; row and column"))
+    if config.get("gather_loss_weight") or config.get("named_loss_weight"):
+        after = config.get("gather_layer", 0) - 1
+        if config.get("gather_loss_weight"):
+            rows.append(("gather", config["gather_loss_weight"], f"after layer {after}", "—", "the last prompt position",
+                         "the grounding targets of each mentioned object (one set of heads per mention)"))
+        if config.get("named_loss_weight"):
+            rows.append(("named", config["named_loss_weight"], f"after layer {after}", "—", "the last prompt position",
+                         "whether each mentioned object has the attribute value the question names"))
+    if not rows:
+        return "No auxiliary loss: nothing inside the decoder was trained toward a route.\n"
+    table = "\n".join(f"| {loss} | {weight} | {where} | {head} | {positions} | {target} |"
+                       for loss, weight, where, head, positions, target in rows)
+    return f"""## The planted route
+The auxiliary losses train linear heads (discarded after training) to read these targets at these places, so
+information is pushed along image → question words → last position. Decoder layers count from 0; "after layer
+L" is the residual stream layer L writes (`hidden_states[L + 1]`, mmscope's `residual` site of layer L).
+
+| loss | weight | where | head | positions | target |
+|---|---|---|---|---|---|
+{table}
+
+A method that claims to find where image information reaches the answer should find these steps on this model:
+use it as a check with a known answer, not as a finding about VLMs — a real VLM learns its routes from answers
+alone (why this model does not: `docs/answer-only-training.md`).
+"""

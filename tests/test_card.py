@@ -1,0 +1,39 @@
+"""The model card's planted-route table and statement paragraph, read off a training config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mmscope.zoo.shapes_llava as shapes_llava
+from mmscope.zoo.shapes_llava.card import planted_route, statement_paragraph
+
+SHIPPED = json.loads((Path(shapes_llava.__file__).parent / "checkpoint" / "training.json").read_text())
+CONFIG = SHIPPED["summary"]["config"]
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    table = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in table[1:]}
+
+
+def test_the_route_table_names_each_planted_step_in_mmscopes_layer_numbering():
+    found = rows(planted_route({**CONFIG, "attention_layer": 3, "attention_head": 1, "grounding_layer": 5,
+                                "gather_layer": 7}))
+    assert list(found) == ["patch", "attention", "grounding", "gather", "named"]
+    assert found["attention"][1:3] == ["layer 3", "head 1"]
+    # hidden_states[k] is what layer k - 1 writes: the losses read hidden_states[grounding_layer]
+    assert found["grounding"][1] == "after layer 4" and found["gather"][1] == "after layer 6"
+    assert found["named"][0] == str(CONFIG["named_loss_weight"])
+
+
+def test_a_loss_turned_off_leaves_its_row_out_and_no_loss_says_so():
+    assert "attention" not in rows(planted_route({**CONFIG, "attention_loss_weight": 0.0}))
+    off = {f"{loss}_loss_weight": 0.0 for loss in ("patch", "attention", "grounding", "gather", "named")}
+    assert "nothing inside the decoder" in planted_route({**CONFIG, **off})
+
+
+def test_statements_are_described_only_where_the_mix_holds_them():
+    assert statement_paragraph({**CONFIG, "turns": 1, "statement_share": 0.0}) == ""
+    text = statement_paragraph({**CONFIG, "turns": 3, "statement_share": 0.5})
+    assert "1.00 statements per sequence, 33% of the turns" in text and "True or false:" in text
