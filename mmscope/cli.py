@@ -1,9 +1,11 @@
 """The `mmscope` command line: one sub-command per job, each with `--help`.
 
 No command is written out by hand: each is generated from a declaration — an experiment's or `evaluate`'s
-`Command` and options class (`mmscope.experiments.declarations`), and for `train` the `TrainConfig` fields it
-exposes. Every option's type, default and help come from there, and typer reads them from a typed signature
-built with `inspect.Signature`; the command builds the options object from what typer parsed and hands it over.
+`Command` and options class (`mmscope.experiments.declarations`), `data synth`'s and `data show`'s
+(`mmscope.data.cli`), and for `train` the `TrainConfig` fields declared with `option()`
+(`mmscope.zoo.shapes_llava.config`). Every option's type, default and help come from there (`mmscope.declare`),
+and typer reads them from a typed signature built with `inspect.Signature`; the command builds the options
+object from what typer parsed and hands it over.
 A switch (a bool option) is a flag: `--include-all`, or `--controls/--no-controls` where it is on by default.
 
 The declarations import no heavy library: `mmscope --help`, a command's `--help` and an option refused before
@@ -28,10 +30,10 @@ import typer
 import yaml
 from safetensors import SafetensorError
 
-from mmscope.data.cli import app as data_app
+from mmscope.data.cli import DATA_COMMANDS, DATA_HELP
+from mmscope.declare import Command, fields_in_order
 from mmscope.errors import MMScopeError, known, suggest, yaml_problem
 from mmscope.experiments.declarations import CHECK, EVALUATE, EXPERIMENTS
-from mmscope.experiments.options import Command, fields_in_order
 from mmscope.zoo.shapes_llava.config import TrainConfig, embedded_spec
 
 DEBUG_VARIABLE = "MMSCOPE_DEBUG"
@@ -103,36 +105,10 @@ def _options(debug: bool = typer.Option(False, "--debug", help=f"Show an error's
     """Mechanistic interventions for vision-language models, built on nnsight."""
 
 
-# The TrainConfig fields `mmscope train` takes, in the order --help lists them, with their help (None: none).
-TRAIN_OPTIONS = {
-    "out": "Folder to write the trained checkpoint (save_pretrained) to.",
-    "data": "A synthetic-world folder; generated next to OUT when omitted.",
-    "n_scenes": "Scenes to synthesize when --data is omitted.",
-    "vision_steps": "Stage 1 (vision pre-training) optimizer steps.",
-    "freeze_vision": "Keep the vision tower frozen in stage 2.",
-    "steps": "Stage 2 (answers) optimizer steps.",
-    "batch_size": None,
-    "lr": None,
-    "seed": None,
-    "eval_every": "Validate every N steps.",
-    "patch_loss_weight": "Weight of the per-patch attribute loss (0 turns it off).",
-    "grounding_loss_weight": "Weight of the mentioned-object loss (0 turns it off).",
-    "attention_loss_weight": "Weight of the word-to-object attention loss (0: off).",
-    "gather_loss_weight": "Weight of the last-position mentioned-object loss (0: off).",
-    "named_loss_weight": "Weight of the last-position named-value loss (0: off).",
-    "turns": "Conversation turns per training sequence, all about its image.",
-    "caption_share": "Share of the turns after the first asking for a caption.",
-    "caption_positions": "Captions name the third of the image each object lies in.",
-    "caption_steps": "Stage 2 opens with this many steps on captions alone.",
-    "statement_share": "Share of the turns after the first asking true or false.",
-    "description_share": "Share of the turns after the first asking to describe one object.",
-    "focus": "Share of each batch drawn by categories' validation error (0: uniform).",
-    "bf16": "bfloat16 autocast (float32 weights); default: where the CPU has bf16 instructions.",
-    "wandb": "Log the run to Weights & Biases (offline without a key).",
-}
 # TrainConfig keeps its folders as strings (it is saved as JSON); the command reads them as paths.
 TRAIN_FOLDERS = {"out": Path, "data": Path | None}
-TRAIN_FLAGS = {"wandb": "--wandb"}
+# The one option of `mmscope train` that is no TrainConfig field: the spec's decoder layers.
+TEXT_LAYERS_HELP = "Decoder layers (the rest of the geometry is the shipped model's)."
 
 
 class ConfigFileError(MMScopeError, ValueError):
@@ -179,17 +155,22 @@ CONFIG = inspect.Parameter(
 @dataclass(frozen=True)
 class Parameter:
     """One command-line option: its Python name, type, default (`...`: required), help, and its flag when that
-    is not `--python-name` (a bool with a flag is a switch without a `--no-` form)."""
+    is not `--python-name` (a bool with a flag is a switch without a `--no-` form); or, with `argument`, a
+    positional argument."""
 
     name: str
     annotation: Any
     default: Any
     help: str | None = None
     flag: str | None = None
+    argument: bool = False
 
     def signature(self) -> inspect.Parameter:
         """The typed keyword parameter typer reads this option from."""
-        declared = typer.Option(*([self.flag] if self.flag else []), help=self.help)
+        if self.argument:
+            declared = typer.Argument(help=self.help)
+        else:
+            declared = typer.Option(*([self.flag] if self.flag else []), help=self.help)
         return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=self.default,
                                  annotation=Annotated[self.annotation, declared])
 
@@ -199,26 +180,25 @@ def _default(field: dataclasses.Field) -> Any:
     return ... if field.default is dataclasses.MISSING else field.default
 
 
-def parameters_of(options: type) -> list[Parameter]:
-    """The options of a declared options class; the experiment's own come before those `listed_last`."""
-    hints = typing.get_type_hints(options)
-    return [Parameter(field.name, hints[field.name], _default(field), field.metadata["help"], field.metadata["flag"])
+def parameters_of(options: type, types: dict[str, Any] | None = None) -> list[Parameter]:
+    """The options of a declared options class (its `option()` fields); the experiment's own come before those
+    `listed_last`. `types` gives the command-line type of a field that the class holds as another."""
+    hints = {**typing.get_type_hints(options), **(types or {})}
+    return [Parameter(field.name, hints[field.name], _default(field), field.metadata["help"], field.metadata["flag"],
+                      field.metadata["argument"])
             for field in fields_in_order(options)]
 
 
 def train_parameters() -> list[Parameter]:
-    """The options of `mmscope train`: `TRAIN_OPTIONS`, typed and defaulted by `TrainConfig`."""
-    hints = typing.get_type_hints(TrainConfig)
-    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
-    return [Parameter(name, TRAIN_FOLDERS.get(name, hints[name]), _default(fields[name]), help, TRAIN_FLAGS.get(name))
-            for name, help in TRAIN_OPTIONS.items()] + [
-        Parameter("text_layers", int, embedded_spec().text_layers, "Decoder layers (the rest of the geometry is the "
-                                                                   "shipped model's).")]
+    """The options of `mmscope train`: `TrainConfig`'s `option()` fields, and the spec's `--text-layers`."""
+    return parameters_of(TrainConfig, TRAIN_FOLDERS) + [
+        Parameter("text_layers", int, embedded_spec().text_layers, TEXT_LAYERS_HELP)]
 
 
 def add_command(name: str, help: str, parameters: Sequence[Parameter], call: Callable[..., None],
-                config_file: bool = False) -> None:
-    """Register `mmscope <name>`: typer parses `parameters` (and `--config`) and `call` gets their values."""
+                config_file: bool = False, group: typer.Typer | None = None) -> None:
+    """Register `mmscope <name>` (or, in `group`, `mmscope <group> <name>`): typer parses `parameters` (and
+    `--config`) and `call` gets their values."""
 
     def command(**values: Any) -> None:
         values.pop("config", None)  # already applied, as the options' defaults
@@ -226,15 +206,15 @@ def add_command(name: str, help: str, parameters: Sequence[Parameter], call: Cal
 
     command.__signature__ = inspect.Signature([parameter.signature() for parameter in parameters]
                                               + ([CONFIG] if config_file else []))
-    app.command(name, help=help)(command)
+    (group or app).command(name, help=help)(command)
 
 
-def add_declared(declaration: Command) -> None:
-    """Register a declared command: its options object, built from the command line, goes to its `main` (which
-    imports what runs it)."""
+def add_declared(declaration: Command, group: typer.Typer | None = None) -> None:
+    """Register a declared command (in `group`, if given): its options object, built from the command line, goes
+    to its `main` (which imports what runs it)."""
     add_command(declaration.name, declaration.help, parameters_of(declaration.options),
                 lambda **values: declaration.main(declaration.options(**values), typer.echo),
-                declaration.config_file)
+                declaration.config_file, group)
 
 
 def train(**values: Any) -> None:
@@ -255,7 +235,10 @@ def _register_commands() -> None:
                          "shipped recipe).", train_parameters(), train)
     add_declared(EVALUATE)
     add_declared(CHECK)
-    app.add_typer(data_app, name="data", help="Synthesize, load and inspect GQA-format data.")
+    data = typer.Typer(help=DATA_HELP, no_args_is_help=True)
+    for command in DATA_COMMANDS:
+        add_declared(command, data)
+    app.add_typer(data, name="data", help=DATA_HELP)
 
 
 _register_commands()

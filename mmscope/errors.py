@@ -5,7 +5,8 @@ Every error mmscope raises on purpose is an `MMScopeError`, and also the builtin
 room's own live in that room and subclass `MMScopeError`: `mmscope.data.errors` (`DataError` and its kinds),
 `mmscope.probes.ProbeError`, `OptionError` (`mmscope.experiments.options`), `RunFolderError` and
 `RunLockedError` (`mmscope.experiments.runs`), `RankError` (`mmscope.experiments.distributed`),
-`TrainConfigError` and `TrainingStateError` (`mmscope.zoo.shapes_llava`), `ConfigFileError` (`mmscope.cli`).
+`TrainConfigError`, `TrainingStateError` and `BatchError` (`mmscope.zoo.shapes_llava`), `ConfigFileError`
+(`mmscope.cli`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from mmscope.experiments import runner as runner_module
 from mmscope.experiments.knockout import DEFAULT_FLOWS, KnockoutOptions
 from mmscope.experiments.options import plain
 from mmscope.experiments.patch import PATCH_GROUPS, PatchOptions
-from mmscope.zoo.shapes_llava.train import TrainConfig
+from mmscope.zoo.shapes_llava.config import TrainConfig
 
 runner = CliRunner()
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def recorded(monkeypatch) -> list:
 
 
 def test_commands_are_listed_in_their_order():
-    assert list(typer.main.get_command(app).commands) == ["knockout", "lens", "truncate", "patch", "map", "probe", "train",
-                                                          "evaluate", "check", "data"]
+    assert list(typer.main.get_command(app).commands) == ["knockout", "lens", "truncate", "patch", "map", "probe",
+                                                          "train", "evaluate", "check", "data"]
 
 
 @pytest.mark.parametrize(("command", "own", "defaults"), [
@@ -57,7 +57,8 @@ def test_commands_are_listed_in_their_order():
     ("lens", ["--lens", "--lens-axis"], {"--limit": 20, "--lens": None, "--lens-axis": None}),
     ("truncate", ["--engine"], {"--limit": 20, "--engine": "prefix"}),
     ("patch", ["--site", "--group", "--engine", "--estimate", "--verify", "--verify-random", "--metric"],
-     {"--limit": 10, "--site": "residual", "--group": None, "--engine": "prefix", "--estimate": None, "--verify": None}),
+     {"--limit": 10, "--site": "residual", "--group": None, "--engine": "prefix", "--estimate": None,
+      "--verify": None}),
 ])
 def test_sweep_commands_take_the_shared_options_around_their_own(command, own, defaults):
     options = options_of(command)

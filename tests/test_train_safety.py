@@ -1,6 +1,7 @@
-"""`mmscope.zoo.shapes_llava.train` at the door: a bad `TrainConfig` value is refused by its option name before
-anything is written, and `OUT/resume.pt` is read without executing anything in it (a crafted pickle, a cut or
-empty file, another format are refused by name); a real saved state round-trips."""
+"""The training recipe (`mmscope.zoo.shapes_llava.train`) at the door: a bad `TrainConfig` value is refused by
+its option name before anything is written, and `OUT/resume.pt` is read without executing anything in it (a
+crafted pickle, a cut or empty file, another format are refused by name); a real saved state round-trips, and one
+whose progress does not fit the run is refused by name."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from typer.testing import CliRunner
 import mmscope.zoo.shapes_llava.train as recipe
 from conftest import TINY_TRAINING_SPEC as SPEC
 from mmscope.errors import MMScopeError
-from mmscope.zoo.shapes_llava.train import RESUME, TrainConfig, TrainConfigError, TrainingStateError, train
+from mmscope.zoo.shapes_llava.config import TrainConfig, TrainConfigError
+from mmscope.zoo.shapes_llava.resume import RESUME, TrainingStateError, generated_world, load_resume
+from mmscope.zoo.shapes_llava.train import train
 
 
 
@@ -90,7 +93,7 @@ def test_a_saved_training_state_round_trips_under_weights_only_and_the_run_resum
     config, states, files = crashed
     for state, file in zip(states, files):
         assert_same(torch.load(file, weights_only=True), state)
-        assert_same(recipe._load_resume(file, config), state)
+        assert_same(load_resume(file, config), state)
     # Every part is there: module weights, AdamW's moments, the schedule, both random states, history, settings.
     last = states[-1]
     assert set(last["modules"]) == {"model", "auxiliary", "grounding", "gathering", "naming"}
@@ -171,7 +174,7 @@ def test_a_resume_file_that_is_no_training_state_is_refused_by_name(crashed, tmp
     path = tmp_path / RESUME
     not_a_state(crashed, tmp_path)[kind](path)
     with pytest.raises(TrainingStateError) as error:
-        recipe._load_resume(path, crashed[0])
+        load_resume(path, crashed[0])
     assert str(error.value).startswith(f"{path} is not an mmscope training state ({REFUSALS[kind]}")
     assert str(error.value).endswith("; delete it to start over") and "\n" not in str(error.value)
     assert isinstance(error.value, MMScopeError)
@@ -190,11 +193,28 @@ def test_a_state_that_does_not_fit_the_run_is_refused_when_restored(crashed, tmp
     assert sorted(p.name for p in out.iterdir()) == [RESUME]
 
 
+@pytest.mark.parametrize("kind", ["finished", "sampler"])
+def test_a_state_whose_progress_does_not_fit_the_run_is_refused_by_name(crashed, tmp_path, kind):
+    config, states, _ = crashed
+    out = tmp_path / "out"
+    out.mkdir()
+    n = len(states[-1]["sampler_weights"])  # the world's categories
+    changes, reason = {"finished": ({"step": 3}, "it stopped at step 3 of 3"),
+                       "sampler": ({"sampler_weights": [1 / (n + 1)] * (n + 1)},
+                                   f"{n + 1} sampling weights for {n} categories")}[kind]
+    torch.save({**states[-1], **changes}, out / RESUME)
+    with pytest.raises(TrainingStateError) as error:
+        train(dataclasses.replace(config, out=str(out)))
+    assert str(error.value) == (f"{out / RESUME} is not an mmscope training state this run can continue ({reason}); "
+                                "delete it to start over")
+    assert isinstance(error.value, MMScopeError) and sorted(p.name for p in out.iterdir()) == [RESUME]
+
+
 def test_a_state_of_other_settings_names_each_one_with_both_values(crashed):
     config, _, files = crashed
     spec = dataclasses.replace(SPEC, text_layers=3)
     with pytest.raises(TrainingStateError) as error:
-        recipe._load_resume(files[-1], dataclasses.replace(config, steps=4, lr=0.01, spec=spec))
+        load_resume(files[-1], dataclasses.replace(config, steps=4, lr=0.01, spec=spec))
     assert str(error.value) == (f"{files[-1]} holds an unfinished run with other settings (steps: 3 there, 4 now; "
                                 "lr: 0.0015 there, 0.01 now; spec.text_layers: 2 there, 3 now); rerun with those, or "
                                 "delete the file to start over")
@@ -327,14 +347,14 @@ def test_a_path_is_kept_as_a_string_and_vision_steps_zero_skips_stage_one(world,
 def test_the_generated_world_is_reused_when_it_matches_regenerated_when_cut_short_refused_otherwise(tmp_path):
     world = tmp_path / "out-world"
     config = dataclasses.replace(tiny_config(tmp_path / "out", world), data=None, n_scenes=10, seed=5)
-    recipe._generated_world(world, config)  # generated
+    generated_world(world, config)  # generated
     recorded = json.loads((world / "world.json").read_text())
     assert (recorded["seed"], recorded["n_scenes"], recorded["image_size"]) == (5, 10, 64)
     stamp = (world / "world.json").stat().st_mtime_ns
-    recipe._generated_world(world, config)  # a rerun reuses it
+    generated_world(world, config)  # a rerun reuses it
     assert (world / "world.json").stat().st_mtime_ns == stamp
     with pytest.raises(TrainConfigError, match=r"holds a generated world of other settings \(seed: 5 there, 6 now\)"):
-        recipe._generated_world(world, dataclasses.replace(config, seed=6))
+        generated_world(world, dataclasses.replace(config, seed=6))
     (world / "world.json").unlink()  # as a crash during generation leaves it
-    recipe._generated_world(world, config)
+    generated_world(world, config)
     assert json.loads((world / "world.json").read_text())["splits"] == recorded["splits"]

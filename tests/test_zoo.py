@@ -9,7 +9,10 @@ import pytest
 
 from mmscope.data.synthetic import load_synthetic
 from mmscope.zoo.build import TinyLlavaSpec, build_llava, build_word_tokenizer
-from mmscope.zoo.shapes_llava.train import IGNORE, Batcher, ImageSet, SceneTargets
+from mmscope.errors import MMScopeError
+from mmscope.zoo.shapes_llava.batches import Batcher, BatchError, ImageSet
+from mmscope.zoo.shapes_llava.config import TrainConfigError
+from mmscope.zoo.shapes_llava.targets import IGNORE, SceneTargets
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,8 @@ def batch_and_rows(tmp_path_factory):
     model, processor = build_llava(tokenizer, spec)
     world = json.loads((folder / "world.json").read_text())
     graphs = json.loads((folder / "sceneGraphs" / "train_sceneGraphs.json").read_text())
-    targets = SceneTargets(folder / "sceneGraphs" / "train_sceneGraphs.json", world["vocabulary"], grid=8, image_size=64)
+    targets = SceneTargets(folder / "sceneGraphs" / "train_sceneGraphs.json", world["vocabulary"], grid=8,
+                           image_size=64)
     indices = list(range(min(48, len(rows))))
     images = ImageSet(processor, rows)
     batcher = Batcher(processor, rows, images, images.features(model), targets)
@@ -92,7 +96,7 @@ def test_patch_targets_mark_the_patch_under_each_object_centre(batch_and_rows):
 def test_object_patches_are_image_tokens_inside_the_box_and_the_attention_loss_reads_them(batch_and_rows):
     import torch
 
-    from mmscope.zoo.shapes_llava.train import attention_loss
+    from mmscope.zoo.shapes_llava.objective import attention_loss
 
     batch, rows, tokenizer, _, graphs, *_ = batch_and_rows
     image_token = tokenizer.convert_tokens_to_ids("<image>")
@@ -125,7 +129,8 @@ def test_object_patches_are_image_tokens_inside_the_box_and_the_attention_loss_r
 def test_stage_two_forward_from_cached_features_equals_the_models_own_forward(batch_and_rows):
     import torch
 
-    from mmscope.zoo.shapes_llava.train import answer_logits, prompt_of
+    from mmscope.zoo.shapes_llava.objective import answer_logits
+    from mmscope.zoo.shapes_llava.prompts import prompt_of
 
     _, rows, _, _, _, model, processor, batcher = batch_and_rows
     model.eval()
@@ -147,7 +152,7 @@ def test_stage_two_forward_from_cached_features_equals_the_models_own_forward(ba
 def test_stage_two_forward_from_pixels_equals_the_one_from_cached_features(batch_and_rows):
     import torch
 
-    from mmscope.zoo.shapes_llava.train import Batcher, answer_logits
+    from mmscope.zoo.shapes_llava.objective import answer_logits
 
     _, _, _, _, _, model, processor, batcher = batch_and_rows
     model.eval()
@@ -160,7 +165,7 @@ def test_stage_two_forward_from_pixels_equals_the_one_from_cached_features(batch
 def test_last_position_loss_reads_each_mention_at_the_token_before_the_answer(batch_and_rows):
     import torch
 
-    from mmscope.zoo.shapes_llava.train import AuxiliaryHeads, last_position_loss
+    from mmscope.zoo.shapes_llava.objective import AuxiliaryHeads, last_position_loss
 
     batch, rows, tokenizer, *_ = batch_and_rows
     torch.manual_seed(0)
@@ -184,7 +189,7 @@ def test_last_position_loss_reads_each_mention_at_the_token_before_the_answer(ba
 def test_category_sampler_draws_by_validation_error():
     from collections import Counter
 
-    from mmscope.zoo.shapes_llava.train import CategorySampler
+    from mmscope.zoo.shapes_llava.schedule import CategorySampler
 
     categories = ["A"] * 50 + ["B"] * 30 + [None] * 20
     sampler = CategorySampler(categories, focus=0.5, seed=1)
@@ -195,5 +200,14 @@ def test_category_sampler_draws_by_validation_error():
     assert sampler.weights == pytest.approx([1 / 6 + 0.5 / 3, 1 / 6, 1 / 6 + 1 / 3])
     drawn = Counter(categories[i] for i in sampler(6000))
     assert drawn["B"] / 6000 == pytest.approx(0.5, abs=0.03) and drawn["A"] / 6000 == pytest.approx(1 / 6, abs=0.03)
-    with pytest.raises(ValueError, match="focus"):
+    with pytest.raises(TrainConfigError) as error:
         CategorySampler(categories, focus=1.5)
+    assert str(error.value) == "focus 1.5 (--focus): must lie in [0, 1] (0: uniform over categories)"
+
+
+def test_a_batcher_asked_for_more_turns_without_a_pool_is_refused(batch_and_rows):
+    *_, processor, batcher = batch_and_rows
+    with pytest.raises(BatchError) as error:
+        Batcher(processor, batcher.dataset, batcher.images, extra_turns=2)
+    assert str(error.value) == "extra_turns=2 needs a TurnPool to draw them from (turns=None)"
+    assert isinstance(error.value, MMScopeError) and isinstance(error.value, ValueError)

@@ -2,6 +2,8 @@
 
 A field declared with `option(default, help)` is also a command-line option: `mmscope.cli` builds every
 command's typed `typer` signature from its options class, so type, default and help text live in one place.
+`option`, `flag_of`, `fields_in_order` and `Command` are declared in `mmscope.declare`, below every room (the
+training recipe's `TrainConfig` and the data commands declare their options with them too), and re-exported here.
 The options every per-question sweep takes are `QuestionOptions`; an experiment subclasses it and adds its own,
 which its command lists before the ones marked `listed_last` (`--include-all`, `--out`, `--wandb`, `--seed`).
 An experiment over other data (probe) lists the shared options it takes through the `*_option()` factories,
@@ -18,16 +20,13 @@ back as defaults).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from mmscope.data.columns import TABLE_COLUMNS
+from mmscope.declare import Command, fields_in_order, flag_of, option  # re-exported: the experiments' names
 from mmscope.errors import MMScopeError, known, suggest
 from mmscope.experiments import protocol as protocols
 from mmscope.zoo import DEFAULT_MODEL
@@ -35,24 +34,9 @@ from mmscope.zoo import DEFAULT_MODEL
 if TYPE_CHECKING:
     from mmscope.model import Model
 
-O = TypeVar("O")
-
 
 class OptionError(MMScopeError, ValueError):
     """An experiment option outside its valid values."""
-
-
-def option(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,
-           listed_last: bool = False) -> Any:
-    """A dataclass field that is a command-line option: its default (none: required), help text, its flag
-    when that is not `--field-name` (a bool with a flag is a switch without a `--no-` form), and whether the
-    command lists it after the experiment's own options."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "listed_last": listed_last})
-
-
-def flag_of(name: str) -> str:
-    """The command-line flag of option `name` (`n_images` → `--n-images`)."""
-    return "--" + name.replace("_", "-")
 
 
 def check_choice(name: str, value: str, choices, *, flag: str | None = None) -> None:
@@ -235,34 +219,6 @@ class QuestionOptions:
         """These options with what was left to the protocol or the model decided, and the run header's lines
         saying what was chosen (an experiment's options extend it, calling this first)."""
         return protocols.configure(self, model)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Command(Generic[O]):
-    """A command declared by its options: `mmscope <name>` builds `options` from the command line and calls
-    `main(options, echo)`, which reports through `echo`. Only commands with `config_file` take `--config`.
-
-    What runs it is named, not imported: `runs` is the `module:attribute` of a function `(options, echo)`
-    (an experiment's: `mmscope.experiments.knockout:KNOCKOUT.main`), imported when the command runs, so that
-    the command line knows every command without importing torch."""
-
-    name: str
-    help: str
-    options: type[O]
-    runs: str
-    config_file: bool = False
-
-    def main(self, options: O, echo: Callable[[str], None]) -> None:
-        """Run the command with `options`: import what runs it (and so torch), then call it."""
-        module, _, attribute = self.runs.partition(":")
-        run = functools.reduce(getattr, attribute.split("."), importlib.import_module(module))
-        run(options, echo)
-
-
-def fields_in_order(options) -> list[dataclasses.Field]:
-    """The option fields of an options class (or object) in the order its command lists them: the experiment's
-    own before those `listed_last`."""
-    return sorted(dataclasses.fields(options), key=lambda field: field.metadata["listed_last"])
 
 
 def plain(options) -> dict[str, Any]:

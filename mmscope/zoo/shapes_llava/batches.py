@@ -1,0 +1,206 @@
+"""Stage-2 batches: the images of a split preprocessed once (`ImageSet`, and the vision features a frozen tower
+gives them), and rows of a GQA-format dataset turned into the decoder's input (`Batcher`): the study's prompt
+with the answer and end-of-sequence token after it (the loss's labels), more turns about the same image for a
+multi-turn run (`mmscope.zoo.shapes_llava.instructions.TurnPool`), and the auxiliary targets
+(`mmscope.zoo.shapes_llava.targets`).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from tqdm.auto import tqdm
+
+from mmscope.errors import MMScopeError
+from mmscope.zoo.build import words_of
+from mmscope.zoo.shapes_llava.instructions import CAPTION_REQUEST, TurnPool
+from mmscope.zoo.shapes_llava.prompts import follow_up_of, prompt_of
+from mmscope.zoo.shapes_llava.targets import IGNORE, MAX_MENTIONS, SceneTargets, mention_positions
+
+
+class BatchError(MMScopeError, ValueError):
+    """A `Batcher` asked for what its arguments cannot give (more turns with no pool to draw them from)."""
+
+
+class ImageSet:
+    """The distinct images of a GQA-format split, preprocessed once by the real image processor.
+
+    `features(model)` runs the vision tower once over all of them and keeps the projector's input, so that a
+    stage 2 with a frozen tower never repeats that work."""
+
+    def __init__(self, processor, dataset, batch_size: int = 512) -> None:
+        first: dict[str, int] = {}
+        for index, image_id in enumerate(dataset["image_id"]):
+            first.setdefault(image_id, index)
+        self.ids = list(first)
+        self.index = {image_id: i for i, image_id in enumerate(self.ids)}
+        chunks = []
+        for start in tqdm(range(0, len(self.ids), batch_size), desc="preprocessing images", unit="batch",
+                          leave=False):
+            rows = dataset.select([first[i] for i in self.ids[start : start + batch_size]])
+            images = [image.convert("RGB") for image in rows["image"]]
+            chunks.append(processor.image_processor(images, return_tensors="pt")["pixel_values"])
+        self.pixel_values = torch.cat(chunks)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @torch.no_grad()
+    def features(self, model, batch_size: int = 256) -> torch.Tensor:
+        """`[n_images, P, D_vision]`: the vision features the projector reads (its input)."""
+        captured = []
+        hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            for start in range(0, len(self), batch_size):
+                image_features(model, self.pixel_values[start : start + batch_size])
+        finally:
+            hook.remove()
+        return torch.cat(captured)
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projector's output `[B, P, D]` for `pixel_values`, as `LlavaForConditionalGeneration` computes it."""
+    config = model.config
+    output = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                            vision_feature_select_strategy=config.vision_feature_select_strategy)
+    return torch.stack(list(output.pooler_output))
+
+
+class Batcher:
+    """Turns rows of a GQA-format `datasets.Dataset` into stage-2 batches: the tokenized prompt and answer, each
+    row's preprocessed image (or, given `features`, its cached vision features) and, with `targets`, the
+    auxiliary labels.
+
+    The prompt is tokenized as the processor does it: `<image>` expanded to as many image tokens as the
+    processor produces for one image (measured once)."""
+
+    def __init__(self, processor, dataset, images: ImageSet, features: torch.Tensor | None = None,
+                 targets: SceneTargets | None = None, max_mentions: int = MAX_MENTIONS,
+                 turns: TurnPool | None = None, extra_turns: int = 0, caption_share: float = 0.0,
+                 statement_share: float = 0.0, description_share: float = 0.0, seed: int = 0) -> None:
+        if extra_turns and turns is None:
+            raise BatchError(f"extra_turns={extra_turns} needs a TurnPool to draw them from (turns=None)")
+        self.tokenizer = processor.tokenizer
+        self.dataset = dataset
+        self.images, self.features = images, features
+        self.targets = targets
+        self.max_mentions = max_mentions
+        self.turns, self.extra_turns = turns, extra_turns
+        self.caption_share, self.statement_share = caption_share, statement_share
+        self.description_share = description_share
+        self.random = random.Random(seed)  # which extra turns each sequence gets (part of the training state)
+        self.image_token = self.tokenizer.image_token
+        # The columns a batch needs, read once: `Dataset.select` per batch costs more than the batch's forward pass.
+        names = ["question", "answer", "image_id"] + (["object_names", "object_ids"] if targets is not None else [])
+        self.columns = {name: list(dataset[name]) for name in names}
+        self.patch_labels = (torch.stack([targets.patches(image_id) for image_id in images.ids])
+                             if targets is not None else None)
+        probe = processor(images=[dataset[0]["image"].convert("RGB")], text=[self.image_token], return_tensors="pt")
+        self.n_image_tokens = int((probe["input_ids"] == self.tokenizer.convert_tokens_to_ids(self.image_token)).sum())
+
+    def __call__(self, indices: list[int], captions: bool = False) -> dict[str, torch.Tensor]:
+        """The batch of rows `indices`; with `captions`, each row's image with one request for its caption
+        instead (`TurnPool.caption`) and no more turns."""
+        rows = {name: [column[i] for i in indices] for name, column in self.columns.items()}
+        if captions:
+            described = [self.turns.caption(image_id, self.random) for image_id in rows["image_id"]]
+            rows["question"], rows["answer"] = [q for q, _ in described], [a for _, a in described]
+        prompt_ids, prompt_mask, answer_ids, answer_mask = self._first_turn(rows, captions)
+        input_ids = torch.cat([prompt_ids, answer_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, answer_mask], dim=1)
+        labels = torch.cat([torch.full_like(prompt_ids, IGNORE), answer_ids.masked_fill(answer_mask == 0, IGNORE)],
+                           dim=1)
+        if self.extra_turns and not captions:
+            input_ids, attention_mask, labels = self._more_turns(indices, rows, input_ids, attention_mask, labels)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+            "labels": labels,
+            "answer_ids": answer_ids,
+            "answer_mask": answer_mask.bool(),
+            "answer_start": torch.tensor(prompt_ids.shape[1] - 1),
+        }
+        return {**batch, **self._pictures(rows, prompt_ids, captions)}
+
+    def _first_turn(self, rows: dict, captions: bool) -> tuple[torch.Tensor, ...]:
+        """The prompts' ids and attention mask (`<image>` expanded), and the answers' ids (each with the
+        end-of-sequence token; right-padded) and mask."""
+        prompts = [prompt_of(q, instruction=not captions).replace(self.image_token,
+                                                                   self.image_token * self.n_image_tokens)
+                   for q in rows["question"]]
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        answers = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                   for a in rows["answer"]]
+        answer_ids, answer_mask = self._padded(answers, self.tokenizer.pad_token_id)
+        return encoded["input_ids"], encoded["attention_mask"], answer_ids, answer_mask
+
+    @staticmethod
+    def _padded(sequences: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sequences` right-padded with `fill` to the longest, and the mask of what is not padding."""
+        width = max(len(sequence) for sequence in sequences)
+        return (torch.tensor([sequence + [fill] * (width - len(sequence)) for sequence in sequences]),
+                torch.tensor([[1] * len(sequence) + [0] * (width - len(sequence)) for sequence in sequences]))
+
+    def _more_turns(self, indices: list[int], rows: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append `extra_turns` turns about the same image to each row (`TurnPool.draw`), in the template's
+        multi-turn form `… ASSISTANT: answer</s> USER: question … ASSISTANT: answer</s>`; right-padded."""
+        tails_ids, tails_labels = [], []
+        for index, image_id in zip(indices, rows["image_id"]):
+            ids, targets = [], []
+            for question, answer in self.turns.draw(index, image_id, self.extra_turns, self.caption_share,
+                                                    self.statement_share, self.random, self.description_share):
+                prompt = self.tokenizer(follow_up_of(question, instruction=question != CAPTION_REQUEST),
+                                        add_special_tokens=False)["input_ids"]
+                reply = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                ids += prompt + reply
+                targets += [IGNORE] * len(prompt) + reply
+            tails_ids.append(ids)
+            tails_labels.append(targets)
+        tail, tail_mask = self._padded(tails_ids, self.tokenizer.pad_token_id)
+        tail_labels, _ = self._padded(tails_labels, IGNORE)
+        return (torch.cat([input_ids, tail], 1), torch.cat([attention_mask, tail_mask], 1),
+                torch.cat([labels, tail_labels], 1))
+
+    def _pictures(self, rows: dict, prompt_ids: torch.Tensor, captions: bool) -> dict[str, torch.Tensor]:
+        """Each row's image (its pixels, or its cached vision features) and, with targets, its patch labels and
+        (unless it asks for captions) the labels of the objects its question mentions."""
+        which = [self.images.index[i] for i in rows["image_id"]]
+        if self.features is not None:
+            found = {"image_features": self.features[which]}
+        else:
+            found = {"pixel_values": self.images.pixel_values[which]}
+        if self.targets is not None:
+            found["patch_labels"] = self.patch_labels[which]
+            if not captions:
+                found.update(self._mentions(rows, prompt_ids))
+        return found
+
+    def _mentions(self, rows, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Prompt positions `[B, M]` (-1: none) and labels `[B, M, heads]` of the objects each question mentions,
+        and whether each has the attribute value the question names (`[B, M, 1]`, `SceneTargets.named`).
+
+        Also which image tokens show each mentioned object (`[B, M, P]`) and where the image starts (`[B]`). The
+        question's words directly follow the last image token (the template puts it right after `<image>\n`)."""
+        image_token = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
+        first_word = (prompt_ids == image_token).int().cumsum(-1).argmax(-1) + 1
+        n = len(rows["question"])
+        positions = torch.full((n, self.max_mentions), -1)
+        labels = torch.full((n, self.max_mentions, len(self.targets.mention_sizes())), IGNORE)
+        named = torch.full((n, self.max_mentions, 1), IGNORE)
+        patches = torch.zeros(n, self.max_mentions, self.targets.grid ** 2, dtype=torch.bool)
+        for b, (question, names, ids, image_id) in enumerate(
+            zip(rows["question"], rows["object_names"], rows["object_ids"], rows["image_id"])
+        ):
+            words = words_of(question)
+            for m, (index, object_id) in enumerate(zip(mention_positions(words, names), ids)):
+                if index >= 0 and m < self.max_mentions:
+                    positions[b, m] = first_word[b] + index
+                    labels[b, m] = torch.tensor(self.targets.mention(image_id, object_id))
+                    named[b, m, 0] = self.targets.named(image_id, object_id, words)
+                    patches[b, m] = self.targets.object_patches(image_id, object_id)
+        return {"mention_positions": positions, "mention_labels": labels, "mention_named": named,
+                "mention_patches": patches,
+                "image_start": first_word - self.targets.grid ** 2}
