@@ -155,6 +155,37 @@ def test_a_caption_batch_asks_each_image_for_its_caption_without_the_short_answe
         Batcher(processor, rows, ImageSet(processor, rows), extra_turns=3)
 
 
+def test_a_first_statement_replaces_the_question_and_its_object_targets(world, pool_and_rows):
+    from mmscope.zoo.shapes_llava.targets import SceneTargets
+
+    pool, rows = pool_and_rows
+    tokenizer = build_word_tokenizer(list(rows["question"]) + list(rows["answer"]) + pool.corpus())
+    model, processor = build_llava(tokenizer, SPEC, seed=0)
+    vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
+    targets = SceneTargets(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, 4, SPEC.image_size)
+    batcher = Batcher(processor, rows, ImageSet(processor, rows), targets=targets, turns=pool,
+                      first_statement_share=0.5, seed=3)
+    indices = list(range(12))
+    batch = batcher(indices)
+    replay = random.Random(3)  # the same draws, made independently
+    stated = 0
+    for b, index in enumerate(indices):
+        own = pool.statements.get(rows["image_id"][index], [])
+        if replay.random() < 0.5 and own:
+            question, answer = replay.choice(own)
+            stated += 1
+            assert (batch["mention_positions"][b] == -1).all()  # a statement carries no object targets
+        else:
+            question, answer = rows["question"][index], rows["answer"][index]
+        kept = batch["attention_mask"][b].bool()
+        ids, labels = batch["input_ids"][b][kept], batch["labels"][b][kept]
+        assert tokenizer.decode(labels[labels != IGNORE]) == f"{answer.lower()} </s>"
+        assert question.lower().rstrip("?.").split()[-1] in tokenizer.decode(ids[labels == IGNORE])
+    assert 0 < stated < len(indices)
+    with pytest.raises(ValueError, match="first_statement_share=0.5 needs a TurnPool"):
+        Batcher(processor, rows, ImageSet(processor, rows), first_statement_share=0.5)
+
+
 def test_a_multi_turn_run_without_internal_losses_resumes_to_the_uninterrupted_weights(world, tmp_path):
     import mmscope.zoo.shapes_llava.train as recipe
     from safetensors.torch import load_file

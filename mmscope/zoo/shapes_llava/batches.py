@@ -78,9 +78,14 @@ class Batcher:
     def __init__(self, processor, dataset, images: ImageSet, features: torch.Tensor | None = None,
                  targets: SceneTargets | None = None, max_mentions: int = MAX_MENTIONS,
                  turns: TurnPool | None = None, extra_turns: int = 0, caption_share: float = 0.0,
-                 statement_share: float = 0.0, description_share: float = 0.0, seed: int = 0) -> None:
-        if extra_turns and turns is None:
-            raise BatchError(f"extra_turns={extra_turns} needs a TurnPool to draw them from (turns=None)")
+                 statement_share: float = 0.0, description_share: float = 0.0, seed: int = 0,
+                 first_statement_share: float = 0.0) -> None:
+        if (extra_turns or first_statement_share) and turns is None:
+            given = [f"{name}={value}" for name, value in (("extra_turns", extra_turns),
+                                                            ("first_statement_share", first_statement_share)) if value]
+            raise BatchError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} a TurnPool to draw them from "
+                             "(turns=None)")
+        self.first_statement_share = first_statement_share
         self.tokenizer = processor.tokenizer
         self.dataset = dataset
         self.images, self.features = images, features
@@ -103,6 +108,8 @@ class Batcher:
         """The batch of rows `indices`; with `captions`, each row's image with one request for its caption
         instead (`TurnPool.caption`) and no more turns."""
         rows = {name: [column[i] for i in indices] for name, column in self.columns.items()}
+        if self.first_statement_share and not captions:
+            self._first_statements(rows)
         if captions:
             described = [self.turns.caption(image_id, self.random) for image_id in rows["image_id"]]
             rows["question"], rows["answer"] = [q for q, _ in described], [a for _, a in described]
@@ -123,6 +130,17 @@ class Batcher:
             "answer_start": torch.tensor(prompt_ids.shape[1] - 1),
         }
         return {**batch, **self._pictures(rows, prompt_ids, captions)}
+
+    def _first_statements(self, rows: dict) -> None:
+        """With probability `first_statement_share` per row, its first turn becomes a true/false statement about
+        its image (`TurnPool.statements`) instead of its question; such a turn mentions no object (no auxiliary
+        targets)."""
+        for b, image_id in enumerate(rows["image_id"]):
+            statements = self.turns.statements.get(image_id, [])
+            if self.random.random() < self.first_statement_share and statements:
+                rows["question"][b], rows["answer"][b] = self.random.choice(statements)
+                if "object_names" in rows:
+                    rows["object_names"][b], rows["object_ids"][b] = [], []
 
     def _first_turn(self, rows: dict, captions: bool) -> tuple[torch.Tensor, ...]:
         """The prompts' ids and attention mask (`<image>` expanded), and the answers' ids (each with the

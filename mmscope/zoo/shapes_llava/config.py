@@ -72,6 +72,8 @@ class TrainConfig:
     caption_steps: int = option(0, "Stage 2 opens with this many steps on captions alone.")  # as LLaVA's alignment
     statement_share: float = option(0.0, "Share of the turns after the first asking true or false.")  # entailment
     description_share: float = option(0.0, "Share of the turns after the first asking to describe one object.")
+    first_statement_share: float = option(0.0, "Share of the sequences whose first turn is a true/false statement "
+                                               "about the image instead of its question.")
     focus: float = option(0.8, "Share of each batch drawn by categories' validation error (0: uniform).")
     bf16: bool | None = option(None, "bfloat16 autocast (float32 weights); default: where the CPU has bf16 "
                                      "instructions.")  # None: `mmscope.zoo.shapes_llava.objective.native_bf16`
@@ -117,6 +119,9 @@ class TrainConfig:
                 refuse(name, value, "must lie in [0, 1]")
             if value and self.turns == 1:
                 refuse(name, value, "needs --turns above 1: it is the share of the turns after the first")
+        value = self.first_statement_share
+        if not _is_real(value) or not 0 <= value <= 1:
+            refuse("first_statement_share", value, "must lie in [0, 1]")
         if _is_int(self.steps) and _is_int(self.caption_steps) and self.caption_steps >= self.steps:
             refuse("caption_steps", self.caption_steps, f"must be below --steps {self.steps}: they are its first steps")
         given = [name for name in _SHARES if getattr(self, name)]

@@ -147,7 +147,7 @@ def _assemble(config: TrainConfig, started: float) -> _Run:
     questions, answers = list(rows["train"]["question"]), list(rows["train"]["answer"])
     pool = (TurnPool(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, list(rows["train"]["image_id"]),
                      questions, answers, seed=config.seed, positions=config.caption_positions)
-            if config.turns > 1 or config.caption_steps else None)
+            if config.turns > 1 or config.caption_steps or config.first_statement_share else None)
     model, processor = _model(config, questions + answers + (pool.corpus() if pool else []))
     grid = config.spec.image_size // config.spec.patch_size
     targets = SceneTargets(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, grid, config.spec.image_size)
@@ -191,7 +191,7 @@ def _answer_stage(run: _Run, resumed: dict | None) -> _AnswerStage:
                       images["train"].features(run.model) if config.freeze_vision else None, run.targets,
                       turns=run.pool, extra_turns=config.turns - 1, caption_share=config.caption_share,
                       statement_share=config.statement_share, description_share=config.description_share,
-                      seed=config.seed)
+                      first_statement_share=config.first_statement_share, seed=config.seed)
     val_batcher = Batcher(run.processor, rows["val"], images["val"])
     val_indices = random.Random(config.seed).sample(range(len(rows["val"])),
                                                     min(config.eval_questions, len(rows["val"])))
