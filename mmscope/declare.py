@@ -69,3 +69,21 @@ class Command(Generic[O]):
         module, _, attribute = self.runs.partition(":")
         run = functools.reduce(getattr, attribute.split("."), importlib.import_module(module))
         run(options, echo)
+
+
+def command_line(name: str, options: Any) -> str:
+    """The `mmscope <name> ...` command that gives `options`: each option that differs from its default, as its
+    flag (a list repeats it; a bool is its switch, or `--no-` switch)."""
+    words = ["mmscope", name]
+    for field in fields_in_order(options):
+        value = getattr(options, field.name)
+        if field.default is not dataclasses.MISSING and value == field.default:
+            continue
+        flag = field.metadata.get("flag") or flag_of(field.name)
+        if isinstance(value, bool):
+            words.append(flag if value else flag.replace("--", "--no-", 1))
+        elif isinstance(value, (list, tuple)):
+            words += [part for item in value for part in (flag, str(item))]
+        elif value is not None:
+            words += [flag, str(value)]
+    return " ".join(words)

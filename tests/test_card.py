@@ -37,3 +37,33 @@ def test_statements_are_described_only_where_the_mix_holds_them():
     assert statement_paragraph({**CONFIG, "turns": 1, "statement_share": 0.0}) == ""
     text = statement_paragraph({**CONFIG, "turns": 3, "statement_share": 0.5})
     assert "1.00 statements per sequence, 33% of the turns" in text and "True or false:" in text
+
+
+def test_each_command_writes_its_own_section_and_keeps_the_others(tmp_path, world):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from mmscope.cli import app
+
+    folder = tmp_path / "model"
+    shutil.copytree(Path(shapes_llava.__file__).parent / "checkpoint", folder, ignore=shutil.ignore_patterns("card"))
+    runner = CliRunner()
+    common = ["--model", str(folder), "--data", str(world), "--limit", "1"]
+    result = runner.invoke(app, ["evaluate", *common, "--no-blank", "--card"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["knockout", *common, "--flow", "image->last", "--window", "2", "--out",
+                                 str(tmp_path / "run"), "--card"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    card = (folder / "README.md").read_text()
+    evaluation, knockout = card.index("## Evaluation on held-out data"), card.index("## Attention knockout")
+    assert evaluation < knockout
+    assert f"`mmscope evaluate --model {folder} --data {world} --limit 1 --no-blank`" in card
+    assert f"`mmscope knockout --model {folder} --data {world} --limit 1 --flow image->last --window 2 --out" in card
+    assert "image->last" in card[knockout:] and (folder / "card" / "knockout.png").is_file()
+    assert "![Attention knockout](card/knockout.png)" in card
+    # Rerunning one command replaces its own section and keeps the other.
+    result = runner.invoke(app, ["evaluate", *common[:-1], "2", "--no-blank", "--card"], catch_exceptions=False)
+    again = (folder / "README.md").read_text()
+    assert "--limit 2 --no-blank`" in again and "--limit 1 --no-blank`" not in again
+    assert again[again.index("## Attention knockout"):] == card[knockout:]

@@ -52,7 +52,8 @@ def test_commands_are_listed_in_their_order():
 
 
 @pytest.mark.parametrize(("command", "own", "defaults"), [
-    ("knockout", ["--flow", "--window", "--reference", "--engine"], {"--limit": 20, "--flow": None, "--window": None,
+    ("knockout", ["--flow", "--window", "--reference", "--engine", "--card"], {"--limit": 20, "--flow": None,
+                                                                               "--window": None,
                                                                      "--engine": "prefix", "--protocol": "default"}),
     ("lens", ["--lens", "--lens-axis"], {"--limit": 20, "--lens": None, "--lens-axis": None}),
     ("truncate", ["--engine"], {"--limit": 20, "--engine": "prefix"}),
@@ -74,7 +75,8 @@ def test_sweep_commands_take_the_shared_options_around_their_own(command, own, d
 def test_probe_evaluate_and_train_keep_their_options_and_defaults():
     probe = options_of("probe")
     assert list(probe) == ["--model", "--data", "--split", "--n-images", "--probe", "--controls", "--flow", "--window",
-                           "--center", "--truncate", "--retrain", "--engine", "--out", "--wandb", "--seed", "--config"]
+                           "--center", "--truncate", "--retrain", "--engine", "--card", "--out", "--wandb", "--seed",
+                           "--config"]
     assert probe["--flow"].multiple and probe["--center"].multiple and probe["--retrain"].is_flag
     assert probe["--truncate"].is_flag and probe["--engine"].default == "prefix"
     assert (probe["--n-images"].default, probe["--probe"].default, probe["--probe"].name) == (300, "linear",

@@ -84,6 +84,11 @@ def default_window(n_layers: int) -> int:
     return max(1, min(9, n_layers // 3))
 
 
+def card_option() -> Any:
+    """`--card`: write what a run measured into the model folder's model card (`mmscope.zoo.shapes_llava.card`)."""
+    return option(False, "Write the findings and figure into the model folder's model card.", flag="--card")
+
+
 @dataclass(frozen=True)
 class KnockoutOptions(QuestionOptions):
     """`mmscope knockout`: the flows to block, the window of layers around each centre, the sweep engine."""
@@ -96,6 +101,7 @@ class KnockoutOptions(QuestionOptions):
     reference: str | None = option(None, "A published curve to draw over the run's: a CSV of centre layer and "
                                          f"mean Δp% (see the README), or a shipped one: {', '.join(REFERENCES)}.")
     engine: str = engine_option()
+    card: bool = card_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -344,6 +350,7 @@ class ProbeOptions:
     retrain: bool = option(False, "With an edit: also fit and score a probe on the edited features (is the "
                                   "information still decodable at all?).", flag="--retrain")
     engine: str = engine_option()
+    card: bool = card_option()
     out: Path | None = out_option()
     wandb: bool = wandb_option()
     seed: int = seed_option()
@@ -401,7 +408,7 @@ class EvaluateOptions:
     statements: int | None = option(None, "Also ask true/false statements about the first N images of the split "
                                           "(the probing study's entailment pairs, as \"True or false: ...\"; "
                                           "needs its scene graphs).")
-    card: bool = option(False, "Write the result into the model folder's model card.", flag="--card")
+    card: bool = card_option()
 
     def __post_init__(self) -> None:
         check_at_least("limit", self.limit, 1, omitted="all questions")

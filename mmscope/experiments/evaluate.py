@@ -9,11 +9,13 @@ what runs it); the CLI generates its command the same way.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pandas as pd
 
 import mmscope
+from mmscope.declare import command_line
 from mmscope.data import CATEGORIES
 from mmscope.data.probing import STATEMENT_REQUEST
 from mmscope.experiments.answers import Accuracy, accuracy, greedy_answers
@@ -21,7 +23,7 @@ from mmscope.experiments.declarations import EvaluateOptions  # declared without
 from mmscope.experiments.options import column_mapping
 from mmscope.experiments.workspace import load_questions, probe_datasets
 from mmscope.model import resolve
-from mmscope.zoo.shapes_llava.card import write_model_card
+from mmscope.zoo.shapes_llava.card import write_card_section
 
 
 def accuracy_table(results: dict[str, Accuracy]) -> str:
@@ -80,7 +82,6 @@ def evaluate(options: EvaluateOptions, echo: Callable[[str], None]) -> None:
                   + accuracy_table(accuracies(model, statements, options, "statements")))
     echo(table)
     if options.card:
-        command = f"mmscope evaluate --model {options.model}" + (f" --limit {options.limit}" if options.limit else "")
-        command += f" --statements {options.statements}" if options.statements else ""
-        echo(f"model card: {write_model_card(resolve(options.model), table, command)}")
+        command = command_line("evaluate", dataclasses.replace(options, card=False))
+        echo(f"model card: {write_card_section(resolve(options.model), 'evaluate', command, table)}")
 

@@ -26,6 +26,7 @@ An experiment over other units declares its own data and `Work` (probe: one unit
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,13 +41,15 @@ import mmscope
 from mmscope.experiments.answers import CleanAnswer, clean_answer
 from mmscope.experiments.distributed import World
 from mmscope.experiments.engine import Variant
+from mmscope.declare import command_line
 from mmscope.errors import known, suggest
 from mmscope.experiments.options import Command, OptionError, QuestionOptions, column_mapping, device_map_of, plain
 from mmscope.experiments.runs import RunDir, summarize
 from mmscope.experiments.tracking import log_run
 from mmscope.experiments.workspace import load_questions
 from mmscope.layout import BOX_GROUPS, Example
-from mmscope.model import Model
+from mmscope.model import Model, resolve
+from mmscope.zoo.shapes_llava.card import write_card_section
 
 O = TypeVar("O")
 Q = TypeVar("Q", bound=QuestionOptions)
@@ -290,6 +293,8 @@ def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], wor
     placement = {"device_map": device_map} if device_map is not None else {"device": world.device()}
     model = mmscope.load(options.model, **placement)
     configure = getattr(options, "configure", None)  # knobs left to the protocol or the model (QuestionOptions)
+    given = command_line(experiment.name, dataclasses.replace(options, card=False)) \
+        if getattr(options, "card", False) else None  # the command as given, for the model card
     options, chosen = configure(model) if configure is not None else (options, [])
     work = experiment.work(model, options, data)
     folder = options.out if options.out is not None else Path("runs") / experiment.name
@@ -317,14 +322,15 @@ def _run(experiment: Experiment[O], options: O, echo: Callable[[str], None], wor
             world.barrier()
             bar.update(len(pending) - bar.n)
         if world.main:
-            echo("\n".join(report(experiment, options, run_dir, work.status(run_dir), data)))
+            echo("\n".join(report(experiment, options, run_dir, work.status(run_dir), data, card=given)))
     return run_dir
 
 
-def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Sequence[str], data: Any = None
-           ) -> list[str]:
+def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Sequence[str], data: Any = None,
+           card: str | None = None) -> list[str]:
     """Collect results.parquet, write summary.csv, draw the figure (from the table, the summary and the run's
-    `data`), log to W&B when asked; the report's lines."""
+    `data`), log to W&B when asked, and (given the `card` command that ran, with `--card`) write the findings and
+    figure into the model folder's model card; the report's lines."""
     table = run_dir.write_results()
     if table.empty:
         warnings.warn(f"{run_dir.folder}: no rows (every example was skipped)", stacklevel=2)
@@ -339,5 +345,10 @@ def report(experiment: Experiment[O], options: O, run_dir: RunDir, status: Seque
         scalars = experiment.scalars(table) if experiment.scalars is not None else {}
         logged = [log_run(run_dir.folder, experiment.name, run_dir.config, summary, x=experiment.by[-1],
                           keys=list(experiment.by[:-1]), figures=figures, results=results, scalars=scalars)]
-    lines = [*status, *experiment.findings(table, summary, options), "", f"figure: {figures[0]}", *logged]
+    findings = experiment.findings(table, summary, options)
+    if card is not None:
+        written = write_card_section(resolve(options.model), experiment.name, card, "\n".join(findings).strip("\n"),
+                                     figures[0])
+        logged.append(f"model card: {written}")
+    lines = [*status, *findings, "", f"figure: {figures[0]}", *logged]
     return [*lines, f"table:  {results}"] if experiment.prints_table else lines

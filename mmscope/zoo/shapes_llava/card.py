@@ -1,16 +1,59 @@
-"""The model card of a checkpoint trained by `mmscope train`: architecture, data, training, measured accuracy."""
+"""The model card of a checkpoint trained by `mmscope train`: architecture, data, training, the planted route,
+and what was measured on it.
+
+The measured parts are sections, each written by the command that measured it with `--card` (`mmscope evaluate
+--card`, `mmscope knockout --card`, `mmscope probe --card`): its command line, its printed table and its figure,
+kept in the checkpoint's `card/` folder (`write_card_section`), so that rerunning one command replaces its own
+section and keeps the others. `README.md` is rendered from the checkpoint's files and those sections.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from transformers import AutoConfig
 
+SECTIONS = "card"  # the checkpoint's folder of measured sections
+ORDER = ("evaluate", "knockout", "probe")  # sections in this order, any others after them by name
+HEADINGS = {"evaluate": "Evaluation on held-out data", "knockout": "Attention knockout",
+            "probe": "Layer-wise probes"}
+INTRODUCTIONS = {"evaluate": "Greedy answers, stripped and lower-cased, against the label; \"blank image\" replaces "
+                             "every image by a black one."}
 
-def write_model_card(folder: str | Path, evaluation: str, command: str) -> Path:
-    """Write `folder/README.md` from the checkpoint's config, `training.json`, `world.json` and `evaluation`
-    (the table printed by `mmscope evaluate`, produced by `command`)."""
+
+def write_card_section(folder: str | Path, name: str, command: str, text: str, figure: Path | None = None) -> Path:
+    """Keep section `name` (`command`, its printed `text`, and `figure` copied beside it) in the checkpoint's
+    `card/` folder and render the card again; returns `README.md`."""
+    folder = Path(folder)
+    sections = folder / SECTIONS
+    sections.mkdir(exist_ok=True)
+    if figure is not None:
+        shutil.copyfile(figure, sections / f"{name}.png")
+    (sections / f"{name}.json").write_text(json.dumps({"command": command, "text": text,
+                                                       "figure": figure is not None}, indent=1))
+    return write_model_card(folder)
+
+
+def measured_sections(folder: Path) -> str:
+    """The card's measured sections, rendered (`write_card_section`)."""
+    kept = {path.stem: json.loads(path.read_text()) for path in sorted((folder / SECTIONS).glob("*.json"))}
+    names = [name for name in ORDER if name in kept] + sorted(set(kept) - set(ORDER))
+    parts = []
+    for name in names:
+        section = kept[name]
+        lines = [f"## {HEADINGS.get(name, name)}", *([INTRODUCTIONS[name]] if name in INTRODUCTIONS else []),
+                 f"`{section['command']}`:", "", "```", section["text"].rstrip(), "```"]
+        if section.get("figure"):
+            lines += ["", f"![{HEADINGS.get(name, name)}]({SECTIONS}/{name}.png)"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def write_model_card(folder: str | Path) -> Path:
+    """Write `folder/README.md` from the checkpoint's config, `training.json`, `world.json` and its measured
+    sections (`card/`)."""
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     training = json.loads((folder / "training.json").read_text())
@@ -61,13 +104,7 @@ queries. Splits share no scene: {world['splits']['train']['questions']} training
 Trained in {summary['minutes']:.0f} minutes on {summary['machine']}.
 Final validation accuracy (teacher-forced whole answer): {summary['final_val_accuracy']:.3f}.
 
-## Evaluation on the held-out test split
-Greedy answers, stripped and lower-cased, against the label; "blank image" replaces every image by a black one.
-`{command}`:
-
-```
-{evaluation}
-```
+{measured_sections(folder)}
 """
     path = folder / "README.md"
     path.write_text(card)
