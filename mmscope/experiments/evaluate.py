@@ -10,7 +10,9 @@ what runs it); the CLI generates its command the same way.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 
@@ -80,8 +82,23 @@ def evaluate(options: EvaluateOptions, echo: Callable[[str], None]) -> None:
         images = len(set(statements["image_id"]))
         table += (f"\n\nStatements (\"{STATEMENT_REQUEST}\", answered true or false) about {images} images:\n"
                   + accuracy_table(accuracies(model, statements, options, "statements")))
+    world = world_line(options.data)
+    if world:
+        table = f"{world}\n\n{table}"
     echo(table)
     if options.card:
         command = command_line("evaluate", dataclasses.replace(options, card=False))
-        echo(f"model card: {write_card_section(resolve(options.model), 'evaluate', command, table)}")
+        name = "evaluate" if options.data is None else f"evaluate on {Path(options.data).name}"
+        echo(f"model card: {write_card_section(resolve(options.model), name, command, table)}")
+
+
+def world_line(data) -> str | None:
+    """For a synthetic world, how to make it again (from its world.json); None for other data."""
+    recorded = Path(data) / "world.json" if data is not None else None
+    if recorded is None or not recorded.is_file():
+        return None
+    world = json.loads(recorded.read_text())
+    return (f"a synthetic world: seed {world['seed']}, {world['n_scenes']} scenes of {world['image_size']} px — "
+            f"mmscope data synth --out {Path(data).name} --n-scenes {world['n_scenes']} --seed {world['seed']} "
+            f"--image-size {world['image_size']}")
 

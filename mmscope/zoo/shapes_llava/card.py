@@ -29,24 +29,33 @@ def write_card_section(folder: str | Path, name: str, command: str, text: str, f
     folder = Path(folder)
     sections = folder / SECTIONS
     sections.mkdir(exist_ok=True)
+    stem = "-".join(name.split())  # the section's files: no blank in their names
     if figure is not None:
-        shutil.copyfile(figure, sections / f"{name}.png")
-    (sections / f"{name}.json").write_text(json.dumps({"command": command, "text": text,
-                                                       "figure": figure is not None}, indent=1))
+        shutil.copyfile(figure, sections / f"{stem}.png")
+    (sections / f"{stem}.json").write_text(json.dumps({"name": name, "command": command, "text": text,
+                                                       "figure": f"{stem}.png" if figure is not None else None},
+                                                      indent=1))
     return write_model_card(folder)
 
 
 def measured_sections(folder: Path) -> str:
     """The card's measured sections, rendered (`write_card_section`)."""
-    kept = {path.stem: json.loads(path.read_text()) for path in sorted((folder / SECTIONS).glob("*.json"))}
-    names = [name for name in ORDER if name in kept] + sorted(set(kept) - set(ORDER))
+    kept = {}
+    for path in sorted((folder / SECTIONS).glob("*.json")):
+        section = json.loads(path.read_text())
+        kept[section.get("name", path.stem)] = section
+    def rank(name: str) -> tuple[int, str]:  # by the command that wrote it (ORDER), then by name
+        command = name.split()[0]
+        return (ORDER.index(command) if command in ORDER else len(ORDER), name)
+
     parts = []
-    for name in names:
-        section = kept[name]
-        lines = [f"## {HEADINGS.get(name, name)}", *([INTRODUCTIONS[name]] if name in INTRODUCTIONS else []),
+    for name in sorted(kept, key=rank):
+        section, command = kept[name], name.split()[0]
+        heading = HEADINGS.get(command, command) + name[len(command):]
+        lines = [f"## {heading}", *([INTRODUCTIONS[command]] if command in INTRODUCTIONS else []),
                  f"`{section['command']}`:", "", "```", section["text"].rstrip(), "```"]
         if section.get("figure"):
-            lines += ["", f"![{HEADINGS.get(name, name)}]({SECTIONS}/{name}.png)"]
+            lines += ["", f"![{heading}]({SECTIONS}/{section['figure']})"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
