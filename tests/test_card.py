@@ -34,9 +34,13 @@ def test_a_loss_turned_off_leaves_its_row_out_and_no_loss_says_so():
 
 
 def test_statements_are_described_only_where_the_mix_holds_them():
-    assert statement_paragraph({**CONFIG, "turns": 1, "statement_share": 0.0}) == ""
-    text = statement_paragraph({**CONFIG, "turns": 3, "statement_share": 0.5})
-    assert "1.00 statements per sequence, 33% of the turns" in text and "True or false:" in text
+    assert statement_paragraph({**CONFIG, "turns": 1, "statement_share": 0.0, "first_statement_share": 0.0}) == ""
+    text = statement_paragraph({**CONFIG, "turns": 3, "statement_share": 0.5, "first_statement_share": 0.0})
+    assert "About 1.00 statements per sequence, 33% of the turns" in text and "True or false:" in text
+    text = statement_paragraph({**CONFIG, "turns": 2, "statement_share": 0.5, "first_statement_share": 0.2})
+    assert "About 0.70 statements per sequence, 35% of the turns" in text and "opens with a statement" in text
+    assert "opens with" in statement_paragraph({**CONFIG, "turns": 1, "statement_share": 0.0,
+                                                "first_statement_share": 0.3})
 
 
 def test_each_command_writes_its_own_section_and_keeps_the_others(tmp_path, world):

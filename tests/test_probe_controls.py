@@ -86,8 +86,9 @@ def transformers_features(model, images, texts, group: str) -> torch.Tensor:
     return torch.stack(features).float()
 
 
-def converged_accuracy(x_train, y_train, x_test, y_test, groups, multilabel: bool) -> float:
-    """A logistic regression solved to a tight tolerance, its C chosen by grouped grid search — plain
+def converged_accuracy(x_train, y_train, x_test, y_test, groups, multilabel: bool, Cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0,
+                                                                                      100.0)) -> float:
+    """A logistic regression solved to a tight tolerance, its C chosen among `Cs` by grouped grid search — plain
     scikit-learn, written apart from mmscope's probe."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, GroupKFold
@@ -97,7 +98,7 @@ def converged_accuracy(x_train, y_train, x_test, y_test, groups, multilabel: boo
 
     model = LogisticRegression(max_iter=20000, tol=1e-8)
     model = OneVsRestClassifier(model) if multilabel else model
-    grid = {f"probe__{'estimator__' if multilabel else ''}C": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]}
+    grid = {f"probe__{'estimator__' if multilabel else ''}C": list(Cs)}
     search = GridSearchCV(Pipeline([("scale", StandardScaler()), ("probe", model)]), grid, cv=GroupKFold(3),
                           scoring="accuracy")
     search.fit(x_train.double().numpy(), y_train.numpy(), groups=groups)
@@ -109,10 +110,12 @@ def converged_accuracy(x_train, y_train, x_test, y_test, groups, multilabel: boo
 def test_the_probe_agrees_with_a_converged_logistic_regression_on_features_transformers_reads(embedded, world):
     import warnings
 
+    C = 0.1
+
     from mmscope.experiments.probe import OBJECT_PROMPT, probe_rows
     from mmscope.probes.features import POOLINGS
 
-    options = ProbeOptions(data=world, split="test", n_images=200, controls=False)
+    options = ProbeOptions(data=None, split="test", n_images=80, controls=False)  # the embedded test split
     datasets = PROBE.data(options)
     for task, poolings in (("entailment", ("last", "text")), ("objects", ("image", "last"))):
         dataset = datasets[task]
@@ -123,15 +126,18 @@ def test_the_probe_agrees_with_a_converged_logistic_regression_on_features_trans
         groups = list(dataset["image_id"])
         train, test = held_out_split(groups, options.seed)
         for pooling in poolings:
+            # One C for both (the searches' choice among near ties is not what is tested: the fit's convergence is)
             ours = {row["layer"]: row["accuracy"] for row in probe_rows(embedded, task, dataset, pooling,
-                                                                        ProbeConfig(seed=options.seed))}
+                                                                        ProbeConfig(seed=options.seed, Cs=(C,)))}
             features = transformers_features(embedded, dataset["image"], texts, POOLINGS[pooling])
             for point in range(features.shape[1]):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # labels always or never present among the training images
                     expected = converged_accuracy(features[train, point], labels[train], features[test, point],
-                                                  labels[test], [groups[i] for i in train.tolist()], multilabel)
-                assert ours[point - 1] == pytest.approx(expected, abs=0.03), (task, pooling, point - 1)
+                                                  labels[test], [groups[i] for i in train.tolist()], multilabel,
+                                                  Cs=(C,))
+                slack = max(0.03, 1 / len(test) + 1e-9)  # at most one held-out example apart
+                assert ours[point - 1] == pytest.approx(expected, abs=slack), (task, pooling, point - 1)
 
 
 def test_probe_under_edits_keeps_the_clean_scores_below_each_window_and_draws_the_shifts(world, tmp_path):

@@ -260,7 +260,8 @@ BAD_VALUES = [
     ({"spec": dataclasses.replace(SPEC, text_layers=0)}, "text_layers 0 (--text-layers): must be a whole number, at "
                                                          "least 1 (the spec's decoder layers)"),
     ({"turns": 3, "caption_share": 1.2}, "caption_share 1.2 (--caption-share): must lie in [0, 1]"),
-    ({"caption_share": 0.2}, "caption_share 0.2 (--caption-share): needs --turns above 1: it is the share of the "
+    ({"turns": 1, "statement_share": 0.0, "caption_share": 0.2}, "caption_share 0.2 (--caption-share): needs --turns "
+                                                                 "above 1: it is the share of the "
                              "turns after the first"),
     ({"turns": 3, "caption_share": 0.6, "statement_share": 0.5}, "statement_share 0.5 (--statement-share): plus "
                                                                  "--caption-share 0.6 must be at most 1"),
@@ -268,7 +269,8 @@ BAD_VALUES = [
      "description_share 0.4 (--description-share): plus --caption-share 0.5 and --statement-share 0.3 must be at "
      "most 1"),
     ({"turns": 3, "description_share": -0.1}, "description_share -0.1 (--description-share): must lie in [0, 1]"),
-    ({"description_share": 0.3}, "description_share 0.3 (--description-share): needs --turns above 1: it is the "
+    ({"turns": 1, "statement_share": 0.0, "description_share": 0.3}, "description_share 0.3 (--description-share): "
+                                                                     "needs --turns above 1: it is the "
                                  "share of the turns after the first"),
     ({"bf16": "yes"}, "bf16 'yes' (--bf16): must be True or False (or None: where the CPU has bf16 instructions)"),
     ({"freeze_vision": 1}, "freeze_vision 1 (--freeze-vision): must be True or False"),

@@ -123,17 +123,21 @@ Final validation accuracy (teacher-forced whole answer): {summary['final_val_acc
 def statement_paragraph(config: dict) -> str:
     """How the training mix holds true/false statements, where it does (empty where it holds none)."""
     share, turns = config.get("statement_share", 0.0), config.get("turns", 1)
-    if not share or turns < 2:
+    first = config.get("first_statement_share", 0.0)
+    later = share * (turns - 1) if turns > 1 else 0.0
+    if not later and not first:
         return ""
-    per_sequence = share * (turns - 1)
-    return (f"Every training sequence holds {turns} turns about its image: the first is a question; each later one is "
-            f"a true/false statement with probability {share} (otherwise another question about the image), so about "
-            f"{per_sequence:.2f} statements per sequence, {100 * per_sequence / turns:.0f}% of the turns. A statement "
-            "is asked as `True or false: There is a red cube.` and answered `true` or `false` (answer-token loss "
-            "only, like the questions): the probing study's entailment pairs of the training split's scene graphs — "
-            "true captions, and hard negatives with one attribute, object or relation swapped "
-            "(`mmscope.data.probing.entailment_dataset`). Questions come before statements in a sequence, so no "
-            "question is answerable from an earlier statement.\n\n")
+    per_sequence = first + later
+    opening = (f"A share {first} of the sequences opens with a statement instead of its question (no auxiliary "
+               "target on it). " if first else "")
+    follow = (f"Each later turn is a statement with probability {share}, otherwise another question about the image; "
+              "within those turns questions come first. " if later else "")
+    return (f"Every training sequence holds {turns} turn{'s' if turns > 1 else ''} about its image. {opening}{follow}"
+            f"About {per_sequence:.2f} statements per sequence, {100 * per_sequence / turns:.0f}% of the turns. A "
+            "statement is asked as `True or false: There is a red cube.` and answered `true` or `false` (answer-token "
+            "loss only, like the questions): the probing study's entailment pairs of the training split's scene "
+            "graphs — true captions, and hard negatives with one attribute, object or relation swapped "
+            "(`mmscope.data.probing.entailment_dataset`).\n\n")
 
 
 def planted_route(config: dict) -> str:

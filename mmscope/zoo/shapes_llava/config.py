@@ -49,7 +49,7 @@ class TrainConfig:
     vision_steps: int = option(600, "Stage 1 (vision pre-training) optimizer steps.")
     freeze_vision: bool = option(False, "Keep the vision tower frozen in stage 2.")
     vision_batch_size: int = 128  # stage 1
-    steps: int = option(3000, "Stage 2 (answers) optimizer steps.")
+    steps: int = option(4000, "Stage 2 (answers) optimizer steps.")
     batch_size: int = option(32)
     lr: float = option(1.5e-3)
     warmup: int = 100  # steps of linear warm-up, in each stage
@@ -66,13 +66,13 @@ class TrainConfig:
     gather_loss_weight: float = option(0.5, "Weight of the last-position mentioned-object loss (0: off).")
     named_loss_weight: float = option(1.0, "Weight of the last-position named-value loss (0: off).")
     gather_layer: int = 6  # decoder layer whose output at the last prompt position carries the mentioned objects
-    turns: int = option(1, "Conversation turns per training sequence, all about its image.")  # LLaVA's multi-turn data
+    turns: int = option(2, "Conversation turns per training sequence, all about its image.")  # LLaVA's multi-turn data
     caption_share: float = option(0.0, "Share of the turns after the first asking for a caption.")
     caption_positions: bool = option(True, "Captions name the third of the image each object lies in.")
     caption_steps: int = option(0, "Stage 2 opens with this many steps on captions alone.")  # as LLaVA's alignment
-    statement_share: float = option(0.0, "Share of the turns after the first asking true or false.")  # entailment
+    statement_share: float = option(0.5, "Share of the turns after the first asking true or false.")  # entailment
     description_share: float = option(0.0, "Share of the turns after the first asking to describe one object.")
-    first_statement_share: float = option(0.0, "Share of the sequences whose first turn is a true/false statement "
+    first_statement_share: float = option(0.2, "Share of the sequences whose first turn is a true/false statement "
                                                "about the image instead of its question.")
     focus: float = option(0.8, "Share of each batch drawn by categories' validation error (0: uniform).")
     bf16: bool | None = option(None, "bfloat16 autocast (float32 weights); default: where the CPU has bf16 "
