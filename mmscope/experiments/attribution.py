@@ -201,6 +201,37 @@ class Verified:
         return rho, rank_agreement(estimates, exact, self.top, self.sampled)[1]
 
 
+@dataclass(frozen=True)
+class Verification:
+    """Estimated candidates, the chosen ones run exactly (`verify_estimates`): per candidate its `columns`
+    (`verified_columns`: estimate, exact, verified) and `p` of the token under it (NaN where not run); `p_example`
+    of the example itself, and `p_source` of the source run (patches; None without one); `top` and `drawn` index
+    the candidates run (`choose_verified`)."""
+
+    columns: list[dict]
+    p: list[float]
+    p_example: float
+    p_source: float | None
+    top: list[int]
+    drawn: list[int]
+
+
+def verify_estimates(model: Model, example: Example, variant_of: Callable[[int], Variant], estimates: torch.Tensor,
+                     token: int, *, top: int, sampled: int, seed: int = 0, metric: str = "prob",
+                     source: Example | None = None, engine: str = "prefix") -> Verification:
+    """Estimate, then verify: run exactly, through the sweep engine, the `top` largest |estimates| and a seeded
+    random sample of `sampled` of the rest (`choose_verified`), candidate `i` being the variant `variant_of(i)`
+    of `example` (patches read `source`); the exact change of the metric of `token` under each."""
+    chosen, drawn = choose_verified(estimates, top, sampled, seed)
+    run, probs = run_variants(model, example, [variant_of(i) for i in chosen + drawn], source=source, engine=engine)
+    exact = exact_change(run.probs[token], probs[:, token], metric)
+    p = torch.full((estimates.numel(),), float("nan"), dtype=torch.float64)
+    if chosen or drawn:
+        p[chosen + drawn] = probs[:, token].double().cpu()
+    return Verification(verified_columns(estimates, chosen, drawn, exact), p.tolist(), run.probs[token].item(),
+                        run.source.probs[token].item() if source is not None else None, chosen, drawn)
+
+
 def verify_patches(model: Model, clean: Example, corrupted: Example, site: str, token: int, *, top: int = 20,
                    sampled: int = 20, seed: int = 0, metric: str = "prob") -> Verified:
     """Estimate every `(layer, position)` patch of `site` from `clean` into `corrupted` (`patch_attribution`),
@@ -211,13 +242,15 @@ def verify_patches(model: Model, clean: Example, corrupted: Example, site: str, 
     cache = model.cache(clean, [site])
     grid = patch_attribution(model, corrupted, cache, [site], range(model.n_layers), token, metric)[site]
     cells = [divmod(index, grid.shape[1]) for index in range(grid.numel())]
-    chosen, drawn = choose_verified(grid, top, sampled, seed)
-    variants = [Variant(cells[index], (CachedPatch(site, (cells[index][0],), (cells[index][1],)),))
-                for index in chosen + drawn]
-    base, probs = run_variants(model, corrupted, variants, source=clean)
-    exact = torch.full((len(cells),), float("nan"))
-    exact[chosen + drawn] = exact_change(base.probs[token], probs[:, token], metric).float().cpu()
-    return Verified(cells, grid.flatten(), exact, chosen, drawn)
+
+    def patch(index: int) -> Variant:
+        layer, position = cells[index]
+        return Variant(cells[index], (CachedPatch(site, (layer,), (position,)),))
+
+    found = verify_estimates(model, corrupted, patch, grid.flatten(), token, top=top, sampled=sampled, seed=seed,
+                             metric=metric, source=clean)
+    exact = torch.tensor([column["exact"] for column in found.columns], dtype=torch.float32)
+    return Verified(cells, grid.flatten(), exact, found.top, found.drawn)
 
 
 def exact_change(before: torch.Tensor, after: torch.Tensor, metric: str = "prob") -> torch.Tensor:

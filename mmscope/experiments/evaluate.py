@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 import mmscope
-from mmscope.declare import command_line
 from mmscope.data import CATEGORIES
 from mmscope.data.probing import STATEMENT_REQUEST
+from mmscope.declare import command_line
 from mmscope.experiments.answers import Accuracy, accuracy, greedy_answers
 from mmscope.experiments.declarations import EvaluateOptions  # declared without torch; kept importable from here
 from mmscope.experiments.options import column_mapping

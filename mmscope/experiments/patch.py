@@ -27,14 +27,7 @@ from mmscope.experiments.declarations import (  # the options, declared without 
     PATCH_GROUPS,
     PatchOptions,
 )
-from mmscope.experiments.attribution import (
-    agreement_lines,
-    agreement_scalars,
-    choose_verified,
-    exact_change,
-    patch_attribution,
-    verified_columns,
-)
+from mmscope.experiments.attribution import agreement_lines, agreement_scalars, patch_attribution, verify_estimates
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.figures import estimate_scatter, heatmap, heatmaps, n_text
 from mmscope.experiments.runner import Experiment, Finished, PerQuestion, Question, Sweep, Variants, questions
@@ -90,17 +83,13 @@ def estimated_rows(sweep: Sweep[PatchOptions], question: Question) -> list[dict]
     variants = question.variants
     estimates = torch.stack([grid[layer, corrupted.positions(group, 0)].sum()
                              for group, layer in (variant.key for variant in variants)])
-    top, drawn = choose_verified(estimates, options.verify, options.verify_random, options.seed + question.index)
-    run, probs = run_variants(model, corrupted, [variants[i] for i in top + drawn], source=clean,
-                              engine=options.engine)
-    exact = exact_change(run.probs[token], probs[:, token], options.metric)
-    p_clean, p_corrupted = run.source.probs[token].item(), run.probs[token].item()
-    patched = dict(zip(top + drawn, probs[:, token].tolist(), strict=True))
+    found = verify_estimates(model, corrupted, variants.__getitem__, estimates, token, top=options.verify,
+                             sampled=options.verify_random, seed=options.seed + question.index,
+                             metric=options.metric, source=clean, engine=options.engine)
+    p_clean, p_corrupted = found.p_source, found.p_example
     rows = []
-    for i, (variant, verified) in enumerate(zip(variants, verified_columns(estimates, top, drawn, exact),
-                                                strict=True)):
+    for variant, verified, p_patched in zip(variants, found.columns, found.p, strict=True):
         group, layer = variant.key
-        p_patched = patched.get(i, float("nan"))
         rows.append({"corrupting_image_id": str(other["image_id"]), "site": options.site, "group": group,
                      "layer": layer, "p_clean": p_clean, "p_corrupted": p_corrupted, "p_patched": p_patched,
                      "restored": restored_share(p_clean, p_corrupted, p_patched), "metric": options.metric,

@@ -38,10 +38,10 @@ import torch
 from tqdm.auto import tqdm
 
 import mmscope
+from mmscope.declare import command_line
 from mmscope.experiments.answers import CleanAnswer, clean_answer
 from mmscope.experiments.distributed import World
 from mmscope.experiments.engine import Variant
-from mmscope.declare import command_line
 from mmscope.errors import known, suggest
 from mmscope.experiments.options import Command, OptionError, QuestionOptions, column_mapping, device_map_of, plain
 from mmscope.experiments.runs import RunDir, summarize

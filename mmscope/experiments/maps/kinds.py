@@ -15,15 +15,8 @@ import pandas as pd
 import torch
 
 from mmscope.errors import InputError, MMScopeError
+from mmscope.experiments.attribution import knockout_estimates, patch_attribution, verify_estimates, weight_gradients
 from mmscope.experiments.declarations import MapOptions
-from mmscope.experiments.attribution import (
-    choose_verified,
-    exact_change,
-    knockout_estimates,
-    patch_attribution,
-    verified_columns,
-    weight_gradients,
-)
 from mmscope.experiments.engine import Variant, run_variants
 from mmscope.experiments.maps.regions import Region, example_regions, region_columns
 from mmscope.experiments.options import OptionError
@@ -144,12 +137,12 @@ def atp_knockout_values(sweep: Sweep[MapOptions], question: Question, regions: S
     row_of = {layer: i for i, layer in enumerate(layers)}
     estimates = torch.stack([single[target][[row_of[layer] for layer in windows[center]], column[index]].sum()
                              for _, center, target, index in (variant.key for variant in variants)])
-    top, drawn = choose_verified(estimates, options.verify, options.verify_random, options.seed + question.index)
-    clean, probs = run_variants(model, example, [variants[i] for i in top + drawn], engine=options.engine)
-    exact = exact_change(clean.probs[token], probs[:, token], options.metric)
-    p_clean = clean.probs[token].item()
+    found = verify_estimates(model, example, variants.__getitem__, estimates, token, top=options.verify,
+                             sampled=options.verify_random, seed=options.seed + question.index,
+                             metric=options.metric, engine=options.engine)
+    p_clean = found.p_example
     rows = []
-    for variant, verified in zip(variants, verified_columns(estimates, top, drawn, exact), strict=True):
+    for variant, verified in zip(variants, found.columns, strict=True):
         _, center, target, index = variant.key
         rows.append({"kind": "atp-knockout", "target": target, "layer": center, "region": index,
                      "window": options.window, "center": center, "first_layer": windows[center][0],
@@ -171,17 +164,13 @@ def atp_patch_values(sweep: Sweep[MapOptions], question: Question, regions: Sequ
     variants = patch_variants(regions, options)
     estimates = torch.stack([grid[options.site][row_of[layer], columns[index]].sum()
                              for _, layer, _, index in (variant.key for variant in variants)])
-    top, drawn = choose_verified(estimates, options.verify, options.verify_random, options.seed + question.index)
-    run, probs = run_variants(model, corrupted, [variants[i] for i in top + drawn], source=clean,
-                              engine=options.engine)
-    exact = exact_change(run.probs[token], probs[:, token], options.metric)
-    p_clean, p_corrupted = run.source.probs[token].item(), run.probs[token].item()
-    patched = dict(zip(top + drawn, probs[:, token].tolist(), strict=True))
+    found = verify_estimates(model, corrupted, variants.__getitem__, estimates, token, top=options.verify,
+                             sampled=options.verify_random, seed=options.seed + question.index,
+                             metric=options.metric, source=clean, engine=options.engine)
+    p_clean, p_corrupted = found.p_source, found.p_example
     rows = []
-    for i, (variant, verified) in enumerate(zip(variants, verified_columns(estimates, top, drawn, exact),
-                                                strict=True)):
+    for variant, verified, p_patched in zip(variants, found.columns, found.p, strict=True):
         _, layer, site, index = variant.key
-        p_patched = patched.get(i, float("nan"))
         rows.append({"kind": "atp-patch", "target": site, "layer": layer, "region": index, "site": site,
                      "corrupting_image_id": str(other["image_id"]), "metric": options.metric, "p_clean": p_clean,
                      "p_corrupted": p_corrupted, "p_patched": p_patched,
