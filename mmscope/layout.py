@@ -6,7 +6,8 @@ groups: from the prompt template's named parts (matched by the tokenizer's chara
 strings), from the adapter's image positions and extra image groups, and — when bounding boxes are given —
 from the geometry of the image processor (`object`: image tokens whose patch overlaps a box — or, under the
 study's red-mask rule, whose patch of the processed box mask is red; `other_patches`; and `random_patches`, a
-control group of as many other patches as the object has, drawn reproducibly).
+control group of as many other patches as the object has, drawn reproducibly) and — when the question's object
+names are given — from the question's text (`object_word`: the tokens spelling them, `word_spans`).
 
 Batches are left-padded, as for generation, so the last prompt token of every row sits at position -1.
 """
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +222,24 @@ def overlapping(rectangles: torch.Tensor, boxes) -> torch.Tensor:
 # The groups `token_layout` adds from boxes: an example prepared without boxes lacks them (and one whose object
 # has more patches than the rest of the image lacks `random_patches`).
 BOX_GROUPS = frozenset({"object", "other_patches", "random_patches"})
+# The group `Model.prepare` adds from the question's object names (GQA's annotations); an example prepared
+# without names, or whose question spells none of them, lacks it.
+WORD_GROUPS = frozenset({"object_word"})
+OPTIONAL_GROUPS = BOX_GROUPS | WORD_GROUPS
+
+
+def word_spans(question: str, names: Sequence[str], start: int = 0) -> list[tuple[int, int]]:
+    """Character spans of each of `names` in `question` (shifted by `start`, where the question begins in the
+    prompt): its first occurrence as a whole word, or as its plural, case-insensitive, as GQA's annotations
+    name a question's objects ("cube" in "Are there any cubes …?"). A name the question does not spell is
+    skipped."""
+    spans = []
+    for name in names:
+        name = name.strip() if isinstance(name, str) else ""
+        found = re.search(rf"(?<!\w){re.escape(name)}s?(?!\w)", question, flags=re.IGNORECASE) if name else None
+        if found is not None:
+            spans.append((start + found.start(), start + found.end()))
+    return sorted(set(spans))
 
 
 def random_patches(objects: list[int], others: list[int], question: str, seed: int) -> list[int] | None:

@@ -42,7 +42,7 @@ from mmscope.errors import InputError, MMScopeError, ModelLoadError, known, sugg
 from mmscope.generation import Generation
 from mmscope.interventions import Intervention
 from mmscope.interventions.base import check_interventions
-from mmscope.layout import Example, check_image, collate, token_layout
+from mmscope.layout import Example, check_image, collate, token_layout, word_spans
 from mmscope.models import Adapter, adapter_for
 from mmscope.models.adapter import attribute_path
 from mmscope.models.preprocessing import Preprocessing
@@ -300,6 +300,7 @@ class Model(Generation):
         template: PromptTemplate | str | None = None,
         meta: dict | None = None,
         control_seed: int = 0,
+        words: Sequence[str] | None = None,
     ) -> Example:
         """Prompt, processor inputs and token layout (`mmscope.layout.token_layout`) for one image (a PIL image or
         the path of an image file) and question, under the model's `preprocessing`.
@@ -309,6 +310,9 @@ class Model(Generation):
         remaining patch tokens) and `random_patches` (as many of `other_patches` as `object` has, drawn from
         `control_seed`, the question and the object's positions: the same inputs draw the same set in any
         process; left out when `other_patches` is the smaller).
+
+        `words` are the question's object names (GQA's `object_names`); they add the group `object_word`, the
+        question's tokens spelling them (`mmscope.layout.word_spans`; left out where it spells none).
         """
         if isinstance(control_seed, bool) or not isinstance(control_seed, int):
             raise InputError(f"control_seed must be a whole number; got {control_seed!r}")
@@ -325,6 +329,13 @@ class Model(Generation):
             template = PromptTemplate.from_string(template)
         template = template or self.adapter.template
         prompt, spans = template.render(question.strip(), self.adapter.placeholder())
+        if words is not None:
+            if isinstance(words, str) or not all(isinstance(word, str) for word in words):
+                raise InputError(f"words must be a list of the question's object names; got {words!r:.60}")
+            found = [span for start, _ in spans.get("question", [])[:1]
+                     for span in word_spans(question.strip(), words, start)]
+            if found:
+                spans = {**spans, "object_word": found}
         encoding = self.adapter.encode(image, prompt)
         length, context = encoding.inputs["input_ids"].shape[1], self.max_positions
         if context is not None and length > context:
@@ -347,17 +358,18 @@ class Model(Generation):
 
     @functools.cached_property
     def groups(self) -> tuple[str, ...]:
-        """Every token-group name this model's examples can hold: those of a blank image's example with a box
-        (boxes add `object`, `other_patches` and `random_patches`; an example prepared without boxes lacks those,
+        """Every token-group name this model's examples can hold: those of a blank image's example with a box and
+        an object name (names add `object_word`; boxes add `object`, `other_patches` and `random_patches`; an
+        example prepared without boxes lacks those,
         and so does every example of a family whose image tokens are not patches, such as Kosmos-2's latent
         queries), under the model's `preprocessing`."""
         blank = Image.new("RGB", (64, 64), (128, 128, 128))
         with warnings.catch_warnings():  # its words may be unknown to the model's tokenizer; the groups are not
             warnings.simplefilter("ignore")
             try:
-                example = self.prepare(blank, "What is this?", boxes=[(16, 16, 32, 32)])
+                example = self.prepare(blank, "What is this?", boxes=[(16, 16, 32, 32)], words=["this"])
             except InputError:  # the family places no boxes
-                example = self.prepare(blank, "What is this?")
+                example = self.prepare(blank, "What is this?", words=["this"])
         return tuple(example.groups())
 
     def batch(self, examples: Sequence[Example]) -> Example:

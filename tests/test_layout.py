@@ -43,6 +43,27 @@ def test_question_group_excludes_words_the_template_shares_with_it(tiny):
     assert len(example.layout["instruction"]) == 10
 
 
+def test_word_spans_find_each_name_as_a_whole_word_or_its_plural():
+    from mmscope.layout import word_spans
+
+    question = "Are there any Cubes or cones that are red, like the cube?"
+    spans = word_spans(question, ["cube", "cone", "sphere", "red", ""], start=10)
+    assert [question[s - 10 : e - 10] for s, e in spans] == ["Cubes", "cones", "red"]  # first occurrence; none
+    assert word_spans("Is the reddish cube cubed?", ["red", "cube"]) == [(15, 19)]  # whole words only
+
+
+def test_the_object_word_group_holds_the_tokens_of_the_named_objects(tiny):
+    example = tiny.prepare(scene(), "Is the cube left of the sphere?", words=["cube", "sphere", "cone"])
+    ids = example.inputs["input_ids"][0]
+    assert tiny.tokenizer.decode(ids[example.layout["object_word"]]).split() == ["cube", "sphere"]
+    assert set(example.layout["object_word"]) < set(example.layout["question"])
+    assert "object_word" not in tiny.prepare(scene(), "Is the cube red?", words=["sphere"]).layout  # not spelt
+    assert "object_word" not in tiny.prepare(scene(), "Is the cube red?").layout  # no names given
+    assert "object_word" in tiny.groups
+    with pytest.raises(InputError, match="words must be a list"):
+        tiny.prepare(scene(), "Is the cube red?", words="cube")
+
+
 def test_custom_template_string(tiny):
     example = tiny.prepare(scene(), "Is the cube red?", template="USER: <image> {question} ASSISTANT:")
     assert tokens(tiny, example, 0, "question") == ["is", "the", "cube", "red", "?"]

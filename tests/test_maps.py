@@ -246,6 +246,32 @@ def test_the_attention_map_equals_hf_attention_weights_under_eager_attention(tin
         assert row["attention"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_one_heads_attention_map_from_the_object_word_equals_hf_attention_weights(tiny):
+    image = square(seed=7)
+    example = tiny.prepare(image, "Is the cube red or blue?", boxes=[(2, 2, 12, 12)], words=["cube"])
+    row = {"image": image, "question": "Is the cube red or blue?", "image_id": "a", "question_id": "q0"}
+    question = Question(0, row, example, clean_answer(tiny, example, "red"))
+    layout = example.layout
+    assert tiny.tokenizer.decode(example.inputs["input_ids"][0][layout["object_word"]]).strip() == "cube"
+    out = tiny.hf(**tiny.model_inputs(example), output_attentions=True)
+    for head in range(tiny.n_heads):
+        options = MapOptions(kinds=["attention"], targets=["object_word", "last"], layers=[0, 1], region=2,
+                             head=head, model="unused")
+        rows = map_rows(Sweep(tiny, None, options), question)
+        assert {r["target"] for r in rows} == {"object_word", "last"} and {r["head"] for r in rows} == {head}
+        for entry in rows:
+            weights = out.attentions[entry["layer"]][0, head]  # [T, T], that head alone
+            expected = weights[layout[entry["target"]]][:, entry["positions"]].mean(0).sum().item()
+            assert entry["attention"] == pytest.approx(expected, abs=1e-6)
+    # A question that names no object has no object_word: its rows are the other targets'.
+    bare = Question(0, row, tiny.prepare(image, "Is the cube red or blue?"), question.answer)
+    options = MapOptions(kinds=["attention"], targets=["object_word", "last"], layers=[0], model="unused")
+    assert {r["target"] for r in map_rows(Sweep(tiny, None, options), bare)} == {"last"}
+    with pytest.raises(OptionError, match=r"head 9 \(--head\): .* heads 0\.\.") as error:
+        options.__class__(kinds=["attention"], head=9, model="unused").configure(tiny)
+    assert "\n" not in str(error.value)
+
+
 def test_attention_maps_are_refused_without_attention_weights(tiny_sdpa):
     with pytest.raises(OptionError, match="--kind attention") as error:
         map_variants(MapOptions(kinds=["attention"], model="unused"), tiny_sdpa, [ONE_QUESTION])
@@ -261,6 +287,9 @@ def test_attention_maps_are_refused_without_attention_weights(tiny_sdpa):
     ({"kinds": ["patch"], "lens_token": "object"}, "--lens-token"),
     ({"kinds": ["heatmap"]}, "--kind"),
     ({"kinds": ["lens"], "lens_token": "name"}, "--lens-token"),
+    ({"kinds": ["knockout"], "head": 0}, "--head"),
+    ({"kinds": ["attention"], "head": -1}, "--head"),
+    ({"kinds": ["attention"], "targets": ["word"]}, "--target"),
 ])
 def test_options_a_kind_does_not_use_are_refused_naming_them(options, flag):
     with pytest.raises(OptionError, match=flag) as error:

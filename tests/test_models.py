@@ -86,11 +86,12 @@ def test_the_groups_a_sweep_checks_against_are_those_of_a_real_example_with_a_bo
     if loaded.family.name == "kosmos2":  # latent queries, not patches: no box groups
         with pytest.raises(InputError, match="boxes cannot select them"):
             model.prepare(image, QUESTIONS[0], boxes=[(5, 5, 10, 8)])
-        example, boxed = model.prepare(image, QUESTIONS[0]), set()
+        example, boxed = model.prepare(image, QUESTIONS[0], words=["cube"]), set()
     else:
-        example, boxed = model.prepare(image, QUESTIONS[0], boxes=[(5, 5, 10, 8)]), {"object", "other_patches"}
+        example = model.prepare(image, QUESTIONS[0], boxes=[(5, 5, 10, 8)], words=["cube"])
+        boxed = {"object", "other_patches"}
     assert set(model.groups) == set(example.groups())
-    assert {"image", "question", "last"} | boxed <= set(model.groups)
+    assert {"image", "question", "last", "object_word"} | boxed <= set(model.groups)
 
 
 def processor_image_count(loaded, layout, width, height) -> int:

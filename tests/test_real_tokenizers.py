@@ -72,6 +72,18 @@ def test_the_question_group_decodes_to_exactly_the_question(real):
         assert model.tokenizer.decode(ids[example.layout["question"]]) == question
 
 
+def test_the_object_word_group_decodes_to_the_object_names(real):
+    _, model = real
+    for question, names, spelt in (("Are there any cubes or cones that are red?", ["cube", "cone"], ["cubes", "cones"]),
+                                   ("Is the cylinder to the left of the Sphere?", ["sphere", "cylinder"],
+                                    ["cylinder", "Sphere"])):
+        example = model.prepare(scene(40, 30, 1), question, words=names)
+        ids = example.inputs["input_ids"][0]
+        positions = example.layout["object_word"]
+        assert model.tokenizer.decode(ids[positions]).split() == spelt
+        assert set(positions) <= set(example.layout["question"])
+
+
 def test_gold_answers_are_written_as_the_model_writes_its_first_token(real):
     """A label's token follows the model's own convention: with a leading space where its greedy first token has
     one, without where it has none — measured per prompt, never by a decode → re-tokenise round trip."""

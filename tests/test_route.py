@@ -6,8 +6,9 @@ each mentioned object's word at that object's patches; the residual stream after
 to carry the object's attributes; after layer 5 the last position is trained to carry each mentioned object's.
 The checks, on correctly answered held-out questions whose first object is in the image:
 
-- attention: the planted head's share of the word's image attention on its object's patches (`attention_weights`)
-  against the share the object's patches hold of the image, and against every head of layers 4–7;
+- attention: the attention map (`mmscope map --kind attention --target object_word --head H`) of each head of
+  each layer, one region per patch: the planted head's share of the object words' image attention on their
+  objects' patches, against the share those patches hold of the image, and against every head of layers 4–7;
 - object → question knockout in layer 2 alone against the same knockout in each layer 4–7 (Δp% of the answer);
 - a probe (`mmscope.probes.layerwise`, controls on) on the residual stream at the word: the object's colour after
   layer 3 well above the shuffled-label baseline, and not in the embeddings;
@@ -25,14 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import mmscope
 import mmscope.zoo.shapes_llava as shapes_llava
-from mmscope.experiments.answers import clean_answer
-from mmscope.experiments.runner import example_of
 from mmscope.data.scene_graphs import read_scene_graphs
+from mmscope.experiments.answers import clean_answer
+from mmscope.experiments.maps import MapOptions, map_rows
+from mmscope.experiments.runner import Question, Sweep, example_of
 from mmscope.experiments.workspace import load_questions
 from mmscope.interventions import Knockout
 from mmscope.probes.train import layerwise
@@ -47,8 +50,10 @@ UNPLANTED = range(GATHERED - 1, 8)  # layers 4-7: nothing planted on object -> q
 
 @dataclass
 class Mention:
-    """A correctly answered question, its example, its first object's word position and colour, its answer."""
+    """A correctly answered question (as a sweep holds it), its example, its first object's word position and
+    colour, its answer's first token."""
 
+    question: Question | None
     example: object
     word: int
     name: str
@@ -82,23 +87,26 @@ def mentions_of(model, limit: int = 12, correct_only: bool = True) -> list[Menti
         colour = next(value for value in graphs[row["image_id"]][ids[0]].attributes if value in colours)
         answer = clean_answer(model, example, row["answer"]) if correct_only else None
         if hits and (answer is None or answer.correct):
-            found.append(Mention(example, hits[0], names[0], colour, row["image_id"],
+            question = Question(len(found), row, example, answer) if answer else None
+            found.append(Mention(question, example, hits[0], names[0], colour, row["image_id"],
                                  answer.first_token if answer else -1))
     return found
 
 
 def attention_shares(model, mentions: list[Mention]) -> tuple[np.ndarray, float]:
-    """`[layers, heads]`: the mean share of the word's attention on image tokens that falls on its object's
-    patches; and the share the object's patches hold of the image tokens (what uniform attention gives)."""
-    shares, uniform = [], []
-    for mention in mentions:
-        layout = mention.example.layout
-        image, obj = torch.tensor(layout["image"]), torch.tensor(layout["object"])
-        weights = model.run(mention.example, [], lambda ctx: torch.stack(
-            [ctx.attention_weights(layer)[0, :, mention.word].float().cpu() for layer in range(model.n_layers)]))
-        shares.append((weights[..., obj].sum(-1) / weights[..., image].sum(-1).clamp_min(1e-12)).numpy())
-        uniform.append(len(obj) / len(image))
-    return np.mean(shares, 0), float(np.mean(uniform))
+    """`[layers, heads]`: the mean share of the object words' attention on image tokens that falls on their
+    objects' patches, read off each head's attention map (`map --kind attention --target object_word --head H
+    --region 1`); and the share the objects' patches hold of the image tokens (what uniform attention gives)."""
+    shares = np.zeros((model.n_layers, model.n_heads))
+    for head in range(model.n_heads):
+        options = MapOptions(kinds=["attention"], targets=["object_word"], layers=list(range(model.n_layers)),
+                             head=head, model="shapes-llava")
+        table = pd.DataFrame([{**row, "example": i} for i, mention in enumerate(mentions)
+                              for row in map_rows(Sweep(model, None, options), mention.question)])
+        on_object = table[table["on_object"]].groupby(["example", "layer"])["attention"].sum()
+        shares[:, head] = (on_object / table.groupby(["example", "layer"])["attention"].sum()).groupby("layer").mean()
+    uniform = np.mean([len(m.example.layout["object"]) / len(m.example.layout["image"]) for m in mentions])
+    return shares, float(uniform)
 
 
 def knockout_drops(model, mentions: list[Mention], source: str, target: str) -> np.ndarray:
@@ -126,8 +134,8 @@ def word_probe(model, mentions: list[Mention]) -> dict[int, dict]:
 def attention_check(model, mentions) -> tuple[bool, str]:
     shares, uniform = attention_shares(model, mentions)
     planted, later = shares[LAYER, HEAD], shares[list(UNPLANTED)].max()
-    said = f"layer {LAYER} head {HEAD}: {planted:.2f} of the word's image attention on its object (uniform {uniform:.2f}, " \
-           f"layers 4-7 at most {later:.2f})"
+    said = f"layer {LAYER} head {HEAD}: {planted:.2f} of the words' image attention on their objects (uniform " \
+           f"{uniform:.2f}, layers 4-7 at most {later:.2f})"
     return planted >= 0.8 and planted >= 3 * uniform and planted >= later + 0.4, said
 
 

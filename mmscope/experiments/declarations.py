@@ -224,7 +224,8 @@ class PatchOptions(QuestionOptions):
 
 KINDS = ("knockout", "patch", "lens", "attention", "atp-knockout", "atp-patch")
 ESTIMATED = {"atp-knockout": "knockout", "atp-patch": "patch"}  # each estimated kind: the kind it estimates
-TARGETS = ("last", "question")
+TARGETS = ("last", "question", "object_word")
+DEFAULT_TARGETS = ("last", "question")
 LENS_TOKENS = ("answer", "object")
 
 
@@ -240,7 +241,8 @@ class MapOptions(QuestionOptions):
                                            "(attribution patching), the largest verified.", flag="--kind")
     targets: list[str] | None = option(None, "Target group of knockout and attention maps: whose attention to "
                                              "each region is blocked or read (repeatable; default: last and "
-                                             "question).", flag="--target")
+                                             "question; object_word: the question's object names).",
+                                       flag="--target")
     region: int = option(1, "Side N of each region in patches: each region is an NxN block of the image-token grid.")
     window: int | None = option(None, "knockout: window k of layers blocked around each centre (default: "
                                       "knockout's, about a third of the depth, at most 9).")
@@ -252,6 +254,7 @@ class MapOptions(QuestionOptions):
     site: str | None = option(None, "patch: the site patched, residual (the default), attention or mlp.")
     lens_token: str | None = option(None, "lens: the token whose probability is read, answer (the clean answer's "
                                           "first token; the default) or object (the question's object name's).")
+    head: int | None = option(None, "attention: read this head of each layer (default: the mean over heads).")
     engine: str = engine_option()
     verify: int | None = verify_option()
     verify_random: int | None = verify_random_option()
@@ -268,7 +271,7 @@ class MapOptions(QuestionOptions):
             check_choice("kind", kind, KINDS, flag="--kind")
         uses = {"targets": ("knockout", "attention", "atp-knockout"), "window": ("knockout", "atp-knockout"),
                 "centers": ("knockout", "atp-knockout"), "layers": ("patch", "lens", "attention", "atp-patch"),
-                "site": ("patch", "atp-patch"), "lens_token": ("lens",)}
+                "site": ("patch", "atp-patch"), "lens_token": ("lens",), "head": ("attention",)}
         flags = {field.name: field.metadata.get("flag") or flag_of(field.name) for field in dataclasses.fields(self)}
         for name, users in uses.items():
             if getattr(self, name) is not None and not set(users) & set(kinds):
@@ -276,7 +279,7 @@ class MapOptions(QuestionOptions):
                 raise OptionError(f"{flag} applies to --kind {' or '.join(users)}; this run draws "
                                   f"{', '.join(kinds)}")
         if set(uses["targets"]) & set(kinds):
-            object.__setattr__(self, "targets", list(self.targets or TARGETS))
+            object.__setattr__(self, "targets", list(self.targets or DEFAULT_TARGETS))
             for target in self.targets:
                 check_choice("target", target, TARGETS)
         check_estimates(self, bool(set(ESTIMATED) & set(kinds)), f"add --kind {' or --kind '.join(ESTIMATED)}")
@@ -287,6 +290,7 @@ class MapOptions(QuestionOptions):
             object.__setattr__(self, "lens_token", self.lens_token or "answer")
             check_choice("lens token", self.lens_token, LENS_TOKENS, flag="--lens-token")
         check_at_least("region", self.region, 1)
+        check_at_least("head", self.head, 0)
         check_at_least("window", self.window, 1)
         for center in self.centers or ():
             check_at_least("center", center, 0)
@@ -319,6 +323,8 @@ class MapOptions(QuestionOptions):
             for value in values or ():
                 if value >= model.n_layers:
                     raise OptionError(f"{name} {value} (--{name}): {model.name} has layers 0..{model.n_layers - 1}")
+        if options.head is not None and options.head >= model.n_heads:
+            raise OptionError(f"head {options.head} (--head): {model.name}'s layers have heads 0..{model.n_heads - 1}")
         return options, lines
 
 

@@ -54,6 +54,7 @@ from mmscope.experiments.runner import Experiment, Finished, Work
 from mmscope.experiments.scores import Flow
 from mmscope.experiments.workspace import probe_datasets
 from mmscope.interventions import Intervention, Truncate, knockout_window
+from mmscope.layout import OPTIONAL_GROUPS
 from mmscope.model import Model, check_interventions
 from mmscope.probes import POOLINGS as FEATURE_POOLINGS
 from mmscope.probes import ProbeConfig, layer_features, layerwise
@@ -174,12 +175,12 @@ def probe_work(model: Model, options: ProbeOptions, datasets: dict) -> Work:
     units = [(task, pooling) for task in datasets for pooling in POOLINGS[task]]
     config = ProbeConfig(kind=options.probe_kind, seed=options.seed)
     edits = probe_edits(options, model)
-    held = [group for group in model.groups if group not in ("object", "other_patches", "random_patches")]
+    held = [group for group in model.groups if group not in OPTIONAL_GROUPS]
     for flow in options.flows or ():
         for group in flow_ends(flow):
             if group not in held:
-                raise OptionError(f"unknown token group {group!r} (--flow); the probes' examples (no object boxes) "
-                                  f"hold {known(held)}{suggest(group, held)}")
+                raise OptionError(f"unknown token group {group!r} (--flow); the probes' examples (no object boxes or "
+                                  f"names) hold {known(held)}{suggest(group, held)}")
 
     features: dict[str, TaskFeatures] = {}  # per task: every pooling's features, read once
 

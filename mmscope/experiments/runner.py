@@ -47,7 +47,7 @@ from mmscope.experiments.options import Command, OptionError, QuestionOptions, c
 from mmscope.experiments.runs import RunDir, summarize
 from mmscope.experiments.tracking import log_run
 from mmscope.experiments.workspace import load_questions
-from mmscope.layout import BOX_GROUPS, Example
+from mmscope.layout import BOX_GROUPS, WORD_GROUPS, Example
 from mmscope.model import Model, resolve
 from mmscope.zoo.shapes_llava.card import write_card_section
 
@@ -89,6 +89,11 @@ class Variants:
         if unknown:
             raise OptionError(f"unknown token group {unknown[0]!r} ({self.named_by or 'variants'}): the examples of "
                               f"{model.name} hold {known(model.groups)}{suggest(unknown[0], model.groups)}")
+        named = sorted(self.groups & WORD_GROUPS)
+        if named and not any(names_of(row) for row in dataset.select_columns(["object_names"])):
+            raise OptionError(f"token group {named[0]!r} ({self.named_by or 'variants'}) needs the questions' object "
+                              "names, and no question of the data has one (they come from GQA's annotations, or a "
+                              "table's object names column)")
         boxed = sorted(self.groups & BOX_GROUPS)
         if boxed and not any(boxes_of(row) for row in dataset.select_columns(["object_boxes"])):
             raise OptionError(f"token group {boxed[0]!r} ({self.named_by or 'variants'}) needs object boxes, and no "
@@ -140,12 +145,17 @@ def boxes_of(row: dict) -> list[tuple[float, ...]]:
 
 
 def example_of(model: Model, row: dict, seed: int = 0) -> Example:
-    """The Example of one GQA-format row: its image, question and (when known) the central objects' boxes; `seed`
-    draws its `random_patches` control."""
+    """The Example of one GQA-format row: its image, question and (when known) the central objects' boxes and
+    names (`object_word`); `seed` draws its `random_patches` control."""
     boxes = boxes_of(row)
     meta = {key: row.get(key) for key in ("question_id", "image_id", "category", "answer")}
     return model.prepare(row["image"].convert("RGB"), row["question"], boxes=boxes or None, meta=meta,
-                         control_seed=seed)
+                         control_seed=seed, words=names_of(row) or None)
+
+
+def names_of(row: dict) -> list[str]:
+    """The central objects' names of a GQA-format row (those the question names by a word)."""
+    return [name for name in row.get("object_names") or [] if isinstance(name, str) and name.strip()]
 
 
 def row_ids(index: int, row: dict) -> dict:

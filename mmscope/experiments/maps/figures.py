@@ -69,8 +69,17 @@ def knockout_spans(table: pd.DataFrame) -> dict[int, tuple[int, int]]:
     return {int(r["center"]): (int(r["first_layer"]), int(r["last_layer"])) for _, r in rows.iterrows()}
 
 
-def panel_title(kind: str, target: str, layer: int, grid: int, spans: dict[int, tuple[int, int]]) -> str:
-    """A panel's title: what was done or read, in which layers (and which grid, past the finest)."""
+def attention_head(table: pd.DataFrame) -> int | None:
+    """The head the attention rows read (`--head`), or None for the mean over heads."""
+    rows = table[table["kind"] == "attention"]
+    if rows.empty or "head" not in rows or int(rows["head"].iloc[0]) < 0:
+        return None
+    return int(rows["head"].iloc[0])
+
+
+def panel_title(kind: str, target: str, layer: int, grid: int, spans: dict[int, tuple[int, int]],
+                head: int | None = None) -> str:
+    """A panel's title: what was done or read, in which layers (and head, and which grid, past the finest)."""
     scale = f", grid {grid} (coarser)" if grid else ""
     for estimated in ESTIMATES:
         if kind in (estimated, VERIFIED[estimated]):
@@ -83,7 +92,7 @@ def panel_title(kind: str, target: str, layer: int, grid: int, spans: dict[int, 
         return f"patched {target}, layer {layer}{scale}"
     if kind == "lens":
         return f"lens p({target}), layer {layer}{scale}"
-    return f"attention {target} → region, layer {layer}{scale}"
+    return f"attention {target} → region, layer {layer}{'' if head is None else f', head {head}'}{scale}"
 
 
 def panel_rows(part: pd.DataFrame) -> list[tuple[str, str, int]]:
@@ -183,7 +192,7 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
 
     part = with_verified(part)
     part = part.assign(value=kind_values(part))
-    spans = knockout_spans(part)
+    spans, head = knockout_spans(part), attention_head(part)
     rows = []
     for kind, target, grid in panel_rows(part):
         own = part[(part["kind"] == kind) & (part["target"] == target) & (part["grid"] == grid)]
@@ -206,7 +215,7 @@ def draw_example_map(image: Image.Image, part: pd.DataFrame, boxes, path: Path, 
                 axis.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="black", linewidth=1.6))
             axis.set_xlim(0, image.width)
             axis.set_ylim(image.height, 0)
-            axis.set_title(panel_heading(panel_title(kind, target, layer, grid, spans), aspect), fontsize=8)
+            axis.set_title(panel_heading(panel_title(kind, target, layer, grid, spans, head), aspect), fontsize=8)
             axis.set_xticks([])
             axis.set_yticks([])
             write_empty_note(axis, kind, panel["value"], scale)
@@ -264,7 +273,8 @@ def centred_counts(table: pd.DataFrame, boxes: dict[int, Sequence[float]]) -> di
 
 
 def draw_centred(means: dict[tuple[str, str, int], np.ndarray], n_examples: int, path: Path, region: int,
-                 spans: dict[int, tuple[int, int]], counts: dict[tuple[str, str, int], int] | None = None) -> Path:
+                 spans: dict[int, tuple[int, int]], counts: dict[tuple[str, str, int], int] | None = None,
+                 head: int | None = None) -> Path:
     """`map.png`: the mean object-centred maps, a row per kind × target (wrapped past `MAX_COLUMNS`), a panel
     per layer, its title with the examples it averages (`counts`); the box (the middle third) outlined, one
     colour scale per kind; a panel that shows nothing says so (`empty_note`)."""
@@ -291,7 +301,7 @@ def draw_centred(means: dict[tuple[str, str, int], np.ndarray], n_examples: int,
             axis = placed[(kind, target), layer]
             axis.imshow(means[kind, target, layer], cmap=scale.cmap, norm=scale.norm, extent=(-1, 2, 2, -1))
             axis.add_patch(Rectangle((0, 0), 1, 1, fill=False, edgecolor="black", linewidth=1.6))
-            heading = panel_title(kind, target, layer, 0, spans)
+            heading = panel_title(kind, target, layer, 0, spans, head)
             if counts is not None:
                 heading += f" (n={counts.get((kind, target, layer), 0)})"
             axis.set_title(panel_heading(heading, 1.0), fontsize=8)
@@ -323,7 +333,7 @@ def map_figure(run: Finished[MapOptions], path: Path) -> list[Path]:
         if found:
             boxes[int(example)] = found[0]
     centred = draw_centred(centred_maps(table, boxes), len(boxes), path, options.region, knockout_spans(table),
-                           centred_counts(table, boxes))
+                           centred_counts(table, boxes), attention_head(table))
     estimated = table[table["kind"].isin(ESTIMATES)]
     if not estimated.empty:
         metric = estimated["metric"].iloc[0]

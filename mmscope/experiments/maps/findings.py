@@ -44,6 +44,8 @@ def map_findings(table: pd.DataFrame, summary: pd.DataFrame, options: MapOptions
             consecutive = len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1))
             panels = f"layers {layers[0]}-{layers[-1]}" if consecutive else \
                 f"layer{'s' if len(layers) > 1 else ''} {', '.join(str(layer) for layer in layers)}"
+        if kind == "attention" and options.head is not None:
+            panels += f", head {options.head}"
         lines += ["", f"{KIND_NAMES[kind]} ({panels}, regions {options.region}x{options.region}):"]
         own_table = table[table["kind"] == kind]
         fmt = "+.3g" if kind in CHANGES else ".3g"  # signed: a change; unsigned: a probability

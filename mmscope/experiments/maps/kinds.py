@@ -32,12 +32,18 @@ VALUES = {"knockout": "delta_pct", "patch": "restored", "lens": "prob", "attenti
           **{kind: "estimate" for kind in ESTIMATES}, **{shown: "exact" for shown in VERIFIED.values()}}  # per kind
 
 
-def knockout_variants(regions: Sequence[Region], options: MapOptions, n_layers: int) -> tuple[Variant, ...]:
-    """One knockout per centre × target × region: the target no longer reads the region's image tokens in the
-    centre's window."""
+def knockout_variants(regions: Sequence[Region], options: MapOptions, n_layers: int,
+                      targets: Sequence[str] | None = None) -> tuple[Variant, ...]:
+    """One knockout per centre × target (default: `options.targets`) × region: the target no longer reads the
+    region's image tokens in the centre's window."""
     return tuple(Variant(("knockout", center, target, region.index),
                          (Knockout(region.positions, target, knockout_window(center, options.window, n_layers)),))
-                 for center in options.centers for target in options.targets for region in regions)
+                 for center in options.centers for target in (targets or options.targets) for region in regions)
+
+
+def held_targets(options: MapOptions, example: Example) -> list[str]:
+    """The targets this question's example holds (`object_word` only where its question spells an object name)."""
+    return [target for target in options.targets if target in example.layout]
 
 
 def patch_variants(regions: Sequence[Region], options: MapOptions) -> tuple[Variant, ...]:
@@ -68,7 +74,8 @@ def map_variants(options: MapOptions, model: Model, dataset) -> Variants:
         attention_weights_available(model, example, kind)
     parameters = {"kinds": list(options.kinds), "region": options.region}
     parameters |= {name: getattr(options, name) for name in ("targets", "window", "centers", "layers", "site",
-                                                             "lens_token", "verify", "verify_random", "metric")
+                                                             "lens_token", "head", "verify", "verify_random",
+                                                             "metric")
                    if getattr(options, name) is not None}
     variants = knockout_variants(regions, options, model.n_layers) if "knockout" in options.kinds else ()
     variants += patch_variants(regions, options) if "patch" in options.kinds else ()
@@ -78,7 +85,10 @@ def map_variants(options: MapOptions, model: Model, dataset) -> Variants:
 def knockout_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
     """Per centre × target × region, the knockout's window and Δp%."""
     options, model, example = sweep.options, sweep.model, question.example
-    variants = knockout_variants(regions, options, model.n_layers)
+    targets = held_targets(options, example)
+    if not targets:
+        return []
+    variants = knockout_variants(regions, options, model.n_layers, targets)
     clean, probs = run_variants(model, example, variants, engine=options.engine)
     token = question.answer.first_token
     p_clean = clean.probs[token].item()
@@ -127,13 +137,16 @@ def atp_knockout_values(sweep: Sweep[MapOptions], question: Question, regions: S
     the exact change where verified (the largest |estimates| and a random sample of the others)."""
     options, model, example = sweep.options, sweep.model, question.example
     token = question.answer.first_token
-    variants = knockout_variants(regions, options, model.n_layers)
+    targets = held_targets(options, example)
+    if not targets:
+        return []
+    variants = knockout_variants(regions, options, model.n_layers, targets)
     windows = {center: knockout_window(center, options.window, model.n_layers) for center in options.centers}
     layers = sorted({layer for window in windows.values() for layer in window})
     gradients = weight_gradients(model, example, layers, token, options.metric)
     column = {region.index: i for i, region in enumerate(regions)}
     single = {target: knockout_estimates(example, gradients, target, [region.positions for region in regions])
-              for target in options.targets}  # [len(layers), regions]
+              for target in targets}  # [len(layers), regions]
     row_of = {layer: i for i, layer in enumerate(layers)}
     estimates = torch.stack([single[target][[row_of[layer] for layer in windows[center]], column[index]].sum()
                              for _, center, target, index in (variant.key for variant in variants)])
@@ -212,15 +225,16 @@ def lens_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[
             for i, layer in enumerate(options.layers) for region in regions]
 
 
-def image_attention(model: Model, example: Example, layers: Sequence[int],
-                    targets: Sequence[str]) -> dict[str, torch.Tensor]:
+def image_attention(model: Model, example: Example, layers: Sequence[int], targets: Sequence[str],
+                    head: int | None = None) -> dict[str, torch.Tensor]:
     """Per target, `[len(layers), n_image]`: the attention weight from the target's positions (their mean) to each
-    image token, the mean over heads, per layer — every target read from one forward."""
+    image token, per layer, of one `head` (default: the mean over heads) — every target read from one forward."""
     image = torch.tensor(example.layout["image"])
     queries = {target: torch.tensor(example.layout[target]) for target in targets}
+    heads = slice(None) if head is None else slice(head, head + 1)
 
     def readout(ctx) -> dict[str, torch.Tensor]:
-        weights = [ctx.attention_weights(layer)[0] for layer in layers]  # [H, T, T] each
+        weights = [ctx.attention_weights(layer)[0, heads] for layer in layers]  # [H, T, T] each (H = 1 with head)
         return {target: torch.stack([w[:, rows.to(w.device)][..., image.to(w.device)].float().mean((0, 1)).cpu()
                                      for w in weights])
                 for target, rows in queries.items()}
@@ -229,13 +243,16 @@ def image_attention(model: Model, example: Example, layers: Sequence[int],
 
 
 def attention_values(sweep: Sweep[MapOptions], question: Question, regions: Sequence[Region]) -> list[dict]:
-    """Per target × layer × region, the attention from the target to the region's tokens (summed over them)."""
+    """Per target × layer × region, the attention from the target to the region's tokens (summed over them), of
+    `--head` or the mean over heads (`head` -1)."""
     options, model, example = sweep.options, sweep.model, question.example
     columns = region_columns(example, regions)
-    weights = image_attention(model, example, options.layers, options.targets)
-    return [{"kind": "attention", "target": target, "layer": layer, "region": region.index,
+    targets = held_targets(options, example)
+    weights = image_attention(model, example, options.layers, targets, options.head)
+    head = -1 if options.head is None else options.head
+    return [{"kind": "attention", "target": target, "layer": layer, "region": region.index, "head": head,
              "attention": weights[target][i, columns[region.index]].sum().item()}
-            for target in options.targets for i, layer in enumerate(options.layers) for region in regions]
+            for target in targets for i, layer in enumerate(options.layers) for region in regions]
 
 
 KIND_VALUES = {"knockout": knockout_values, "patch": patch_values, "lens": lens_values,
