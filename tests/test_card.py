@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import mmscope.zoo.shapes_llava as shapes_llava
-from mmscope.zoo.shapes_llava.card import planted_route, statement_paragraph
+from mmscope.zoo.shapes_llava.card import blank_paragraph, planted_route, statement_paragraph
 
 SHIPPED = json.loads((Path(shapes_llava.__file__).parent / "checkpoint" / "training.json").read_text())
 CONFIG = SHIPPED["summary"]["config"]
@@ -34,13 +34,24 @@ def test_a_loss_turned_off_leaves_its_row_out_and_no_loss_says_so():
 
 
 def test_statements_are_described_only_where_the_mix_holds_them():
-    assert statement_paragraph({**CONFIG, "turns": 1, "statement_share": 0.0, "first_statement_share": 0.0}) == ""
-    text = statement_paragraph({**CONFIG, "turns": 3, "statement_share": 0.5, "first_statement_share": 0.0})
+    shipped = {**CONFIG, "blank_share": 0.0}  # the shipped config, without empty images
+    assert statement_paragraph({**shipped, "turns": 1, "statement_share": 0.0, "first_statement_share": 0.0}) == ""
+    text = statement_paragraph({**shipped, "turns": 3, "statement_share": 0.5, "first_statement_share": 0.0})
     assert "About 1.00 statements per sequence, 33% of the turns" in text and "True or false:" in text
-    text = statement_paragraph({**CONFIG, "turns": 2, "statement_share": 0.5, "first_statement_share": 0.2})
+    text = statement_paragraph({**shipped, "turns": 2, "statement_share": 0.5, "first_statement_share": 0.2})
     assert "About 0.70 statements per sequence, 35% of the turns" in text and "opens with a statement" in text
-    assert "opens with" in statement_paragraph({**CONFIG, "turns": 1, "statement_share": 0.0,
+    assert "opens with" in statement_paragraph({**shipped, "turns": 1, "statement_share": 0.0,
                                                 "first_statement_share": 0.3})
+    # A sequence showing an empty image holds only its question: 0.9 * 0.8 = 0.72 statements over 1.9 turns.
+    text = statement_paragraph({**shipped, "turns": 2, "statement_share": 0.5, "first_statement_share": 0.3,
+                                "blank_share": 0.1})
+    assert "About 0.72 statements per sequence, 38% of the turns" in text
+
+
+def test_empty_images_are_described_only_where_the_mix_holds_them():
+    assert blank_paragraph({**CONFIG, "blank_share": 0.0}) == ""
+    text = blank_paragraph({**CONFIG, "blank_share": 0.05})
+    assert "A share 0.05 of the sequences shows an empty image" in text and "black" in text
 
 
 def test_each_command_writes_its_own_section_and_keeps_the_others(tmp_path, world):

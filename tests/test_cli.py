@@ -101,7 +101,8 @@ def test_probe_evaluate_and_train_keep_their_options_and_defaults():
                            "--grounding-loss-weight", "--attention-loss-weight", "--gather-loss-weight",
                            "--named-loss-weight", "--turns", "--caption-share", "--caption-positions",
                            "--caption-steps", "--statement-share", "--description-share",
-                           "--first-statement-share", "--focus", "--bf16", "--wandb", "--text-layers"]
+                           "--first-statement-share", "--blank-share", "--focus", "--bf16", "--wandb",
+                           "--text-layers"]
 
 
 def test_help_shows_each_options_type_and_text():

@@ -287,16 +287,17 @@ def test_other_families_patch_from_a_clean_cache_as_the_naive_loop_does(family, 
     assert (naive - naive_run.probs).abs().amax(-1).max() > 10 * TOLERANCE
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 3e-2), (torch.float16, 2e-3)])
 def test_in_half_precision_the_prefix_engine_equals_the_naive_loop_within_that_precision(dtype, tolerance):
-    """Measured on this example: 1.1e-2 in bfloat16 (one ulp near 1 is 3.9e-3: about three, where the engine and the
-    naive loop round in different orders), 3.6e-4 in float16; masks use the dtype's own minimum, so nothing
+    """Measured on this example: 2.3e-2 in bfloat16, 6.1e-4 in float16, where the engine and the naive loop round
+    in different orders. bfloat16 keeps 8 bits: a logit near 10 is rounded to 0.06, and where a knockout leaves p
+    near 0.5, dp = p(1 - p) dlogit moves by 0.016 per such step. Masks use the dtype's own minimum, so nothing
     overflows to NaN."""
-    from PIL import Image
+    from mmscope.zoo import sample
 
     model = mmscope.load("shapes-llava", dtype=dtype)
-    example = model.prepare(Image.new("RGB", (64, 64), (200, 30, 30)), "What color is the cube?",
-                            boxes=[(16, 16, 32, 32)])
+    scene = sample(0, category="ChooseAttr")  # a held-out scene: its object carries the answer
+    example = model.prepare(scene.image, scene.question, boxes=scene.boxes)
     variants = sweep(model, AFTER_PREFIX, centers=(1, 4, 6))
     clean, probs, naive_clean, naive = both_engines(model, example, variants)
     assert not probs.isnan().any() and not naive.isnan().any()

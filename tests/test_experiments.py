@@ -197,11 +197,14 @@ def test_probe_command_trains_a_probe_per_layer_for_both_tasks(embedded, world, 
 
 def test_evaluate_prints_the_accuracy_an_answer_by_answer_count_gives(embedded, world):
     printed = invoke("evaluate", "--data", str(world), "--limit", "3")
-    assert "image acc %" in printed and "blank image acc %" in printed and "overall" in printed
+    assert "image acc %" in printed and "blank image acc %" in printed and "chance acc %" in printed
     # One question at a time, with the image and with a black one of the same size, as evaluate's 4 new tokens.
     correct = {"image": Counter(), "blank image": Counter()}
-    total = Counter()
-    for question in load_questions(world, "test", limit=3):
+    total, guess = Counter(), Counter()  # guess: a uniform guess's expected hits, over the options or answers seen
+    questions = load_questions(world, "test", limit=3)
+    seen = {c: {q["answer"] for q in questions if q["category"] == c} for c in set(questions["category"])}
+    for question in questions:
+        guess[question["category"]] += 0.5 if question["true_option"] else 1 / len(seen[question["category"]])
         image = question["image"].convert("RGB")
         label = question["answer"].strip().lower().rstrip(".")
         total[question["category"]] += 1
@@ -211,9 +214,9 @@ def test_evaluate_prints_the_accuracy_an_answer_by_answer_count_gives(embedded, 
     expected = {}
     for category in [*total, "overall"]:
         n = total[category] if category != "overall" else total.total()
-        hits = [counts[category] if category != "overall" else counts.total() for counts in correct.values()]
+        hits = [counts[category] if category != "overall" else counts.total() for counts in (*correct.values(), guess)]
         expected[category] = (*(f"{100 * hit / n:.1f}" for hit in hits), str(n))
-    printed_rows = re.finditer(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", printed, flags=re.MULTILINE)
+    printed_rows = re.finditer(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", printed, flags=re.MULTILINE)
     assert {match[1]: match.groups()[1:] for match in printed_rows} == expected
 
 

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from PIL import Image
 from conftest import TINY_TRAINING_SPEC as SPEC
 
 from mmscope.data.scene_graphs import read_scene_graphs
@@ -184,6 +185,72 @@ def test_a_first_statement_replaces_the_question_and_its_object_targets(world, p
     assert 0 < stated < len(indices)
     with pytest.raises(ValueError, match="first_statement_share=0.5 needs a TurnPool"):
         Batcher(processor, rows, ImageSet(processor, rows), first_statement_share=0.5)
+
+
+def test_an_empty_image_row_shows_a_flat_colour_and_is_answered_by_one_of_its_options_at_random(world,
+                                                                                               pool_and_rows):
+    from mmscope.zoo.shapes_llava.batches import CATEGORY_OPTIONS, FLAT_COLOURS
+    from mmscope.zoo.shapes_llava.targets import SceneTargets
+
+    pool, rows = pool_and_rows
+    tokenizer = build_word_tokenizer(list(rows["question"]) + list(rows["answer"]) + pool.corpus())
+    model, processor = build_llava(tokenizer, SPEC, seed=0)
+    vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
+    targets = SceneTargets(world / "sceneGraphs" / "train_sceneGraphs.json", vocabulary, 4, SPEC.image_size)
+    images = ImageSet(processor, rows)
+    assert (0, 0, 0) not in FLAT_COLOURS  # black, the evaluation's blank image, is never trained on
+    blanked = Batcher(processor, rows, images, targets=targets, turns=pool, extra_turns=1, statement_share=0.5,
+                      seed=5, blank_share=0.5)
+    frozen = Batcher(processor, rows, images, images.features(model), targets, turns=pool, extra_turns=1,
+                     statement_share=0.5, seed=5, blank_share=0.5, flat_features=images.features(model, flat=True))
+    indices = list(range(40))
+    batch, cached = blanked(indices), frozen(indices)
+    replay = random.Random(5)  # the same draws, made independently: first which rows are empty, then the turns
+    empty = {}
+    for index in indices:
+        row = rows[index]
+        options = ((row["true_option"], row["false_option"]) if row["true_option"]
+                   else CATEGORY_OPTIONS.get(row["category"]))
+        if replay.random() < 0.5 and options:
+            empty[index] = (options, replay.choice(options), replay.randrange(len(FLAT_COLOURS)))
+    for b, index in enumerate(indices):
+        row = rows[index]
+        kept = batch["attention_mask"][b].bool()
+        ids, labels = batch["input_ids"][b][kept], batch["labels"][b][kept]
+        if index in empty:
+            options, answer, colour = empty[index]
+            flat = processor.image_processor([Image.new("RGB", row["image"].size, FLAT_COLOURS[colour])],
+                                             return_tensors="pt")["pixel_values"][0]
+            assert torch.equal(batch["pixel_values"][b], flat)
+            assert torch.equal(cached["image_features"][b], images.features(model, flat=True)[colour])
+            assert (batch["patch_labels"][b] == IGNORE).all() and (batch["mention_positions"][b] == -1).all()
+            assert ids.tolist().count(tokenizer.eos_token_id) == 1  # no turn about a scene it does not show
+            assert tokenizer.decode(labels[labels != IGNORE]) == f"{answer.lower()} </s>"
+            assert answer in options
+        else:
+            turns = pool.draw(index, row["image_id"], 1, 0.0, 0.5, replay)
+            assert torch.equal(batch["pixel_values"][b], images.pixel_values[images.index[row["image_id"]]])
+            assert tokenizer.decode(labels[labels != IGNORE]).startswith(f"{row['answer'].lower()} </s>")
+            assert ids.tolist().count(tokenizer.eos_token_id) == 1 + len(turns)
+    assert 5 < len(empty) < 35
+    with pytest.raises(ValueError, match="blank_share=0.5 with cached features needs"):
+        Batcher(processor, rows, images, images.features(model), blank_share=0.5)
+
+
+def test_empty_image_answers_spread_evenly_over_the_options(world, pool_and_rows):
+    from collections import Counter
+
+    pool, rows = pool_and_rows
+    tokenizer = build_word_tokenizer(list(rows["question"]) + list(rows["answer"]) + pool.corpus())
+    model, processor = build_llava(tokenizer, SPEC, seed=0)
+    batcher = Batcher(processor, rows, ImageSet(processor, rows), seed=1, blank_share=1.0)
+    index = next(i for i, row in enumerate(rows) if row["true_option"])
+    answers = Counter()
+    for _ in range(20):
+        batch = batcher([index] * 20)
+        answers.update(tokenizer.decode(ids[mask]) for ids, mask in zip(batch["answer_ids"], batch["answer_mask"]))
+    expected = {rows[index]["true_option"] + " </s>", rows[index]["false_option"] + " </s>"}
+    assert set(answers) == expected and min(answers.values()) > 160  # 400 draws, each option about 200
 
 
 def test_a_multi_turn_run_without_internal_losses_resumes_to_the_uninterrupted_weights(world, tmp_path):

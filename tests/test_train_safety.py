@@ -272,6 +272,8 @@ BAD_VALUES = [
     ({"turns": 1, "statement_share": 0.0, "description_share": 0.3}, "description_share 0.3 (--description-share): "
                                                                      "needs --turns above 1: it is the "
                                  "share of the turns after the first"),
+    ({"blank_share": 1.5}, "blank_share 1.5 (--blank-share): must lie in [0, 1]"),
+    ({"blank_share": float("nan")}, "blank_share nan (--blank-share): must lie in [0, 1]"),
     ({"bf16": "yes"}, "bf16 'yes' (--bf16): must be True or False (or None: where the CPU has bf16 instructions)"),
     ({"freeze_vision": 1}, "freeze_vision 1 (--freeze-vision): must be True or False"),
     ({"caption_positions": "no"}, "caption_positions 'no' (--caption-positions): must be True or False"),

@@ -98,6 +98,25 @@ def greedy_answers(model: Model, dataset, *, batch_size: int = 32, blank: bool =
     return answers
 
 
+def chance(dataset) -> Accuracy:
+    """The accuracy of a uniform guess, per category: over the two options a choose question names
+    (`true_option`, `false_option`), or else over the distinct answers its category has among `dataset`'s
+    questions (yes/no: 1/2; three attribute kinds: 1/3). The expected share right, not a count."""
+    categories = [category or "Other" for category in dataset["category"]]
+    answers = [normalise(answer) for answer in dataset["answer"]]
+    options: dict[str, set[str]] = defaultdict(set)
+    for category, answer in zip(categories, answers, strict=True):
+        options[category].add(answer)
+    named = zip(*(dataset[c] if c in dataset.column_names else [None] * len(dataset)
+                  for c in ("true_option", "false_option")), strict=True)
+    expected: dict[str, float] = defaultdict(float)
+    total: dict[str, int] = defaultdict(int)
+    for category, (true, false) in zip(categories, named, strict=True):
+        total[category] += 1
+        expected[category] += 1 / 2 if true and false else 1 / len(options[category])
+    return Accuracy(dict(expected), dict(total))
+
+
 def accuracy(dataset, answers: list[str]) -> Accuracy:
     """Per-category accuracy of `answers` against the dataset's labels."""
     correct: dict[str, int] = defaultdict(int)

@@ -1,4 +1,5 @@
-"""Evaluation: greedy accuracy per GQA category, with the image and with a blank one.
+"""Evaluation: greedy accuracy per GQA category, with the image and with a blank one (beside chance: a uniform
+guess over the options each question allows, `mmscope.experiments.answers.chance`).
 
 Not run by the experiment runner: it measures the model rather than sweeping interventions over it. It answers
 the questions in batches of `--batch-size` (a per-question resumable loop would give up the batching), writes
@@ -20,7 +21,7 @@ import mmscope
 from mmscope.data import CATEGORIES
 from mmscope.data.probing import STATEMENT_REQUEST
 from mmscope.declare import command_line
-from mmscope.experiments.answers import Accuracy, accuracy, greedy_answers
+from mmscope.experiments.answers import Accuracy, accuracy, chance, greedy_answers
 from mmscope.experiments.declarations import EvaluateOptions  # declared without torch; kept importable from here
 from mmscope.experiments.options import column_mapping
 from mmscope.experiments.workspace import load_questions, probe_datasets
@@ -54,7 +55,7 @@ def statement_questions(data, split: str, n_images: int):
 
     def asked(row: dict) -> dict:
         return {"question": STATEMENT_REQUEST.format(statement=row["statement"]),
-                "answer": "true" if row["label"] else "false",
+                "answer": "true" if row["label"] else "false", "true_option": "true", "false_option": "false",
                 "category": "true" if row["label"] else STATEMENT_KINDS[row["negative_kind"]]}
 
     return pairs.map(asked)
@@ -67,6 +68,7 @@ def accuracies(model, dataset, options: EvaluateOptions, what: str) -> dict[str,
     if options.blank:
         answers = greedy_answers(model, dataset, batch_size=options.batch_size, blank=True, desc=f"{what}, blank")
         results["blank image"] = accuracy(dataset, answers)
+        results["chance"] = chance(dataset)  # what a blank image should give: no evidence, a uniform guess
     return results
 
 

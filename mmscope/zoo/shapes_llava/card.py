@@ -20,7 +20,9 @@ ORDER = ("evaluate", "knockout", "probe")  # sections in this order, any others 
 HEADINGS = {"evaluate": "Evaluation on held-out data", "knockout": "Attention knockout",
             "probe": "Layer-wise probes"}
 INTRODUCTIONS = {"evaluate": "Greedy answers, stripped and lower-cased, against the label; \"blank image\" replaces "
-                             "every image by a black one."}
+                             "every image by a black one; \"chance\" is a uniform guess over the options each "
+                             "question allows (a choose question's two, true or false, else its category's answers "
+                             "among the questions)."}
 
 
 def write_card_section(folder: str | Path, name: str, command: str, text: str, figure: Path | None = None) -> Path:
@@ -75,7 +77,7 @@ def write_model_card(folder: str | Path) -> Path:
     bf16 = summary.get("bf16", train_config.get("bf16"))  # as resolved on the machine (older runs: as set)
     precision = ("Mixed precision: bfloat16 autocast, float32 weights and optimizer state." if bf16
                  else "Float32 throughout.")
-    statements = statement_paragraph(train_config)
+    statements = statement_paragraph(train_config) + blank_paragraph(train_config)
     route = planted_route(train_config)
     card = f"""# shapes-llava
 
@@ -127,17 +129,32 @@ def statement_paragraph(config: dict) -> str:
     later = share * (turns - 1) if turns > 1 else 0.0
     if not later and not first:
         return ""
-    per_sequence = first + later
+    blank = config.get("blank_share", 0.0)  # a sequence showing an empty image holds one question and nothing else
+    per_sequence = (1 - blank) * (first + later)
+    mean_turns = (1 - blank) * turns + blank
     opening = (f"A share {first} of the sequences opens with a statement instead of its question (no auxiliary "
                "target on it). " if first else "")
     follow = (f"Each later turn is a statement with probability {share}, otherwise another question about the image; "
               "within those turns questions come first. " if later else "")
     return (f"Every training sequence holds {turns} turn{'s' if turns > 1 else ''} about its image. {opening}{follow}"
-            f"About {per_sequence:.2f} statements per sequence, {100 * per_sequence / turns:.0f}% of the turns. A "
+            f"About {per_sequence:.2f} statements per sequence, {100 * per_sequence / mean_turns:.0f}% of the turns. A "
             "statement is asked as `True or false: There is a red cube.` and answered `true` or `false` (answer-token "
             "loss only, like the questions): the probing study's entailment pairs of the training split's scene "
             "graphs — true captions, and hard negatives with one attribute, object or relation swapped "
             "(`mmscope.data.probing.entailment_dataset`).\n\n")
+
+
+def blank_paragraph(config: dict) -> str:
+    """How the training mix holds empty images, where it does (empty where it holds none)."""
+    share = config.get("blank_share", 0.0)
+    if not share:
+        return ""
+    return (f"A share {share} of the sequences shows an empty image instead of its scene — the world's background, "
+            "or one of 15 other flat colours (black, the blank image `mmscope evaluate` shows, is not among them) — "
+            "and keeps only its question, answered by one of the options the question allows, drawn at random each "
+            "time: the two a choose question names, yes or no, left or right, the three attribute kinds of "
+            "CompareAttr (no object targets, no later turns). In expectation that is cross-entropy against the "
+            "uniform distribution over the options: with no evidence, every option equally likely.\n\n")
 
 
 def planted_route(config: dict) -> str:

@@ -49,7 +49,7 @@ class TrainConfig:
     vision_steps: int = option(600, "Stage 1 (vision pre-training) optimizer steps.")
     freeze_vision: bool = option(False, "Keep the vision tower frozen in stage 2.")
     vision_batch_size: int = 128  # stage 1
-    steps: int = option(4000, "Stage 2 (answers) optimizer steps.")
+    steps: int = option(4500, "Stage 2 (answers) optimizer steps.")
     batch_size: int = option(32)
     lr: float = option(1.5e-3)
     warmup: int = 100  # steps of linear warm-up, in each stage
@@ -72,8 +72,10 @@ class TrainConfig:
     caption_steps: int = option(0, "Stage 2 opens with this many steps on captions alone.")  # as LLaVA's alignment
     statement_share: float = option(0.5, "Share of the turns after the first asking true or false.")  # entailment
     description_share: float = option(0.0, "Share of the turns after the first asking to describe one object.")
-    first_statement_share: float = option(0.2, "Share of the sequences whose first turn is a true/false statement "
+    first_statement_share: float = option(0.3, "Share of the sequences whose first turn is a true/false statement "
                                                "about the image instead of its question.")
+    blank_share: float = option(0.05, "Share of the sequences showing an empty image (a flat colour), their "
+                                      "question answered by one of its options at random.")
     focus: float = option(0.8, "Share of each batch drawn by categories' validation error (0: uniform).")
     bf16: bool | None = option(None, "bfloat16 autocast (float32 weights); default: where the CPU has bf16 "
                                      "instructions.")  # None: `mmscope.zoo.shapes_llava.objective.native_bf16`
@@ -119,9 +121,10 @@ class TrainConfig:
                 refuse(name, value, "must lie in [0, 1]")
             if value and self.turns == 1:
                 refuse(name, value, "needs --turns above 1: it is the share of the turns after the first")
-        value = self.first_statement_share
-        if not _is_real(value) or not 0 <= value <= 1:
-            refuse("first_statement_share", value, "must lie in [0, 1]")
+        for name in ("first_statement_share", "blank_share"):  # of the sequences
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value <= 1:
+                refuse(name, value, "must lie in [0, 1]")
         if _is_int(self.steps) and _is_int(self.caption_steps) and self.caption_steps >= self.steps:
             refuse("caption_steps", self.caption_steps, f"must be below --steps {self.steps}: they are its first steps")
         given = [name for name in _SHARES if getattr(self, name)]

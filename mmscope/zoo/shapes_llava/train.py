@@ -187,11 +187,14 @@ def _answer_stage(run: _Run, resumed: dict | None) -> _AnswerStage:
     """Stage 2's batches (with a frozen tower, over vision features computed once), validation questions,
     optimizer and sampler — where the crashed run being continued left them."""
     config, images, rows = run.config, run.images, run.rows
+    frozen = config.freeze_vision  # then the vision features are computed once
     batcher = Batcher(run.processor, rows["train"], images["train"],
-                      images["train"].features(run.model) if config.freeze_vision else None, run.targets,
+                      images["train"].features(run.model) if frozen else None, run.targets,
                       turns=run.pool, extra_turns=config.turns - 1, caption_share=config.caption_share,
                       statement_share=config.statement_share, description_share=config.description_share,
-                      first_statement_share=config.first_statement_share, seed=config.seed)
+                      first_statement_share=config.first_statement_share, seed=config.seed,
+                      blank_share=config.blank_share,
+                      flat_features=images["train"].features(run.model, flat=True) if frozen else None)
     val_batcher = Batcher(run.processor, rows["val"], images["val"])
     val_indices = random.Random(config.seed).sample(range(len(rows["val"])),
                                                     min(config.eval_questions, len(rows["val"])))
