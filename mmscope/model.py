@@ -360,9 +360,8 @@ class Model(Generation):
     def groups(self) -> tuple[str, ...]:
         """Every token-group name this model's examples can hold: those of a blank image's example with a box and
         an object name (names add `object_word`; boxes add `object`, `other_patches` and `random_patches`; an
-        example prepared without boxes lacks those,
-        and so does every example of a family whose image tokens are not patches, such as Kosmos-2's latent
-        queries), under the model's `preprocessing`."""
+        example prepared without boxes lacks those, and so does every example of a family whose image tokens are
+        not patches, such as Kosmos-2's latent queries), under the model's `preprocessing`."""
         blank = Image.new("RGB", (64, 64), (128, 128, 128))
         with warnings.catch_warnings():  # its words may be unknown to the model's tokenizer; the groups are not
             warnings.simplefilter("ignore")

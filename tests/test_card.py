@@ -51,7 +51,8 @@ def test_statements_are_described_only_where_the_mix_holds_them():
 def test_empty_images_are_described_only_where_the_mix_holds_them():
     assert blank_paragraph({**CONFIG, "blank_share": 0.0}) == ""
     text = blank_paragraph({**CONFIG, "blank_share": 0.05})
-    assert "A share 0.05 of the sequences shows an empty image" in text and "black" in text
+    assert "A share 0.05 of the sequences whose question offers options (every category but the extra" in text
+    assert "shows an empty image" in text and "one of 15 other flat colours" in text and "black" in text
 
 
 def test_each_command_writes_its_own_section_and_keeps_the_others(tmp_path, world):

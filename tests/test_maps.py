@@ -268,7 +268,7 @@ def test_one_heads_attention_map_from_the_object_word_equals_hf_attention_weight
     options = MapOptions(kinds=["attention"], targets=["object_word", "last"], layers=[0], model="unused")
     assert {r["target"] for r in map_rows(Sweep(tiny, None, options), bare)} == {"last"}
     with pytest.raises(OptionError, match=r"head 9 \(--head\): .* heads 0\.\.") as error:
-        options.__class__(kinds=["attention"], head=9, model="unused").configure(tiny)
+        MapOptions(kinds=["attention"], head=9, model="unused").configure(tiny)
     assert "\n" not in str(error.value)
 
 

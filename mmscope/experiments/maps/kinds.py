@@ -38,7 +38,8 @@ def knockout_variants(regions: Sequence[Region], options: MapOptions, n_layers: 
     region's image tokens in the centre's window."""
     return tuple(Variant(("knockout", center, target, region.index),
                          (Knockout(region.positions, target, knockout_window(center, options.window, n_layers)),))
-                 for center in options.centers for target in (targets or options.targets) for region in regions)
+                 for center in options.centers for target in (options.targets if targets is None else targets)
+                 for region in regions)
 
 
 def held_targets(options: MapOptions, example: Example) -> list[str]:
@@ -248,6 +249,8 @@ def attention_values(sweep: Sweep[MapOptions], question: Question, regions: Sequ
     options, model, example = sweep.options, sweep.model, question.example
     columns = region_columns(example, regions)
     targets = held_targets(options, example)
+    if not targets:
+        return []
     weights = image_attention(model, example, options.layers, targets, options.head)
     head = -1 if options.head is None else options.head
     return [{"kind": "attention", "target": target, "layer": layer, "region": region.index, "head": head,

@@ -4,8 +4,8 @@ with the answer and end-of-sequence token after it (the loss's labels), more tur
 multi-turn run (`mmscope.zoo.shapes_llava.instructions.TurnPool`), and the auxiliary targets
 (`mmscope.zoo.shapes_llava.targets`).
 
-Empty images: a share of the sequences (`blank_share`) show a flat colour instead of their scene (the world's
-background, or one of `FLAT_COLOURS`) and keep only their first question, answered by one of the options the
+Empty images: a share (`blank_share`) of the sequences whose question offers options show a flat colour instead
+of their scene (the world's background, or one of `FLAT_COLOURS`) and keep only their first question, answered by one of the options the
 question allows, drawn at random each time (the two a choose question names; yes or no; left or right; the three
 attribute kinds CompareAttr asks for). Cross-entropy against a random option is, in expectation, cross-entropy
 against the uniform distribution over them: with no evidence, every option equally likely. Black, the blank image

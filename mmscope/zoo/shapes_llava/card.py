@@ -15,6 +15,8 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from mmscope.zoo.shapes_llava.batches import FLAT_COLOURS
+
 SECTIONS = "card"  # the checkpoint's folder of measured sections
 ORDER = ("evaluate", "knockout", "probe")  # sections in this order, any others after them by name
 HEADINGS = {"evaluate": "Evaluation on held-out data", "knockout": "Attention knockout",
@@ -149,11 +151,12 @@ def blank_paragraph(config: dict) -> str:
     share = config.get("blank_share", 0.0)
     if not share:
         return ""
-    return (f"A share {share} of the sequences shows an empty image instead of its scene — the world's background, "
-            "or one of 15 other flat colours (black, the blank image `mmscope evaluate` shows, is not among them) — "
-            "and keeps only its question, answered by one of the options the question allows, drawn at random each "
-            "time: the two a choose question names, yes or no, left or right, the three attribute kinds of "
-            "CompareAttr (no object targets, no later turns). In expectation that is cross-entropy against the "
+    return (f"A share {share} of the sequences whose question offers options (every category but the extra "
+            "colour, shape, size and material queries) shows an empty image instead of its scene — the world's "
+            f"background, or one of {len(FLAT_COLOURS) - 1} other flat colours (black, the blank image `mmscope "
+            "evaluate` shows, is not among them) — and keeps only its question, answered by one of its options, "
+            "drawn at random each time: the two a choose question names, yes or no, left or right, the three "
+            "attribute kinds of CompareAttr (no object targets, no later turns). In expectation that is cross-entropy against the "
             "uniform distribution over the options: with no evidence, every option equally likely.\n\n")
 
 

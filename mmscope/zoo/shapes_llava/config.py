@@ -74,8 +74,8 @@ class TrainConfig:
     description_share: float = option(0.0, "Share of the turns after the first asking to describe one object.")
     first_statement_share: float = option(0.3, "Share of the sequences whose first turn is a true/false statement "
                                                "about the image instead of its question.")
-    blank_share: float = option(0.05, "Share of the sequences showing an empty image (a flat colour), their "
-                                      "question answered by one of its options at random.")
+    blank_share: float = option(0.05, "Share of the sequences whose question offers options that show an empty "
+                                      "image (a flat colour), the question answered by one of them at random.")
     focus: float = option(0.8, "Share of each batch drawn by categories' validation error (0: uniform).")
     bf16: bool | None = option(None, "bfloat16 autocast (float32 weights); default: where the CPU has bf16 "
                                      "instructions.")  # None: `mmscope.zoo.shapes_llava.objective.native_bf16`
